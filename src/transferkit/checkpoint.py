@@ -1,0 +1,140 @@
+"""Self-contained, safe checkpoints.
+
+A checkpoint is ``{"format", "metadata" (JSON text), "state_dict"}``: only strings and tensors, so
+``torch.load(weights_only=True)`` reads it and no user code is pickled. The state_dict is the plain
+network's (no wrapper prefix), so the file is also a valid ``--weights`` file for a new run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .backbones import Backbone, LayerGroup, Preprocessing, build_architecture
+from .errors import TransferkitError
+from .heads import HeadSpec, TransferModel
+
+FORMAT = "transferkit-checkpoint/1"
+CHECKPOINT_NAME = "model.pt"
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Call ``write(tmp_path)`` then rename over ``path``: readers see the old or the new file, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def model_metadata(model: TransferModel) -> dict[str, Any]:
+    info = model.info
+    return {
+        "backbone": info.backbone,
+        "weights": info.weights,
+        "model_kwargs": info.model_kwargs,
+        "class_names": info.class_names,
+        "head": info.head.to_dict(),
+        "classifier_path": info.classifier_path,
+        "extra_head_paths": list(info.extra_head_paths),
+        "groups": [[g.name, list(g.prefixes)] for g in info.groups],
+        "preprocessing": info.preprocessing,
+        "feature_dim": info.feature_dim,
+        **info.extra,
+    }
+
+
+def save_checkpoint(model: TransferModel, path: str | Path, **extra: Any) -> Path:
+    """Write ``model`` atomically; ``extra`` (JSON-able) joins the metadata."""
+    metadata = {**model_metadata(model), **extra}
+    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.net.state_dict().items()}
+    payload = {"format": FORMAT, "metadata": json.dumps(metadata), "state_dict": state}
+    atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))
+    return Path(path)
+
+
+def resolve_checkpoint_path(path: str | Path) -> Path:
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / CHECKPOINT_NAME
+        if not p.is_file():
+            raise TransferkitError(f"{p.parent} holds no {CHECKPOINT_NAME}; is it a finished transferkit run directory?")
+    elif not p.is_file():
+        raise TransferkitError(f"{p} does not exist; give a run directory or its {CHECKPOINT_NAME}")
+    return p
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(metadata, state_dict) of a checkpoint, refusing anything that would need unpickling code."""
+    p = resolve_checkpoint_path(path)
+    try:
+        payload = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise TransferkitError(
+            f"refused to load {p}: it holds pickled code, which a transferkit checkpoint never does; "
+            "only load files you trust, with torch.load(weights_only=False) outside transferkit"
+        ) from None
+    except Exception as exc:
+        raise TransferkitError(f"{p} is not a transferkit checkpoint ({type(exc).__name__}); give a run directory") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise TransferkitError(f"{p} is not a transferkit checkpoint (no '{FORMAT}' marker); give a run directory")
+    return json.loads(payload["metadata"]), payload["state_dict"]
+
+
+def model_from_metadata(meta: dict[str, Any]) -> TransferModel:
+    """The architecture with its new head, random weights: what a state_dict is loaded into."""
+    name = meta["backbone"]
+    net = build_architecture(name, meta.get("model_kwargs"))
+    backbone = Backbone(
+        name=name,
+        model=net,
+        classifier_path=meta["classifier_path"],
+        feature_dim=int(meta["feature_dim"]),
+        groups=[LayerGroup(n, tuple(p)) for n, p in meta["groups"]],
+        preprocessing=Preprocessing.from_dict(meta["preprocessing"]),
+        weights=meta["weights"],
+        model_kwargs=meta.get("model_kwargs") or {},
+        extra_head_paths=tuple(meta.get("extra_head_paths", ())),
+    )
+    model = TransferModel(backbone, meta["class_names"], HeadSpec.from_dict(meta["head"]))
+    model.info.extra = {k: v for k, v in meta.items() if k not in _CORE_KEYS}
+    return model
+
+
+_CORE_KEYS = {
+    "backbone", "weights", "model_kwargs", "class_names", "head", "classifier_path",
+    "extra_head_paths", "groups", "preprocessing", "feature_dim",
+}  # fmt: skip
+
+
+def load_checkpoint(path: str | Path, class_names: list[str] | None = None) -> TransferModel:
+    """Rebuild a trained model in any process, from the checkpoint alone (eval mode).
+
+    ``class_names``, when given, must be the checkpoint's: another class count is an error that
+    says so, not a state_dict shape trace.
+    """
+    meta, state = read_checkpoint(path)
+    if class_names is not None and list(class_names) != list(meta["class_names"]):
+        raise TransferkitError(
+            f"checkpoint {path} was trained on {len(meta['class_names'])} classes "
+            f"({', '.join(meta['class_names'])}), not on {len(class_names)} ({', '.join(class_names)})"
+        )
+    model = model_from_metadata(meta)
+    missing, unexpected = model.net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise TransferkitError(
+            f"checkpoint {path} does not match its own architecture {meta['backbone']} "
+            f"({len(missing)} missing, {len(unexpected)} unexpected tensors); the file is damaged"
+        )
+    return model.eval()

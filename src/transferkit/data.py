@@ -1,0 +1,304 @@
+"""Image folders → samples → tensors, with the backbone's own preprocessing.
+
+Layouts: ``DATA/train/<class>/*`` + ``DATA/val/<class>/*`` (+ optional ``DATA/test``), or plain
+``DATA/<class>/*`` split into train/val by a stratified, seeded split.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageFile, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+from torchvision.io import ImageReadMode, decode_jpeg, read_file
+from torchvision.transforms import v2
+
+from .backbones import Preprocessing
+from .errors import TransferkitError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+JPEG_EXTENSIONS = (".jpg", ".jpeg")
+AUGMENTATIONS = ("none", "light", "strong")
+VAL_DIR_NAMES = ("val", "valid", "validation")
+# Refuse absurd images before decoding them (decompression bombs); 16k × 16k is plenty for photos.
+MAX_IMAGE_PIXELS = 16384 * 16384
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+Sample = tuple[str, int]
+
+
+@dataclass
+class ImageFolderSplits:
+    root: Path
+    class_names: list[str]
+    train: list[Sample]
+    val: list[Sample]
+    test: list[Sample] | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    layout: str = "train/val"
+
+    def summary(self) -> dict[str, Any]:
+        def counts(samples: list[Sample] | None) -> dict[str, int] | None:
+            if samples is None:
+                return None
+            c = Counter(label for _, label in samples)
+            return {name: c.get(i, 0) for i, name in enumerate(self.class_names)}
+
+        return {
+            "root": str(self.root),
+            "layout": self.layout,
+            "classes": self.class_names,
+            "train_counts": counts(self.train),
+            "val_counts": counts(self.val),
+            "test_counts": counts(self.test),
+            "skipped_files": len(self.skipped),
+            "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
+        }
+
+
+def _is_hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _class_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _check_image(path: Path) -> str | None:
+    """Why ``path`` cannot be used, from a cheap header read; None if it looks like an image."""
+    try:
+        if path.stat().st_size == 0:
+            return "empty file"
+        with Image.open(path) as im:
+            w, h = im.size
+        if w * h > MAX_IMAGE_PIXELS:
+            return f"too large ({w}x{h} pixels)"
+    except Image.DecompressionBombError:
+        return "too large (decompression bomb guard)"
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        return f"not a readable image ({type(exc).__name__})"
+    return None
+
+
+def scan_class_folder(
+    folder: Path, class_names: list[str] | None = None, check: bool = True
+) -> tuple[list[str], list[Sample], list[tuple[str, str]]]:
+    """(class names, samples, skipped files) of a ``<class>/*`` folder; nested folders are walked."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise TransferkitError(f"data folder {folder} does not exist; give a folder holding one sub-folder per class")
+    dirs = _class_dirs(folder)
+    names = [d.name for d in dirs]
+    if class_names is not None:
+        extra = sorted(set(names) - set(class_names))
+        if extra:
+            raise TransferkitError(
+                f"{folder} has classes the model does not know: {', '.join(extra)}; expected a subset of: "
+                f"{', '.join(class_names)}"
+            )
+    _check_case_clashes(names, folder)
+    known = class_names or names
+    samples: list[Sample] = []
+    skipped: list[tuple[str, str]] = []
+    for d in dirs:
+        found = 0
+        for dirpath, subdirs, files in os.walk(d):
+            subdirs[:] = sorted(s for s in subdirs if not s.startswith("."))
+            for f in sorted(files):
+                path = Path(dirpath) / f
+                if f.startswith(".") or _is_hidden(path, folder):
+                    continue
+                if not f.lower().endswith(IMAGE_EXTENSIONS):
+                    skipped.append((str(path), "not an image file extension"))
+                    continue
+                reason = _check_image(path) if check else None
+                if reason:
+                    skipped.append((str(path), reason))
+                    continue
+                samples.append((str(path), known.index(d.name)))
+                found += 1
+        if found == 0 and class_names is None:
+            raise TransferkitError(f"class folder {d} has no usable images; add images or remove the folder")
+    for path, reason in skipped:
+        warnings.warn(f"skipping {path}: {reason}", stacklevel=2)
+    return known, samples, skipped
+
+
+def _check_case_clashes(names: list[str], folder: Path) -> None:
+    lowered = Counter(n.lower() for n in names)
+    clashes = sorted(n for n in names if lowered[n.lower()] > 1)
+    if clashes:
+        raise TransferkitError(
+            f"class folders in {folder} differ only in case: {', '.join(clashes)}; merge or rename them"
+        )
+
+
+def discover(data_dir: str | Path, val_split: float = 0.2, seed: int = 0) -> ImageFolderSplits:
+    """Find classes and samples in ``data_dir`` (see module docstring for the layouts)."""
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise TransferkitError(f"data folder {root} does not exist; pass DATA holding train/ and val/ or class folders")
+    train_dir = root / "train"
+    val_dir = next((root / n for n in VAL_DIR_NAMES if (root / n).is_dir()), None)
+    if train_dir.is_dir():
+        names, train, skipped = scan_class_folder(train_dir)
+        if val_dir is not None:
+            val_names = [d.name for d in _class_dirs(val_dir)]
+            if set(val_names) != set(names):
+                raise TransferkitError(
+                    f"{val_dir} classes ({', '.join(val_names)}) differ from {train_dir} classes "
+                    f"({', '.join(names)}); give both the same class folders"
+                )
+            _, val, more = scan_class_folder(val_dir, names)
+            layout = "train/val"
+        else:
+            train, val = stratified_split(train, val_split, seed)
+            more, layout = [], f"train split {1 - val_split:.0%}/{val_split:.0%}"
+        test = None
+        if (root / "test").is_dir():
+            _, test, test_skipped = scan_class_folder(root / "test", names)
+            more = more + test_skipped
+        splits = ImageFolderSplits(root, names, train, val, test, skipped + more, layout)
+    else:
+        names, samples, skipped = scan_class_folder(root)
+        train, val = stratified_split(samples, val_split, seed)
+        splits = ImageFolderSplits(root, names, train, val, None, skipped, f"split {1 - val_split:.0%}/{val_split:.0%}")
+    if len(splits.class_names) < 2:
+        raise TransferkitError(
+            f"{root} has {len(splits.class_names)} class folder(s); a classifier needs at least 2 (one sub-folder per class)"
+        )
+    if not splits.val:
+        raise TransferkitError(f"no validation images in {root}; add a val/ folder or raise --val-split")
+    return splits
+
+
+def stratified_split(samples: list[Sample], val_split: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Split each class by ``val_split``, the same way for the same seed."""
+    if not 0 < val_split < 1:
+        raise TransferkitError(f"--val-split must be between 0 and 1, got {val_split}")
+    rng = random.Random(seed)
+    train: list[Sample] = []
+    val: list[Sample] = []
+    for label in sorted({lbl for _, lbl in samples}):
+        members = [s for s in samples if s[1] == label]
+        rng.shuffle(members)
+        n_val = min(len(members) - 1, max(1, round(len(members) * val_split))) if len(members) > 1 else 0
+        val += members[:n_val]
+        train += members[n_val:]
+    return sorted(train), sorted(val)
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def load_image(path: str) -> torch.Tensor:
+    """Decode ``path`` to an RGB uint8 tensor (3, H, W); greyscale, palette, RGBA and CMYK included."""
+    if path.lower().endswith(JPEG_EXTENSIONS):
+        try:
+            # libjpeg-turbo straight to a tensor: ~2x PIL on typical photos, no PIL→numpy copy.
+            return decode_jpeg(read_file(path), mode=ImageReadMode.RGB)
+        except RuntimeError:
+            pass  # CMYK, progressive oddities, mislabelled files: PIL below knows them all
+    with Image.open(path) as im:
+        im.seek(0)  # first frame of an animated GIF
+        return v2.functional.pil_to_tensor(_to_rgb(im))
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit greyscale: scale to 8 bits instead of clipping everything above 255 to white.
+        import numpy as np
+
+        arr = np.asarray(im, dtype=np.float32)
+        peak = 65535.0 if arr.max() > 255 else 255.0
+        im = Image.fromarray((arr * (255.0 / peak)).clip(0, 255).astype("uint8"), mode="L")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGB", im.size, (255, 255, 255))
+        background.paste(im.convert("RGBA"), mask=im.convert("RGBA").getchannel("A"))
+        return background
+    return im.convert("RGB")
+
+
+def build_transform(prep: Preprocessing, augment: str = "none") -> v2.Compose:
+    """Train-time (``light``/``strong``) or evaluation (``none``) transform on uint8 tensors."""
+    if augment not in AUGMENTATIONS:
+        raise TransferkitError(f"unknown --augment {augment!r}; choose one of: {', '.join(AUGMENTATIONS)}")
+    interpolation = v2.InterpolationMode(prep.interpolation)
+    if augment == "none":
+        geometry: list[Any] = [
+            v2.Resize(prep.resize_size, interpolation=interpolation, antialias=True),
+            v2.CenterCrop(prep.image_size),
+        ]
+    else:
+        geometry = [
+            v2.RandomResizedCrop(prep.image_size, interpolation=interpolation, antialias=True),
+            v2.RandomHorizontalFlip(),
+        ]
+        if augment == "strong":
+            geometry += [v2.RandomRotation(15), v2.ColorJitter(0.2, 0.2, 0.2)]
+    # Geometry on uint8 before the float conversion: 4x less memory traffic per resize.
+    return v2.Compose([*geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(prep.mean, prep.std)])
+
+
+class ImageDataset(Dataset):
+    """(image tensor, label) pairs; an image that fails to decode yields None and a warning."""
+
+    def __init__(self, samples: list[Sample], transform: v2.Compose) -> None:
+        self.samples = samples
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
+        path, label = self.samples[index]
+        try:
+            image = load_image(path)
+        except Exception as exc:  # one bad file must never end an epoch
+            warnings.warn(f"skipping {path}: cannot decode ({type(exc).__name__}: {exc})", stacklevel=1)
+            return None
+        return self.transform(image), label
+
+
+def collate_skipping_bad(batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    good = [b for b in batch if b is not None]
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
+    images, labels = zip(*good)
+    return torch.stack(images), torch.tensor(labels, dtype=torch.long)
+
+
+def default_num_workers() -> int:
+    # One core computes; the others decode. On 2 cores that is one worker.
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+def make_loader(
+    samples: list[Sample],
+    transform: v2.Compose,
+    batch_size: int = 32,
+    shuffle: bool = False,
+    num_workers: int | None = None,
+    seed: int = 0,
+) -> DataLoader:
+    workers = default_num_workers() if num_workers is None else num_workers
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        ImageDataset(samples, transform),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=workers,
+        collate_fn=collate_skipping_bad,
+        generator=generator,
+        persistent_workers=workers > 0,
+    )

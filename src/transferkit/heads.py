@@ -1,0 +1,173 @@
+"""New classification heads, and the model that carries one: :class:`TransferModel`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .backbones import Backbone, LayerGroup, get_module, set_module
+from .errors import TransferkitError
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """``linear`` or an MLP: ``mlp:256`` is in→256→classes, ``mlp:512,256`` two hidden layers."""
+
+    hidden: tuple[int, ...] = ()
+    dropout: float = 0.0
+    activation: str = "relu"
+
+    @classmethod
+    def parse(cls, text: str | HeadSpec, dropout: float | None = None, activation: str | None = None) -> HeadSpec:
+        if isinstance(text, HeadSpec):
+            return text
+        kind, _, sizes = text.strip().lower().partition(":")
+        if kind == "linear" and not sizes:
+            hidden: tuple[int, ...] = ()
+        elif kind == "mlp" and sizes:
+            try:
+                hidden = tuple(int(s) for s in sizes.split(","))
+            except ValueError:
+                raise TransferkitError(f"bad --head {text!r}: sizes must be integers, e.g. mlp:256 or mlp:512,256") from None
+            if any(h <= 0 for h in hidden):
+                raise TransferkitError(f"bad --head {text!r}: sizes must be positive")
+        else:
+            raise TransferkitError(f"bad --head {text!r}: use linear, mlp:256 or mlp:512,256")
+        spec = cls(
+            hidden=hidden,
+            dropout=0.2 if dropout is None and hidden else (dropout or 0.0),
+            activation=activation or "relu",
+        )
+        if spec.activation not in ACTIVATIONS:
+            raise TransferkitError(f"bad head activation {spec.activation!r}: choose from {', '.join(ACTIVATIONS)}")
+        return spec
+
+    def __str__(self) -> str:
+        return "linear" if not self.hidden else "mlp:" + ",".join(map(str, self.hidden))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> HeadSpec:
+        return cls(hidden=tuple(d["hidden"]), dropout=float(d["dropout"]), activation=d["activation"])
+
+    def build(self, in_features: int, num_classes: int, conv: bool = False) -> nn.Module:
+        """The head; ``conv`` builds 1×1 convolutions for SqueezeNet-style classifiers."""
+
+        def layer(i: int, o: int) -> nn.Module:
+            return nn.Conv2d(i, o, kernel_size=1) if conv else nn.Linear(i, o)
+
+        if not self.hidden:
+            return layer(in_features, num_classes)
+        layers: list[nn.Module] = []
+        width = in_features
+        for h in self.hidden:
+            layers += [layer(width, h), ACTIVATIONS[self.activation]()]
+            if self.dropout:
+                layers.append(nn.Dropout(self.dropout))
+            width = h
+        layers.append(layer(width, num_classes))
+        return nn.Sequential(*layers)
+
+
+@dataclass
+class ModelInfo:
+    """What must be known to rebuild a :class:`TransferModel` without its training script."""
+
+    backbone: str
+    weights: str
+    model_kwargs: dict[str, Any]
+    class_names: list[str]
+    head: HeadSpec
+    classifier_path: str
+    extra_head_paths: tuple[str, ...]
+    groups: list[LayerGroup]
+    preprocessing: dict[str, Any]
+    feature_dim: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class TransferModel(nn.Module):
+    """A pretrained network whose classifier (and Inception's auxiliary one) was replaced.
+
+    In training mode an Inception v3 returns ``(logits, aux_logits)``; in eval mode, logits only.
+    BatchNorm layers whose parameters are all frozen stay in inference mode whenever the model is
+    put in training mode (see :meth:`train`).
+    """
+
+    def __init__(self, backbone: Backbone, class_names: list[str], head: HeadSpec | str = "linear") -> None:
+        super().__init__()
+        if len(class_names) < 2:
+            raise TransferkitError(f"need at least 2 classes, got {len(class_names)}: {class_names}")
+        head = HeadSpec.parse(head)
+        self.net = backbone.model
+        for path in backbone.head_paths:
+            old = get_module(self.net, path)
+            in_features = old.in_channels if isinstance(old, nn.Conv2d) else old.in_features
+            set_module(self.net, path, head.build(in_features, len(class_names), conv=isinstance(old, nn.Conv2d)))
+        if hasattr(self.net, "num_classes"):
+            self.net.num_classes = len(class_names)
+        self.info = ModelInfo(
+            backbone=backbone.name,
+            weights=backbone.weights,
+            model_kwargs=backbone.model_kwargs,
+            class_names=list(class_names),
+            head=head,
+            classifier_path=backbone.classifier_path,
+            extra_head_paths=backbone.extra_head_paths,
+            groups=backbone.groups,
+            preprocessing=backbone.preprocessing.to_dict(),
+            feature_dim=backbone.feature_dim,
+        )
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.info.class_names
+
+    @property
+    def groups(self) -> list[LayerGroup]:
+        return self.info.groups
+
+    @property
+    def has_aux(self) -> bool:
+        return bool(self.info.extra_head_paths) and getattr(self.net, "aux_logits", False)
+
+    @property
+    def head_module(self) -> nn.Module:
+        return get_module(self.net, self.info.classifier_path)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        out = self.net(x)
+        if isinstance(out, tuple) and hasattr(out, "logits"):  # torchvision's InceptionOutputs
+            return (out.logits, out.aux_logits) if self.training else out.logits
+        return out
+
+    def train(self, mode: bool = True) -> TransferModel:
+        super().train(mode)
+        if mode:
+            keep_frozen_batchnorm_in_eval(self)
+        return self
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts."""
+        total = sum(p.numel() for p in self.parameters())
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, total
+
+
+def keep_frozen_batchnorm_in_eval(model: nn.Module) -> None:
+    # A BatchNorm in train mode normalises with the batch's statistics and updates its running
+    # ones even when its affine parameters are frozen; frozen means inference mode here.
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            params = list(module.parameters())
+            if params and not any(p.requires_grad for p in params):
+                module.eval()

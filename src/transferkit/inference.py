@@ -1,0 +1,238 @@
+"""Evaluate and predict with a trained model (a run directory or its checkpoint)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from .backbones import Preprocessing
+from .checkpoint import load_checkpoint
+from .data import IMAGE_EXTENSIONS, VAL_DIR_NAMES, Sample, build_transform, make_loader, scan_class_folder
+from .errors import TransferkitError
+from .heads import TransferModel
+from .performance import autocast, batch_to, inference_mode, pick_device, resolve_precision, to_fast_layout
+
+
+@dataclass
+class Evaluation:
+    accuracy: float
+    num_images: int
+    class_names: list[str]
+    per_class: dict[str, dict[str, float]]
+    confusion_matrix: list[list[int]]
+    loss: float
+    skipped_files: int = 0
+    predictions: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+    def to_dict(self, with_predictions: bool = False) -> dict[str, Any]:
+        d = {
+            "accuracy": self.accuracy,
+            "loss": self.loss,
+            "num_images": self.num_images,
+            "class_names": self.class_names,
+            "per_class": self.per_class,
+            "confusion_matrix": self.confusion_matrix,
+            "skipped_files": self.skipped_files,
+        }
+        if with_predictions:
+            d["predictions"] = self.predictions
+        return d
+
+    def table(self) -> str:
+        width = max(12, *(len(c) for c in self.class_names))
+        lines = [
+            f"accuracy {self.accuracy:.4f} on {self.num_images} images (loss {self.loss:.4f})",
+            "",
+            f"{'class':<{width}}  precision  recall  f1      support",
+        ]
+        for name, m in self.per_class.items():
+            lines.append(
+                f"{name:<{width}}  {m['precision']:9.3f}  {m['recall']:6.3f}  {m['f1']:6.3f}  {int(m['support']):7d}"
+            )
+        lines += ["", "confusion matrix (rows: true, columns: predicted)"]
+        short = [c[:8] for c in self.class_names]
+        lines.append(" " * (width + 2) + " ".join(f"{s:>8}" for s in short))
+        for name, row in zip(self.class_names, self.confusion_matrix):
+            lines.append(f"{name:<{width}}  " + " ".join(f"{v:8d}" for v in row))
+        return "\n".join(lines)
+
+
+def predict_probabilities(
+    model: TransferModel,
+    loader: DataLoader,
+    device: torch.device | None = None,
+    precision: str = "32",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax probabilities and labels over a loader, in eval mode."""
+    device = device or pick_device()
+    model.to(device)
+    to_fast_layout(model)
+    probs, labels = [], []
+    with inference_mode(model):
+        for x, y in loader:
+            if len(x) == 0:
+                continue
+            with autocast(device, precision):
+                logits = model(batch_to(x, device, channels_last=True))
+            probs.append(logits.float().softmax(dim=1).cpu())
+            labels.append(y)
+    if not probs:
+        return torch.empty(0, len(model.class_names)), torch.empty(0, dtype=torch.long)
+    return torch.cat(probs), torch.cat(labels)
+
+
+def inference_precision(model: TransferModel, device: torch.device, requested: str | None = None) -> str:
+    """The checkpoint's recorded inference precision unless one is requested."""
+    return resolve_precision(requested or model.info.extra.get("inference_precision", "32"), device)
+
+
+def evaluate_samples(
+    model: TransferModel,
+    samples: list[Sample],
+    batch_size: int = 32,
+    num_workers: int | None = None,
+    device: torch.device | None = None,
+    precision: str | None = None,
+    skipped: int = 0,
+) -> Evaluation:
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    device = device or pick_device()
+    prep = Preprocessing.from_dict(model.info.preprocessing)
+    loader = make_loader(samples, build_transform(prep, "none"), batch_size, num_workers=num_workers)
+    probs, labels = predict_probabilities(model, loader, device, inference_precision(model, device, precision))
+    n_classes = len(model.class_names)
+    if len(labels) == 0:
+        raise TransferkitError("no image could be decoded for evaluation")
+    predicted = probs.argmax(dim=1)
+    label_ids = list(range(n_classes))
+    precision_, recall, f1, support = precision_recall_fscore_support(
+        labels.numpy(), predicted.numpy(), labels=label_ids, zero_division=0
+    )
+    nll = torch.nn.functional.nll_loss(probs.clamp_min(1e-12).log(), labels).item()
+    decoded = len(labels)
+    return Evaluation(
+        accuracy=float((predicted == labels).float().mean()),
+        num_images=decoded,
+        class_names=model.class_names,
+        per_class={
+            name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+            for name, p, r, f, s in zip(model.class_names, precision_, recall, f1, support)
+        },
+        confusion_matrix=confusion_matrix(labels.numpy(), predicted.numpy(), labels=label_ids).tolist(),
+        loss=float(nll),
+        skipped_files=skipped + len(samples) - decoded,
+        predictions=[
+            {"path": path, "label": model.class_names[int(t)], "predicted": model.class_names[int(p)],
+             "probability": float(probs[i, p])}
+            for i, ((path, _), t, p) in enumerate(zip(samples, labels, predicted))
+        ] if decoded == len(samples) else [],
+    )  # fmt: skip
+
+
+def _evaluation_folder(data_dir: Path) -> Path:
+    """A class-folder directory; a DATA root with train/val(/test) means its test, else val, split."""
+    subdirs = {p.name for p in data_dir.iterdir() if p.is_dir()} if data_dir.is_dir() else set()
+    if "train" in subdirs and subdirs & {"test", *VAL_DIR_NAMES}:
+        for name in ("test", *VAL_DIR_NAMES):
+            if name in subdirs:
+                return data_dir / name
+    return data_dir
+
+
+def evaluate(
+    run: str | Path | TransferModel,
+    data_dir: str | Path,
+    batch_size: int = 32,
+    num_workers: int | None = None,
+    precision: str | None = None,
+) -> Evaluation:
+    """Accuracy, per-class precision/recall/F1 and confusion matrix of a trained model on a folder.
+
+    >>> result = evaluate("runs/my-run", "data/val")  # doctest: +SKIP
+    >>> result.accuracy
+    """
+    model = run if isinstance(run, TransferModel) else load_checkpoint(run)
+    folder = _evaluation_folder(Path(data_dir).expanduser())
+    _, samples, skipped = scan_class_folder(folder, model.class_names)
+    if not samples:
+        raise TransferkitError(f"no images found in {folder}; give a folder with one sub-folder per class")
+    return evaluate_samples(model, samples, batch_size, num_workers, precision=precision, skipped=len(skipped))
+
+
+def collect_images(paths: list[str | Path]) -> list[str]:
+    """Image files among ``paths``; folders are searched recursively, hidden files ignored."""
+    found: list[str] = []
+    for raw in paths:
+        p = Path(raw).expanduser()
+        if p.is_dir():
+            for dirpath, subdirs, files in os.walk(p):
+                subdirs[:] = sorted(s for s in subdirs if not s.startswith("."))
+                found += [
+                    str(Path(dirpath) / f)
+                    for f in sorted(files)
+                    if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
+                ]
+        elif p.is_file():
+            found.append(str(p))
+        else:
+            raise TransferkitError(f"{p} does not exist; give image files or folders")
+    if not found:
+        raise TransferkitError(f"no image files found in {', '.join(map(str, paths))}")
+    return found
+
+
+def predict(
+    run: str | Path | TransferModel,
+    paths: list[str | Path] | str | Path,
+    top_k: int = 3,
+    batch_size: int = 32,
+    num_workers: int | None = None,
+    precision: str | None = None,
+) -> list[dict[str, Any]]:
+    """Top-k labels with probabilities for each image: ``[{"path", "predictions": [{"label", "probability"}]}]``.
+
+    An image that cannot be decoded gets ``"error"`` instead of predictions.
+    """
+    model = run if isinstance(run, TransferModel) else load_checkpoint(run)
+    files = collect_images([paths] if isinstance(paths, (str, Path)) else list(paths))
+    device = pick_device()
+    prep = Preprocessing.from_dict(model.info.preprocessing)
+    # Each sample's "label" is its index, so images that fail to decode leave a traceable gap.
+    samples = [(f, i) for i, f in enumerate(files)]
+    loader = make_loader(samples, build_transform(prep, "none"), batch_size, num_workers=num_workers)
+    probs, indices = predict_probabilities(model, loader, device, inference_precision(model, device, precision))
+    by_index = dict(zip(indices.tolist(), probs))
+    k = max(1, min(top_k, len(model.class_names)))
+    results: list[dict[str, Any]] = []
+    for i, path in enumerate(files):
+        if i not in by_index:
+            results.append({"path": path, "error": "cannot decode image", "predictions": []})
+            continue
+        values, top = by_index[i].topk(k)
+        results.append({
+            "path": path,
+            "predictions": [
+                {"label": model.class_names[int(j)], "probability": round(float(v), 6)} for v, j in zip(values, top)
+            ],
+        })  # fmt: skip
+    return results
+
+
+def format_predictions(results: list[dict[str, Any]]) -> str:
+    width = min(60, max(len(r["path"]) for r in results))
+    lines = []
+    for r in results:
+        path = r["path"] if len(r["path"]) <= width else "…" + r["path"][-(width - 1) :]
+        if r.get("error"):
+            lines.append(f"{path:<{width}}  ERROR: {r['error']}")
+            continue
+        preds = "  ".join(f"{p['label']} {p['probability']:.1%}" for p in r["predictions"])
+        lines.append(f"{path:<{width}}  {preds}")
+    return "\n".join(lines)
+

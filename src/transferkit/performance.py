@@ -1,0 +1,99 @@
+"""Device, precision and memory-layout choices (see ../shared/notes/cpu-performance.md)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .errors import TransferkitError
+
+PRECISIONS = ("auto", "32", "bf16", "16")
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested != "auto":
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matmuls run natively instead of being emulated (slower than fp32)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def has_depthwise_conv(model: nn.Module, trainable_only: bool = False) -> bool:
+    return any(
+        isinstance(m, nn.Conv2d)
+        and m.groups > 1
+        and m.groups == m.in_channels
+        and (not trainable_only or m.weight.requires_grad)
+        for m in model.modules()
+    )
+
+
+def resolve_precision(requested: str, device: torch.device, model: nn.Module | None = None, training: bool = False) -> str:
+    """``"32"`` or ``"bf16"``/``"16"`` (autocast). ``auto`` picks what is fast and accurate here.
+
+    bf16 autocast + channels_last runs 2.6-3x faster than fp32 for inference on a CPU with native
+    bf16, but depthwise-convolution backward in bf16 is slower than fp32, so training a
+    MobileNet/EfficientNet-like network's own layers stays fp32.
+    """
+    if requested not in PRECISIONS:
+        raise TransferkitError(f"unknown --precision {requested!r}; choose one of: {', '.join(PRECISIONS)}")
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "16"
+    if device.type != "cpu" or not cpu_has_native_bf16():
+        return "32"
+    if training and model is not None and has_depthwise_conv(model, trainable_only=True):
+        return "32"
+    return "bf16"
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def uses_convolutions(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def to_fast_layout(model: nn.Module) -> nn.Module:
+    """channels_last for CNNs: 1.3-1.6x faster convolutions on this CPU, same results."""
+    if uses_convolutions(model):
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def batch_to(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+
+@contextlib.contextmanager
+def inference_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)

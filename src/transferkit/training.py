@@ -1,0 +1,487 @@
+"""Training: a LightningModule, a configured Trainer, and the run directory it fills."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from .backbones import DEFAULT_BACKBONE, Preprocessing, load_backbone
+from .checkpoint import CHECKPOINT_NAME, atomic_write, save_checkpoint
+from .data import build_transform, discover, make_loader
+from .errors import TransferkitError
+from .heads import TransferModel
+from .performance import batch_to, pick_device, resolve_precision, to_fast_layout, uses_convolutions
+from .strategies import STRATEGIES, StrategySpec, apply_strategy, param_groups, parse_group_lrs, parse_unfreeze
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULERS = ("none", "step", "cosine", "onecycle")
+LIGHTNING_PRECISION = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; saved as ``config.json`` in the run directory."""
+
+    data: str
+    model: str = DEFAULT_BACKBONE
+    weights: str = "DEFAULT"
+    strategy: str = "feature-extract"
+    unfreeze: int | list[str] | None = None
+    head: str = "linear"
+    head_dropout: float | None = None
+    epochs: int = 10
+    lr: float = 1e-3
+    lr_decay: float | None = None
+    group_lr: dict[str, float] = field(default_factory=dict)
+    unfreeze_every: int = 1
+    unfreeze_at: list[int] = field(default_factory=list)
+    train_bn: bool = False
+    aux_weight: float = 0.4
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    scheduler: str = "cosine"
+    step_size: int = 7
+    gamma: float = 0.1
+    batch_size: int = 32
+    augment: str = "light"
+    val_split: float = 0.2
+    seed: int = 0
+    precision: str = "auto"
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    patience: int | None = None
+    num_workers: int | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    image_size: int | None = None
+    out: str | None = None
+    runs_root: str = "runs"
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.unfreeze, str):
+            parsed = parse_unfreeze(self.unfreeze)
+            self.unfreeze = parsed if isinstance(parsed, int) else list(parsed)
+        if isinstance(self.group_lr, str):
+            self.group_lr = parse_group_lrs(self.group_lr)
+        if self.optimizer not in OPTIMIZERS:
+            raise TransferkitError(f"unknown --optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
+        if self.scheduler not in SCHEDULERS:
+            raise TransferkitError(f"unknown --scheduler {self.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
+        if self.strategy not in STRATEGIES:
+            raise TransferkitError(f"unknown --strategy {self.strategy!r}; choose one of: {', '.join(STRATEGIES)}")
+        if self.epochs < 1:
+            raise TransferkitError("--epochs must be at least 1")
+        if self.batch_size < 1:
+            raise TransferkitError("--batch-size must be at least 1")
+        if not self.lr > 0:
+            raise TransferkitError("--lr must be positive")
+
+    def strategy_spec(self) -> StrategySpec:
+        return StrategySpec(
+            name=self.strategy,
+            unfreeze=tuple(self.unfreeze) if isinstance(self.unfreeze, list) else self.unfreeze,
+            lr=self.lr,
+            lr_decay=self.lr_decay,
+            group_lrs=dict(self.group_lr),
+            unfreeze_every=self.unfreeze_every,
+            unfreeze_at=tuple(self.unfreeze_at),
+            train_bn=self.train_bn,
+            aux_weight=self.aux_weight,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+
+    @property
+    def val_accuracy(self) -> float:
+        return float(self.metrics["val_accuracy"])
+
+    def __repr__(self) -> str:
+        return f"TrainResult(run_dir={str(self.run_dir)!r}, val_accuracy={self.val_accuracy:.4f})"
+
+
+# --------------------------------------------------------------------------- Lightning pieces
+
+
+class TransferLearner(L.LightningModule):
+    """Cross-entropy training of a :class:`TransferModel` (plus Inception's aux loss)."""
+
+    def __init__(self, model: TransferModel, spec: StrategySpec, config: TrainConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.spec = spec
+        self.config = config
+        n = len(model.class_names)
+        self.train_accuracy = MulticlassAccuracy(num_classes=n, average="micro")
+        self.val_accuracy = MulticlassAccuracy(num_classes=n, average="micro")
+        self.channels_last = uses_convolutions(model)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.model(x)
+
+    def _step(self, batch: Any, stage: str) -> torch.Tensor | None:
+        x, y = batch
+        if len(x) == 0:
+            return None  # every image of the batch failed to decode
+        out = self.model(batch_to(x, self.device, self.channels_last))
+        if isinstance(out, tuple):  # Inception v3 in training: (logits, aux_logits)
+            logits, aux = out
+            loss = nn.functional.cross_entropy(logits, y) + self.spec.aux_weight * nn.functional.cross_entropy(aux, y)
+        else:
+            logits = out
+            loss = nn.functional.cross_entropy(logits, y)
+        metric = self.train_accuracy if stage == "train" else self.val_accuracy
+        metric(logits.detach(), y)
+        kwargs = {"on_step": False, "on_epoch": True, "batch_size": len(y), "sync_dist": True}
+        self.log(f"{stage}_loss", loss.detach(), prog_bar=stage == "val", **kwargs)
+        self.log(f"{stage}_accuracy", metric, prog_bar=True, **kwargs)
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def configure_optimizers(self) -> Any:
+        groups = param_groups(self.model, self.spec)
+        cfg = self.config
+        if cfg.optimizer == "sgd":
+            opt: torch.optim.Optimizer = torch.optim.SGD(
+                groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+            )
+        elif cfg.optimizer == "adam":
+            opt = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:
+            opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return {"optimizer": opt, "lr_scheduler": self._scheduler(opt)} if cfg.scheduler != "none" else opt
+
+    def _scheduler(self, opt: torch.optim.Optimizer) -> dict[str, Any]:
+        cfg = self.config
+        if cfg.scheduler == "step":
+            return {"scheduler": torch.optim.lr_scheduler.StepLR(opt, cfg.step_size, cfg.gamma), "interval": "epoch"}
+        if cfg.scheduler == "cosine":
+            return {"scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs), "interval": "epoch"}
+        total = int(self.trainer.estimated_stepping_batches)
+        onecycle = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total)
+        return {"scheduler": onecycle, "interval": "step"}
+
+
+class GradualUnfreezing(Callback):
+    """Unfreezes one more layer group at each scheduled epoch; its state survives a resume.
+
+    The trainable set is a function of the epoch alone, and the optimizer holds every group of the
+    schedule from the start, so resuming mid-schedule restores the same optimizer layout.
+    """
+
+    def __init__(self, spec: StrategySpec) -> None:
+        self.spec = spec
+        self.unfrozen: list[str] = []
+        self.events: list[dict[str, Any]] = []
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        groups = apply_strategy(pl_module.model, self.spec, epoch=trainer.current_epoch)
+        added = [g for g in groups if g not in self.unfrozen]
+        if added and self.unfrozen:
+            self.events.append({"epoch": trainer.current_epoch, "unfrozen": added})
+        self.unfrozen = groups
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"unfrozen": list(self.unfrozen), "events": list(self.events)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.unfrozen = list(state_dict["unfrozen"])
+        self.events = list(state_dict["events"])
+
+
+class BestModelCheckpoint(Callback):
+    """Writes the self-contained ``model.pt`` whenever validation accuracy improves (loss breaks ties)."""
+
+    def __init__(self, path: Path, extra: dict[str, Any]) -> None:
+        self.path = path
+        self.extra = extra
+        self.best: tuple[float, float] | None = None
+        self.best_epoch = -1
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = trainer.callback_metrics
+        score = (float(metrics["val_accuracy"]), -float(metrics["val_loss"]))
+        if self.best is None or score > self.best:
+            self.best, self.best_epoch = score, trainer.current_epoch
+            if trainer.is_global_zero:
+                save_checkpoint(pl_module.model, self.path, epoch=trainer.current_epoch, **self.extra)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": list(self.best) if self.best else None, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best = tuple(state_dict["best"]) if state_dict["best"] else None  # type: ignore[assignment]
+        self.best_epoch = state_dict["best_epoch"]
+
+
+class HistoryCSV(Callback):
+    """One row per epoch in ``history.csv``: losses, accuracies, learning rate, what trained."""
+
+    FIELDS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "trainable_params",
+              "trainable_groups", "seconds")  # fmt: skip
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows: list[dict[str, Any]] = []
+        self._start = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        m = trainer.callback_metrics
+        model: TransferModel = pl_module.model
+        trainable, _ = model.parameter_counts()
+        groups = sorted({g.name for g in model.groups for n, p in model.net.named_parameters()
+                         if p.requires_grad and any(n == q or n.startswith(q + ".") for q in g.prefixes)},
+                        key=[g.name for g in model.groups].index)  # fmt: skip
+        row = {
+            "epoch": trainer.current_epoch,
+            "train_loss": _num(m.get("train_loss")),
+            "train_accuracy": _num(m.get("train_accuracy")),
+            "val_loss": _num(m.get("val_loss")),
+            "val_accuracy": _num(m.get("val_accuracy")),
+            "lr": trainer.optimizers[0].param_groups[-1]["lr"] if trainer.optimizers else None,
+            "trainable_params": trainable,
+            "trainable_groups": " ".join(groups),
+            "seconds": round(time.perf_counter() - self._start, 3),
+        }
+        self.rows.append(row)
+        if trainer.is_global_zero:
+            write_history(self.path, self.rows)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rows = list(state_dict["rows"])
+
+
+def _num(v: Any) -> float | None:
+    return None if v is None else round(float(v), 6)
+
+
+def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=HistoryCSV.FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write)
+
+
+# --------------------------------------------------------------------------- run directory
+
+
+def create_run_dir(config: TrainConfig) -> Path:
+    """A new run directory; an existing one is never reused (that would overwrite a run)."""
+    if config.out:
+        run_dir = Path(config.out).expanduser()
+        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+            raise TransferkitError(
+                f"run directory {run_dir} already exists; choose another --out or remove it (runs are never overwritten)"
+            )
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return run_dir
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(config.runs_root) / f"{config.model.replace('/', '_')}-{config.strategy}-{stamp}"
+    for i in range(1, 1000):
+        candidate = base if i == 1 else base.with_name(f"{base.name}-{i}")
+        try:
+            candidate.mkdir(parents=True, exist_ok=False)
+            return candidate
+        except FileExistsError:
+            continue
+    raise TransferkitError(f"could not create a new run directory next to {base}")
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
+
+
+# --------------------------------------------------------------------------- the API
+
+
+def quiet_lightning() -> None:
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_utilities"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for pattern in (".*does not have many workers.*", ".*LeafSpec.*", ".*TensorBoard.*", ".*num_nodes.*",
+                    ".*is an invalid value.*", ".*Checkpoint directory.*exists and is not empty.*",
+                    ".*tensorboardX.*", ".*in eval mode at the start of training.*", ".*Total length of `.*`.*"):  # fmt: skip
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def build_model(config: TrainConfig, class_names: list[str]) -> TransferModel:
+    backbone = load_backbone(config.model, config.weights, preprocessing=_explicit_preprocessing(config))
+    return TransferModel(backbone, class_names, _head_spec(config))
+
+
+def _head_spec(config: TrainConfig) -> Any:
+    from .heads import HeadSpec
+
+    return HeadSpec.parse(config.head, dropout=config.head_dropout)
+
+
+def _explicit_preprocessing(config: TrainConfig) -> Preprocessing | None:
+    if not (config.mean or config.std or config.image_size):
+        return None
+    base = load_backbone(config.model, "none").preprocessing
+    return base.with_overrides(mean=config.mean, std=config.std, image_size=config.image_size)
+
+
+def train(data: str | Path, **options: Any) -> TrainResult:
+    """Train a classifier on an image folder; returns the run directory and its metrics.
+
+    >>> result = train("data/flowers", model="resnet18", strategy="fine-tune", unfreeze=2, epochs=5)  # doctest: +SKIP
+    >>> result.val_accuracy, result.run_dir
+    """
+    config = TrainConfig(data=str(data), **options)
+    return run_training(config, command=options.pop("_command", None))
+
+
+def run_training(config: TrainConfig, command: str | None = None) -> TrainResult:
+    quiet_lightning()
+    started = time.time()
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    splits = discover(config.data, config.val_split, config.seed)
+    model = build_model(config, splits.class_names)
+    spec = config.strategy_spec()
+    apply_strategy(model, spec, epoch=0)
+    trainable, total = model.parameter_counts()
+    run_dir = create_run_dir(config)
+    write_json(run_dir / "config.json", config.to_dict())
+    (run_dir / "command.txt").write_text((command or " ".join(sys.argv)) + "\n")
+    device = pick_device(config.accelerator if config.accelerator not in ("auto", "gpu") else "auto")
+    precision = resolve_precision(config.precision, device, model, training=True)
+    extra = {
+        "strategy": spec.to_dict(),
+        "inference_precision": resolve_precision("auto" if config.precision == "auto" else precision, device),
+        "train_config": config.to_dict(),
+    }
+    model.info.extra = dict(extra)
+    learner = TransferLearner(model, spec, config)
+    prep = Preprocessing.from_dict(model.info.preprocessing)
+    train_loader = make_loader(splits.train, build_transform(prep, config.augment), config.batch_size,
+                               shuffle=True, num_workers=config.num_workers, seed=config.seed)  # fmt: skip
+    val_loader = make_loader(splits.val, build_transform(prep, "none"), config.batch_size, num_workers=config.num_workers)
+    history = HistoryCSV(run_dir / "history.csv")
+    best = BestModelCheckpoint(run_dir / CHECKPOINT_NAME, extra)
+    callbacks: list[Callback] = [history, best, ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True,
+                                                                 save_top_k=0, enable_version_counter=False)]  # fmt: skip
+    gradual = GradualUnfreezing(spec) if spec.name == "gradual" else None
+    if gradual:
+        callbacks.append(gradual)
+    if config.patience:
+        callbacks.append(EarlyStopping("val_accuracy", mode="max", patience=config.patience))
+    trainer = L.Trainer(
+        max_epochs=config.epochs,
+        accelerator=device.type if config.accelerator == "auto" else config.accelerator,
+        devices=config.devices,
+        precision=LIGHTNING_PRECISION[precision],
+        callbacks=callbacks,
+        logger=_tensorboard_logger(run_dir),
+        default_root_dir=str(run_dir),
+        enable_progress_bar=not config.quiet,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        deterministic=False,
+        log_every_n_steps=1,
+    )
+    if not config.quiet:
+        _print(f"{config.model} ({model.info.weights}) · {spec.name} · {len(splits.class_names)} classes · "
+               f"{len(splits.train)} train / {len(splits.val)} val images · trainable {trainable:,} of {total:,} "
+               f"parameters · precision {precision}")  # fmt: skip
+    to_fast_layout(model)
+    trainer.fit(learner, train_loader, val_loader)
+    return finish_run(run_dir, config, splits, history.rows, {
+        "strategy": spec.name,
+        "trainable_params": trainable,
+        "total_params": total,
+        "precision": precision,
+        "best_epoch": best.best_epoch,
+        "unfreeze_events": gradual.events if gradual else [],
+        "train_seconds": round(time.time() - started, 2),
+    }, started)  # fmt: skip
+
+
+def finish_run(
+    run_dir: Path,
+    config: TrainConfig,
+    splits: Any,
+    history: list[dict[str, Any]],
+    info: dict[str, Any],
+    started: float,
+) -> TrainResult:
+    """Evaluate the best checkpoint exactly as ``transferkit evaluate`` would; write metrics.json."""
+    from .checkpoint import load_checkpoint
+    from .inference import evaluate_samples
+
+    model = load_checkpoint(run_dir / CHECKPOINT_NAME)
+    val = evaluate_samples(model, splits.val, config.batch_size, config.num_workers)
+    metrics: dict[str, Any] = {
+        "val_accuracy": val.accuracy,
+        "val_loss": val.loss,
+        "val_per_class": val.per_class,
+        "val_confusion_matrix": val.confusion_matrix,
+        "model": config.model,
+        "weights": model.info.weights,
+        "class_names": splits.class_names,
+        "data": splits.summary(),
+        "skipped_files": len(splits.skipped) + val.skipped_files,
+        "epochs_run": len(history),
+        **info,
+    }
+    if splits.test:
+        test = evaluate_samples(model, splits.test, config.batch_size, config.num_workers)
+        metrics.update(test_accuracy=test.accuracy, test_loss=test.loss, test_per_class=test.per_class)
+    metrics["total_seconds"] = round(time.time() - started, 2)
+    write_json(run_dir / "metrics.json", metrics)
+    if not config.quiet:
+        _print(f"val_accuracy {val.accuracy:.4f} (best epoch {info.get('best_epoch')}) · run directory: {run_dir}")
+    return TrainResult(run_dir=run_dir, metrics=metrics, history=history)
+
+
+def _tensorboard_logger(run_dir: Path) -> Any:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    return TensorBoardLogger(str(run_dir), name="tensorboard", version="")
+
+
+def _print(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
