@@ -514,7 +514,9 @@ def _torchvision_groups(model: nn.Module, head_paths: tuple[str, ...]) -> list[L
             path = f"{prefix}{child_name}"
             if path in head_paths:
                 continue
-            expand = (depth == 0 and child_name in _STAGE_CONTAINERS) or path in head_parents
+            expand = (depth == 0 and child_name in _STAGE_CONTAINERS) or (
+                path in head_parents and isinstance(child, nn.Sequential)
+            )
             expand = expand or (depth > 0 and child_name == "layers")
             if expand:
                 walk(path + ".", child, depth + 1)

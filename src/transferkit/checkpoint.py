@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,8 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(metadata, state_dict) of a checkpoint, refusing anything that would need unpickling code."""
     p = resolve_checkpoint_path(path)
+    if not zipfile.is_zipfile(p):  # every torch.save since 1.6 writes a zip archive
+        raise TransferkitError(f"{p} is not a transferkit checkpoint; give a run directory or its {CHECKPOINT_NAME}")
     try:
         payload = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:

@@ -366,8 +366,8 @@ def train(data: str | Path, **options: Any) -> TrainResult:
     >>> result = train("data/flowers", model="resnet18", strategy="fine-tune", unfreeze=2, epochs=5)  # doctest: +SKIP
     >>> result.val_accuracy, result.run_dir
     """
-    config = TrainConfig(data=str(data), **options)
-    return run_training(config, command=options.pop("_command", None))
+    command = options.pop("_command", None)
+    return run_training(TrainConfig(data=str(data), **options), command=command)
 
 
 def run_training(config: TrainConfig, command: str | None = None) -> TrainResult:

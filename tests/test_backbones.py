@@ -1,0 +1,119 @@
+"""Backbones: names, weights sources, preprocessing and errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import requires_shared
+
+from transferkit import TransferkitError, load_backbone
+from transferkit.backbones import Preprocessing, group_of, list_backbones, read_state_dict
+
+
+def test_preprocessing_comes_from_the_weights_metadata() -> None:
+    inception = load_backbone("inception_v3", weights="none").preprocessing
+    assert (inception.image_size, inception.resize_size) == (299, 342)
+    resnet = load_backbone("resnet18", weights="none").preprocessing
+    assert resnet.image_size == 224 and resnet.mean == pytest.approx((0.485, 0.456, 0.406))
+    lite = load_backbone("efficientnet_lite0", weights="none").preprocessing
+    assert lite.mean == pytest.approx((127 / 255,) * 3) and lite.std == pytest.approx((128 / 255,) * 3)
+
+
+def test_backbone_exposes_classifier_feature_dim_and_groups() -> None:
+    bb = load_backbone("resnet18", weights="none")
+    assert bb.classifier_path == "fc" and bb.feature_dim == 512
+    assert bb.group_names == ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
+    # Every parameter belongs to exactly one group.
+    assert all(group_of(n, bb.groups) is not None for n, _ in bb.model.named_parameters())
+    inception = load_backbone("inception_v3", weights="none")
+    assert inception.extra_head_paths == ("AuxLogits.fc",)
+    assert inception.group_names[-4:] == ["Mixed_7a", "Mixed_7b", "Mixed_7c", "head"]
+
+
+def test_unknown_model_suggests_close_names() -> None:
+    with pytest.raises(TransferkitError, match="resnet18"):
+        load_backbone("resnet19", weights="none")
+
+
+def test_unknown_weights_name_lists_the_choices() -> None:
+    with pytest.raises(TransferkitError, match="IMAGENET1K_V1"):
+        load_backbone("resnet18", weights="IMAGENET_V9")
+
+
+def test_local_state_dict_file_loads_and_keeps_tensors(tmp_path: Path) -> None:
+    source = load_backbone("resnet18", weights="none").model
+    path = tmp_path / "resnet18.pth"
+    torch.save({"state_dict": {"module." + k: v for k, v in source.state_dict().items()}}, path)
+    prep = Preprocessing(224, 256, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    bb = load_backbone("resnet18", weights=str(path), preprocessing=prep)
+    assert torch.equal(bb.model.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
+    assert bb.preprocessing.mean == (0.5, 0.5, 0.5)
+
+
+def test_safetensors_file_loads(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    source = load_backbone("mobilenet_v3_small", weights="none").model
+    path = tmp_path / "m.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    bb = load_backbone("mobilenet_v3_small", weights=str(path), preprocessing=Preprocessing(224, 256, (0.5,) * 3, (0.5,) * 3))
+    assert torch.equal(bb.model.features[3].block[0][0].weight, source.features[3].block[0][0].weight)
+
+
+def test_weights_file_for_another_architecture_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "resnet18.pth"
+    torch.save(load_backbone("resnet18", weights="none").model.state_dict(), path)
+    with pytest.raises(TransferkitError, match=r"does not fit mobilenet_v2.*--model"):
+        load_backbone("mobilenet_v2", weights=str(path))
+
+
+def test_missing_weights_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(TransferkitError, match="does not exist"):
+        load_backbone("resnet18", weights=str(tmp_path / "nope.pth"))
+
+
+def test_pickled_code_in_weights_file_is_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):  # noqa: ANN204
+            return (Path.touch, (marker,))
+
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": Evil()}, path)
+    with pytest.raises(TransferkitError, match="not a safe state_dict"):
+        read_state_dict(path)
+    assert not marker.exists()
+
+
+def test_hub_download_failure_names_the_ways_out(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Point torch's cache at an empty folder and make the network unreachable, as on this machine.
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    import urllib.request
+
+    def offline(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(TransferkitError, match=r"--weights FILE"):
+        load_backbone("squeezenet1_1", weights="DEFAULT")
+
+
+def test_list_backbones_filters_by_pattern() -> None:
+    names = list_backbones("resnet*")
+    assert "resnet18" in names and all(n.startswith("resnet") for n in names)
+    assert "efficientnet_lite0" in list_backbones("efficientnet_lite*")
+
+
+def test_timm_models_by_prefix() -> None:
+    bb = load_backbone("timm/resnet10t", weights="none")
+    assert bb.source == "timm" and bb.feature_dim == 512 and bb.group_names[-1] == "head"
+
+
+def test_shared_mobilenet_v2_file_loads_with_explicit_preprocessing() -> None:
+    path = requires_shared("weights", "mobilenet_v2_imagenet.pth")
+    prep = Preprocessing(224, 256, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    bb = load_backbone("mobilenet_v2", weights=str(path), preprocessing=prep)
+    assert bb.weights == str(path.resolve()) and bb.feature_dim == 1280

@@ -1,0 +1,101 @@
+"""The user's path through the command line, in separate processes as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def tk(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, "-m", "transferkit", *args], capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"transferkit {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "run"
+    proc = tk("train", str(tiny_dataset), "--model", "resnet18", "--weights", "none", "--image-size", "32",
+              "--strategy", "fine-tune", "--unfreeze", "1", "--epochs", "2", "--lr", "0.01", "--batch-size", "8",
+              "--out", str(out), "--quiet")  # fmt: skip
+    assert proc.stdout.strip().splitlines()[-1] == str(out)
+    return out
+
+
+def test_train_writes_a_complete_run_directory(trained_run: Path) -> None:
+    for name in ("config.json", "command.txt", "model.pt", "history.csv", "metrics.json", "checkpoints/last.ckpt"):
+        assert (trained_run / name).is_file(), name
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    assert 0.0 <= metrics["val_accuracy"] <= 1.0 and metrics["strategy"] == "fine-tune"
+    assert len((trained_run / "history.csv").read_text().strip().splitlines()) == 3  # header + 2 epochs
+    assert "--unfreeze 1" in (trained_run / "command.txt").read_text()
+
+
+def test_evaluate_in_a_new_process_matches_the_run(trained_run: Path, tiny_dataset: Path) -> None:
+    result = json.loads(tk("evaluate", str(trained_run), str(tiny_dataset / "val"), "--json").stdout)
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    assert result["accuracy"] == pytest.approx(metrics["val_accuracy"], abs=1e-9)
+    assert set(result["per_class"]) == {"blue", "red"} and len(result["confusion_matrix"]) == 2
+    table = tk("evaluate", str(trained_run), str(tiny_dataset)).stdout  # a DATA root means its val/
+    assert "confusion matrix" in table and "precision" in table
+
+
+def test_predict_files_and_folders(trained_run: Path, tiny_dataset: Path) -> None:
+    out = json.loads(tk("predict", str(trained_run), str(tiny_dataset / "val" / "red"),
+                        str(tiny_dataset / "val" / "blue" / "1.jpg"), "--top-k", "2", "--json").stdout)  # fmt: skip
+    assert len(out) == 5
+    for item in out:
+        probs = [p["probability"] for p in item["predictions"]]
+        assert len(probs) == 2 and probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1, abs=1e-4)
+        assert {p["label"] for p in item["predictions"]} == {"red", "blue"}
+    assert "red" in tk("predict", str(trained_run), str(tiny_dataset / "val" / "red" / "0.png")).stdout
+
+
+def test_existing_run_directory_is_never_overwritten(trained_run: Path, tiny_dataset: Path) -> None:
+    before = (trained_run / "model.pt").stat().st_mtime_ns
+    proc = tk("train", str(tiny_dataset), "--model", "resnet18", "--weights", "none", "--out", str(trained_run), check=False)
+    assert proc.returncode != 0 and "already exists" in proc.stderr and "Traceback" not in proc.stderr
+    assert (trained_run / "model.pt").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "/nonexistent/data"], "does not exist"),
+        (["train", "{data}", "--model", "resnet19"], "did you mean"),
+        (["train", "{data}", "--strategy", "magic"], "unknown --strategy"),
+        (["train", "{data}", "--head", "mlp:x"], "mlp:256"),
+        (["evaluate", "{data}", "{data}/val"], "no model.pt"),
+        (["predict", "{data}/val/red/0.png", "{data}/val/red/0.png"], "not a transferkit checkpoint"),
+    ],
+)
+def test_bad_input_is_a_one_line_error(tiny_dataset: Path, args: list[str], message: str) -> None:
+    proc = tk(*[a.format(data=tiny_dataset) for a in args], check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_evaluate_with_other_classes_is_a_clear_error(trained_run: Path, tmp_path: Path) -> None:
+    from helpers import make_colour_folder
+
+    make_colour_folder(tmp_path, 2, classes=("red", "green"))
+    proc = tk("evaluate", str(trained_run), str(tmp_path), check=False)
+    assert proc.returncode == 2 and "does not know: green" in proc.stderr
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "predict", "models"])
+def test_every_command_has_help_with_an_example(command: str) -> None:
+    out = tk(command, "--help").stdout
+    assert "example:" in out and f"transferkit {command}" in out
+
+
+def test_models_lists_and_marks_offline_weights() -> None:
+    out = tk("models", "efficientnet_lite*").stdout.splitlines()
+    assert "* efficientnet_lite0" in out
+    assert tk("models", "nothing-like-this*", check=False).returncode == 2

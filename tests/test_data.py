@@ -1,0 +1,101 @@
+"""Data discovery, splits, decoding of odd image modes, and transforms."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import make_colour_folder, requires_shared
+from PIL import Image
+
+from transferkit import Preprocessing, TransferkitError
+from transferkit.data import build_transform, discover, load_image, stratified_split
+
+
+def test_train_val_layout(tiny_dataset: Path) -> None:
+    splits = discover(tiny_dataset)
+    assert splits.class_names == ["blue", "red"]
+    assert (len(splits.train), len(splits.val)) == (20, 8)
+    assert splits.layout == "train/val"
+
+
+def test_plain_class_folders_get_a_stratified_seeded_split(tmp_path: Path) -> None:
+    make_colour_folder(tmp_path, 10, classes=("red", "green", "blue"))
+    a = discover(tmp_path, val_split=0.2, seed=3)
+    b = discover(tmp_path, val_split=0.2, seed=3)
+    c = discover(tmp_path, val_split=0.2, seed=4)
+    assert a.val == b.val and a.val != c.val
+    per_class = [sum(1 for _, label in a.val if label == i) for i in range(3)]
+    assert per_class == [2, 2, 2] and len(a.train) == 24
+
+
+def test_split_keeps_at_least_one_training_image_per_class() -> None:
+    train, val = stratified_split([("a", 0), ("b", 0), ("c", 1)], 0.5, 0)
+    assert {lbl for _, lbl in train} == {0, 1}
+
+
+def test_optional_test_folder(tiny_dataset: Path, tmp_path: Path) -> None:
+    root = tmp_path / "d"
+    make_colour_folder(root / "train", 4)
+    make_colour_folder(root / "val", 2)
+    make_colour_folder(root / "test", 3)
+    assert len(discover(root).test or []) == 6
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16", "LA"])
+def test_every_image_mode_becomes_rgb(tmp_path: Path, mode: str) -> None:
+    rgb = Image.fromarray(np.full((20, 30, 3), 200, np.uint8))
+    if mode == "I;16":
+        image = Image.fromarray(np.full((20, 30), 50000, np.uint16))
+    else:
+        image = rgb.convert(mode)
+    path = tmp_path / ("x.jpg" if mode == "CMYK" else "x.png" if mode != "P" else "x.gif")
+    image.save(path)
+    tensor = load_image(str(path))
+    assert tensor.dtype == torch.uint8 and tensor.shape == (3, 20, 30)
+    assert 150 < tensor.float().mean() < 256  # not clipped to black nor garbage
+
+
+def test_hymenoptera_gif_decodes() -> None:
+    gif = requires_shared("datasets", "hymenoptera", "train", "ants", "imageNotFound.gif")
+    assert load_image(str(gif)).shape[0] == 3
+
+
+def test_eval_transform_resizes_and_crops_to_the_weights_size() -> None:
+    prep = Preprocessing(image_size=56, resize_size=64, mean=(0.5,) * 3, std=(0.5,) * 3)
+    image = torch.randint(0, 256, (3, 100, 150), dtype=torch.uint8)
+    out = build_transform(prep, "none")(image)
+    assert out.shape == (3, 56, 56) and out.dtype == torch.float32
+    assert -1.0 <= out.min() and out.max() <= 1.0
+    for preset in ("light", "strong"):
+        assert build_transform(prep, preset)(image).shape == (3, 56, 56)
+    with pytest.raises(TransferkitError, match="augment"):
+        build_transform(prep, "heavy")
+
+
+def test_bad_layouts_are_one_line_errors(tmp_path: Path) -> None:
+    with pytest.raises(TransferkitError, match="does not exist"):
+        discover(tmp_path / "missing")
+    make_colour_folder(tmp_path / "one", 3, classes=("red",))
+    with pytest.raises(TransferkitError, match="at least 2"):
+        discover(tmp_path / "one")
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    make_colour_folder(tmp_path / "empty", 2, classes=("red",))
+    with pytest.raises(TransferkitError, match="no usable images"):
+        discover(tmp_path / "empty")
+    make_colour_folder(tmp_path / "mismatch" / "train", 2, classes=("red", "blue"))
+    make_colour_folder(tmp_path / "mismatch" / "val", 2, classes=("red", "green"))
+    with pytest.raises(TransferkitError, match="differ"):
+        discover(tmp_path / "mismatch")
+
+
+def test_unreadable_files_are_skipped_with_their_names(tmp_path: Path) -> None:
+    make_colour_folder(tmp_path, 3)
+    (tmp_path / "red" / "empty.jpg").write_bytes(b"")
+    (tmp_path / "red" / "notes.jpg").write_text("not an image")
+    (tmp_path / "red" / ".DS_Store").write_bytes(b"\0\1")
+    with pytest.warns(UserWarning, match="empty.jpg"):
+        splits = discover(tmp_path)
+    assert sorted(Path(p).name for p, _ in splits.skipped) == ["empty.jpg", "notes.jpg"]
