@@ -9,6 +9,14 @@ import pytest
 from helpers import make_colour_folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_feature_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Tests (and the CLI processes they start) never touch the user's feature cache."""
+    import os
+
+    os.environ["TRANSFERKIT_CACHE_DIR"] = str(tmp_path_factory.mktemp("feature-cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """DATA/train and DATA/val, two colour classes, 10 + 4 images each."""

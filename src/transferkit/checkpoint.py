@@ -22,6 +22,8 @@ from .errors import TransferkitError
 from .heads import HeadSpec, TransferModel
 
 FORMAT = "transferkit-checkpoint/1"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 CHECKPOINT_NAME = "model.pt"
 
 
@@ -33,6 +35,7 @@ def atomic_write(path: Path, write: Any) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a run's files are as readable as any other
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -88,6 +88,10 @@ transferkit train data/x --model mobilenet_v2 --weights mobilenet_v2_imagenet.pt
     p.add_argument("--devices", default="auto", help="number of devices (or auto)")
     p.add_argument("--patience", type=int, help="stop early after N epochs without val accuracy improvement")
     p.add_argument("--num-workers", type=int, help="DataLoader workers (default: cores - 1)")
+    p.add_argument("--no-cache", action="store_true", help="feature-extract: recompute the frozen backbone every epoch")
+    p.add_argument("--views", type=int, default=1, help="feature-extract: augmented views cached per training image "
+                   "(1 = the plain evaluation view, no augmentation)")  # fmt: skip
+    p.add_argument("--cache-dir", help="feature cache folder (default ~/.cache/transferkit, or $TRANSFERKIT_CACHE_DIR)")
     p.add_argument("--out", help="run directory (default runs/<model>-<strategy>-<time>); never overwritten")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_train)
@@ -105,7 +109,8 @@ def _train(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay, scheduler=args.scheduler, step_size=args.step_size, gamma=args.gamma,
         batch_size=args.batch_size, augment=args.augment, val_split=args.val_split, seed=args.seed,
         precision=args.precision, accelerator=args.accelerator, devices=devices, patience=args.patience,
-        num_workers=args.num_workers, mean=args.mean, std=args.std, image_size=args.image_size, out=args.out,
+        num_workers=args.num_workers, cache=not args.no_cache, feature_views=args.views, cache_dir=args.cache_dir,
+        mean=args.mean, std=args.std, image_size=args.image_size, out=args.out,
         quiet=args.quiet, _command=" ".join(["transferkit", *sys.argv[1:]]),
     )  # fmt: skip
     print(result.run_dir)
@@ -191,6 +196,44 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- cache / demo
+
+
+def _add_cache(sub: Any) -> None:
+    p = _parser(sub, "cache", "Manage the feature cache.", "transferkit cache clear")
+    p.add_argument("action", choices=["clear", "path"])
+    p.add_argument("--cache-dir", help="cache folder (default ~/.cache/transferkit, or $TRANSFERKIT_CACHE_DIR)")
+    p.set_defaults(handler=_cache)
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .features import clear_cache, default_cache_dir
+
+    root = Path(args.cache_dir) / "features" if args.cache_dir else default_cache_dir()
+    if args.action == "path":
+        print(root)
+    else:
+        print(f"removed {clear_cache(root)} cached feature vectors from {root}")
+    return 0
+
+
+def _add_demo(sub: Any) -> None:
+    p = _parser(sub, "demo", "Train and evaluate a real classifier offline (ImageNet weights, real digit images).",
+                "transferkit demo --workdir demo")  # fmt: skip
+    p.add_argument("--workdir", default="demo", help="where the demo data and runs go")
+    p.add_argument("--epochs", type=int, default=10)
+    p.set_defaults(handler=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.workdir, args.epochs)
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -208,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS: list[Callable[[Any], None]] = [_add_train, _add_evaluate, _add_predict, _add_models]
+COMMANDS: list[Callable[[Any], None]] = [_add_train, _add_evaluate, _add_predict, _add_models, _add_cache, _add_demo]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

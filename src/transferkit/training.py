@@ -23,6 +23,7 @@ from .backbones import DEFAULT_BACKBONE, Preprocessing, load_backbone
 from .checkpoint import CHECKPOINT_NAME, atomic_write, save_checkpoint
 from .data import build_transform, discover, make_loader
 from .errors import TransferkitError
+from .features import cache_supported, extract_features
 from .heads import TransferModel
 from .performance import batch_to, pick_device, resolve_precision, to_fast_layout, uses_convolutions
 from .strategies import STRATEGIES, StrategySpec, apply_strategy, param_groups, parse_group_lrs, parse_unfreeze
@@ -65,6 +66,9 @@ class TrainConfig:
     accelerator: str = "auto"
     devices: int | str = "auto"
     patience: int | None = None
+    cache: bool = True
+    feature_views: int = 1
+    cache_dir: str | None = None
     num_workers: int | None = None
     mean: list[float] | None = None
     std: list[float] | None = None
@@ -129,24 +133,26 @@ class TrainResult:
 class TransferLearner(L.LightningModule):
     """Cross-entropy training of a :class:`TransferModel` (plus Inception's aux loss)."""
 
-    def __init__(self, model: TransferModel, spec: StrategySpec, config: TrainConfig) -> None:
+    def __init__(self, model: TransferModel, spec: StrategySpec, config: TrainConfig, head_only: bool = False) -> None:
         super().__init__()
         self.model = model
+        # head_only: batches are cached backbone features, and only the head runs.
+        self.head_only = head_only
         self.spec = spec
         self.config = config
         n = len(model.class_names)
         self.train_accuracy = MulticlassAccuracy(num_classes=n, average="micro")
         self.val_accuracy = MulticlassAccuracy(num_classes=n, average="micro")
-        self.channels_last = uses_convolutions(model)
+        self.channels_last = uses_convolutions(model) and not head_only
 
     def forward(self, x: torch.Tensor) -> Any:
-        return self.model(x)
+        return self.model.head_module(x) if self.head_only else self.model(x)
 
     def _step(self, batch: Any, stage: str) -> torch.Tensor | None:
         x, y = batch
         if len(x) == 0:
             return None  # every image of the batch failed to decode
-        out = self.model(batch_to(x, self.device, self.channels_last))
+        out = self(batch_to(x, self.device, self.channels_last))
         if isinstance(out, tuple):  # Inception v3 in training: (logits, aux_logits)
             logits, aux = out
             loss = nn.functional.cross_entropy(logits, y) + self.spec.aux_weight * nn.functional.cross_entropy(aux, y)
@@ -378,6 +384,7 @@ def run_training(config: TrainConfig, command: str | None = None) -> TrainResult
     model = build_model(config, splits.class_names)
     spec = config.strategy_spec()
     apply_strategy(model, spec, epoch=0)
+    param_groups(model, spec)  # validates --group-lr before anything is written
     trainable, total = model.parameter_counts()
     run_dir = create_run_dir(config)
     write_json(run_dir / "config.json", config.to_dict())
@@ -390,11 +397,18 @@ def run_training(config: TrainConfig, command: str | None = None) -> TrainResult
         "train_config": config.to_dict(),
     }
     model.info.extra = dict(extra)
-    learner = TransferLearner(model, spec, config)
-    prep = Preprocessing.from_dict(model.info.preprocessing)
-    train_loader = make_loader(splits.train, build_transform(prep, config.augment), config.batch_size,
-                               shuffle=True, num_workers=config.num_workers, seed=config.seed)  # fmt: skip
-    val_loader = make_loader(splits.val, build_transform(prep, "none"), config.batch_size, num_workers=config.num_workers)
+    feature_info: dict[str, Any] = {}
+    if spec.name == "feature-extract" and config.cache and cache_supported(model):
+        learner = TransferLearner(model, spec, config, head_only=True)
+        train_loader, val_loader, feature_info = _feature_loaders(model, splits, config, device)
+        precision = "32"  # the head alone is tiny; its features were computed at inference precision
+    else:
+        learner = TransferLearner(model, spec, config)
+        prep = Preprocessing.from_dict(model.info.preprocessing)
+        train_loader = make_loader(splits.train, build_transform(prep, config.augment), config.batch_size,
+                                   shuffle=True, num_workers=config.num_workers, seed=config.seed)  # fmt: skip
+        val_loader = make_loader(splits.val, build_transform(prep, "none"), config.batch_size,
+                                 num_workers=config.num_workers)  # fmt: skip
     history = HistoryCSV(run_dir / "history.csv")
     best = BestModelCheckpoint(run_dir / CHECKPOINT_NAME, extra)
     callbacks: list[Callback] = [history, best, ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True,
@@ -431,8 +445,37 @@ def run_training(config: TrainConfig, command: str | None = None) -> TrainResult
         "precision": precision,
         "best_epoch": best.best_epoch,
         "unfreeze_events": gradual.events if gradual else [],
+        **feature_info,
         "train_seconds": round(time.time() - started, 2),
     }, started)  # fmt: skip
+
+
+def _feature_loaders(
+    model: TransferModel, splits: Any, config: TrainConfig, device: torch.device
+) -> tuple[Any, Any, dict[str, Any]]:
+    """Loaders over cached backbone features: the backbone runs once per image (and view), not per epoch."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    started = time.perf_counter()
+    precision = resolve_precision(config.precision, device)
+    common = {"cache_dir": Path(config.cache_dir) if config.cache_dir else None, "batch_size": config.batch_size,
+              "num_workers": config.num_workers, "device": device, "precision": precision}  # fmt: skip
+    augment = config.augment if config.feature_views > 1 else "none"
+    train = extract_features(model, splits.train, augment=augment, views=config.feature_views, **common)
+    val = extract_features(model, splits.val, **common)
+    generator = torch.Generator().manual_seed(config.seed)
+    train_loader = DataLoader(TensorDataset(train.features, train.labels), batch_size=config.batch_size,
+                              shuffle=True, generator=generator)  # fmt: skip
+    val_loader = DataLoader(TensorDataset(val.features, val.labels), batch_size=max(256, config.batch_size))
+    info = {
+        "feature_cache": {"hits": train.hits + val.hits, "misses": train.misses + val.misses,
+                          "views": config.feature_views, "augment": augment, "precision": precision},
+        "feature_seconds": round(time.perf_counter() - started, 2),
+    }  # fmt: skip
+    if not config.quiet:
+        _print(f"features: {info['feature_cache']['misses']} computed, {info['feature_cache']['hits']} from cache "
+               f"in {info['feature_seconds']} s")  # fmt: skip
+    return train_loader, val_loader, info
 
 
 def finish_run(

@@ -1,0 +1,284 @@
+"""Frozen features, computed once: pooled CNN codes from any layer, cached on disk.
+
+A frozen backbone gives the same output for the same image every epoch, so recomputing it is
+~90 % of a naive feature-extraction loop. Here each image's feature vector is stored under a key
+covering the backbone, a digest of its weights, the layer, the preprocessing, the augmentation
+view and the file (path, size, mtime); any change is a miss. Writes are atomic renames, so
+concurrent runs sharing the cache cannot corrupt it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .backbones import Preprocessing, get_module
+from .checkpoint import atomic_write
+from .data import Sample, build_transform, default_num_workers, load_image
+from .errors import TransferkitError
+from .heads import TransferModel
+from .performance import autocast, batch_to, inference_mode, pick_device, to_fast_layout
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("TRANSFERKIT_CACHE_DIR", Path.home() / ".cache" / "transferkit")) / "features"
+
+
+def clear_cache(cache_dir: Path | None = None) -> int:
+    """Remove every cached feature; returns the number of files removed."""
+    root = Path(cache_dir or default_cache_dir())
+    if not root.exists():
+        return 0
+    count = sum(1 for _ in root.rglob("*.npy"))
+    shutil.rmtree(root)
+    return count
+
+
+class _StopForward(Exception):
+    """Raised by a hook once the wanted layer has run: the rest of the network is skipped."""
+
+
+def _pool(t: torch.Tensor) -> torch.Tensor:
+    if t.dim() == 4:  # N, C, H, W feature maps → global average pool
+        return t.float().mean(dim=(2, 3))
+    if t.dim() == 3:  # N, tokens, C (transformers) → mean over tokens
+        return t.float().mean(dim=1)
+    return t.float().flatten(1)
+
+
+def resolve_layer(model: TransferModel, layer: str | None) -> tuple[str, nn.Module, bool]:
+    """(canonical name, module to hook, whether to capture its input) for ``layer``.
+
+    None or ``"head"`` means the classifier's input (the pooled penultimate features); a layer
+    group name means the output of that group's last module; anything else is a module path.
+    """
+    if layer in (None, "", "head"):
+        return "head-input", model.head_module, True
+    for group in model.groups:
+        if group.name == layer and group.name != "head":
+            path = _module_of_group(model, group.prefixes)
+            return layer, get_module(model.net, path), False
+    try:
+        return layer, get_module(model.net, layer), False  # type: ignore[arg-type]
+    except AttributeError:
+        names = ", ".join(g.name for g in model.groups if g.name != "head")
+        raise TransferkitError(f"--layer {layer!r} is neither a layer group ({names}) nor a module path") from None
+
+
+def _module_of_group(model: TransferModel, prefixes: tuple[str, ...]) -> str:
+    modules = {name for name, _ in model.net.named_modules()}
+    parts = [p.split(".") for p in prefixes]
+    common: list[str] = []
+    for items in zip(*parts):
+        if len(set(items)) > 1:
+            break
+        common.append(items[0])
+    while common and ".".join(common) not in modules:
+        common.pop()
+    if common:
+        return ".".join(common)
+    last = prefixes[-1]
+    return last if last in modules else last.rpartition(".")[0]
+
+
+@contextmanager
+def capture(model: TransferModel, layer: str | None) -> Iterator[dict[str, torch.Tensor]]:
+    """While active, ``model(x)`` fills ``out["features"]`` with the pooled features of ``layer``."""
+    _, module, want_input = resolve_layer(model, layer)
+    out: dict[str, torch.Tensor] = {}
+
+    def pre_hook(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        out["features"] = _pool(args[0])
+        raise _StopForward
+
+    def hook(_m: nn.Module, _args: Any, output: torch.Tensor) -> None:
+        out["features"] = _pool(output[0] if isinstance(output, tuple) else output)
+        raise _StopForward
+
+    handle = module.register_forward_pre_hook(pre_hook) if want_input else module.register_forward_hook(hook)
+    try:
+        yield out
+    finally:
+        handle.remove()
+
+
+def weights_digest(model: TransferModel) -> str:
+    """Digest of everything before the head: a changed backbone weight changes every key."""
+    head = (model.info.classifier_path, *model.info.extra_head_paths)
+    h = hashlib.sha1()
+    for name, tensor in model.net.state_dict().items():
+        if any(name.startswith(p + ".") for p in head):
+            continue
+        h.update(name.encode())
+        h.update(zlib.crc32(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()).to_bytes(4, "little"))
+    return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """What, besides the file, determines a feature vector."""
+
+    backbone: str
+    weights_digest: str
+    layer: str
+    preprocessing: dict[str, Any]
+    augment: str = "none"
+    precision: str = "32"
+
+    def key(self) -> str:
+        return hashlib.sha1(json.dumps(self.__dict__, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def file_key(path: str, view: int) -> str:
+    st = os.stat(path)
+    raw = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{view}"
+    return hashlib.sha1(raw.encode()).hexdigest()
+
+
+class _ViewDataset(Dataset):
+    """Images to extract, each with a deterministic augmentation seed per (file, view)."""
+
+    def __init__(self, items: list[tuple[int, str, int]], prep: Preprocessing, augment: str) -> None:
+        self.items = items
+        self.transform = build_transform(prep, augment)
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | None:
+        index, path, view = self.items[i]
+        try:
+            image = load_image(path)
+        except Exception:
+            return None
+        if self.augment != "none":
+            torch.manual_seed(int(file_key(path, view)[:8], 16))  # same view → same crop, every run
+        return self.transform(image), index
+
+
+def _collate(batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    good = [b for b in batch if b is not None]
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
+    x, idx = zip(*good)
+    return torch.stack(x), torch.tensor(idx)
+
+
+@dataclass
+class FeatureSet:
+    features: torch.Tensor  # (N, D) float32
+    labels: torch.Tensor  # (N,)
+    paths: list[str]
+    hits: int
+    misses: int
+
+
+def extract_features(
+    model: TransferModel,
+    samples: list[Sample],
+    layer: str | None = None,
+    augment: str = "none",
+    views: int = 1,
+    cache_dir: Path | None = None,
+    use_cache: bool = True,
+    batch_size: int = 32,
+    num_workers: int | None = None,
+    device: torch.device | None = None,
+    precision: str = "32",
+) -> FeatureSet:
+    """Pooled features of ``samples`` (``views`` augmented copies each when ``augment`` is set).
+
+    Cached vectors are read back; the rest are computed in batches and written one file each as
+    soon as computed, so memory does not grow with the dataset beyond the returned matrix.
+    """
+    device = device or pick_device()
+    canonical_layer, _, _ = resolve_layer(model, layer)
+    prep = Preprocessing.from_dict(model.info.preprocessing)
+    view_count = views if augment != "none" else 1
+    spec = FeatureSpec(model.info.backbone, weights_digest(model), canonical_layer, prep.to_dict(), augment, precision)
+    root = Path(cache_dir or default_cache_dir()) / spec.key()
+    items = [(i, path, v) for i, (path, _) in enumerate(samples) for v in range(view_count)]
+    rows: dict[tuple[int, int], np.ndarray] = {}
+    todo: list[tuple[int, str, int]] = []
+    for index, path, view in items:
+        cached = root / (file_key(path, view) + ".npy") if use_cache else None
+        if cached is not None and cached.is_file():
+            try:
+                rows[(index, view)] = np.load(cached, allow_pickle=False)
+                continue
+            except (OSError, ValueError):
+                pass  # unreadable entry: recompute it
+        todo.append((index, path, view))
+    hits = len(rows)
+    if todo:
+        if use_cache:
+            root.mkdir(parents=True, exist_ok=True)
+            _write_spec(root, spec)
+        loader = DataLoader(
+            _ViewDataset([(pos, path, view) for pos, (_, path, view) in enumerate(todo)], prep, augment),
+            batch_size=batch_size,
+            num_workers=default_num_workers() if num_workers is None else num_workers,
+            collate_fn=_collate,
+        )
+        for positions, vectors in _run_extractor(model, loader, layer, device, precision):
+            for pos, vec in zip(positions.tolist(), vectors):
+                index, path, view = todo[pos]
+                rows[(index, view)] = vec
+                if use_cache:
+                    target = root / (file_key(path, view) + ".npy")
+                    atomic_write(target, lambda tmp, v=vec: _save_npy(tmp, v))
+    order = [(i, v) for i, _, v in items if (i, v) in rows]
+    if not order:
+        raise TransferkitError("no image could be decoded for feature extraction")
+    features = torch.from_numpy(np.stack([rows[k] for k in order]))
+    labels = torch.tensor([samples[i][1] for i, _ in order])
+    return FeatureSet(features, labels, [samples[i][0] for i, _ in order], hits, len(todo))
+
+
+def _save_npy(tmp: Path, vector: np.ndarray) -> None:
+    with open(tmp, "wb") as f:
+        np.save(f, vector, allow_pickle=False)
+
+
+def _write_spec(root: Path, spec: FeatureSpec) -> None:
+    target = root / "spec.json"
+    if not target.exists():
+        atomic_write(target, lambda tmp: tmp.write_text(json.dumps(spec.__dict__, indent=2)))
+
+
+def _run_extractor(
+    model: TransferModel, loader: DataLoader, layer: str | None, device: torch.device, precision: str
+) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+    model.to(device)
+    to_fast_layout(model)
+    with inference_mode(model), capture(model, layer) as out:
+        for x, positions in loader:
+            if len(x) == 0:
+                continue
+            with autocast(device, precision):
+                try:
+                    model(batch_to(x, device, channels_last=True))
+                except _StopForward:
+                    pass
+            yield positions, out["features"].float().cpu().numpy()
+
+
+def cache_supported(model: TransferModel) -> bool:
+    """Whether the head can be trained on pooled vectors (not SqueezeNet's convolutional head)."""
+    return isinstance(model.head_module, (nn.Linear, nn.Sequential)) and not any(
+        isinstance(m, nn.Conv2d) for m in model.head_module.modules()
+    )

@@ -1,0 +1,118 @@
+"""Feature cache: hits, misses and every kind of invalidation; layers; training from cached features."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import make_colour_folder
+
+from transferkit import Preprocessing, TransferkitError, TransferModel, load_backbone
+from transferkit.data import scan_class_folder
+from transferkit.features import clear_cache, extract_features, resolve_layer
+
+SMALL = Preprocessing(image_size=32, resize_size=36, mean=(0.5,) * 3, std=(0.5,) * 3)
+
+
+def _model(prep: Preprocessing = SMALL, seed: int = 0) -> TransferModel:
+    torch.manual_seed(seed)
+    return TransferModel(load_backbone("resnet18", weights="none", preprocessing=prep), ["blue", "red"]).eval()
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> list[tuple[str, int]]:
+    make_colour_folder(tmp_path / "imgs", 3)
+    return scan_class_folder(tmp_path / "imgs")[1]
+
+
+def test_second_extraction_is_all_hits_and_identical(images: list, tmp_path: Path) -> None:
+    model = _model()
+    first = extract_features(model, images, cache_dir=tmp_path / "c", num_workers=0)
+    second = extract_features(model, images, cache_dir=tmp_path / "c", num_workers=0)
+    assert (first.hits, first.misses) == (0, 6) and (second.hits, second.misses) == (6, 0)
+    assert first.features.shape == (6, 512) and torch.equal(first.features, second.features)
+    assert torch.equal(first.labels, second.labels)
+
+
+def test_features_equal_the_models_own_penultimate_output(images: list, tmp_path: Path) -> None:
+    model = _model()
+    feats = extract_features(model, images[:2], cache_dir=tmp_path / "c", num_workers=0).features
+    from transferkit.data import build_transform, load_image
+
+    x = torch.stack([build_transform(SMALL)(load_image(p)) for p, _ in images[:2]])
+    with torch.no_grad():
+        net = model.net
+        h = net.avgpool(net.layer4(net.layer3(net.layer2(net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(x)))))))))
+    assert torch.allclose(feats, h.flatten(1), atol=1e-5)
+
+
+def test_changed_file_is_a_miss(images: list, tmp_path: Path) -> None:
+    model = _model()
+    extract_features(model, images, cache_dir=tmp_path / "c", num_workers=0)
+    path = images[0][0]
+    from PIL import Image
+
+    Image.new("RGB", (40, 48), (10, 200, 10)).save(path)
+    os.utime(path, ns=(1, 1))  # a new content with a new mtime
+    again = extract_features(model, images, cache_dir=tmp_path / "c", num_workers=0)
+    assert (again.hits, again.misses) == (5, 1)
+
+
+@pytest.mark.parametrize("change", ["preprocessing", "weights", "layer"])
+def test_what_the_features_depend_on_invalidates_them(images: list, tmp_path: Path, change: str) -> None:
+    base = _model()
+    extract_features(base, images, cache_dir=tmp_path / "c", num_workers=0)
+    layer = None
+    if change == "preprocessing":
+        model = _model(SMALL.with_overrides(mean=(0.4, 0.4, 0.4)))
+    elif change == "weights":
+        model = _model()
+        with torch.no_grad():
+            model.net.layer1[0].conv1.weight.mul_(1.01)
+    else:
+        model, layer = base, "layer3"
+    again = extract_features(model, images, layer=layer, cache_dir=tmp_path / "c", num_workers=0)
+    assert (again.hits, again.misses) == (0, 6)
+
+
+def test_a_new_head_does_not_invalidate(images: list, tmp_path: Path) -> None:
+    model = _model()
+    extract_features(model, images, cache_dir=tmp_path / "c", num_workers=0)
+    with torch.no_grad():
+        model.head_module.weight.add_(1.0)
+    assert extract_features(model, images, cache_dir=tmp_path / "c", num_workers=0).hits == 6
+
+
+def test_layers_by_group_or_module_path(images: list, tmp_path: Path) -> None:
+    model = _model()
+    assert extract_features(model, images, layer="layer3", cache_dir=tmp_path, num_workers=0).features.shape == (6, 256)
+    assert extract_features(model, images, layer="layer2.1.bn2", use_cache=False, num_workers=0).features.shape == (6, 128)
+    with pytest.raises(TransferkitError, match="layer group"):
+        resolve_layer(model, "layer9")
+
+
+def test_augmented_views_are_cached_and_deterministic(images: list, tmp_path: Path) -> None:
+    model = _model()
+    a = extract_features(model, images, augment="light", views=3, cache_dir=tmp_path / "a", num_workers=0)
+    b = extract_features(model, images, augment="light", views=3, cache_dir=tmp_path / "b", num_workers=0)
+    assert a.features.shape == (18, 512) and torch.allclose(a.features, b.features)
+    assert not torch.allclose(a.features[0], a.features[1])  # two views of one image differ
+
+
+def test_clear_cache(images: list, tmp_path: Path) -> None:
+    extract_features(_model(), images, cache_dir=tmp_path / "c", num_workers=0)
+    assert clear_cache(tmp_path / "c") == 6 and not (tmp_path / "c").exists()
+
+
+def test_feature_extract_training_uses_the_cache(tiny_dataset: Path, tmp_path: Path) -> None:
+    from transferkit import train
+
+    options = {"model": "resnet18", "weights": "none", "image_size": 32, "epochs": 3, "lr": 0.05, "quiet": True,
+               "cache_dir": str(tmp_path / "cache")}  # fmt: skip
+    first = train(tiny_dataset, out=str(tmp_path / "r1"), **options)
+    second = train(tiny_dataset, out=str(tmp_path / "r2"), **options)
+    assert first.metrics["feature_cache"]["misses"] == 28 and second.metrics["feature_cache"]["hits"] == 28
+    assert first.val_accuracy == second.val_accuracy
+    assert (tmp_path / "r2" / "model.pt").is_file() and len(second.history) == 3
