@@ -248,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in COMMANDS:
         add(sub)
+    from . import cli_export, cli_reports
+
+    cli_reports.register(sub)
+    cli_export.register(sub)
     return parser
 
 
