@@ -116,3 +116,32 @@ def test_feature_extract_training_uses_the_cache(tiny_dataset: Path, tmp_path: P
     assert first.metrics["feature_cache"]["misses"] == 28 and second.metrics["feature_cache"]["hits"] == 28
     assert first.val_accuracy == second.val_accuracy
     assert (tmp_path / "r2" / "model.pt").is_file() and len(second.history) == 3
+
+
+def test_linear_probe_separates_a_separable_dataset(tmp_path: Path) -> None:
+    from transferkit.probes import fit_linear_probe
+
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(3, 16, generator=g) * 4
+    labels = torch.arange(3).repeat_interleave(30)
+    feats = centers[labels] + torch.randn(90, 16, generator=g)
+    for classifier in ("logreg", "svm"):
+        fit = fit_linear_probe(feats, labels, 3, classifier)
+        assert fit.cv_accuracy > 0.95
+        assert (fit.probe(feats).argmax(1) == labels).float().mean() > 0.95
+    noise = fit_linear_probe(torch.randn(90, 16, generator=g), labels, 3)
+    assert noise.cv_accuracy < 0.6  # labels unrelated to features: about chance
+
+
+@pytest.mark.parametrize("classifier", ["logreg", "svm"])
+def test_linear_probe_run_evaluates_and_predicts_like_any_run(tiny_dataset: Path, tmp_path: Path, classifier: str) -> None:
+    from transferkit import evaluate, load_checkpoint, predict, train
+
+    result = train(tiny_dataset, model="resnet18", weights="none", image_size=32, strategy="linear-probe",
+                   classifier=classifier, layer="layer2", quiet=True, out=str(tmp_path / "probe"))  # fmt: skip
+    assert result.metrics["linear_probe"]["layer"] == "layer2" and result.val_accuracy >= 0.75
+    model = load_checkpoint(result.run_dir)
+    assert model.probe is not None and model.probe_layer == "layer2"
+    assert evaluate(result.run_dir, tiny_dataset / "val").accuracy == pytest.approx(result.val_accuracy)
+    out = predict(result.run_dir, [tiny_dataset / "val" / "red"], top_k=1)
+    assert [r["predictions"][0]["label"] for r in out].count("red") >= 3

@@ -19,7 +19,7 @@ import torch
 
 from .backbones import Backbone, LayerGroup, Preprocessing, build_architecture
 from .errors import TransferkitError
-from .heads import HeadSpec, TransferModel
+from .heads import HeadSpec, LinearProbe, TransferModel
 
 FORMAT = "transferkit-checkpoint/1"
 _UMASK = os.umask(0)
@@ -63,7 +63,10 @@ def save_checkpoint(model: TransferModel, path: str | Path, **extra: Any) -> Pat
     """Write ``model`` atomically; ``extra`` (JSON-able) joins the metadata."""
     metadata = {**model_metadata(model), **extra}
     state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.net.state_dict().items()}
-    payload = {"format": FORMAT, "metadata": json.dumps(metadata), "state_dict": state}
+    payload: dict[str, Any] = {"format": FORMAT, "metadata": json.dumps(metadata), "state_dict": state}
+    if model.probe is not None:
+        payload["probe"] = {k: v.detach().cpu().clone() for k, v in model.probe.state_dict().items()}
+        payload["probe_layer"] = model.probe_layer or ""
     atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))
     return Path(path)
 
@@ -80,7 +83,10 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(metadata, state_dict) of a checkpoint, refusing anything that would need unpickling code."""
+    """(metadata, state_dict) of a checkpoint, refusing anything that would need unpickling code.
+
+    A linear probe's tensors come back in the metadata under ``"_probe"`` (with ``"_probe_layer"``).
+    """
     p = resolve_checkpoint_path(path)
     if not zipfile.is_zipfile(p):  # every torch.save since 1.6 writes a zip archive
         raise TransferkitError(f"{p} is not a transferkit checkpoint; give a run directory or its {CHECKPOINT_NAME}")
@@ -95,7 +101,10 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.T
         raise TransferkitError(f"{p} is not a transferkit checkpoint ({type(exc).__name__}); give a run directory") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise TransferkitError(f"{p} is not a transferkit checkpoint (no '{FORMAT}' marker); give a run directory")
-    return json.loads(payload["metadata"]), payload["state_dict"]
+    meta = json.loads(payload["metadata"])
+    if "probe" in payload:
+        meta["_probe"], meta["_probe_layer"] = payload["probe"], payload.get("probe_layer") or None
+    return meta, payload["state_dict"]
 
 
 def model_from_metadata(meta: dict[str, Any]) -> TransferModel:
@@ -136,7 +145,10 @@ def load_checkpoint(path: str | Path, class_names: list[str] | None = None) -> T
             f"checkpoint {path} was trained on {len(meta['class_names'])} classes "
             f"({', '.join(meta['class_names'])}), not on {len(class_names)} ({', '.join(class_names)})"
         )
+    probe, probe_layer = meta.pop("_probe", None), meta.pop("_probe_layer", None)
     model = model_from_metadata(meta)
+    if probe is not None:
+        model.attach_probe(LinearProbe.from_state_dict(probe), probe_layer)
     missing, unexpected = model.net.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise TransferkitError(

@@ -60,7 +60,10 @@ transferkit train data/x --model mobilenet_v2 --weights mobilenet_v2_imagenet.pt
     p.add_argument("--mean", type=_floats, help="normalisation mean for a weights file, e.g. 0.5 or 0.485,0.456,0.406")
     p.add_argument("--std", type=_floats, help="normalisation std for a weights file")
     p.add_argument("--image-size", type=int, help="input size (crop) instead of the weights' own")
-    p.add_argument("--strategy", default="feature-extract", help="feature-extract, fine-tune, full or gradual")
+    p.add_argument("--strategy", default="feature-extract",
+                   help="feature-extract, fine-tune, full, gradual, linear-probe, or auto (follow transferkit advise)")
+    p.add_argument("--classifier", default="logreg", help="linear-probe: logreg or svm (C chosen by cross-validation)")
+    p.add_argument("--layer", help="linear-probe: layer group or module path whose pooled features are used")
     p.add_argument("--unfreeze", help="fine-tune: N last layer groups or names (layer3,layer4); gradual: at most N")
     p.add_argument("--unfreeze-every", type=int, default=1, help="gradual: unfreeze one more group every K epochs")
     p.add_argument("--unfreeze-at", type=_epochs_list, default=[], help="gradual: epochs to unfreeze at, e.g. 2,4,6")
@@ -98,21 +101,16 @@ transferkit train data/x --model mobilenet_v2 --weights mobilenet_v2_imagenet.pt
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .training import train
+    from dataclasses import fields
 
-    devices: Any = int(args.devices) if str(args.devices).isdigit() else args.devices
-    result = train(
-        args.data, model=args.model, weights=args.weights, strategy=args.strategy, unfreeze=args.unfreeze,
-        head=args.head, head_dropout=args.head_dropout, epochs=args.epochs, lr=args.lr, lr_decay=args.lr_decay,
-        group_lr=args.group_lr, unfreeze_every=args.unfreeze_every, unfreeze_at=args.unfreeze_at,
-        train_bn=args.train_bn, aux_weight=args.aux_weight, optimizer=args.optimizer, momentum=args.momentum,
-        weight_decay=args.weight_decay, scheduler=args.scheduler, step_size=args.step_size, gamma=args.gamma,
-        batch_size=args.batch_size, augment=args.augment, val_split=args.val_split, seed=args.seed,
-        precision=args.precision, accelerator=args.accelerator, devices=devices, patience=args.patience,
-        num_workers=args.num_workers, cache=not args.no_cache, feature_views=args.views, cache_dir=args.cache_dir,
-        mean=args.mean, std=args.std, image_size=args.image_size, out=args.out,
-        quiet=args.quiet, _command=" ".join(["transferkit", *sys.argv[1:]]),
-    )  # fmt: skip
+    from .training import TrainConfig, train
+
+    # Options are named as TrainConfig's fields; the two negative/short flags are translated.
+    options = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "data" and hasattr(args, f.name)}
+    options.update(cache=not args.no_cache, feature_views=args.views)
+    if str(args.devices).isdigit():
+        options["devices"] = int(args.devices)
+    result = train(args.data, **options, _command=" ".join(["transferkit", *sys.argv[1:]]))
     print(result.run_dir)
     return 0
 
@@ -196,6 +194,68 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- features / advise / lr-find
+
+
+def _add_features(sub: Any) -> None:
+    p = _parser(sub, "features", "Write pooled CNN features (with labels and paths) for your own tools.", """
+transferkit features data/hymenoptera --model resnet50 --out feats.npz
+transferkit features data/hymenoptera --layer layer3 --out layer3.pt
+""")
+    p.add_argument("data", help="an image folder (all of train/val/test, or DATA/<class>/*)")
+    p.add_argument("--model", default="efficientnet_lite0")
+    p.add_argument("--weights", default="DEFAULT")
+    p.add_argument("--mean", type=_floats, help="normalisation mean for a weights file")
+    p.add_argument("--std", type=_floats, help="normalisation std for a weights file")
+    p.add_argument("--layer", help="layer group (see the model's groups) or module path; default: the penultimate features")
+    p.add_argument("--out", required=True, help="output file, .npz or .pt")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--no-cache", action="store_true")
+    p.set_defaults(handler=_features)
+
+
+def _explicit_prep(model: str, mean: list[float] | None, std: list[float] | None) -> Any:
+    if not (mean or std):
+        return None
+    from .backbones import load_backbone
+
+    return load_backbone(model, "none").preprocessing.with_overrides(mean=mean, std=std)
+
+
+def _features(args: argparse.Namespace) -> int:
+    from .features import write_features
+
+    info = write_features(args.data, args.out, args.model, args.weights, args.layer, args.batch_size,
+                          use_cache=not args.no_cache, preprocessing=_explicit_prep(args.model, args.mean, args.std))
+    print(f"wrote {info['count']} × {info['dim']} features of {info['layer']} to {info['path']} "
+          f"({info['misses']} computed, {info['hits']} from cache)")  # fmt: skip
+    return 0
+
+
+def _add_advise(sub: Any) -> None:
+    p = _parser(sub, "advise", "Measure a dataset and recommend a strategy (size x similarity to ImageNet).", """
+transferkit advise data/hymenoptera
+transferkit advise data/xrays --model resnet50 --json
+""")
+    p.add_argument("data")
+    p.add_argument("--model", default="efficientnet_lite0")
+    p.add_argument("--weights", default="DEFAULT")
+    p.add_argument("--mean", type=_floats, help="normalisation mean for a weights file")
+    p.add_argument("--std", type=_floats, help="normalisation std for a weights file")
+    p.add_argument("--per-class", type=int, default=100, help="images per class used to measure similarity")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_advise)
+
+
+def _advise(args: argparse.Namespace) -> int:
+    from .advice import advise
+
+    advice = advise(args.data, args.model, args.weights, per_class=args.per_class,
+                    preprocessing=_explicit_prep(args.model, args.mean, args.std))  # fmt: skip
+    print(json.dumps(advice.to_dict(), indent=2) if args.json else advice.text())
+    return 0
+
+
 # --------------------------------------------------------------------------- cache / demo
 
 
@@ -255,7 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS: list[Callable[[Any], None]] = [_add_train, _add_evaluate, _add_predict, _add_models, _add_cache, _add_demo]
+COMMANDS: list[Callable[[Any], None]] = [
+    _add_train, _add_evaluate, _add_predict, _add_models, _add_features, _add_advise, _add_cache, _add_demo,
+]  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,7 +15,6 @@ import os
 import shutil
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,11 +24,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .backbones import Preprocessing, get_module
+from .backbones import Preprocessing
 from .checkpoint import atomic_write
 from .data import Sample, build_transform, default_num_workers, load_image
 from .errors import TransferkitError
-from .heads import TransferModel
+from .heads import StopForward, TransferModel, capture, resolve_layer
 from .performance import autocast, batch_to, inference_mode, pick_device, to_fast_layout
 
 
@@ -45,74 +44,6 @@ def clear_cache(cache_dir: Path | None = None) -> int:
     count = sum(1 for _ in root.rglob("*.npy"))
     shutil.rmtree(root)
     return count
-
-
-class _StopForward(Exception):
-    """Raised by a hook once the wanted layer has run: the rest of the network is skipped."""
-
-
-def _pool(t: torch.Tensor) -> torch.Tensor:
-    if t.dim() == 4:  # N, C, H, W feature maps → global average pool
-        return t.float().mean(dim=(2, 3))
-    if t.dim() == 3:  # N, tokens, C (transformers) → mean over tokens
-        return t.float().mean(dim=1)
-    return t.float().flatten(1)
-
-
-def resolve_layer(model: TransferModel, layer: str | None) -> tuple[str, nn.Module, bool]:
-    """(canonical name, module to hook, whether to capture its input) for ``layer``.
-
-    None or ``"head"`` means the classifier's input (the pooled penultimate features); a layer
-    group name means the output of that group's last module; anything else is a module path.
-    """
-    if layer in (None, "", "head"):
-        return "head-input", model.head_module, True
-    for group in model.groups:
-        if group.name == layer and group.name != "head":
-            path = _module_of_group(model, group.prefixes)
-            return layer, get_module(model.net, path), False
-    try:
-        return layer, get_module(model.net, layer), False  # type: ignore[arg-type]
-    except AttributeError:
-        names = ", ".join(g.name for g in model.groups if g.name != "head")
-        raise TransferkitError(f"--layer {layer!r} is neither a layer group ({names}) nor a module path") from None
-
-
-def _module_of_group(model: TransferModel, prefixes: tuple[str, ...]) -> str:
-    modules = {name for name, _ in model.net.named_modules()}
-    parts = [p.split(".") for p in prefixes]
-    common: list[str] = []
-    for items in zip(*parts):
-        if len(set(items)) > 1:
-            break
-        common.append(items[0])
-    while common and ".".join(common) not in modules:
-        common.pop()
-    if common:
-        return ".".join(common)
-    last = prefixes[-1]
-    return last if last in modules else last.rpartition(".")[0]
-
-
-@contextmanager
-def capture(model: TransferModel, layer: str | None) -> Iterator[dict[str, torch.Tensor]]:
-    """While active, ``model(x)`` fills ``out["features"]`` with the pooled features of ``layer``."""
-    _, module, want_input = resolve_layer(model, layer)
-    out: dict[str, torch.Tensor] = {}
-
-    def pre_hook(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        out["features"] = _pool(args[0])
-        raise _StopForward
-
-    def hook(_m: nn.Module, _args: Any, output: torch.Tensor) -> None:
-        out["features"] = _pool(output[0] if isinstance(output, tuple) else output)
-        raise _StopForward
-
-    handle = module.register_forward_pre_hook(pre_hook) if want_input else module.register_forward_hook(hook)
-    try:
-        yield out
-    finally:
-        handle.remove()
 
 
 def weights_digest(model: TransferModel) -> str:
@@ -254,6 +185,11 @@ def _save_npy(tmp: Path, vector: np.ndarray) -> None:
         np.save(f, vector, allow_pickle=False)
 
 
+def _save_npz(tmp: Path, arrays: dict[str, np.ndarray]) -> None:
+    with open(tmp, "wb") as f:  # a file object keeps numpy from appending ".npz" to the temporary name
+        np.savez(f, **arrays)
+
+
 def _write_spec(root: Path, spec: FeatureSpec) -> None:
     target = root / "spec.json"
     if not target.exists():
@@ -272,7 +208,7 @@ def _run_extractor(
             with autocast(device, precision):
                 try:
                     model(batch_to(x, device, channels_last=True))
-                except _StopForward:
+                except StopForward:
                     pass
             yield positions, out["features"].float().cpu().numpy()
 
@@ -282,3 +218,53 @@ def cache_supported(model: TransferModel) -> bool:
     return isinstance(model.head_module, (nn.Linear, nn.Sequential)) and not any(
         isinstance(m, nn.Conv2d) for m in model.head_module.modules()
     )
+
+
+def write_features(
+    data_dir: str | Path,
+    out: str | Path,
+    model_name: str = "efficientnet_lite0",
+    weights: str = "DEFAULT",
+    layer: str | None = None,
+    batch_size: int = 32,
+    use_cache: bool = True,
+    preprocessing: Preprocessing | None = None,
+) -> dict[str, Any]:
+    """Pooled features of every image under ``data_dir`` (all splits) to ``out`` (.npz or .pt).
+
+    The file holds ``features`` (N, D), ``labels`` (N,), ``paths``, ``splits`` and ``class_names``.
+    """
+    from .backbones import load_backbone
+    from .data import VAL_DIR_NAMES, scan_class_folder
+
+    root = Path(data_dir).expanduser()
+    out = Path(out)
+    if out.suffix not in (".npz", ".pt"):
+        raise TransferkitError(f"--out {out} must end in .npz or .pt")
+    if out.exists():
+        raise TransferkitError(f"{out} already exists; choose another --out or remove it")
+    split_dirs = [n for n in ("train", *VAL_DIR_NAMES, "test") if (root / n).is_dir()]
+    folders = [(n, root / n) for n in split_dirs] if "train" in split_dirs else [("all", root)]
+    class_names: list[str] | None = None
+    samples: list[Sample] = []
+    splits: list[str] = []
+    for split, folder in folders:
+        class_names, found, _ = scan_class_folder(folder, class_names)
+        samples += found
+        splits += [split] * len(found)
+    assert class_names is not None
+    backbone = load_backbone(model_name, weights, preprocessing=preprocessing)
+    model = TransferModel(backbone, class_names if len(class_names) > 1 else [*class_names, "_"]).eval()
+    result = extract_features(model, samples, layer=layer, batch_size=batch_size, use_cache=use_cache)
+    kept = set(result.paths)
+    split_of = [s for (p, _), s in zip(samples, splits) if p in kept]
+    payload = {"features": result.features.numpy(), "labels": result.labels.numpy(), "paths": np.array(result.paths),
+               "splits": np.array(split_of), "class_names": np.array(class_names)}  # fmt: skip
+    if out.suffix == ".npz":
+        atomic_write(out, lambda tmp: _save_npz(tmp, payload))
+    else:
+        tensors = {"features": result.features, "labels": result.labels, "paths": result.paths, "splits": split_of,
+                   "class_names": class_names}  # fmt: skip
+        atomic_write(out, lambda tmp: torch.save(tensors, tmp))
+    return {"path": str(out), "count": len(result.paths), "dim": int(result.features.shape[1]),
+            "layer": resolve_layer(model, layer)[0], "hits": result.hits, "misses": result.misses}  # fmt: skip

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -127,6 +129,21 @@ class TransferModel(nn.Module):
             preprocessing=backbone.preprocessing.to_dict(),
             feature_dim=backbone.feature_dim,
         )
+        self.probe: LinearProbe | None = None
+        self.probe_layer: str | None = None
+
+    def attach_probe(self, probe: LinearProbe, layer: str | None) -> None:
+        """Classify with a linear probe on ``layer``'s pooled features instead of the head."""
+        self.probe, self.probe_layer = probe, layer
+
+    def features(self, x: torch.Tensor, layer: str | None = None) -> torch.Tensor:
+        """Pooled features of ``layer`` (default: the head's input); the rest of the network is skipped."""
+        with capture(self, layer) as out:
+            try:
+                self.net(x)
+            except StopForward:
+                pass
+        return out["features"]
 
     @property
     def class_names(self) -> list[str]:
@@ -145,6 +162,8 @@ class TransferModel(nn.Module):
         return get_module(self.net, self.info.classifier_path)
 
     def forward(self, x: torch.Tensor) -> Any:
+        if self.probe is not None:
+            return self.probe(self.features(x, self.probe_layer))
         out = self.net(x)
         if isinstance(out, tuple) and hasattr(out, "logits"):  # torchvision's InceptionOutputs
             return (out.logits, out.aux_logits) if self.training else out.logits
@@ -161,6 +180,98 @@ class TransferModel(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return trainable, total
+
+
+class LinearProbe(nn.Module):
+    """Standardise pooled features, then a linear classifier (fitted by scikit-learn)."""
+
+    def __init__(self, mean: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean.float())
+        self.register_buffer("scale", scale.float())
+        self.linear = nn.Linear(weight.shape[1], weight.shape[0])
+        with torch.no_grad():
+            self.linear.weight.copy_(weight)
+            self.linear.bias.copy_(bias)
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> LinearProbe:
+        return cls(state["mean"], state["scale"], state["linear.weight"], state["linear.bias"])
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear((features.float() - self.mean) / self.scale)
+
+
+# --------------------------------------------------------------------------- features of any layer
+
+
+class StopForward(Exception):
+    """Raised by a hook once the wanted layer has run: the rest of the network is skipped."""
+
+
+def _pool(t: torch.Tensor) -> torch.Tensor:
+    if t.dim() == 4:  # N, C, H, W feature maps → global average pool
+        return t.float().mean(dim=(2, 3))
+    if t.dim() == 3:  # N, tokens, C (transformers) → mean over tokens
+        return t.float().mean(dim=1)
+    return t.float().flatten(1)
+
+
+def resolve_layer(model: TransferModel, layer: str | None) -> tuple[str, nn.Module, bool]:
+    """(canonical name, module to hook, whether to capture its input) for ``layer``.
+
+    None or ``"head"`` means the classifier's input (the pooled penultimate features); a layer
+    group name means the output of that group's last module; anything else is a module path.
+    """
+    if layer in (None, "", "head"):
+        return "head-input", model.head_module, True
+    for group in model.groups:
+        if group.name == layer and group.name != "head":
+            path = _module_of_group(model, group.prefixes)
+            return layer, get_module(model.net, path), False
+    try:
+        return layer, get_module(model.net, layer), False  # type: ignore[arg-type]
+    except AttributeError:
+        names = ", ".join(g.name for g in model.groups if g.name != "head")
+        raise TransferkitError(f"--layer {layer!r} is neither a layer group ({names}) nor a module path") from None
+
+
+def _module_of_group(model: TransferModel, prefixes: tuple[str, ...]) -> str:
+    modules = {name for name, _ in model.net.named_modules()}
+    parts = [p.split(".") for p in prefixes]
+    common: list[str] = []
+    for items in zip(*parts):
+        if len(set(items)) > 1:
+            break
+        common.append(items[0])
+    while common and ".".join(common) not in modules:
+        common.pop()
+    if common:
+        return ".".join(common)
+    last = prefixes[-1]
+    return last if last in modules else last.rpartition(".")[0]
+
+
+@contextmanager
+def capture(model: TransferModel, layer: str | None) -> Iterator[dict[str, torch.Tensor]]:
+    """While active, ``model(x)`` fills ``out["features"]`` with the pooled features of ``layer``."""
+    _, module, want_input = resolve_layer(model, layer)
+    out: dict[str, torch.Tensor] = {}
+
+    def pre_hook(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        out["features"] = _pool(args[0])
+        raise StopForward
+
+    def hook(_m: nn.Module, _args: Any, output: torch.Tensor) -> None:
+        out["features"] = _pool(output[0] if isinstance(output, tuple) else output)
+        raise StopForward
+
+    handle = module.register_forward_pre_hook(pre_hook) if want_input else module.register_forward_hook(hook)
+    try:
+        yield out
+    finally:
+        handle.remove()
+
 
 
 def keep_frozen_batchnorm_in_eval(model: nn.Module) -> None:

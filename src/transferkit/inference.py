@@ -199,6 +199,11 @@ def predict(
 
     An image that cannot be decoded gets ``"error"`` instead of predictions.
     """
+    if isinstance(run, (str, Path)) and str(run).lower().endswith(".onnx"):
+        # An ONNX export (transferkit.export) runs with ONNX Runtime, an optional extra: imported only then.
+        from .export import predict_onnx
+
+        return predict_onnx(run, paths, top_k, batch_size, num_workers)
     model = run if isinstance(run, TransferModel) else load_checkpoint(run)
     files = collect_images([paths] if isinstance(paths, (str, Path)) else list(paths))
     device = pick_device()

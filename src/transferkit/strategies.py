@@ -23,10 +23,10 @@ from .backbones import group_of
 from .errors import TransferkitError
 from .heads import TransferModel
 
-STRATEGIES = ("feature-extract", "fine-tune", "full", "gradual")
+STRATEGIES = ("feature-extract", "fine-tune", "full", "gradual", "linear-probe")
 # Discriminative decay applied by default when pretrained layers train: each group further from the
 # head learns 10x slower (seed 003 used head 1e-3, layer4 1e-4).
-DEFAULT_LR_DECAY = {"feature-extract": 1.0, "fine-tune": 0.1, "gradual": 0.1, "full": 1.0}
+DEFAULT_LR_DECAY = {"feature-extract": 1.0, "fine-tune": 0.1, "gradual": 0.1, "full": 1.0, "linear-probe": 1.0}
 
 
 @dataclass
@@ -115,7 +115,7 @@ def trainable_group_names(model: TransferModel, spec: StrategySpec, epoch: int =
     body = _body_groups(model)
     if spec.name == "full":
         chosen = body
-    elif spec.name == "feature-extract":
+    elif spec.name in ("feature-extract", "linear-probe"):
         chosen = []
     elif spec.name == "gradual":
         n = sum(1 for e in unfreeze_events(spec, len(body)) if e <= epoch)

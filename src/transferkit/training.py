@@ -66,6 +66,8 @@ class TrainConfig:
     accelerator: str = "auto"
     devices: int | str = "auto"
     patience: int | None = None
+    classifier: str = "logreg"
+    layer: str | None = None
     cache: bool = True
     feature_views: int = 1
     cache_dir: str | None = None
@@ -87,8 +89,12 @@ class TrainConfig:
             raise TransferkitError(f"unknown --optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
         if self.scheduler not in SCHEDULERS:
             raise TransferkitError(f"unknown --scheduler {self.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
-        if self.strategy not in STRATEGIES:
-            raise TransferkitError(f"unknown --strategy {self.strategy!r}; choose one of: {', '.join(STRATEGIES)}")
+        if self.strategy not in (*STRATEGIES, "auto"):
+            raise TransferkitError(
+                f"unknown --strategy {self.strategy!r}; choose one of: {', '.join((*STRATEGIES, 'auto'))}"
+            )
+        if self.layer and self.strategy not in ("linear-probe", "auto"):
+            raise TransferkitError("--layer applies to --strategy linear-probe (the other strategies train a head on the last layer)")
         if self.epochs < 1:
             raise TransferkitError("--epochs must be at least 1")
         if self.batch_size < 1:
@@ -260,9 +266,12 @@ class HistoryCSV(Callback):
         self.path = path
         self.rows: list[dict[str, Any]] = []
         self._start = time.perf_counter()
+        self._lr: float | None = None
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = time.perf_counter()
+        # Lightning steps epoch schedulers before on_train_epoch_end: read the LR this epoch used now.
+        self._lr = trainer.optimizers[0].param_groups[-1]["lr"] if trainer.optimizers else None
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         m = trainer.callback_metrics
@@ -277,7 +286,7 @@ class HistoryCSV(Callback):
             "train_accuracy": _num(m.get("train_accuracy")),
             "val_loss": _num(m.get("val_loss")),
             "val_accuracy": _num(m.get("val_accuracy")),
-            "lr": trainer.optimizers[0].param_groups[-1]["lr"] if trainer.optimizers else None,
+            "lr": self._lr,
             "trainable_params": trainable,
             "trainable_groups": " ".join(groups),
             "seconds": round(time.perf_counter() - self._start, 3),
@@ -381,6 +390,7 @@ def run_training(config: TrainConfig, command: str | None = None) -> TrainResult
     started = time.time()
     L.seed_everything(config.seed, workers=True, verbose=False)
     splits = discover(config.data, config.val_split, config.seed)
+    advice = _follow_advice(config) if config.strategy == "auto" else None
     model = build_model(config, splits.class_names)
     spec = config.strategy_spec()
     apply_strategy(model, spec, epoch=0)
@@ -396,7 +406,11 @@ def run_training(config: TrainConfig, command: str | None = None) -> TrainResult
         "inference_precision": resolve_precision("auto" if config.precision == "auto" else precision, device),
         "train_config": config.to_dict(),
     }
+    if advice is not None:
+        extra["advice"] = advice
     model.info.extra = dict(extra)
+    if spec.name == "linear-probe":
+        return _run_linear_probe(model, splits, config, run_dir, device, extra, started)  # advice rides in extra
     feature_info: dict[str, Any] = {}
     if spec.name == "feature-extract" and config.cache and cache_supported(model):
         learner = TransferLearner(model, spec, config, head_only=True)
@@ -446,6 +460,7 @@ def run_training(config: TrainConfig, command: str | None = None) -> TrainResult
         "best_epoch": best.best_epoch,
         "unfreeze_events": gradual.events if gradual else [],
         **feature_info,
+        **({"advice": advice} if advice else {}),
         "train_seconds": round(time.time() - started, 2),
     }, started)  # fmt: skip
 
@@ -478,6 +493,65 @@ def _feature_loaders(
     return train_loader, val_loader, info
 
 
+def _follow_advice(config: TrainConfig) -> dict[str, Any]:
+    """Resolve ``--strategy auto`` in place; returns the advice to record in the run."""
+    from .advice import advise
+
+    advice = advise(config.data, config.model, config.weights, seed=config.seed, val_split=config.val_split,
+                    cache_dir=Path(config.cache_dir) if config.cache_dir else None,
+                    preprocessing=_explicit_preprocessing(config))  # fmt: skip
+    config.strategy = advice.strategy
+    for key, value in advice.options.items():
+        setattr(config, key, value)
+    if not config.quiet:
+        _print(advice.text())
+    return advice.to_dict()
+
+
+def _run_linear_probe(
+    model: TransferModel,
+    splits: Any,
+    config: TrainConfig,
+    run_dir: Path,
+    device: torch.device,
+    extra: dict[str, Any],
+    started: float,
+) -> TrainResult:
+    """Fit a scikit-learn linear classifier on cached features of ``config.layer``; save it as a run."""
+    from .probes import fit_linear_probe
+
+    precision = resolve_precision(config.precision, device)
+    common = {"layer": config.layer, "cache_dir": Path(config.cache_dir) if config.cache_dir else None,
+              "use_cache": config.cache, "batch_size": config.batch_size, "num_workers": config.num_workers,
+              "device": device, "precision": precision}  # fmt: skip
+    t0 = time.perf_counter()
+    train = extract_features(model, splits.train, **common)
+    feature_seconds = time.perf_counter() - t0
+    fit = fit_linear_probe(train.features, train.labels, len(splits.class_names), config.classifier, config.seed)
+    model.attach_probe(fit.probe, config.layer)
+    probe_info = {"classifier": fit.classifier, "C": fit.C, "cv_accuracy": fit.cv_accuracy, "folds": fit.folds,
+                  "layer": config.layer or "head-input"}  # fmt: skip
+    save_checkpoint(model, run_dir / CHECKPOINT_NAME, epoch=0, linear_probe=probe_info, **extra)
+    from .checkpoint import load_checkpoint
+    from .inference import evaluate_samples
+
+    val = evaluate_samples(load_checkpoint(run_dir / CHECKPOINT_NAME), splits.val, config.batch_size, config.num_workers)
+    rows = [{"epoch": 0, "train_accuracy": round(fit.cv_accuracy, 6), "val_loss": round(val.loss, 6),
+             "val_accuracy": round(val.accuracy, 6), "trainable_params": sum(p.numel() for p in fit.probe.parameters()),
+             "trainable_groups": "probe", "seconds": round(time.perf_counter() - t0, 3)}]  # fmt: skip
+    write_history(run_dir / "history.csv", rows)
+    if not config.quiet:
+        _print(f"linear probe ({fit.classifier}, C={fit.C:g}) on {probe_info['layer']}: "
+               f"{fit.folds}-fold CV accuracy {fit.cv_accuracy:.4f}")  # fmt: skip
+    return finish_run(run_dir, config, splits, rows, {
+        "strategy": "linear-probe", "linear_probe": probe_info, "precision": precision,
+        "trainable_params": rows[0]["trainable_params"], "total_params": model.parameter_counts()[1],
+        "best_epoch": 0, "feature_cache": {"hits": train.hits, "misses": train.misses},
+        "feature_seconds": round(feature_seconds, 2), "train_seconds": round(time.time() - started, 2),
+        **({"advice": extra["advice"]} if "advice" in extra else {}),
+    }, started, val=val)  # fmt: skip
+
+
 def finish_run(
     run_dir: Path,
     config: TrainConfig,
@@ -485,13 +559,14 @@ def finish_run(
     history: list[dict[str, Any]],
     info: dict[str, Any],
     started: float,
+    val: Any = None,
 ) -> TrainResult:
     """Evaluate the best checkpoint exactly as ``transferkit evaluate`` would; write metrics.json."""
     from .checkpoint import load_checkpoint
     from .inference import evaluate_samples
 
     model = load_checkpoint(run_dir / CHECKPOINT_NAME)
-    val = evaluate_samples(model, splits.val, config.batch_size, config.num_workers)
+    val = val or evaluate_samples(model, splits.val, config.batch_size, config.num_workers)
     metrics: dict[str, Any] = {
         "val_accuracy": val.accuracy,
         "val_loss": val.loss,
@@ -510,6 +585,9 @@ def finish_run(
         metrics.update(test_accuracy=test.accuracy, test_loss=test.loss, test_per_class=test.per_class)
     metrics["total_seconds"] = round(time.time() - started, 2)
     write_json(run_dir / "metrics.json", metrics)
+    from .reports import write_report
+
+    write_report(run_dir, splits=splits)
     if not config.quiet:
         _print(f"val_accuracy {val.accuracy:.4f} (best epoch {info.get('best_epoch')}) · run directory: {run_dir}")
     return TrainResult(run_dir=run_dir, metrics=metrics, history=history)

@@ -1,0 +1,348 @@
+"""Export a trained model to ONNX or TorchScript, checked against its checkpoint; predict with an ONNX export.
+
+An export maps a batch of preprocessed images (``N × 3 × H × W`` float32, normalised, any N) to
+class probabilities (``N × classes``, softmax inside). Beside ``FILE`` the sidecar ``FILE.json``
+(``model.onnx`` → ``model.onnx.json``) holds the class names and the preprocessing, so the export
+is usable without transferkit::
+
+    import json, onnxruntime
+    meta = json.load(open("model.onnx.json"))    # class_names, preprocessing (see its "steps")
+    probs = onnxruntime.InferenceSession("model.onnx").run(None, {"images": batch})[0]
+
+Before an export is moved into place it is loaded back from its file and its probabilities on a
+few validation images of the run (random tensors when the run's data is gone) are compared with
+the checkpoint's; a difference above the tolerance fails the export and leaves no file.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .backbones import Preprocessing
+from .checkpoint import atomic_write, load_checkpoint, resolve_checkpoint_path
+from .errors import TransferkitError
+from .heads import TransferModel
+
+FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
+SIDECAR_FORMAT = "transferkit-export/1"
+DEFAULT_TOLERANCE = 1e-4  # max abs difference of probabilities; fp32 ONNX Runtime differs by ~1e-7
+CHECK_IMAGES = 8
+INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
+ONNX_OPSET = 17
+PREPROCESSING_STEPS = (
+    "decode to RGB; resize the shorter side to resize_size (antialiased, given interpolation); "
+    "centre-crop image_size x image_size; scale pixels to [0, 1]; subtract mean and divide by std per channel; "
+    "stack as float32 N x 3 x image_size x image_size"
+)
+
+
+class Probabilities(nn.Module):
+    """The classifier with its softmax, so an export's consumer never needs to know about logits."""
+
+    def __init__(self, model: TransferModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).softmax(dim=1)
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    sidecar: Path
+    format: str
+    checked_on: str  # "8 validation images" or "8 random tensors"
+    max_abs_diff: float
+    tolerance: float
+
+    def summary(self) -> str:
+        return (
+            f"wrote {self.path} and {self.sidecar.name}; checked on {self.checked_on}: max abs probability "
+            f"difference from the checkpoint {self.max_abs_diff:.2g} (tolerance {self.tolerance:g})"
+        )
+
+
+def sidecar_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def export(
+    run: str | Path,
+    format: str = "onnx",
+    out: str | Path | None = None,
+    force: bool = False,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> ExportResult:
+    """Export a run's model (default ``RUN/model.onnx`` or ``RUN/model.torchscript.pt``) with its sidecar.
+
+    >>> export("runs/my-run", "onnx").path  # doctest: +SKIP
+    PosixPath('runs/my-run/model.onnx')
+    """
+    _check_format(format)
+    checkpoint = resolve_checkpoint_path(run)
+    run_dir = checkpoint.parent
+    model = load_checkpoint(checkpoint)
+    target = Path(out).expanduser() if out is not None else run_dir / FORMATS[format]
+    prep = Preprocessing.from_dict(model.info.preprocessing)
+    check = validation_inputs(run_dir, prep)
+    if check is None:
+        inputs, what = random_inputs(prep)
+        check = inputs, f"{what} (the run's validation images were not found)"
+    return export_model(model, target, format, check=check, force=force, tolerance=tolerance,
+                        source=str(checkpoint.resolve()))  # fmt: skip
+
+
+def export_model(
+    model: TransferModel,
+    out: str | Path,
+    format: str = "onnx",
+    check: tuple[torch.Tensor, str] | None = None,
+    force: bool = False,
+    tolerance: float = DEFAULT_TOLERANCE,
+    source: str | None = None,
+) -> ExportResult:
+    """Export ``model`` to ``out``, verified on ``check`` = (preprocessed images, what they are).
+
+    Without ``check``, random tensors stand in for images.
+    """
+    _check_format(format)
+    if not tolerance >= 0:
+        raise TransferkitError(f"--tolerance must be a number >= 0, got {tolerance}")
+    out = Path(out)
+    if format == "onnx" and out.suffix.lower() != ".onnx":
+        raise TransferkitError(f"--out {out} must end in .onnx for an ONNX export (predict recognises it by that)")
+    sidecar = sidecar_path(out)
+    for path in (out, sidecar):
+        if path.is_dir():
+            raise TransferkitError(f"--out {out}: {path} is a folder; give a file name")
+        if path.exists() and not force:
+            raise TransferkitError(f"{path} already exists; pass --force to overwrite it, or choose another --out")
+    prep = Preprocessing.from_dict(model.info.preprocessing)
+    inputs, checked_on = check if check is not None else random_inputs(prep)
+    net = Probabilities(model).eval().float().to("cpu", memory_format=torch.contiguous_format)
+    example = inputs[:1].repeat(2, 1, 1, 1)
+    diff = 0.0
+
+    def write_and_verify(tmp: Path) -> None:
+        nonlocal diff
+        _WRITERS[format](net, example, tmp)
+        reference = net(inputs)
+        # Loaded back from the file, as a consumer would. Batch 1 differs from the traced batch of 2,
+        # so a batch size frozen into the graph fails here.
+        exported = _LOADERS[format](tmp)
+        diff = max(_max_abs_diff(exported(inputs[:1]), reference[:1]), _max_abs_diff(exported(inputs), reference))
+        if not diff <= tolerance:
+            raise TransferkitError(
+                f"export check failed: the {format} model's probabilities differ from the checkpoint's by up to "
+                f"{diff:.3g} on {checked_on} (tolerance {tolerance:g}); nothing was written. Try the other --format, "
+                "or raise --tolerance if that difference is acceptable"
+            )
+
+    with warnings.catch_warnings(), torch.no_grad():
+        # Tracing warns about every shape turned into a constant; H and W are fixed by design.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        atomic_write(out, write_and_verify)
+    result = ExportResult(out, sidecar, format, checked_on, diff, tolerance)
+    metadata = _sidecar(model, prep, result, inputs.shape[-1], source)
+    try:
+        atomic_write(sidecar, lambda tmp: tmp.write_text(json.dumps(metadata, indent=2) + "\n"))
+    except BaseException:
+        out.unlink(missing_ok=True)  # an export without its sidecar cannot be used
+        raise
+    return result
+
+
+def _check_format(format: str) -> None:
+    if format not in FORMATS:
+        raise TransferkitError(f"unknown --format {format!r}; choose one of: {', '.join(FORMATS)}")
+
+
+def _sidecar(
+    model: TransferModel, prep: Preprocessing, result: ExportResult, size: int, source: str | None
+) -> dict[str, Any]:
+    from . import __version__
+
+    return {
+        "format": SIDECAR_FORMAT,
+        "model_format": result.format,
+        "file": result.path.name,
+        "class_names": model.class_names,
+        "input": {"name": INPUT_NAME, "shape": ["batch", 3, size, size], "dtype": "float32"},
+        "output": {"name": OUTPUT_NAME, "shape": ["batch", len(model.class_names)], "softmax": True},
+        "preprocessing": {**prep.to_dict(), "crop": "center", "steps": PREPROCESSING_STEPS},
+        "backbone": model.info.backbone,
+        "checkpoint": source,
+        "check": {"inputs": result.checked_on, "max_abs_diff": result.max_abs_diff, "tolerance": result.tolerance},
+        "transferkit_version": __version__,
+    }
+
+
+def read_sidecar(path: str | Path) -> dict[str, Any]:
+    """The sidecar of export ``path``, checked to be one."""
+    side = sidecar_path(path)
+    if not side.is_file():
+        raise TransferkitError(
+            f"{side} is missing; it holds the class names of {Path(path).name}: re-run transferkit export"
+        )
+    try:
+        meta = json.loads(side.read_text())
+    except (OSError, ValueError) as exc:
+        reason = type(exc).__name__
+        raise TransferkitError(f"{side} is not readable JSON ({reason}); re-run transferkit export") from None
+    if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
+        raise TransferkitError(f"{side} is not a transferkit export sidecar; re-run transferkit export")
+    return meta
+
+
+# --------------------------------------------------------------------------- check inputs
+
+
+def validation_inputs(run_dir: Path, prep: Preprocessing, count: int = CHECK_IMAGES) -> tuple[torch.Tensor, str] | None:
+    """Up to ``count`` of the run's validation images, preprocessed; None when its data is unavailable."""
+    from .data import build_transform, discover, load_image
+
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # skipped files were reported at training time
+            val = discover(config["data"], config["val_split"], config["seed"]).val
+    except (OSError, ValueError, KeyError, TypeError, TransferkitError):
+        return None
+    transform = build_transform(prep, "none")
+    step = max(1, len(val) // count)  # spread over the sorted list, so over the classes
+    images = []
+    for path, _ in val[::step]:
+        try:
+            images.append(transform(load_image(path)))
+        except Exception:  # an image that no longer decodes is simply not used for the check
+            continue
+        if len(images) == count:
+            break
+    if not images:
+        return None
+    return torch.stack(images), f"{len(images)} validation image{'s' * (len(images) > 1)}"
+
+
+def random_inputs(prep: Preprocessing, count: int = CHECK_IMAGES) -> tuple[torch.Tensor, str]:
+    # Uniform pixels, normalised like real images, so activations stay in the range images give.
+    pixels = torch.rand(count, 3, prep.image_size, prep.image_size, generator=torch.Generator().manual_seed(0))
+    mean = torch.tensor(prep.mean).view(1, 3, 1, 1)
+    std = torch.tensor(prep.std).view(1, 3, 1, 1)
+    return (pixels - mean) / std, f"{count} random tensors"
+
+
+def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.shape != b.shape:
+        return float("inf")
+    return float((a.float() - b.float()).abs().max())
+
+
+# --------------------------------------------------------------------------- formats
+
+
+def _write_onnx(net: nn.Module, example: torch.Tensor, path: Path) -> None:
+    # The TorchScript-based exporter needs no onnxscript; dynamic_axes leaves the batch free.
+    torch.onnx.export(
+        net, (example,), str(path), dynamo=False, opset_version=ONNX_OPSET,
+        input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+    )  # fmt: skip
+
+
+def _write_torchscript(net: nn.Module, example: torch.Tensor, path: Path) -> None:
+    torch.jit.save(torch.jit.trace(net, example), str(path))
+
+
+def onnx_session(path: str | Path) -> Any:
+    """An ONNX Runtime session on ``path`` (GPU when onnxruntime-gpu has one, else CPU)."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise TransferkitError("ONNX exports need ONNX Runtime: pip install onnxruntime") from None
+    available = onnxruntime.get_available_providers()
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    try:
+        return onnxruntime.InferenceSession(str(path), providers=providers)
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph types, all meaning "not a usable model"
+        reason = str(exc)[:120]
+        raise TransferkitError(f"{path} is not a loadable ONNX model ({reason}); re-run transferkit export") from None
+
+
+def _load_onnx(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    session = onnx_session(path)
+    name = session.get_inputs()[0].name
+    return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+
+
+def _load_torchscript(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    module = torch.jit.load(str(path), map_location="cpu")
+    return lambda x: module(x).detach()
+
+
+_WRITERS = {"onnx": _write_onnx, "torchscript": _write_torchscript}
+_LOADERS = {"onnx": _load_onnx, "torchscript": _load_torchscript}
+
+
+# --------------------------------------------------------------------------- predict
+
+
+def predict_onnx(
+    path: str | Path,
+    paths: list[str | Path] | str | Path,
+    top_k: int = 3,
+    batch_size: int = 32,
+    num_workers: int | None = None,
+) -> list[dict[str, Any]]:
+    """:func:`transferkit.predict` with an ONNX export: ``[{"path", "predictions": [{"label", "probability"}]}]``."""
+    from .data import build_transform, make_loader
+    from .inference import collect_images
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise TransferkitError(f"{path} does not exist; give an ONNX export (transferkit export) or a run directory")
+    meta = read_sidecar(path)
+    session = onnx_session(path)
+    input_name = session.get_inputs()[0].name
+    class_names = list(meta["class_names"])
+    files = collect_images([paths] if isinstance(paths, (str, Path)) else list(paths))
+    transform = build_transform(Preprocessing.from_dict(meta["preprocessing"]), "none")
+    # Each sample's "label" is its index, so images that fail to decode leave a traceable gap.
+    loader = make_loader([(f, i) for i, f in enumerate(files)], transform, batch_size, num_workers=num_workers)
+    by_index: dict[int, torch.Tensor] = {}
+    for x, indices in loader:
+        if len(x):
+            probs = torch.from_numpy(session.run(None, {input_name: x.numpy()})[0])
+            by_index.update(zip(indices.tolist(), probs))
+    return top_k_results(files, by_index, class_names, top_k)
+
+
+def top_k_results(
+    files: list[str], by_index: dict[int, torch.Tensor], class_names: list[str], top_k: int
+) -> list[dict[str, Any]]:
+    """predict's result structure; a file missing from ``by_index`` could not be decoded."""
+    k = max(1, min(top_k, len(class_names)))
+    results: list[dict[str, Any]] = []
+    for i, file in enumerate(files):
+        if i not in by_index:
+            results.append({"path": file, "error": "cannot decode image", "predictions": []})
+            continue
+        values, top = by_index[i].topk(k)
+        results.append({
+            "path": file,
+            "predictions": [
+                {"label": class_names[int(j)], "probability": round(float(v), 6)} for v, j in zip(values, top)
+            ],
+        })  # fmt: skip
+    return results

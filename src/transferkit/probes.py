@@ -1,0 +1,89 @@
+"""Linear probes: logistic regression or a linear SVM on (standardised) frozen CNN features.
+
+Seed 004's "CNN codes + a linear classifier". C is chosen by stratified cross-validation; the
+fitted scaler and classifier become a :class:`~transferkit.heads.LinearProbe`, a plain torch
+module, so the run's checkpoint predicts like any other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import TransferkitError
+from .heads import LinearProbe
+
+CLASSIFIERS = ("logreg", "svm")
+C_GRID = (0.01, 0.1, 1.0, 10.0)
+
+
+@dataclass
+class ProbeFit:
+    probe: LinearProbe
+    classifier: str
+    C: float
+    cv_accuracy: float
+    folds: int
+
+
+def _folds(labels: np.ndarray, most: int) -> int:
+    smallest = int(np.bincount(labels).min())
+    if smallest < 2:
+        raise TransferkitError("a linear probe needs at least 2 training images per class")
+    return min(most, smallest)
+
+
+def fit_linear_probe(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    classifier: str = "logreg",
+    seed: int = 0,
+    c_grid: tuple[float, ...] = C_GRID,
+    max_folds: int = 5,
+) -> ProbeFit:
+    """Standardise, choose C by cross-validation, refit on everything."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import LinearSVC
+
+    if classifier not in CLASSIFIERS:
+        raise TransferkitError(f"unknown --classifier {classifier!r}; choose one of: {', '.join(CLASSIFIERS)}")
+    x = features.double().numpy()
+    y = labels.numpy()
+    model = LogisticRegression(max_iter=2000) if classifier == "logreg" else LinearSVC(max_iter=10000)
+    folds = _folds(y, max_folds)
+    search = GridSearchCV(
+        make_pipeline(StandardScaler(), model),
+        {f"{type(model).__name__.lower()}__C": list(c_grid)},
+        cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
+        n_jobs=1,
+    )
+    search.fit(x, y)
+    scaler, fitted = search.best_estimator_[0], search.best_estimator_[1]
+    weight, bias = _as_multiclass(fitted.coef_, fitted.intercept_, num_classes, fitted.classes_)
+    scale = np.where(scaler.scale_ == 0, 1.0, scaler.scale_)
+    probe = LinearProbe(
+        torch.from_numpy(scaler.mean_).float(), torch.from_numpy(scale).float(), weight.float(), bias.float()
+    )
+    best_c = float(next(iter(search.best_params_.values())))
+    return ProbeFit(probe, classifier, best_c, float(search.best_score_), folds)
+
+
+def _as_multiclass(
+    coef: np.ndarray, intercept: np.ndarray, num_classes: int, classes: np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One row of weights per class; a binary model's single row becomes (0, w) so softmax = sigmoid."""
+    if coef.shape[0] == 1:
+        coef = np.vstack([np.zeros_like(coef), coef])
+        intercept = np.concatenate([[0.0], intercept])
+    weight = torch.zeros(num_classes, coef.shape[1], dtype=torch.float64)
+    bias = torch.full((num_classes,), -1e4, dtype=torch.float64)  # classes absent from training never win
+    for row, cls in enumerate(classes):
+        weight[int(cls)] = torch.from_numpy(coef[row])
+        bias[int(cls)] = float(intercept[row])
+    return weight, bias

@@ -1,0 +1,155 @@
+"""ONNX and TorchScript exports: usable without transferkit, checked at export time, never overwritten."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import transferkit
+from transferkit.cli import main
+from transferkit.data import build_transform, load_image
+from transferkit.export import export, sidecar_path
+
+# Runs in a fresh interpreter with only numpy and the runtime: what a consumer of the export has.
+CONSUMER = """
+import json, sys
+import numpy as np
+fmt, model_path, inputs_path, out_path = sys.argv[1:]
+x = np.load(inputs_path)
+meta = json.load(open(model_path + ".json"))
+if fmt == "onnx":
+    import onnxruntime
+    session = onnxruntime.InferenceSession(model_path, providers=["CPUExecutionProvider"])
+    run = lambda batch: session.run(None, {meta["input"]["name"]: batch})[0]
+else:
+    import torch
+    module = torch.jit.load(model_path)
+    run = lambda batch: module(torch.from_numpy(batch)).detach().numpy()
+np.savez(out_path, one=run(x[:1]), five=run(x[:5]))
+assert not [m for m in sys.modules if m.startswith("transferkit")], "the export must not need transferkit"
+"""
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "run"
+    transferkit.train(str(tiny_dataset), model="resnet18", weights="none", image_size=32, epochs=1, quiet=True,
+                      out=str(out))  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="module")
+def exports(run_dir: Path) -> dict[str, Path]:
+    """An ONNX export at its default place (Python API) and a TorchScript one elsewhere (CLI)."""
+    onnx_path = export(run_dir, "onnx").path
+    ts_path = run_dir.parent / "elsewhere" / "classifier.pt"
+    assert main(["export", str(run_dir), "--format", "torchscript", "--out", str(ts_path)]) == 0
+    return {"onnx": onnx_path, "torchscript": ts_path}
+
+
+@pytest.fixture(scope="module")
+def val_batch(run_dir: Path, tiny_dataset: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Five preprocessed validation images and the checkpoint's probabilities on them."""
+    model = transferkit.load_checkpoint(run_dir)
+    transform = build_transform(transferkit.Preprocessing.from_dict(model.info.preprocessing))
+    files = sorted((tiny_dataset / "val").rglob("*.*"))[:5]
+    x = torch.stack([transform(load_image(str(f))) for f in files])
+    with torch.no_grad():
+        return x, model(x).softmax(dim=1)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_runs_in_a_fresh_process_without_transferkit(
+    fmt: str, exports: dict[str, Path], val_batch: tuple[torch.Tensor, torch.Tensor], tmp_path: Path
+) -> None:
+    x, expected = val_batch
+    np.save(tmp_path / "x.npy", x.numpy())
+    subprocess.run([sys.executable, "-c", CONSUMER, fmt, str(exports[fmt]), str(tmp_path / "x.npy"),
+                    str(tmp_path / "out.npz")], check=True, timeout=300)  # fmt: skip
+    out = np.load(tmp_path / "out.npz")
+    assert out["one"].shape == (1, 2) and out["five"].shape == (5, 2)  # the batch size is dynamic
+    np.testing.assert_allclose(out["one"], expected[:1].numpy(), atol=1e-4)
+    np.testing.assert_allclose(out["five"], expected.numpy(), atol=1e-4)
+    np.testing.assert_allclose(out["five"].sum(axis=1), 1, atol=1e-5)  # probabilities, not logits
+
+
+def test_sidecar_has_class_names_preprocessing_and_the_check(exports: dict[str, Path], run_dir: Path) -> None:
+    assert exports["onnx"] == run_dir / "model.onnx"
+    model = transferkit.load_checkpoint(run_dir)
+    for path in exports.values():
+        meta = json.loads(sidecar_path(path).read_text())
+        assert meta["class_names"] == ["blue", "red"]
+        prep = meta["preprocessing"]
+        from_checkpoint = transferkit.Preprocessing.from_dict(model.info.preprocessing)
+        assert transferkit.Preprocessing.from_dict(prep) == from_checkpoint
+        assert prep["image_size"] == 32 and prep["crop"] == "center"
+        assert meta["input"]["shape"] == ["batch", 3, 32, 32]
+        assert "validation images" in meta["check"]["inputs"]
+        assert meta["check"]["max_abs_diff"] <= meta["check"]["tolerance"] == 1e-4
+
+
+def test_predict_with_the_onnx_export_matches_the_run(
+    exports: dict[str, Path], run_dir: Path, tiny_dataset: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    results = {}
+    for run in (run_dir, exports["onnx"]):
+        assert main(["predict", str(run), str(tiny_dataset / "val"), "--top-k", "2", "--json"]) == 0
+        results[run] = json.loads(capsys.readouterr().out)
+    from_run, from_onnx = results[run_dir], results[exports["onnx"]]
+    assert [r["path"] for r in from_onnx] == [r["path"] for r in from_run] and len(from_run) == 8
+    for a, b in zip(from_run, from_onnx):
+        assert [p["label"] for p in a["predictions"]] == [p["label"] for p in b["predictions"]]
+        for p, q in zip(a["predictions"], b["predictions"]):
+            assert q["probability"] == pytest.approx(p["probability"], abs=1e-4)
+
+
+def test_failed_check_raises_and_leaves_no_file(run_dir: Path, tmp_path: Path) -> None:
+    # No runtime reproduces PyTorch's float rounding exactly, so a tolerance of 0 cannot be met.
+    with pytest.raises(transferkit.TransferkitError, match=r"differ from the checkpoint's by up to .*tolerance 0"):
+        export(run_dir, "onnx", out=tmp_path / "strict.onnx", tolerance=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_is_kept_without_force(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "model.onnx"
+    target.write_bytes(b"keep me")
+    assert main(["export", str(run_dir), "--out", str(target)]) == 2
+    assert "already exists; pass --force" in capsys.readouterr().err
+    assert target.read_bytes() == b"keep me" and not sidecar_path(target).exists()
+    assert main(["export", str(run_dir), "--out", str(target), "--force"]) == 0
+    assert target.stat().st_size > 1000 and sidecar_path(target).is_file()
+
+
+def test_without_the_runs_data_the_check_uses_random_tensors(run_dir: Path, tmp_path: Path) -> None:
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.copy(run_dir / "model.pt", moved / "model.pt")  # no config.json: the data is unknown
+    result = export(moved / "model.pt", "torchscript")
+    assert result.path == moved / "model.torchscript.pt" and result.path.is_file()
+    assert "random tensors" in result.checked_on and "random tensors" in result.summary()
+
+
+def test_predict_onnx_without_onnxruntime_says_how_to_install_it(exports: dict[str, Path], tiny_dataset: Path) -> None:
+    # None in sys.modules makes `import onnxruntime` raise ImportError, as on a machine without it.
+    code = ("import sys; sys.modules['onnxruntime'] = None; "
+            "from transferkit.cli import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", code, "predict", str(exports["onnx"]), str(tiny_dataset / "val")],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2 and "pip install onnxruntime" in proc.stderr
+
+
+def test_bad_format_and_help(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(transferkit.TransferkitError, match="choose one of: onnx, torchscript"):
+        export(run_dir, "tflite")
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    assert "example:\n  transferkit export runs/my-run" in capsys.readouterr().out

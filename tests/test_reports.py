@@ -1,0 +1,281 @@
+"""Reports: the figures decode at their sizes, the HTML page is self-contained and displays, the CLI works."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import make_colour_folder
+from PIL import Image
+from torchvision.transforms import v2
+
+import transferkit
+from transferkit.backbones import Preprocessing
+from transferkit.cli import build_parser, main
+from transferkit.data import build_transform, discover, load_image
+from transferkit.reports import (
+    FIGURES, REPORT_DIR, denormalise, format_comparison, load_run, predict_samples, top_losses, write_report,
+)  # fmt: skip
+
+CHROMIUM = Path("/usr/bin/chromium")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _train(data: Path, out: Path, **options: object) -> Path:
+    return transferkit.train(data, model="resnet18", weights="none", image_size=32, quiet=True, out=str(out),
+                             **options).run_dir  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A feature-extract run (cached features) and a gradual one (augmented images, unfreeze events)."""
+    root = tmp_path_factory.mktemp("report-runs")
+    return {
+        "feature-extract": _train(tiny_dataset, root / "fe", epochs=2),
+        "gradual": _train(tiny_dataset, root / "gradual", strategy="gradual", epochs=3, lr=0.01),
+    }
+
+
+@pytest.fixture(scope="module")
+def report(runs: dict[str, Path]) -> Path:
+    return write_report(runs["gradual"])
+
+
+class _References(HTMLParser):
+    """Every URL-like attribute of a page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: list[str] = []
+        self.images: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        for name, value in attrs:
+            if name in ("src", "href", "srcset", "poster", "data") and value is not None:
+                self.urls.append(value)
+                if tag == "img":
+                    self.images.append(value)
+
+
+def references(page: Path) -> _References:
+    parser = _References()
+    parser.feed(page.read_text(encoding="utf-8"))
+    return parser
+
+
+def test_report_figures_decode_with_their_sizes(report: Path) -> None:
+    figures = report.parent / REPORT_DIR
+    expected = {
+        "curves": (1500, 400),  # 15 x 4 in at 100 dpi
+        "confusion": (900, 450),  # two 4.5 in panels for 2 classes
+        "augmented": (1440, 440),  # 16 of the 20 training images: 2 rows of 8 tiles of 180 x 220
+        "predictions": (1440, 220),  # all 8 validation images
+        "top_losses": (1440, 220),  # the 8 highest losses
+    }
+    for key, size in expected.items():
+        with Image.open(figures / FIGURES[key]) as im:
+            im.verify()  # a complete, uncorrupted PNG
+        with Image.open(figures / FIGURES[key]) as im:
+            assert (im.format, im.size) == ("PNG", size), key
+            pixels = np.asarray(im.convert("RGB"))
+        assert pixels.std() > 10, f"{key} is blank"
+
+
+def test_report_refers_only_to_its_own_files(report: Path) -> None:
+    refs = references(report)
+    assert sorted(refs.images) == sorted(f"{REPORT_DIR}/{name}" for name in FIGURES.values())
+    for url in refs.urls:
+        assert "://" not in url and not url.startswith(("/", "//", "data:")), url
+        assert (report.parent / url).is_file(), url
+    page = report.read_text(encoding="utf-8")
+    assert "http://" not in page and "https://" not in page and "<link" not in page and "<script" not in page
+
+
+def test_report_tells_the_story_of_the_run(report: Path, runs: dict[str, Path]) -> None:
+    page = report.read_text(encoding="utf-8")
+    metrics = json.loads((runs["gradual"] / "metrics.json").read_text())
+    for text in (
+        "<td class=txt>blue</td><td class=num>10</td><td class=num>4</td>",  # data: counts per class and split
+        "No file was skipped",
+        "resnet18",
+        "<strong>gradual</strong>: trains the head first",  # strategy and why
+        f"{metrics['trainable_params']:,} of {metrics['total_params']:,}",
+        "epoch 1: layer4",  # unfreeze events
+        f"{metrics['val_accuracy']:.4f}",
+        "<th>precision</th><th>recall</th><th>F1</th><th>support</th>",
+        "Time taken",
+        f"transferkit report {runs['gradual']}",
+    ):
+        assert text in page, text
+
+
+def test_training_grid_says_which_views_the_head_trained_on(runs: dict[str, Path]) -> None:
+    # feature-extract with --views 1 trains on cached evaluation views: "--augment light" never applied.
+    page = write_report(runs["feature-extract"]).read_text(encoding="utf-8")
+    assert "features were cached with --views 1, so --augment light did not apply" in page
+    assert "after --augment light" in (runs["gradual"] / "report.html").read_text(encoding="utf-8")
+
+
+def test_denormalise_undoes_the_backbones_own_normalisation(tiny_dataset: Path) -> None:
+    # The offline MobileNetV2's preprocessing (mean = std = 0.5), not ImageNet's.
+    prep = Preprocessing(image_size=32, resize_size=36, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    image = load_image(str(tiny_dataset / "train" / "red" / "0.png"))
+    geometry = v2.Compose([v2.Resize(36, antialias=True), v2.CenterCrop(32)])
+    expected = geometry(image).permute(1, 2, 0).numpy().astype(int)
+    normalised = build_transform(prep, "none")(image)
+    shown = denormalise(normalised, prep.mean, prep.std)
+    assert shown.shape == (32, 32, 3) and shown.dtype == np.uint8
+    assert np.abs(shown.astype(int) - expected).max() <= 1
+    assert np.abs(denormalise(normalised, IMAGENET_MEAN, IMAGENET_STD).astype(int) - expected).max() > 20
+    assert denormalise(torch.stack([normalised] * 2), prep.mean, prep.std).shape == (2, 32, 32, 3)
+
+
+def test_predictions_reproduce_the_runs_evaluation(runs: dict[str, Path]) -> None:
+    run = load_run(runs["gradual"])
+    model = transferkit.load_checkpoint(run.path)
+    val = discover(run.config["data"], run.config["val_split"], run.config["seed"]).val
+    predictions = predict_samples(model, val)
+    assert [p.path for p in predictions] == [path for path, _ in val]
+    assert sum(p.correct for p in predictions) / len(val) == pytest.approx(run.metrics["val_accuracy"])
+    confusion = np.zeros((2, 2), dtype=int)
+    for p in predictions:
+        confusion[p.label, p.predicted] += 1
+    assert confusion.tolist() == run.metrics["val_confusion_matrix"]
+    top = top_losses(predictions, 3)
+    assert [p.loss for p in top] == sorted((p.loss for p in predictions), reverse=True)[:3]
+    assert all(p.loss == pytest.approx(-math.log(p.true_probability)) for p in top)
+
+
+def _moved_run(run: Path, to: Path, data: Path, **extra_metrics: object) -> Path:
+    """A copy of ``run`` whose config points at ``data``, with ``extra_metrics`` added."""
+    to.mkdir()
+    shutil.copy(run / "history.csv", to / "history.csv")
+    (to / "model.pt").symlink_to(run / "model.pt")
+    config = json.loads((run / "config.json").read_text())
+    (to / "config.json").write_text(json.dumps({**config, "data": str(data)}))
+    metrics = json.loads((run / "metrics.json").read_text())
+    (to / "metrics.json").write_text(json.dumps({**metrics, **extra_metrics}))
+    return to
+
+
+def test_report_without_the_data_still_shows_the_run(runs: dict[str, Path], tmp_path: Path) -> None:
+    advice = {"strategy": "fine-tune", "size": "large", "domain": "different", "similarity": 0.41,
+              "reasons": ["1,800 images per class", "far from ImageNet"]}  # fmt: skip
+    moved = _moved_run(runs["gradual"], tmp_path / "moved-run", tmp_path / "gone", advice=advice)
+    stale = moved / REPORT_DIR / FIGURES["predictions"]
+    stale.parent.mkdir()
+    stale.write_bytes(b"from an earlier report")
+
+    report = write_report(moved)
+
+    page = report.read_text(encoding="utf-8")
+    assert "image grids not drawn" in page and "gone does not exist" in page
+    # The advice: its recommendation, the reasons, and the measurements behind them.
+    assert "recommended <strong>fine-tune</strong> (large dataset, different to the pretraining data)" in page
+    assert "<li>1,800 images per class</li><li>far from ImageNet</li>" in page and "0.4100" in page
+    assert not stale.exists()
+    images = references(report).images
+    assert sorted(images) == [f"{REPORT_DIR}/{FIGURES['confusion']}", f"{REPORT_DIR}/{FIGURES['curves']}"]
+    assert all((moved / src).is_file() for src in images)
+
+
+def test_report_refuses_to_label_images_with_classes_the_model_lacks(runs: dict[str, Path], tmp_path: Path) -> None:
+    data = make_colour_folder(tmp_path / "data", 2, classes=("red", "green", "blue"))
+    page = write_report(_moved_run(runs["gradual"], tmp_path / "moved-run", data)).read_text(encoding="utf-8")
+    assert "are no longer the model&#x27;s (blue, red)" in page
+    assert f"{REPORT_DIR}/{FIGURES['predictions']}" not in page
+
+
+def test_report_displays_its_images_in_headless_chromium(report: Path, tmp_path: Path) -> None:
+    if not CHROMIUM.is_file():
+        pytest.skip(f"needs {CHROMIUM} to render the report headless (apt-get install chromium)")
+    # A copy of the page whose <base> is the run directory, plus a script that records each image's
+    # decoded size in the DOM once everything has loaded; --dump-dom prints that DOM.
+    probe_script = (
+        '<script>addEventListener("load", () => { const out = document.createElement("pre"); out.id = "probe"; '
+        "out.textContent = JSON.stringify([...document.images].map(i => [i.getAttribute('src'), i.naturalWidth, "
+        'i.naturalHeight])); document.body.append(out); });</script>'
+    )
+    page = report.read_text(encoding="utf-8")
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.replace("<head>", f'<head><base href="{report.parent.as_uri()}/">', 1)
+                     .replace("</body>", probe_script + "</body>", 1), encoding="utf-8")  # fmt: skip
+    proc = subprocess.run(
+        [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+         "--dump-dom", probe.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    start = proc.stdout.index('<pre id="probe">') + len('<pre id="probe">')
+    shown = json.loads(proc.stdout[start : proc.stdout.index("</pre>", start)])
+    assert sorted(src for src, _, _ in shown) == sorted(references(report).images)
+    for src, width, height in shown:
+        with Image.open(report.parent / src) as im:
+            assert (width, height) == im.size, src
+
+
+def test_report_command_works_without_a_display(runs: dict[str, Path]) -> None:
+    # An interactive backend requested and no display: pyplot would fail here; reports never use it.
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    env["MPLBACKEND"] = "TkAgg"
+    proc = subprocess.run([sys.executable, "-m", "transferkit", "report", str(runs["feature-extract"])],
+                          capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == str(runs["feature-extract"] / "report.html")
+
+
+def test_compare_prints_a_table_and_writes_a_page_with_a_plot(
+    runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "comparison.html"
+    assert main(["compare", str(runs["feature-extract"]), str(runs["gradual"]), "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["run", "model", "strategy"]
+    assert lines[1].split()[:3] == ["fe", "resnet18", "feature-extract"]
+    assert lines[2].split()[:3] == ["gradual", "resnet18", "gradual"]
+    assert lines[-1] == str(out)
+    refs = references(out)
+    assert refs.images == ["comparison_plot.png"] and refs.urls == refs.images
+    with Image.open(tmp_path / "comparison_plot.png") as im:
+        assert im.size == (1500, 500)
+    page = out.read_text(encoding="utf-8")
+    accuracy = json.loads((runs["gradual"] / "metrics.json").read_text())["val_accuracy"]
+    assert "feature-extract" in page and f"{accuracy:.4f}" in page
+
+
+def test_compare_names_runs_apart_when_their_folders_share_a_name(runs: dict[str, Path], tmp_path: Path) -> None:
+    twin = tmp_path / "fe"
+    twin.mkdir()
+    for name in ("config.json", "metrics.json", "history.csv"):
+        shutil.copy(runs["feature-extract"] / name, twin / name)
+    table = format_comparison([load_run(runs["feature-extract"]), load_run(twin)])
+    assert str(runs["feature-extract"]) in table and str(twin) in table
+
+
+@pytest.mark.parametrize("command", ["report", "compare"])
+def test_bad_run_directories_are_one_line_errors(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([command, str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "does not exist" in err and "transferkit train" in err
+    assert main([command, str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "is not a finished transferkit run" in err
+
+
+@pytest.mark.parametrize("command", ["report", "compare"])
+def test_help_shows_an_example(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    assert f"example:\n  transferkit {command} runs/" in capsys.readouterr().out
