@@ -71,7 +71,7 @@ transferkit train data/x --model mobilenet_v2 --weights mobilenet_v2_imagenet.pt
     p.add_argument("--head", default="linear", help="linear, or mlp:SIZES such as mlp:256 or mlp:512,256")
     p.add_argument("--head-dropout", type=float, help="dropout in an MLP head (default 0.2)")
     p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the head")
+    p.add_argument("--lr", default=1e-3, help="learning rate of the head, or auto (run the LR finder first)")
     p.add_argument("--lr-decay", type=float, help="LR multiplier per group away from the head (default 0.1 for "
                    "fine-tune/gradual, 1 otherwise)")  # fmt: skip
     p.add_argument("--group-lr", default="", help="explicit LRs per group, e.g. head=1e-3,layer4=1e-4,layer3=5e-5")
@@ -256,6 +256,37 @@ def _advise(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_lr_find(sub: Any) -> None:
+    p = _parser(sub, "lr-find", "LR range test (Lightning's tuner): saves a plot, prints the suggested LR.", """
+transferkit lr-find data/hymenoptera --strategy fine-tune --unfreeze 2 --plot lr.png
+transferkit train data/hymenoptera --lr auto
+""")
+    p.add_argument("data")
+    p.add_argument("--model", default="efficientnet_lite0")
+    p.add_argument("--weights", default="DEFAULT")
+    p.add_argument("--strategy", default="feature-extract", help="feature-extract, fine-tune, full or gradual")
+    p.add_argument("--unfreeze", help="as for train")
+    p.add_argument("--head", default="linear")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--optimizer", default="adamw")
+    p.add_argument("--plot", default="lr_find.png", help="where to save the loss-vs-LR plot")
+    p.set_defaults(handler=_lr_find)
+
+
+def _lr_find(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .training import TrainConfig, find_lr
+
+    config = TrainConfig(data=args.data, model=args.model, weights=args.weights, strategy=args.strategy,
+                         unfreeze=args.unfreeze, head=args.head, batch_size=args.batch_size, optimizer=args.optimizer,
+                         quiet=True)  # fmt: skip
+    result = find_lr(config)
+    plot = result.plot(Path(args.plot))
+    print(f"suggested learning rate: {result.suggestion:g} (plot: {plot})")
+    return 0
+
+
 # --------------------------------------------------------------------------- cache / demo
 
 
@@ -316,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS: list[Callable[[Any], None]] = [
-    _add_train, _add_evaluate, _add_predict, _add_models, _add_features, _add_advise, _add_cache, _add_demo,
+    _add_train, _add_evaluate, _add_predict, _add_models, _add_features, _add_advise, _add_lr_find, _add_cache,
+    _add_demo,
 ]  # fmt: skip
 
 

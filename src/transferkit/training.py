@@ -45,7 +45,7 @@ class TrainConfig:
     head: str = "linear"
     head_dropout: float | None = None
     epochs: int = 10
-    lr: float = 1e-3
+    lr: float | str = 1e-3
     lr_decay: float | None = None
     group_lr: dict[str, float] = field(default_factory=dict)
     unfreeze_every: int = 1
@@ -99,14 +99,21 @@ class TrainConfig:
             raise TransferkitError("--epochs must be at least 1")
         if self.batch_size < 1:
             raise TransferkitError("--batch-size must be at least 1")
-        if not self.lr > 0:
-            raise TransferkitError("--lr must be positive")
+        if self.lr != "auto":
+            try:
+                self.lr = float(self.lr)
+            except ValueError:
+                raise TransferkitError(f"--lr must be a number or auto, got {self.lr!r}") from None
+            if not self.lr > 0:
+                raise TransferkitError("--lr must be positive")
 
     def strategy_spec(self) -> StrategySpec:
+        if self.lr == "auto":
+            raise TransferkitError("--lr auto must be resolved by the LR finder first")
         return StrategySpec(
             name=self.strategy,
             unfreeze=tuple(self.unfreeze) if isinstance(self.unfreeze, list) else self.unfreeze,
-            lr=self.lr,
+            lr=float(self.lr),
             lr_decay=self.lr_decay,
             group_lrs=dict(self.group_lr),
             unfreeze_every=self.unfreeze_every,
@@ -391,12 +398,18 @@ def run_training(config: TrainConfig, command: str | None = None) -> TrainResult
     L.seed_everything(config.seed, workers=True, verbose=False)
     splits = discover(config.data, config.val_split, config.seed)
     advice = _follow_advice(config) if config.strategy == "auto" else None
+    lr_finder = None
+    if config.lr == "auto":
+        lr_finder = find_lr(config, splits)
+        config.lr = lr_finder.suggestion
     model = build_model(config, splits.class_names)
     spec = config.strategy_spec()
     apply_strategy(model, spec, epoch=0)
     param_groups(model, spec)  # validates --group-lr before anything is written
     trainable, total = model.parameter_counts()
     run_dir = create_run_dir(config)
+    if lr_finder is not None:
+        lr_finder.plot(run_dir / "lr_find.png")
     write_json(run_dir / "config.json", config.to_dict())
     (run_dir / "command.txt").write_text((command or " ".join(sys.argv)) + "\n")
     device = pick_device(config.accelerator if config.accelerator not in ("auto", "gpu") else "auto")
@@ -411,18 +424,9 @@ def run_training(config: TrainConfig, command: str | None = None) -> TrainResult
     model.info.extra = dict(extra)
     if spec.name == "linear-probe":
         return _run_linear_probe(model, splits, config, run_dir, device, extra, started)  # advice rides in extra
-    feature_info: dict[str, Any] = {}
-    if spec.name == "feature-extract" and config.cache and cache_supported(model):
-        learner = TransferLearner(model, spec, config, head_only=True)
-        train_loader, val_loader, feature_info = _feature_loaders(model, splits, config, device)
+    learner, train_loader, val_loader, feature_info = _learner_and_loaders(model, spec, splits, config, device)
+    if feature_info:
         precision = "32"  # the head alone is tiny; its features were computed at inference precision
-    else:
-        learner = TransferLearner(model, spec, config)
-        prep = Preprocessing.from_dict(model.info.preprocessing)
-        train_loader = make_loader(splits.train, build_transform(prep, config.augment), config.batch_size,
-                                   shuffle=True, num_workers=config.num_workers, seed=config.seed)  # fmt: skip
-        val_loader = make_loader(splits.val, build_transform(prep, "none"), config.batch_size,
-                                 num_workers=config.num_workers)  # fmt: skip
     history = HistoryCSV(run_dir / "history.csv")
     best = BestModelCheckpoint(run_dir / CHECKPOINT_NAME, extra)
     callbacks: list[Callback] = [history, best, ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True,
@@ -461,8 +465,82 @@ def run_training(config: TrainConfig, command: str | None = None) -> TrainResult
         "unfreeze_events": gradual.events if gradual else [],
         **feature_info,
         **({"advice": advice} if advice else {}),
+        **({"lr_finder": lr_finder.summary()} if lr_finder else {}),
         "train_seconds": round(time.time() - started, 2),
     }, started)  # fmt: skip
+
+
+def _learner_and_loaders(
+    model: TransferModel, spec: StrategySpec, splits: Any, config: TrainConfig, device: torch.device
+) -> tuple[TransferLearner, Any, Any, dict[str, Any]]:
+    """The learner and its loaders: over cached features when only the head trains, else over images."""
+    if spec.name == "feature-extract" and config.cache and cache_supported(model):
+        train_loader, val_loader, feature_info = _feature_loaders(model, splits, config, device)
+        return TransferLearner(model, spec, config, head_only=True), train_loader, val_loader, feature_info
+    prep = Preprocessing.from_dict(model.info.preprocessing)
+    train_loader = make_loader(splits.train, build_transform(prep, config.augment), config.batch_size,
+                               shuffle=True, num_workers=config.num_workers, seed=config.seed)  # fmt: skip
+    val_loader = make_loader(splits.val, build_transform(prep, "none"), config.batch_size, num_workers=config.num_workers)
+    return TransferLearner(model, spec, config), train_loader, val_loader, {}
+
+
+@dataclass
+class LRFinderResult:
+    suggestion: float
+    lrs: list[float]
+    losses: list[float]
+
+    def summary(self) -> dict[str, Any]:
+        return {"suggestion": self.suggestion, "steps": len(self.lrs)}
+
+    def plot(self, path: Path) -> Path:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(6, 4), dpi=100)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        ax.plot(self.lrs, self.losses)
+        ax.axvline(self.suggestion, color="tab:red", linestyle="--", label=f"suggested {self.suggestion:.2g}")
+        ax.set(xscale="log", xlabel="learning rate (head)", ylabel="training loss", title="LR range test")
+        ax.legend()
+        fig.tight_layout()
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+        return path
+
+
+def find_lr(config: TrainConfig, splits: Any = None, num_training: int = 100) -> LRFinderResult:
+    """Lightning's LR range test on the configured model and strategy; suggests the head's LR."""
+    import tempfile
+
+    from lightning.pytorch.tuner import Tuner
+
+    quiet_lightning()
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    splits = splits or discover(config.data, config.val_split, config.seed)
+    probe = TrainConfig(**{**config.to_dict(), "lr": 1e-3, "scheduler": "none"})
+    if probe.strategy in ("auto", "linear-probe"):
+        raise TransferkitError("the LR finder needs a gradient-trained strategy: feature-extract, fine-tune, full or gradual")
+    model = build_model(probe, splits.class_names)
+    spec = probe.strategy_spec()
+    apply_strategy(model, spec)
+    device = pick_device(config.accelerator if config.accelerator not in ("auto", "gpu") else "auto")
+    learner, train_loader, _, _ = _learner_and_loaders(model, spec, splits, probe, device)
+    to_fast_layout(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = L.Trainer(accelerator=device.type, devices=1, logger=False, enable_checkpointing=False, max_epochs=-1,
+                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp,
+                            precision=LIGHTNING_PRECISION[resolve_precision(config.precision, device, model, True)])  # fmt: skip
+        finder = Tuner(trainer).lr_find(learner, train_dataloaders=train_loader, min_lr=1e-6, max_lr=1.0,
+                                        num_training=num_training, update_attr=False)  # fmt: skip
+    lrs, losses = [float(v) for v in finder.results["lr"]], [float(v) for v in finder.results["loss"]]
+    if len(lrs) < 10:
+        raise TransferkitError("the LR finder could not suggest a rate (too few batches?); pass --lr explicitly")
+    # fastai's rule: a tenth of the LR at the smoothed loss's minimum. The steepest-slope rule picks
+    # noise when the loss never diverges, as with a linear head on cached features.
+    skip = len(lrs) // 10
+    best = min(range(skip, len(lrs)), key=losses.__getitem__)
+    return LRFinderResult(float(f"{lrs[best] / 10:.3g}"), lrs, losses)
 
 
 def _feature_loaders(

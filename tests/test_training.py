@@ -1,0 +1,71 @@
+"""Training options: optimizers, schedulers, early stopping, LR finder, strategies end to end."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from transferkit import TransferkitError, train
+from transferkit.training import TrainConfig, find_lr
+
+TINY = {"model": "resnet18", "weights": "none", "image_size": 32, "quiet": True, "batch_size": 8}
+
+
+def _history(run: Path) -> list[dict[str, str]]:
+    with open(run / "history.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "scheduler", "expected_lrs"),
+    [
+        ("sgd", "step", [0.1, 0.1, 0.01]),  # StepLR(step_size=2, gamma=0.1): seed 004's schedule, shortened
+        ("adam", "none", [0.1, 0.1, 0.1]),
+        ("adamw", "cosine", [0.1, 0.075, 0.025]),
+    ],
+)
+def test_optimizers_and_epoch_schedulers(tiny_dataset: Path, tmp_path: Path, optimizer: str, scheduler: str,
+                                         expected_lrs: list[float]) -> None:  # fmt: skip
+    result = train(tiny_dataset, epochs=3, lr=0.1, optimizer=optimizer, scheduler=scheduler, step_size=2,
+                   out=str(tmp_path / "run"), **TINY)  # fmt: skip
+    assert [float(r["lr"]) for r in _history(result.run_dir)] == pytest.approx(expected_lrs)
+
+
+def test_onecycle_steps_per_batch(tiny_dataset: Path, tmp_path: Path) -> None:
+    result = train(tiny_dataset, strategy="fine-tune", unfreeze=1, epochs=2, lr=0.01, scheduler="onecycle",
+                   out=str(tmp_path / "run"), **TINY)  # fmt: skip
+    lrs = [float(r["lr"]) for r in _history(result.run_dir)]
+    assert lrs[0] < 0.01 and lrs[1] != lrs[0]  # warms up from max_lr/25 and moves every batch
+
+
+def test_early_stopping_ends_before_max_epochs(tiny_dataset: Path, tmp_path: Path) -> None:
+    result = train(tiny_dataset, epochs=30, lr=1e-9, patience=2, out=str(tmp_path / "run"), **TINY)
+    assert len(result.history) < 30
+
+
+@pytest.mark.parametrize("strategy", ["full", "gradual"])
+def test_image_strategies_train_end_to_end(tiny_dataset: Path, tmp_path: Path, strategy: str) -> None:
+    result = train(tiny_dataset, strategy=strategy, epochs=2, lr=0.01, unfreeze_every=1, out=str(tmp_path / "r"), **TINY)
+    groups = [r["trainable_groups"] for r in _history(result.run_dir)]
+    if strategy == "gradual":
+        assert groups == ["head", "layer4 head"]
+        assert result.metrics["unfreeze_events"] == [{"epoch": 1, "unfrozen": ["layer4"]}]
+    else:
+        assert groups[0].split() == ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
+
+
+def test_mlp_head_and_bad_group_lr(tiny_dataset: Path, tmp_path: Path) -> None:
+    result = train(tiny_dataset, head="mlp:16", epochs=1, out=str(tmp_path / "mlp"), **TINY)
+    assert result.metrics["trainable_params"] == 512 * 16 + 16 + 16 * 2 + 2
+    with pytest.raises(TransferkitError, match="layer9"):
+        train(tiny_dataset, strategy="fine-tune", group_lr="layer9=1e-4", out=str(tmp_path / "bad"), **TINY)
+    assert not (tmp_path / "bad").exists()  # validated before the run directory is created
+
+
+def test_lr_finder_suggests_a_rate_and_lr_auto_uses_it(tiny_dataset: Path, tmp_path: Path) -> None:
+    found = find_lr(TrainConfig(data=str(tiny_dataset), **TINY), num_training=20)
+    assert 1e-7 < found.suggestion < 1.0 and len(found.lrs) == len(found.losses) >= 10
+    result = train(tiny_dataset, lr="auto", epochs=1, out=str(tmp_path / "auto"), **TINY)
+    assert result.metrics["lr_finder"]["suggestion"] > 0 and (result.run_dir / "lr_find.png").is_file()
