@@ -53,8 +53,11 @@ def _add_train(sub: Any) -> None:
 transferkit train data/hymenoptera --strategy feature-extract --epochs 10
 transferkit train data/hymenoptera --model resnet18 --strategy fine-tune --unfreeze 2 --lr-decay 0.1
 transferkit train data/x --model mobilenet_v2 --weights mobilenet_v2_imagenet.pth --mean 0.5 --std 0.5
+transferkit train --resume runs/resnet18-gradual-20260101-120000
 """)
-    p.add_argument("data", help="DATA/train/<class>/* and DATA/val/<class>/*, or DATA/<class>/* (split by --val-split)")
+    p.add_argument("data", nargs="?", help="DATA/train/<class>/* and DATA/val/<class>/*, or DATA/<class>/* "
+                   "(split by --val-split)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run with its own configuration")
     p.add_argument("--model", default="efficientnet_lite0", help="backbone name (see: transferkit models)")
     p.add_argument("--weights", default="DEFAULT", help="DEFAULT, a torchvision enum name, none, or a weights file")
     p.add_argument("--mean", type=_floats, help="normalisation mean for a weights file, e.g. 0.5 or 0.485,0.456,0.406")
@@ -103,14 +106,20 @@ transferkit train data/x --model mobilenet_v2 --weights mobilenet_v2_imagenet.pt
 def _train(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
-    from .training import TrainConfig, train
+    from .training import TrainConfig, resume_training, train
 
+    command = " ".join(["transferkit", *sys.argv[1:]])
+    if args.resume:
+        print(resume_training(args.resume, command=command).run_dir)
+        return 0
+    if not args.data:
+        raise TransferkitError("train needs DATA (an image folder), or --resume RUN_DIR")
     # Options are named as TrainConfig's fields; the two negative/short flags are translated.
     options = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "data" and hasattr(args, f.name)}
     options.update(cache=not args.no_cache, feature_views=args.views)
     if str(args.devices).isdigit():
         options["devices"] = int(args.devices)
-    result = train(args.data, **options, _command=" ".join(["transferkit", *sys.argv[1:]]))
+    result = train(args.data, **options, _command=command)
     print(result.run_dir)
     return 0
 

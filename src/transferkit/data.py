@@ -10,13 +10,14 @@ import os
 import random
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
 from torchvision.transforms import v2
 
@@ -250,8 +251,45 @@ def build_transform(prep: Preprocessing, augment: str = "none") -> v2.Compose:
     return v2.Compose([*geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(prep.mean, prep.std)])
 
 
+class BadImage(NamedTuple):
+    """Stands in for an image that failed to decode, so the batch can report it by name.
+
+    A NamedTuple, since Lightning rebuilds every batch element when moving it to a device.
+    """
+
+    path: str
+    reason: str
+
+
+class EpochSeededSampler(Sampler):
+    """Shuffles by (seed, epoch) alone and hands each index its own augmentation seed.
+
+    The epoch is the number of passes already made, a counter that is saved with a training
+    checkpoint (see ``training.ResumableState``): resuming at epoch k then sees the same order and
+    the same random crops as an uninterrupted run, whatever the worker processes' RNG states are.
+    (No ``set_epoch``: Lightning may start a resumed epoch's iterator before calling it.)
+    """
+
+    def __init__(self, length: int, seed: int, shuffle: bool = True, with_aug_seeds: bool = True) -> None:
+        self.length, self.seed, self.shuffle, self.epoch = length, seed, shuffle, 0
+        self.with_aug_seeds = with_aug_seeds
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[Any]:
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(self.length, generator=g).tolist() if self.shuffle else range(self.length)
+        for index in order:
+            yield (index, hash((self.seed, epoch, index)) & 0x7FFFFFFF) if self.with_aug_seeds else index
+
+
 class ImageDataset(Dataset):
-    """(image tensor, label) pairs; an image that fails to decode yields None and a warning."""
+    """(image tensor, label) pairs; an image that fails to decode becomes a :class:`BadImage`.
+
+    Indexed by an int, or by (index, augmentation seed) from :class:`EpochSeededSampler`.
+    """
 
     def __init__(self, samples: list[Sample], transform: v2.Compose) -> None:
         self.samples = samples
@@ -260,22 +298,28 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int] | BadImage:
+        index, aug_seed = key if isinstance(key, tuple) else (key, None)
         path, label = self.samples[index]
         try:
             image = load_image(path)
         except Exception as exc:  # one bad file must never end an epoch
-            warnings.warn(f"skipping {path}: cannot decode ({type(exc).__name__}: {exc})", stacklevel=1)
-            return None
+            return BadImage(path, f"cannot decode ({type(exc).__name__}: {exc})"[:200])
+        if aug_seed is not None:
+            torch.manual_seed(aug_seed)
         return self.transform(image), label
 
 
-def collate_skipping_bad(batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    good = [b for b in batch if b is not None]
+def collate_skipping_bad(batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor, list[BadImage]]:
+    """Stack the good images; the bad ones travel along by name (they are counted, not fatal)."""
+    bad = [b for b in batch if isinstance(b, BadImage)]
+    good = [b for b in batch if not isinstance(b, BadImage)]
+    for b in bad:
+        warnings.warn(f"skipping {b.path}: {b.reason}", stacklevel=1)
     if not good:
-        return torch.empty(0), torch.empty(0, dtype=torch.long)
+        return torch.empty(0), torch.empty(0, dtype=torch.long), bad
     images, labels = zip(*good)
-    return torch.stack(images), torch.tensor(labels, dtype=torch.long)
+    return torch.stack(images), torch.tensor(labels, dtype=torch.long), bad
 
 
 def default_num_workers() -> int:
@@ -292,13 +336,13 @@ def make_loader(
     seed: int = 0,
 ) -> DataLoader:
     workers = default_num_workers() if num_workers is None else num_workers
-    generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         ImageDataset(samples, transform),
         batch_size=batch_size,
-        shuffle=shuffle,
+        sampler=EpochSeededSampler(len(samples), seed, shuffle),
         num_workers=workers,
         collate_fn=collate_skipping_bad,
-        generator=generator,
         persistent_workers=workers > 0,
+        # Workers' base seed from a private generator: the global RNG (dropout's) stays untouched.
+        generator=torch.Generator().manual_seed(seed),
     )

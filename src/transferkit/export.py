@@ -321,7 +321,7 @@ def predict_onnx(
     # Each sample's "label" is its index, so images that fail to decode leave a traceable gap.
     loader = make_loader([(f, i) for i, f in enumerate(files)], transform, batch_size, num_workers=num_workers)
     by_index: dict[int, torch.Tensor] = {}
-    for x, indices in loader:
+    for x, indices, *_ in loader:
         if len(x):
             probs = torch.from_numpy(session.run(None, {input_name: x.numpy()})[0])
             by_index.update(zip(indices.tolist(), probs))

@@ -116,6 +116,7 @@ class FeatureSet:
     paths: list[str]
     hits: int
     misses: int
+    skipped: list[str]  # files that could not be decoded
 
 
 def extract_features(
@@ -177,7 +178,9 @@ def extract_features(
         raise TransferkitError("no image could be decoded for feature extraction")
     features = torch.from_numpy(np.stack([rows[k] for k in order]))
     labels = torch.tensor([samples[i][1] for i, _ in order])
-    return FeatureSet(features, labels, [samples[i][0] for i, _ in order], hits, len(todo))
+    decoded = {i for i, _ in order}
+    skipped = [path for i, (path, _) in enumerate(samples) if i not in decoded]
+    return FeatureSet(features, labels, [samples[i][0] for i, _ in order], hits, len(todo), skipped)
 
 
 def _save_npy(tmp: Path, vector: np.ndarray) -> None:

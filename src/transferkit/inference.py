@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from .backbones import Preprocessing
 from .checkpoint import load_checkpoint
-from .data import IMAGE_EXTENSIONS, VAL_DIR_NAMES, Sample, build_transform, make_loader, scan_class_folder
+from .data import IMAGE_EXTENSIONS, BadImage, VAL_DIR_NAMES, Sample, build_transform, make_loader, scan_class_folder
 from .errors import TransferkitError
 from .heads import TransferModel
 from .performance import autocast, batch_to, inference_mode, pick_device, resolve_precision, to_fast_layout
@@ -27,6 +27,7 @@ class Evaluation:
     confusion_matrix: list[list[int]]
     loss: float
     skipped_files: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list, repr=False)
     predictions: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     def to_dict(self, with_predictions: bool = False) -> dict[str, Any]:
@@ -67,14 +68,15 @@ def predict_probabilities(
     loader: DataLoader,
     device: torch.device | None = None,
     precision: str = "32",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax probabilities and labels over a loader, in eval mode."""
+) -> tuple[torch.Tensor, torch.Tensor, list[BadImage]]:
+    """Softmax probabilities and labels over a loader, in eval mode, and the images that failed to decode."""
     device = device or pick_device()
     model.to(device)
     to_fast_layout(model)
-    probs, labels = [], []
+    probs, labels, bad = [], [], []
     with inference_mode(model):
-        for x, y in loader:
+        for x, y, *rest in loader:
+            bad += rest[0] if rest else []
             if len(x) == 0:
                 continue
             with autocast(device, precision):
@@ -82,8 +84,8 @@ def predict_probabilities(
             probs.append(logits.float().softmax(dim=1).cpu())
             labels.append(y)
     if not probs:
-        return torch.empty(0, len(model.class_names)), torch.empty(0, dtype=torch.long)
-    return torch.cat(probs), torch.cat(labels)
+        return torch.empty(0, len(model.class_names)), torch.empty(0, dtype=torch.long), bad
+    return torch.cat(probs), torch.cat(labels), bad
 
 
 def inference_precision(model: TransferModel, device: torch.device, requested: str | None = None) -> str:
@@ -100,12 +102,13 @@ def evaluate_samples(
     precision: str | None = None,
     skipped: int = 0,
 ) -> Evaluation:
+    """Metrics of ``model`` on ``samples``; ``skipped`` counts files already left out by the scan."""
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
     device = device or pick_device()
     prep = Preprocessing.from_dict(model.info.preprocessing)
     loader = make_loader(samples, build_transform(prep, "none"), batch_size, num_workers=num_workers)
-    probs, labels = predict_probabilities(model, loader, device, inference_precision(model, device, precision))
+    probs, labels, bad = predict_probabilities(model, loader, device, inference_precision(model, device, precision))
     n_classes = len(model.class_names)
     if len(labels) == 0:
         raise TransferkitError("no image could be decoded for evaluation")
@@ -126,7 +129,8 @@ def evaluate_samples(
         },
         confusion_matrix=confusion_matrix(labels.numpy(), predicted.numpy(), labels=label_ids).tolist(),
         loss=float(nll),
-        skipped_files=skipped + len(samples) - decoded,
+        skipped_files=skipped + len(bad),
+        skipped=[(b.path, b.reason) for b in bad],
         predictions=[
             {"path": path, "label": model.class_names[int(t)], "predicted": model.class_names[int(p)],
              "probability": float(probs[i, p])}
@@ -211,22 +215,10 @@ def predict(
     # Each sample's "label" is its index, so images that fail to decode leave a traceable gap.
     samples = [(f, i) for i, f in enumerate(files)]
     loader = make_loader(samples, build_transform(prep, "none"), batch_size, num_workers=num_workers)
-    probs, indices = predict_probabilities(model, loader, device, inference_precision(model, device, precision))
-    by_index = dict(zip(indices.tolist(), probs))
-    k = max(1, min(top_k, len(model.class_names)))
-    results: list[dict[str, Any]] = []
-    for i, path in enumerate(files):
-        if i not in by_index:
-            results.append({"path": path, "error": "cannot decode image", "predictions": []})
-            continue
-        values, top = by_index[i].topk(k)
-        results.append({
-            "path": path,
-            "predictions": [
-                {"label": model.class_names[int(j)], "probability": round(float(v), 6)} for v, j in zip(values, top)
-            ],
-        })  # fmt: skip
-    return results
+    probs, indices, _ = predict_probabilities(model, loader, device, inference_precision(model, device, precision))
+    from .export import top_k_results
+
+    return top_k_results(files, dict(zip(indices.tolist(), probs)), model.class_names, top_k)
 
 
 def format_predictions(results: list[dict[str, Any]]) -> str:

@@ -336,7 +336,7 @@ def predict_samples(model: TransferModel, samples: Sequence[Sample], batch_size:
     # Each sample's loader label is its index: an image that fails to decode drops out without shifting the rest.
     indexed = [(path, i) for i, (path, _) in enumerate(samples)]
     loader = make_loader(indexed, build_transform(prep, "none"), batch_size)
-    probs, indices = predict_probabilities(model, loader, device, inference_precision(model, device))
+    probs, indices, _ = predict_probabilities(model, loader, device, inference_precision(model, device))
     predictions = []
     for p, i in zip(probs, indices.tolist()):
         path, label = samples[i]

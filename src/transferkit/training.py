@@ -16,12 +16,13 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from .backbones import DEFAULT_BACKBONE, Preprocessing, load_backbone
 from .checkpoint import CHECKPOINT_NAME, atomic_write, save_checkpoint
-from .data import build_transform, discover, make_loader
+from .data import EpochSeededSampler, build_transform, discover, make_loader
 from .errors import TransferkitError
 from .features import cache_supported, extract_features
 from .heads import TransferModel
@@ -78,6 +79,7 @@ class TrainConfig:
     out: str | None = None
     runs_root: str = "runs"
     quiet: bool = False
+    resolved_from: dict[str, Any] = field(default_factory=dict)  # the advice / LR finder behind auto choices
 
     def __post_init__(self) -> None:
         if isinstance(self.unfreeze, str):
@@ -157,12 +159,15 @@ class TransferLearner(L.LightningModule):
         self.train_accuracy = MulticlassAccuracy(num_classes=n, average="micro")
         self.val_accuracy = MulticlassAccuracy(num_classes=n, average="micro")
         self.channels_last = uses_convolutions(model) and not head_only
+        self.skipped_files: set[tuple[str, str]] = set()
 
     def forward(self, x: torch.Tensor) -> Any:
         return self.model.head_module(x) if self.head_only else self.model(x)
 
     def _step(self, batch: Any, stage: str) -> torch.Tensor | None:
-        x, y = batch
+        x, y = batch[0], batch[1]
+        if len(batch) > 2:  # images that failed to decode, by name
+            self.skipped_files.update((b.path, b.reason) for b in batch[2])
         if len(x) == 0:
             return None  # every image of the batch failed to decode
         out = self(batch_to(x, self.device, self.channels_last))
@@ -393,44 +398,92 @@ def train(data: str | Path, **options: Any) -> TrainResult:
 
 
 def run_training(config: TrainConfig, command: str | None = None) -> TrainResult:
+    """A new run: resolve ``auto`` choices, create the run directory, train, evaluate, report."""
     quiet_lightning()
     started = time.time()
     L.seed_everything(config.seed, workers=True, verbose=False)
     splits = discover(config.data, config.val_split, config.seed)
-    advice = _follow_advice(config) if config.strategy == "auto" else None
+    if config.strategy == "auto":
+        config.resolved_from["advice"] = _follow_advice(config)
     lr_finder = None
     if config.lr == "auto":
         lr_finder = find_lr(config, splits)
         config.lr = lr_finder.suggestion
-    model = build_model(config, splits.class_names)
-    spec = config.strategy_spec()
-    apply_strategy(model, spec, epoch=0)
-    param_groups(model, spec)  # validates --group-lr before anything is written
-    trainable, total = model.parameter_counts()
+        config.resolved_from["lr_finder"] = lr_finder.summary()
+    model, spec = _model_and_strategy(config, splits)
     run_dir = create_run_dir(config)
     if lr_finder is not None:
         lr_finder.plot(run_dir / "lr_find.png")
     write_json(run_dir / "config.json", config.to_dict())
     (run_dir / "command.txt").write_text((command or " ".join(sys.argv)) + "\n")
+    return _fit(run_dir, config, splits, model, spec, started)
+
+
+def resume_training(run_dir: str | Path, command: str | None = None) -> TrainResult:
+    """Continue an interrupted run from its last checkpoint, with its own configuration.
+
+    The epoch-seeded sampler, per-image augmentation seeds and the RNG state saved in the
+    checkpoint make the resumed run reach the same result as an uninterrupted one.
+    """
+    quiet_lightning()
+    run_dir = Path(run_dir).expanduser()
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not (run_dir / "config.json").is_file():
+        raise TransferkitError(f"{run_dir} is not a transferkit run directory (no config.json); give the run to resume")
+    if (run_dir / "metrics.json").is_file():
+        raise TransferkitError(f"run {run_dir} already finished; start a new run instead of --resume")
+    if not last.is_file():
+        raise TransferkitError(f"run {run_dir} has no checkpoints/last.ckpt yet (killed in its first epoch); start it again")
+    config = TrainConfig(**json.loads((run_dir / "config.json").read_text()))
+    with open(run_dir / "command.txt", "a") as f:
+        f.write((command or " ".join(sys.argv)) + "\n")
+    started = time.time()
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    splits = discover(config.data, config.val_split, config.seed)
+    model, spec = _model_and_strategy(config, splits)
+    if spec.name == "linear-probe":
+        raise TransferkitError("a linear probe has no epochs to resume; start it again")
+    return _fit(run_dir, config, splits, model, spec, started, ckpt_path=last)
+
+
+def _model_and_strategy(config: TrainConfig, splits: Any) -> tuple[TransferModel, StrategySpec]:
+    model = build_model(config, splits.class_names)
+    spec = config.strategy_spec()
+    apply_strategy(model, spec, epoch=0)
+    param_groups(model, spec)  # validates --group-lr before anything is written
+    return model, spec
+
+
+def _fit(
+    run_dir: Path,
+    config: TrainConfig,
+    splits: Any,
+    model: TransferModel,
+    spec: StrategySpec,
+    started: float,
+    ckpt_path: Path | None = None,
+) -> TrainResult:
+    trainable, total = model.parameter_counts()
     device = pick_device(config.accelerator if config.accelerator not in ("auto", "gpu") else "auto")
     precision = resolve_precision(config.precision, device, model, training=True)
     extra = {
         "strategy": spec.to_dict(),
-        "inference_precision": resolve_precision("auto" if config.precision == "auto" else precision, device),
+        # Resolved where the checkpoint runs: bf16 is fast only on CPUs with native bf16.
+        "inference_precision": config.precision,
         "train_config": config.to_dict(),
+        **config.resolved_from,
     }
-    if advice is not None:
-        extra["advice"] = advice
     model.info.extra = dict(extra)
     if spec.name == "linear-probe":
-        return _run_linear_probe(model, splits, config, run_dir, device, extra, started)  # advice rides in extra
+        return _run_linear_probe(model, splits, config, run_dir, device, extra, started)
     learner, train_loader, val_loader, feature_info = _learner_and_loaders(model, spec, splits, config, device)
     if feature_info:
         precision = "32"  # the head alone is tiny; its features were computed at inference precision
     history = HistoryCSV(run_dir / "history.csv")
     best = BestModelCheckpoint(run_dir / CHECKPOINT_NAME, extra)
-    callbacks: list[Callback] = [history, best, ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True,
-                                                                 save_top_k=0, enable_version_counter=False)]  # fmt: skip
+    # One rolling checkpoint, rewritten (atomically) at every epoch end: what --resume continues from.
+    last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False)
+    callbacks: list[Callback] = [history, best, last, ResumableState(train_loader.sampler)]
     gradual = GradualUnfreezing(spec) if spec.name == "gradual" else None
     if gradual:
         callbacks.append(gradual)
@@ -442,20 +495,21 @@ def run_training(config: TrainConfig, command: str | None = None) -> TrainResult
         devices=config.devices,
         precision=LIGHTNING_PRECISION[precision],
         callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
         logger=_tensorboard_logger(run_dir),
         default_root_dir=str(run_dir),
         enable_progress_bar=not config.quiet,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        deterministic=False,
         log_every_n_steps=1,
     )
     if not config.quiet:
         _print(f"{config.model} ({model.info.weights}) · {spec.name} · {len(splits.class_names)} classes · "
                f"{len(splits.train)} train / {len(splits.val)} val images · trainable {trainable:,} of {total:,} "
-               f"parameters · precision {precision}")  # fmt: skip
+               f"parameters · precision {precision}" + (f" · resuming from {ckpt_path}" if ckpt_path else ""))  # fmt: skip
     to_fast_layout(model)
-    trainer.fit(learner, train_loader, val_loader)
+    trainer.fit(learner, train_loader, val_loader, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    _add_skipped(splits, learner.skipped_files)
     return finish_run(run_dir, config, splits, history.rows, {
         "strategy": spec.name,
         "trainable_params": trainable,
@@ -464,10 +518,32 @@ def run_training(config: TrainConfig, command: str | None = None) -> TrainResult
         "best_epoch": best.best_epoch,
         "unfreeze_events": gradual.events if gradual else [],
         **feature_info,
-        **({"advice": advice} if advice else {}),
-        **({"lr_finder": lr_finder.summary()} if lr_finder else {}),
+        **config.resolved_from,
         "train_seconds": round(time.time() - started, 2),
     }, started)  # fmt: skip
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints written to a temporary file and renamed: a kill leaves the last good one."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        atomic_write(Path(path), lambda tmp: torch.save(checkpoint, tmp))
+
+
+class ResumableState(Callback):
+    """What a resumed run needs beyond Lightning's own state: torch's global RNG (dropout draws
+    from it) and how many passes the training sampler has made (it sets the data order)."""
+
+    def __init__(self, sampler: Any) -> None:
+        self.sampler = sampler
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"torch_rng": torch.get_rng_state(), "sampler_epoch": getattr(self.sampler, "epoch", 0)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        torch.set_rng_state(state_dict["torch_rng"])
+        if self.sampler is not None:
+            self.sampler.epoch = state_dict["sampler_epoch"]
 
 
 def _learner_and_loaders(
@@ -556,9 +632,9 @@ def _feature_loaders(
     augment = config.augment if config.feature_views > 1 else "none"
     train = extract_features(model, splits.train, augment=augment, views=config.feature_views, **common)
     val = extract_features(model, splits.val, **common)
-    generator = torch.Generator().manual_seed(config.seed)
-    train_loader = DataLoader(TensorDataset(train.features, train.labels), batch_size=config.batch_size,
-                              shuffle=True, generator=generator)  # fmt: skip
+    _add_skipped(splits, [(p, "cannot decode") for p in train.skipped + val.skipped])
+    sampler = EpochSeededSampler(len(train.labels), config.seed, with_aug_seeds=False)
+    train_loader = DataLoader(TensorDataset(train.features, train.labels), batch_size=config.batch_size, sampler=sampler)
     val_loader = DataLoader(TensorDataset(val.features, val.labels), batch_size=max(256, config.batch_size))
     info = {
         "feature_cache": {"hits": train.hits + val.hits, "misses": train.misses + val.misses,
@@ -626,8 +702,17 @@ def _run_linear_probe(
         "trainable_params": rows[0]["trainable_params"], "total_params": model.parameter_counts()[1],
         "best_epoch": 0, "feature_cache": {"hits": train.hits, "misses": train.misses},
         "feature_seconds": round(feature_seconds, 2), "train_seconds": round(time.time() - started, 2),
-        **({"advice": extra["advice"]} if "advice" in extra else {}),
+        **config.resolved_from,
     }, started, val=val)  # fmt: skip
+
+
+def _add_skipped(splits: Any, found: Any) -> None:
+    """Record files that failed to decode during training or evaluation, once each."""
+    known = {p for p, _ in splits.skipped}
+    for path, reason in sorted(found):
+        if path not in known:
+            splits.skipped.append((path, reason))
+            known.add(path)
 
 
 def finish_run(
@@ -645,6 +730,7 @@ def finish_run(
 
     model = load_checkpoint(run_dir / CHECKPOINT_NAME)
     val = val or evaluate_samples(model, splits.val, config.batch_size, config.num_workers)
+    _add_skipped(splits, val.skipped)
     metrics: dict[str, Any] = {
         "val_accuracy": val.accuracy,
         "val_loss": val.loss,
@@ -654,7 +740,7 @@ def finish_run(
         "weights": model.info.weights,
         "class_names": splits.class_names,
         "data": splits.summary(),
-        "skipped_files": len(splits.skipped) + val.skipped_files,
+        "skipped_files": len(splits.skipped),
         "epochs_run": len(history),
         **info,
     }

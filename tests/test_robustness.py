@@ -1,0 +1,196 @@
+"""Messy folders, interrupted runs and unsafe files: nothing crashes with a traceback or loses work."""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import make_colour_folder
+from PIL import Image
+
+from transferkit import TransferkitError, load_checkpoint, train
+from transferkit.data import discover
+
+TINY = {"model": "resnet18", "weights": "none", "image_size": 32, "quiet": True, "batch_size": 4}
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels (a decompression bomb, in a few bytes)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+def _truncated_jpeg() -> bytes:
+    """Half of a JPEG: the header reads fine, the decoder fails midway."""
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 80, 3)).astype(np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()[: len(buf.getvalue()) // 2]
+
+
+UNUSABLE = {"truncated.jpg", "empty.jpg", "notes.jpg", "bomb.png"}
+
+
+@pytest.fixture
+def messy_dataset(tmp_path: Path) -> Path:
+    root = tmp_path / "messy data"
+    make_colour_folder(root / "train", 6, seed=1)
+    make_colour_folder(root / "val", 3, seed=2)
+    red = root / "train" / "red"
+    (red / "truncated.jpg").write_bytes(_truncated_jpeg())
+    (red / "empty.jpg").write_bytes(b"")
+    (red / "notes.jpg").write_text("this is not an image")
+    (red / "bomb.png").write_bytes(_png_claiming(60000, 60000))
+    Image.new("CMYK", (40, 48), (0, 255, 255, 0)).save(red / "cmyk.jpg")
+    Image.fromarray(np.full((48, 40), 60000, np.uint16)).save(red / "grey16.png")
+    Image.new("RGBA", (40, 48), (230, 20, 20, 128)).save(red / "alpha.png")
+    Image.new("RGB", (40, 48), (230, 20, 20)).convert("P").save(red / "palette.gif")
+    frames = [Image.new("RGB", (40, 48), c) for c in ((230, 0, 0), (0, 0, 230))]
+    frames[0].save(red / "animated.gif", save_all=True, append_images=frames[1:])
+    Image.new("RGB", (40, 48), (240, 30, 30)).save(red / "ünïcode name with spaces.png")
+    (red / "nested" / "deeper").mkdir(parents=True)
+    Image.new("RGB", (40, 48), (240, 30, 30)).save(red / "nested" / "deeper" / "inner.png")
+    (red / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (red / "._cmyk.jpg").write_bytes(b"\0\5\26\7 AppleDouble")
+    return root
+
+
+def test_discovery_uses_the_good_skips_the_bad_by_name(messy_dataset: Path) -> None:
+    with pytest.warns(UserWarning) as record:
+        splits = discover(messy_dataset)
+    skipped = {Path(p).name for p, _ in splits.skipped}
+    assert {"empty.jpg", "notes.jpg", "bomb.png"} <= skipped  # caught by the header check
+    used = {Path(p).name for p, _ in splits.train}
+    assert {"cmyk.jpg", "grey16.png", "alpha.png", "palette.gif", "animated.gif", "inner.png",
+            "ünïcode name with spaces.png"} <= used  # fmt: skip
+    assert not any(name.startswith(".") for name in used | skipped)
+    assert all(any(n in str(w.message) for n in skipped) for w in record if "skipping" in str(w.message))
+
+
+@pytest.mark.parametrize("strategy", ["fine-tune", "feature-extract"])
+def test_training_survives_bad_images_and_counts_them(messy_dataset: Path, tmp_path: Path, strategy: str) -> None:
+    result = train(messy_dataset, strategy=strategy, epochs=2, out=str(tmp_path / "run"),
+                   cache_dir=str(tmp_path / "cache"), **TINY)  # fmt: skip
+    skipped = {Path(s["path"]).name for s in result.metrics["data"]["skipped"]}
+    assert skipped == UNUSABLE  # the truncated JPEG fails only when decoded, during training
+    assert result.metrics["skipped_files"] == len(UNUSABLE)
+    assert (result.run_dir / "model.pt").is_file()
+
+
+def test_checkpoint_with_pickled_code_is_refused_and_never_runs(tmp_path: Path) -> None:
+    marker = tmp_path / "code-ran"
+
+    class Payload:
+        def __reduce__(self):  # noqa: ANN204
+            return (Path.touch, (marker,))
+
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"format": "transferkit-checkpoint/1", "metadata": "{}", "state_dict": Payload()}, run / "model.pt")
+    with pytest.raises(TransferkitError, match="pickled code"):
+        load_checkpoint(run)
+    assert not marker.exists()
+
+
+def test_checkpoint_as_weights_for_other_classes_and_other_architectures(tiny_dataset: Path, tmp_path: Path) -> None:
+    first = train(tiny_dataset, epochs=1, out=str(tmp_path / "a"), **TINY)
+    three = tmp_path / "three"
+    make_colour_folder(three, 4, classes=("red", "green", "blue"))
+    # Another class count: the backbone is reused, the old 2-class head skipped.
+    second = train(three, epochs=1, out=str(tmp_path / "b"), **{**TINY, "weights": str(first.run_dir / "model.pt")})
+    assert load_checkpoint(second.run_dir).class_names == ["blue", "green", "red"]
+    with pytest.raises(TransferkitError, match="does not fit mobilenet_v2"):
+        train(three, out=str(tmp_path / "c"), **{**TINY, "model": "mobilenet_v2", "weights": str(first.run_dir / "model.pt")})
+    assert not (tmp_path / "c").exists()
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "transferkit", *args]
+
+
+def test_killed_run_resumes_to_the_same_result(tiny_dataset: Path, tmp_path: Path) -> None:
+    """SIGKILL a gradual-unfreezing run mid-schedule, resume it, and compare with an uninterrupted run."""
+    args = ["train", str(tiny_dataset), "--model", "resnet18", "--weights", "none", "--image-size", "32",
+            "--strategy", "gradual", "--unfreeze-every", "2", "--epochs", "6", "--lr", "0.01", "--batch-size", "4",
+            "--head", "mlp:16", "--quiet", "--seed", "3"]  # fmt: skip
+    full = tmp_path / "full"
+    subprocess.run(_cli(*args, "--out", str(full)), check=True, capture_output=True, timeout=600)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(*args, "--out", str(killed)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    history = killed / "history.csv"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if history.is_file() and len(history.read_text().strip().splitlines()) >= 4:  # 3 epochs done
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed / "metrics.json").exists()
+    load_checkpoint(killed)  # the last good model.pt is readable after the kill
+
+    resumed = subprocess.run(_cli("train", "--resume", str(killed)), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = json.loads((full / "metrics.json").read_text())
+    b = json.loads((killed / "metrics.json").read_text())
+    assert b["val_accuracy"] == a["val_accuracy"] and b["best_epoch"] == a["best_epoch"]
+    assert b["unfreeze_events"] == a["unfreeze_events"]
+    rows_a = (full / "history.csv").read_text().splitlines()
+    rows_b = (killed / "history.csv").read_text().splitlines()
+    assert len(rows_a) == len(rows_b) == 7
+    losses = [[float(r.split(",")[i]) for i in (1, 3)] for r in rows_a[1:]], [[float(r.split(",")[i]) for i in (1, 3)] for r in rows_b[1:]]
+    assert np.allclose(losses[0], losses[1], rtol=1e-4, atol=1e-6)
+    assert "--resume" in (killed / "command.txt").read_text()
+
+
+def test_resume_refuses_finished_and_foreign_directories(tiny_dataset: Path, tmp_path: Path) -> None:
+    from transferkit.training import resume_training
+
+    done = train(tiny_dataset, epochs=1, out=str(tmp_path / "done"), **TINY)
+    with pytest.raises(TransferkitError, match="already finished"):
+        resume_training(done.run_dir)
+    with pytest.raises(TransferkitError, match="not a transferkit run"):
+        resume_training(tmp_path)
+
+
+CONCURRENT_EXTRACT = """
+import sys, torch
+from transferkit import Preprocessing, TransferModel, load_backbone
+from transferkit.data import scan_class_folder
+from transferkit.features import extract_features
+torch.manual_seed(0)
+prep = Preprocessing(32, 36, (0.5,) * 3, (0.5,) * 3)
+model = TransferModel(load_backbone("resnet18", weights="none", preprocessing=prep), ["blue", "red"]).eval()
+samples = scan_class_folder(sys.argv[1])[1]
+result = extract_features(model, samples, cache_dir=sys.argv[2], batch_size=4, num_workers=0)
+torch.save(result.features, sys.argv[3])
+"""
+
+
+def test_two_processes_sharing_the_cache_do_not_corrupt_it(tmp_path: Path) -> None:
+    images = make_colour_folder(tmp_path / "imgs", 40)
+    script = tmp_path / "extract.py"
+    script.write_text(CONCURRENT_EXTRACT)
+    cache = tmp_path / "cache"
+    procs = [subprocess.Popen([sys.executable, str(script), str(images), str(cache), str(tmp_path / f"{i}.pt")])
+             for i in range(2)]  # fmt: skip
+    assert all(p.wait(timeout=300) == 0 for p in procs)
+    a, b = (torch.load(tmp_path / f"{i}.pt", weights_only=True) for i in range(2))
+    assert torch.equal(a, b)
+    files = list(cache.rglob("*.npy"))
+    assert len(files) == 80 and not list(cache.rglob("*.tmp"))
+    for f in files:
+        assert np.load(f, allow_pickle=False).shape == (512,)
