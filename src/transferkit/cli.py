@@ -91,7 +91,10 @@ transferkit train --resume runs/resnet18-gradual-20260101-120000
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", default="auto", help="auto, 32, bf16 or 16")
     p.add_argument("--accelerator", default="auto", help="auto, cpu, cuda or mps")
-    p.add_argument("--devices", default="auto", help="number of devices (or auto)")
+    p.add_argument("--devices", default="auto", help="devices per node (or auto)")
+    p.add_argument("--num-nodes", type=int, default=1, help="machines taking part (launched by torchrun or SLURM)")
+    p.add_argument("--dist", "--strategy-dist", dest="dist", default="auto",
+                   help="Lightning distributed strategy: auto, ddp, ddp_spawn, fsdp, ...")
     p.add_argument("--patience", type=int, help="stop early after N epochs without val accuracy improvement")
     p.add_argument("--num-workers", type=int, help="DataLoader workers (default: cores - 1)")
     p.add_argument("--no-cache", action="store_true", help="feature-extract: recompute the frozen backbone every epoch")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import sys
 import time
 import warnings
@@ -17,6 +18,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -66,6 +68,8 @@ class TrainConfig:
     precision: str = "auto"
     accelerator: str = "auto"
     devices: int | str = "auto"
+    num_nodes: int = 1
+    dist: str = "auto"
     patience: int | None = None
     classifier: str = "logreg"
     layer: str | None = None
@@ -401,6 +405,10 @@ def run_training(config: TrainConfig, command: str | None = None) -> TrainResult
     """A new run: resolve ``auto`` choices, create the run directory, train, evaluate, report."""
     quiet_lightning()
     started = time.time()
+    if rank_zero_only.rank > 0:
+        return _join_as_worker_rank(config, started)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not config.out:
+        raise TransferkitError("a multi-process launch (torchrun, SLURM) needs --out RUN_DIR, so every rank finds the run")
     L.seed_everything(config.seed, workers=True, verbose=False)
     splits = discover(config.data, config.val_split, config.seed)
     if config.strategy == "auto":
@@ -414,9 +422,35 @@ def run_training(config: TrainConfig, command: str | None = None) -> TrainResult
     run_dir = create_run_dir(config)
     if lr_finder is not None:
         lr_finder.plot(run_dir / "lr_find.png")
-    write_json(run_dir / "config.json", config.to_dict())
     (run_dir / "command.txt").write_text((command or " ".join(sys.argv)) + "\n")
+    write_json(run_dir / "config.json", config.to_dict())  # last: other ranks wait for it
+    # Ranks that Lightning spawns re-run this command; this tells them which run to join.
+    os.environ[RUN_DIR_ENV] = str(run_dir.resolve())
     return _fit(run_dir, config, splits, model, spec, started)
+
+
+RUN_DIR_ENV = "TRANSFERKIT_RUN_DIR"
+
+
+def _join_as_worker_rank(config: TrainConfig, started: float) -> TrainResult:
+    """A non-zero rank: train in rank 0's run directory, with its resolved configuration; write nothing."""
+    run_dir = Path(os.environ.get(RUN_DIR_ENV) or config.out or "")
+    if not str(run_dir):
+        raise TransferkitError("a worker rank cannot find its run directory; launch with --out RUN_DIR")
+    wait_for_file(run_dir / "config.json")
+    resolved = TrainConfig(**json.loads((run_dir / "config.json").read_text()))
+    L.seed_everything(resolved.seed, workers=True, verbose=False)
+    splits = discover(resolved.data, resolved.val_split, resolved.seed)
+    model, spec = _model_and_strategy(resolved, splits)
+    return _fit(run_dir, resolved, splits, model, spec, started)
+
+
+def wait_for_file(path: Path, timeout: float = 3600.0) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        if time.time() > deadline:
+            raise TransferkitError(f"gave up waiting for {path} from rank 0 after {timeout:.0f} s")
+        time.sleep(0.2)
 
 
 def resume_training(run_dir: str | Path, command: str | None = None) -> TrainResult:
@@ -476,14 +510,15 @@ def _fit(
     model.info.extra = dict(extra)
     if spec.name == "linear-probe":
         return _run_linear_probe(model, splits, config, run_dir, device, extra, started)
-    learner, train_loader, val_loader, feature_info = _learner_and_loaders(model, spec, splits, config, device)
+    learner, train_loader, val_loader, feature_info = _learner_and_loaders(model, spec, splits, config, device, run_dir)
     if feature_info:
         precision = "32"  # the head alone is tiny; its features were computed at inference precision
     history = HistoryCSV(run_dir / "history.csv")
     best = BestModelCheckpoint(run_dir / CHECKPOINT_NAME, extra)
     # One rolling checkpoint, rewritten (atomically) at every epoch end: what --resume continues from.
     last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False)
-    callbacks: list[Callback] = [history, best, last, ResumableState(train_loader.sampler)]
+    participation = Participation()
+    callbacks: list[Callback] = [history, best, last, ResumableState(train_loader.sampler), participation]
     gradual = GradualUnfreezing(spec) if spec.name == "gradual" else None
     if gradual:
         callbacks.append(gradual)
@@ -493,6 +528,8 @@ def _fit(
         max_epochs=config.epochs,
         accelerator=device.type if config.accelerator == "auto" else config.accelerator,
         devices=config.devices,
+        num_nodes=config.num_nodes,
+        strategy=config.dist,
         precision=LIGHTNING_PRECISION[precision],
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],
@@ -509,6 +546,8 @@ def _fit(
                f"parameters · precision {precision}" + (f" · resuming from {ckpt_path}" if ckpt_path else ""))  # fmt: skip
     to_fast_layout(model)
     trainer.fit(learner, train_loader, val_loader, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    if not trainer.is_global_zero:  # metrics, checkpoint and report are rank 0's
+        return TrainResult(run_dir=run_dir, metrics={}, history=history.rows)
     _add_skipped(splits, learner.skipped_files)
     return finish_run(run_dir, config, splits, history.rows, {
         "strategy": spec.name,
@@ -517,10 +556,27 @@ def _fit(
         "precision": precision,
         "best_epoch": best.best_epoch,
         "unfreeze_events": gradual.events if gradual else [],
+        "world_size": trainer.world_size,
+        "train_batches_per_rank": participation.batches_per_rank,
         **feature_info,
         **config.resolved_from,
         "train_seconds": round(time.time() - started, 2),
     }, started)  # fmt: skip
+
+
+class Participation(Callback):
+    """Counts each rank's training batches and gathers them on rank 0: proof that every rank trained."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.batches_per_rank: list[int] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self.batches += 1
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        gathered = pl_module.all_gather(torch.tensor([self.batches], device=pl_module.device))
+        self.batches_per_rank = [int(v) for v in gathered.flatten().tolist()]
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -547,11 +603,16 @@ class ResumableState(Callback):
 
 
 def _learner_and_loaders(
-    model: TransferModel, spec: StrategySpec, splits: Any, config: TrainConfig, device: torch.device
+    model: TransferModel,
+    spec: StrategySpec,
+    splits: Any,
+    config: TrainConfig,
+    device: torch.device,
+    run_dir: Path | None = None,
 ) -> tuple[TransferLearner, Any, Any, dict[str, Any]]:
     """The learner and its loaders: over cached features when only the head trains, else over images."""
     if spec.name == "feature-extract" and config.cache and cache_supported(model):
-        train_loader, val_loader, feature_info = _feature_loaders(model, splits, config, device)
+        train_loader, val_loader, feature_info = _feature_loaders(model, splits, config, device, run_dir)
         return TransferLearner(model, spec, config, head_only=True), train_loader, val_loader, feature_info
     prep = Preprocessing.from_dict(model.info.preprocessing)
     train_loader = make_loader(splits.train, build_transform(prep, config.augment), config.batch_size,
@@ -620,11 +681,18 @@ def find_lr(config: TrainConfig, splits: Any = None, num_training: int = 100) ->
 
 
 def _feature_loaders(
-    model: TransferModel, splits: Any, config: TrainConfig, device: torch.device
+    model: TransferModel, splits: Any, config: TrainConfig, device: torch.device, run_dir: Path | None = None
 ) -> tuple[Any, Any, dict[str, Any]]:
-    """Loaders over cached backbone features: the backbone runs once per image (and view), not per epoch."""
+    """Loaders over cached backbone features: the backbone runs once per image (and view), not per epoch.
+
+    In a multi-process run, rank 0 computes and caches the features; the other ranks wait for it and
+    read them back, so nothing is computed or written twice.
+    """
     from torch.utils.data import DataLoader, TensorDataset
 
+    ready = run_dir / ".features-ready" if run_dir is not None else None
+    if ready is not None and rank_zero_only.rank > 0:
+        wait_for_file(ready)
     started = time.perf_counter()
     precision = resolve_precision(config.precision, device)
     common = {"cache_dir": Path(config.cache_dir) if config.cache_dir else None, "batch_size": config.batch_size,
@@ -632,6 +700,8 @@ def _feature_loaders(
     augment = config.augment if config.feature_views > 1 else "none"
     train = extract_features(model, splits.train, augment=augment, views=config.feature_views, **common)
     val = extract_features(model, splits.val, **common)
+    if ready is not None and rank_zero_only.rank == 0 and config.cache:
+        ready.touch()
     _add_skipped(splits, [(p, "cannot decode") for p in train.skipped + val.skipped])
     sampler = EpochSeededSampler(len(train.labels), config.seed, with_aug_seeds=False)
     train_loader = DataLoader(TensorDataset(train.features, train.labels), batch_size=config.batch_size, sampler=sampler)
