@@ -148,3 +148,22 @@ def test_mlp_head_spec_as_in_seed_001() -> None:
     assert str(spec) == "mlp:256"
     with pytest.raises(TransferkitError, match="mlp:256"):
         HeadSpec.parse("mlp:abc")
+
+
+def test_folded_batchnorm_of_pretrained_weights_stays_in_inference_mode(tmp_path: Path) -> None:
+    """Weights exported with BatchNorm folded into the convolutions (identity running statistics)."""
+    source = load_backbone("resnet18", weights="none").model
+    with torch.no_grad():
+        for m in source.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.zero_(), m.running_var.fill_(1.0), m.bias.uniform_(-1, 1)
+        source.layer4[1].bn2.running_var.fill_(2.0)  # one ordinary BatchNorm among them
+    path = tmp_path / "folded.pth"
+    torch.save(source.state_dict(), path)
+    model = TransferModel(load_backbone("resnet18", weights=str(path)), ["a", "b"])
+    apply_strategy(model, StrategySpec("fine-tune", unfreeze=1))
+    model.train()
+    assert not model.net.layer4[0].bn1.training and model.net.layer4[0].bn1.weight.requires_grad
+    assert model.net.layer4[1].bn2.training
+    # Random weights have identity statistics too, but nothing was folded into them.
+    assert not TransferModel(load_backbone("resnet18", weights="none"), ["a", "b"]).folded_batchnorm

@@ -131,6 +131,7 @@ class TransferModel(nn.Module):
         )
         self.probe: LinearProbe | None = None
         self.probe_layer: str | None = None
+        self.folded_batchnorm = folded_batchnorm_paths(self.net) if backbone.weights != "none" else set()
 
     def attach_probe(self, probe: LinearProbe, layer: str | None) -> None:
         """Classify with a linear probe on ``layer``'s pooled features instead of the head."""
@@ -172,7 +173,7 @@ class TransferModel(nn.Module):
     def train(self, mode: bool = True) -> TransferModel:
         super().train(mode)
         if mode:
-            keep_frozen_batchnorm_in_eval(self)
+            keep_frozen_batchnorm_in_eval(self.net, self.folded_batchnorm)
         return self
 
     def parameter_counts(self) -> tuple[int, int]:
@@ -274,11 +275,29 @@ def capture(model: TransferModel, layer: str | None) -> Iterator[dict[str, torch
 
 
 
-def keep_frozen_batchnorm_in_eval(model: nn.Module) -> None:
+def keep_frozen_batchnorm_in_eval(net: nn.Module, always: set[str] = frozenset()) -> None:  # type: ignore[assignment]
     # A BatchNorm in train mode normalises with the batch's statistics and updates its running
     # ones even when its affine parameters are frozen; frozen means inference mode here.
-    for module in model.modules():
+    for path, module in net.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             params = list(module.parameters())
-            if params and not any(p.requires_grad for p in params):
+            if path in always or (params and not any(p.requires_grad for p in params)):
                 module.eval()
+
+
+def folded_batchnorm_paths(net: nn.Module) -> set[str]:
+    """BatchNorms of pretrained weights whose running statistics are exactly the identity.
+
+    Exporters that fold BatchNorm into the preceding convolution (TFLite, quantised models; the
+    offline mobilenet_v2 file) leave such layers behind, with the fold in their bias. Normalising
+    them with batch statistics would subtract the real mean that the bias already accounts for and
+    zero most activations, so they always run in inference mode; their scale and bias still train.
+    """
+    return {
+        path
+        for path, m in net.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and m.running_mean is not None
+        and bool(torch.all(m.running_mean == 0))
+        and bool(torch.all(m.running_var == 1))
+    }
