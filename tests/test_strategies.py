@@ -156,7 +156,7 @@ def test_folded_batchnorm_of_pretrained_weights_stays_in_inference_mode(tmp_path
     with torch.no_grad():
         for m in source.modules():
             if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.zero_(), m.running_var.fill_(1.0), m.bias.uniform_(-1, 1)
+                m.running_mean.zero_(), m.running_var.fill_(1.0 - m.eps), m.bias.uniform_(-1, 1)
         source.layer4[1].bn2.running_var.fill_(2.0)  # one ordinary BatchNorm among them
     path = tmp_path / "folded.pth"
     torch.save(source.state_dict(), path)
