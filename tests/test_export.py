@@ -99,8 +99,8 @@ def test_predict_with_the_onnx_export_matches_the_run(
     exports: dict[str, Path], run_dir: Path, tiny_dataset: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     results = {}
-    for run in (run_dir, exports["onnx"]):
-        assert main(["predict", str(run), str(tiny_dataset / "val"), "--top-k", "2", "--json"]) == 0
+    for run, extra in ((run_dir, ["--precision", "32"]), (exports["onnx"], [])):  # eager PyTorch vs ONNX Runtime
+        assert main(["predict", str(run), str(tiny_dataset / "val"), "--top-k", "2", "--json", *extra]) == 0
         results[run] = json.loads(capsys.readouterr().out)
     from_run, from_onnx = results[run_dir], results[exports["onnx"]]
     assert [r["path"] for r in from_onnx] == [r["path"] for r in from_run] and len(from_run) == 8
@@ -153,3 +153,20 @@ def test_bad_format_and_help(run_dir: Path, capsys: pytest.CaptureFixture[str]) 
     with pytest.raises(SystemExit):
         main(["export", "--help"])
     assert "example:\n  transferkit export runs/my-run" in capsys.readouterr().out
+
+
+def test_predict_on_a_run_prefers_its_onnx_export(run_dir: Path, tiny_dataset: Path, tmp_path: Path) -> None:
+    from transferkit import predict
+
+    run = tmp_path / "run-with-export"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("model.onnx*"))
+    eager = predict(run, [tiny_dataset / "val"], top_k=2)
+    export(run, "onnx")
+    (run / "model.onnx.json").write_text((run / "model.onnx.json").read_text().replace('"red"', '"RED"'))
+    fast = predict(run, [tiny_dataset / "val"], top_k=2)
+    assert any(p["label"] == "RED" for r in fast for p in r["predictions"])  # it ran the export
+    assert [[p["label"].lower() for p in r["predictions"]] for r in fast] == [
+        [p["label"] for p in r["predictions"]] for r in eager
+    ]
+    forced = predict(run, [tiny_dataset / "val"], top_k=2, precision="32")  # an explicit precision means eager
+    assert not any(p["label"] == "RED" for r in forced for p in r["predictions"])
