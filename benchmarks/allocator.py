@@ -1,5 +1,6 @@
-"""Allocator comparison (not a test): inference images/s under glibc's defaults, transferkit's
-mallopt tuning, and tcmalloc/jemalloc preloaded (where installed), measured in one run.
+"""Allocator comparison (not a test): inference images/s under glibc's defaults and with
+tcmalloc, jemalloc (Debian packages) or mimalloc (PyPI: cmeel-mimalloc) preloaded, each tuned to
+keep freed memory, measured in one run.
 
     python benchmarks/allocator.py [--batches 12]
 """
@@ -16,11 +17,9 @@ from pathlib import Path
 CHILD = r"""
 import json, os, sys, time, resource
 import torch
-from transferkit.performance import tune_allocator
-tuned = tune_allocator() if os.environ.get("ALLOC") == "mallopt" else False
 from transferkit.backbones import load_backbone
 torch.manual_seed(0)
-out = {"tuned": tuned}
+out = {}
 for name in ("resnet18", "efficientnet_lite0"):
     model = load_backbone(name, weights="none").model.eval().to(memory_format=torch.channels_last)
     x = torch.randn(32, 3, 224, 224).contiguous(memory_format=torch.channels_last)
@@ -36,7 +35,12 @@ for name in ("resnet18", "efficientnet_lite0"):
 print(json.dumps(out))
 """
 
-LIBS = {"tcmalloc": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "jemalloc": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}
+LIBS = {
+    "tcmalloc": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+    "jemalloc": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+    "mimalloc": str(Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}"
+                    / "site-packages" / "cmeel.prefix" / "lib" / "libmimalloc.so.3"),
+}
 
 
 def run(config: str, batches: int) -> dict:
@@ -45,6 +49,8 @@ def run(config: str, batches: int) -> dict:
         env.update(LD_PRELOAD=LIBS["tcmalloc"], TCMALLOC_RELEASE_RATE="0")
     if config == "jemalloc":
         env.update(LD_PRELOAD=LIBS["jemalloc"], MALLOC_CONF="dirty_decay_ms:-1,muzzy_decay_ms:-1")
+    if config == "mimalloc":
+        env.update(LD_PRELOAD=LIBS["mimalloc"], MIMALLOC_PURGE_DELAY="-1", MIMALLOC_ARENA_EAGER_COMMIT="1")
     proc = subprocess.run([sys.executable, "-c", CHILD, str(batches)], env=env, capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -53,7 +59,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batches", type=int, default=12)
     args = parser.parse_args()
-    configs = ["glibc", "mallopt"] + [c for c, lib in LIBS.items() if Path(lib).exists()]
+    configs = ["glibc"] + [c for c, lib in LIBS.items() if Path(lib).exists()]
     results = {c: run(c, args.batches) for c in configs}
     print(f"{'allocator':<10} {'model':<20} {'img/s':>7} {'x glibc':>8} {'kernel s':>9} {'minor faults':>13}")
     for config, res in results.items():

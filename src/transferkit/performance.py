@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
-import os
-import sys
 from collections.abc import Iterator
 
 import torch
@@ -15,31 +12,6 @@ from torch import nn
 from .errors import TransferkitError
 
 PRECISIONS = ("auto", "32", "bf16", "16")
-
-
-# glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-
-
-@functools.cache
-def tune_allocator() -> bool:
-    """Keep freed memory in the process instead of returning it to the kernel after every batch.
-
-    With glibc's defaults each large activation buffer is mmap'ed and unmapped per forward pass, and
-    the next pass page-faults it in again: a third of an inference process's time went to the kernel
-    here. Serving all allocations from the heap (no mmap) and never trimming it removes that; it is
-    what tcmalloc/jemalloc tuned the same way do, without a preloaded library. Linux/glibc only;
-    ``TRANSFERKIT_ALLOCATOR=default`` turns it off. Returns whether it is in effect.
-    """
-    if os.environ.get("TRANSFERKIT_ALLOCATOR", "tuned") == "default" or not sys.platform.startswith("linux"):
-        return False
-    if "jemalloc" in os.environ.get("LD_PRELOAD", "") or "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
-        return False  # a preloaded allocator is already in charge
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
-        return False
 
 
 def pick_device(requested: str = "auto") -> torch.device:
