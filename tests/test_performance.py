@@ -38,7 +38,7 @@ def test_precision_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(perf, "cpu_has_native_bf16", lambda: True)
     assert resolve_precision("auto", cpu) == "bf16"
     mobilenet = TransferModel(load_backbone("mobilenet_v3_small", weights="none"), ["a", "b"])
-    apply_strategy(mobilenet, StrategySpec("fine-tune", unfreeze=2))
+    apply_strategy(mobilenet, StrategySpec("fine-tune", unfreeze=3))  # reaches an inverted-residual block
     assert resolve_precision("auto", cpu, mobilenet, training=True) == "32"  # bf16 depthwise backward is slow
     apply_strategy(mobilenet, StrategySpec("feature-extract"))
     assert resolve_precision("auto", cpu, mobilenet, training=True) == "bf16"
