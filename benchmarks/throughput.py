@@ -77,10 +77,10 @@ def ours(data: Path) -> dict:
     return out
 
 
-def _fine_tune_epoch(model, samples, names, device) -> float:  # noqa: ANN001
+def _fine_tune_epoch(model, samples, names, device) -> float:
     import lightning as L
 
-    from transferkit import StrategySpec, apply_strategy
+    from transferkit import apply_strategy
     from transferkit.training import TrainConfig, _learner_and_loaders
 
     config = TrainConfig(data="-", strategy="fine-tune", unfreeze=2, epochs=1, quiet=True)

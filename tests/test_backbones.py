@@ -78,7 +78,7 @@ def test_pickled_code_in_weights_file_is_refused(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
 
     class Evil:
-        def __reduce__(self):  # noqa: ANN204
+        def __reduce__(self):
             return (Path.touch, (marker,))
 
     path = tmp_path / "evil.pth"
@@ -93,7 +93,7 @@ def test_hub_download_failure_names_the_ways_out(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     import urllib.request
 
-    def offline(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)

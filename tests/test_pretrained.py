@@ -24,7 +24,7 @@ def _labels() -> list[str]:
     return requires_shared("weights", "imagenet_labels.txt").read_text().splitlines()[1:]  # drop "background"
 
 
-def _top(bb, name: str, k: int) -> list[str]:  # noqa: ANN001
+def _top(bb, name: str, k: int) -> list[str]:
     path = requires_shared("sample_images", name)
     x = build_transform(bb.preprocessing, "none")(load_image(str(path)))[None]
     with torch.no_grad():
@@ -34,17 +34,17 @@ def _top(bb, name: str, k: int) -> list[str]:  # noqa: ANN001
 
 
 @pytest.fixture(scope="module")
-def lite0():  # noqa: ANN201
+def lite0():
     return load_backbone("efficientnet_lite0")
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))
-def test_efficientnet_lite0_predicts_imagenet_labels(lite0, name: str) -> None:  # noqa: ANN001
+def test_efficientnet_lite0_predicts_imagenet_labels(lite0, name: str) -> None:
     top1 = _top(lite0, name, 1)[0]
     assert any(top1.startswith(e) for e in EXPECTED[name]), top1
 
 
-def test_efficientnet_lite0_sees_an_owl(lite0) -> None:  # noqa: ANN001
+def test_efficientnet_lite0_sees_an_owl(lite0) -> None:
     assert any("owl" in label for label in _top(lite0, "owl.jpg", 5))
 
 

@@ -23,7 +23,14 @@ from transferkit.backbones import Preprocessing
 from transferkit.cli import build_parser, main
 from transferkit.data import build_transform, discover, load_image
 from transferkit.reports import (
-    FIGURES, REPORT_DIR, denormalise, format_comparison, load_run, predict_samples, top_losses, write_report,
+    FIGURES,
+    REPORT_DIR,
+    denormalise,
+    format_comparison,
+    load_run,
+    predict_samples,
+    top_losses,
+    write_report,
 )  # fmt: skip
 
 CHROMIUM = Path("/usr/bin/chromium")

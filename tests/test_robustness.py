@@ -93,7 +93,7 @@ def test_checkpoint_with_pickled_code_is_refused_and_never_runs(tmp_path: Path) 
     marker = tmp_path / "code-ran"
 
     class Payload:
-        def __reduce__(self):  # noqa: ANN204
+        def __reduce__(self):
             return (Path.touch, (marker,))
 
     run = tmp_path / "run"

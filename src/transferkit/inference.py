@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from .backbones import Preprocessing
 from .checkpoint import load_checkpoint
-from .data import IMAGE_EXTENSIONS, BadImage, VAL_DIR_NAMES, Sample, build_transform, make_loader, scan_class_folder
+from .data import IMAGE_EXTENSIONS, VAL_DIR_NAMES, BadImage, Sample, build_transform, make_loader, scan_class_folder
 from .errors import TransferkitError
 from .heads import TransferModel
 from .performance import autocast, batch_to, inference_mode, pick_device, resolve_precision, to_fast_layout

@@ -829,7 +829,7 @@ def finish_run(
 
 def _tensorboard_logger(run_dir: Path) -> Any:
     try:
-        import tensorboard  # noqa: F401
+        import tensorboard
     except ImportError:
         return False
     from lightning.pytorch.loggers import TensorBoardLogger
