@@ -321,17 +321,40 @@ def _build_timm(
             ) from None
     else:
         model = timm.create_model(arch, pretrained=False, **kwargs)
-    cfg = resolve_data_config({}, model=model)
+    return model, _timm_preprocessing(name, resolve_data_config({}, model=model)), kwargs
+
+
+def _timm_preprocessing(name: str, cfg: dict[str, Any]) -> Preprocessing:
     size = int(cfg["input_size"][-1])
     mean, std = (LITE_MEAN, LITE_STD) if name in LITE_PACKAGES else (cfg["mean"], cfg["std"])
-    prep = Preprocessing(
+    return Preprocessing(
         image_size=size,
         resize_size=int(math.floor(size / cfg["crop_pct"])),
         mean=tuple(float(v) for v in mean),  # type: ignore[arg-type]
         std=tuple(float(v) for v in std),  # type: ignore[arg-type]
         interpolation=str(cfg["interpolation"]),
     )
-    return model, prep, kwargs
+
+
+def default_preprocessing(name: str) -> Preprocessing:
+    """The architecture's usual preprocessing, from weights metadata alone (no model is built)."""
+    _check_known(name)
+    if name in LITE_PACKAGES or name.startswith("timm/"):
+        import timm
+        from timm.data import resolve_data_config
+
+        cfg = timm.models.get_pretrained_cfg(_timm_arch(name))
+        return _timm_preprocessing(name, resolve_data_config(pretrained_cfg=cfg.to_dict() if cfg else {}))
+    return _torchvision_preprocessing(tv_models.get_model_weights(name).DEFAULT)
+
+
+def explicit_preprocessing(
+    name: str, mean: list[float] | None = None, std: list[float] | None = None, image_size: int | None = None
+) -> Preprocessing | None:
+    """``name``'s usual preprocessing with the user's overrides, or None when there are none."""
+    if not (mean or std or image_size):
+        return None
+    return default_preprocessing(name).with_overrides(mean=mean, std=std, image_size=image_size)
 
 
 def lite_weights_file(name: str) -> Path:

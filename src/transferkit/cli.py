@@ -227,11 +227,9 @@ transferkit features data/hymenoptera --layer layer3 --out layer3.pt
 
 
 def _explicit_prep(model: str, mean: list[float] | None, std: list[float] | None) -> Any:
-    if not (mean or std):
-        return None
-    from .backbones import load_backbone
+    from .backbones import explicit_preprocessing
 
-    return load_backbone(model, "none").preprocessing.with_overrides(mean=mean, std=std)
+    return explicit_preprocessing(model, mean, std)
 
 
 def _features(args: argparse.Namespace) -> int:

@@ -155,10 +155,6 @@ class TransferModel(nn.Module):
         return self.info.groups
 
     @property
-    def has_aux(self) -> bool:
-        return bool(self.info.extra_head_paths) and getattr(self.net, "aux_logits", False)
-
-    @property
     def head_module(self) -> nn.Module:
         return get_module(self.net, self.info.classifier_path)
 

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from .backbones import DEFAULT_BACKBONE, Preprocessing, load_backbone
+from .backbones import DEFAULT_BACKBONE, Preprocessing, explicit_preprocessing, load_backbone
 from .checkpoint import CHECKPOINT_NAME, atomic_write, save_checkpoint
 from .data import EpochSeededSampler, build_transform, discover, make_loader
 from .errors import TransferkitError
@@ -385,10 +385,7 @@ def _head_spec(config: TrainConfig) -> Any:
 
 
 def _explicit_preprocessing(config: TrainConfig) -> Preprocessing | None:
-    if not (config.mean or config.std or config.image_size):
-        return None
-    base = load_backbone(config.model, "none").preprocessing
-    return base.with_overrides(mean=config.mean, std=config.std, image_size=config.image_size)
+    return explicit_preprocessing(config.model, config.mean, config.std, config.image_size)
 
 
 def train(data: str | Path, **options: Any) -> TrainResult:
@@ -828,9 +825,9 @@ def finish_run(
 
 
 def _tensorboard_logger(run_dir: Path) -> Any:
-    try:
-        import tensorboard
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
         return False
     from lightning.pytorch.loggers import TensorBoardLogger
 
