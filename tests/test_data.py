@@ -11,7 +11,7 @@ from helpers import make_colour_folder, requires_shared
 from PIL import Image
 
 from transferkit import Preprocessing, TransferkitError
-from transferkit.data import build_transform, discover, load_image, stratified_split
+from transferkit.data import BadImage, ImageDataset, build_transform, discover, load_image, stratified_split
 
 
 def test_train_val_layout(tiny_dataset: Path) -> None:
@@ -99,3 +99,23 @@ def test_unreadable_files_are_skipped_with_their_names(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="empty.jpg"):
         splits = discover(tmp_path)
     assert sorted(Path(p).name for p, _ in splits.skipped) == ["empty.jpg", "notes.jpg"]
+
+
+def test_batches_decoded_on_threads_equal_one_by_one(tmp_path: Path) -> None:
+    """The in-process loader decodes a batch on all threads; augmented crops still follow their seeds."""
+    make_colour_folder(tmp_path, 6, size=(60, 80))
+    splits = discover(tmp_path)
+    samples = [*splits.train, *splits.val, (str(tmp_path / "missing.jpg"), 0)]
+    prep = Preprocessing(image_size=32, resize_size=40, mean=(0.5,) * 3, std=(0.5,) * 3)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for augment, keys in (("none", list(range(len(samples)))), ("strong", [(i, 1000 + i) for i in range(len(samples))])):
+            dataset = ImageDataset(samples, build_transform(prep, augment))
+            batch = dataset.__getitems__(keys)
+            one_by_one = [dataset[k] for k in keys]
+            assert isinstance(batch[-1], BadImage) and batch[-1].path.endswith("missing.jpg")
+            for got, want in zip(batch[:-1], one_by_one[:-1]):
+                assert got[1] == want[1] and torch.equal(got[0], want[0])
+    finally:
+        torch.set_num_threads(before)

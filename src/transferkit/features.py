@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from .backbones import Preprocessing
 from .checkpoint import atomic_write
-from .data import Sample, build_transform, default_num_workers, load_image
+from .data import BadImage, ImageDataset, Sample, build_transform, default_num_workers
 from .errors import TransferkitError
 from .heads import StopForward, TransferModel, capture, resolve_layer
 from .performance import autocast, batch_to, inference_mode, pick_device, to_fast_layout
@@ -79,34 +79,30 @@ def file_key(path: str, view: int) -> str:
     return hashlib.sha1(raw.encode()).hexdigest()
 
 
-class _ViewDataset(Dataset):
-    """Images to extract, each with a deterministic augmentation seed per (file, view)."""
-
-    def __init__(self, items: list[tuple[int, str, int]], prep: Preprocessing, augment: str) -> None:
-        self.items = items
-        self.transform = build_transform(prep, augment)
-        self.augment = augment
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | None:
-        index, path, view = self.items[i]
-        try:
-            image = load_image(path)
-        except Exception:
-            return None
-        if self.augment != "none":
-            torch.manual_seed(int(file_key(path, view)[:8], 16))  # same view → same crop, every run
-        return self.transform(image), index
+def _view_loader(
+    todo: list[tuple[int, str, int]], prep: Preprocessing, augment: str, batch_size: int, num_workers: int | None
+) -> DataLoader:
+    """Batches of (images, positions in ``todo``); each (file, view) gets the same crop in every run."""
+    views = [(path, pos) for pos, (_, path, _) in enumerate(todo)]
+    keys: list[Any] = list(range(len(todo)))
+    if augment != "none":
+        keys = [(pos, int(file_key(path, view)[:8], 16)) for pos, (_, path, view) in enumerate(todo)]
+    return DataLoader(
+        ImageDataset(views, build_transform(prep, augment)),
+        batch_size=batch_size,
+        sampler=keys,
+        num_workers=default_num_workers() if num_workers is None else num_workers,
+        collate_fn=_collate,
+    )
 
 
 def _collate(batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    good = [b for b in batch if b is not None]
+    # Undecodable files are dropped here and reported by FeatureSet.skipped.
+    good = [b for b in batch if not isinstance(b, BadImage)]
     if not good:
         return torch.empty(0), torch.empty(0, dtype=torch.long)
-    x, idx = zip(*good)
-    return torch.stack(x), torch.tensor(idx)
+    x, positions = zip(*good)
+    return torch.stack(x), torch.tensor(positions)
 
 
 @dataclass
@@ -160,12 +156,7 @@ def extract_features(
         if use_cache:
             root.mkdir(parents=True, exist_ok=True)
             _write_spec(root, spec)
-        loader = DataLoader(
-            _ViewDataset([(pos, path, view) for pos, (_, path, view) in enumerate(todo)], prep, augment),
-            batch_size=batch_size,
-            num_workers=default_num_workers() if num_workers is None else num_workers,
-            collate_fn=_collate,
-        )
+        loader = _view_loader(todo, prep, augment, batch_size, num_workers)
         for positions, vectors in _run_extractor(model, loader, layer, device, precision):
             for pos, vec in zip(positions.tolist(), vectors):
                 index, path, view = todo[pos]
