@@ -2,8 +2,9 @@
 
 For resnet18 and efficientnet_lite0, on generated 500x375 JPEGs:
 - the limit: the model's pure forward throughput at transferkit's chosen precision and layout;
-- transferkit's images/s for feature extraction, predict and one fine-tune epoch (last 2 groups),
-  each as a fraction of the limit, in a process started the way the `transferkit` command starts
+- transferkit's images/s for feature extraction, predict (eager, and ONNX Runtime on an export, whose
+  own forward throughput is its limit) and one fine-tune epoch (last 2 groups), each as a fraction
+  of the limit, in a process started the way the `transferkit` command starts
   (mimalloc preloaded, OMP_WAIT_POLICY=PASSIVE);
 - the same jobs the seeds' way (fp32, glibc malloc, PIL decoding, plain loop), and the ratio.
 
@@ -22,6 +23,8 @@ import time
 from pathlib import Path
 
 MODELS = ("resnet18", "efficientnet_lite0")
+ROUNDS = 3
+LIMIT_BATCHES = 4
 
 
 def make_jpegs(root: Path, count: int) -> None:
@@ -39,10 +42,13 @@ def make_jpegs(root: Path, count: int) -> None:
 
 
 def ours(data: Path) -> dict:
+    import statistics
+
     import torch
 
-    from transferkit import TransferModel, load_backbone
-    from transferkit.data import scan_class_folder
+    from transferkit import Preprocessing, TransferModel, load_backbone
+    from transferkit.data import build_transform, make_loader, scan_class_folder
+    from transferkit.export import export_model, onnx_session
     from transferkit.features import extract_features
     from transferkit.inference import predict
     from transferkit.performance import autocast, pick_device, resolve_precision, to_fast_layout
@@ -58,22 +64,39 @@ def ours(data: Path) -> dict:
         model = TransferModel(load_backbone(name, weights), names).eval()
         precision = resolve_precision("auto", device)
         to_fast_layout(model)
-        x = torch.randn(32, 3, 224, 224).contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), autocast(device, precision):
-            model(x)
-            start = time.perf_counter()
-            for _ in range(4):
-                model(x)
-            limit = 128 / (time.perf_counter() - start)
-        start = time.perf_counter()
-        extract_features(model, samples, use_cache=False, precision=precision)
-        features = len(samples) / (time.perf_counter() - start)
-        start = time.perf_counter()
-        predict(model, files, precision=precision)
-        predicted = len(samples) / (time.perf_counter() - start)
-        fine_tune = _fine_tune_epoch(model, samples, names, device)
-        out[name] = {"limit": limit, "features": features, "predict": predicted, "fine_tune": fine_tune,
-                     "precision": precision}  # fmt: skip
+        onnx = export_model(model, data.parent / f"{name}.onnx", "onnx").path
+        session = onnx_session(onnx)
+        # The limit runs on the same images, decoded beforehand: activations (and their cost) as in the jobs.
+        prep = model.info.preprocessing
+        batch = next(iter(make_loader(samples[:32], build_transform(Preprocessing.from_dict(prep), "none"), 32)))[0]
+        x = batch.contiguous(memory_format=torch.channels_last)
+
+        def forward(x: torch.Tensor = x) -> None:
+            with torch.inference_mode(), autocast(device, precision):
+                for _ in range(LIMIT_BATCHES):
+                    model(x)
+
+        def onnx_forward(x: torch.Tensor = x) -> None:
+            for _ in range(LIMIT_BATCHES):
+                session.run(None, {"images": x.contiguous().numpy()})
+
+        jobs = {
+            "limit": (32 * LIMIT_BATCHES, forward),
+            "features": (len(samples), lambda: extract_features(model, samples, use_cache=False, precision=precision)),
+            "predict": (len(samples), lambda: predict(model, files, precision=precision)),
+            "onnx_limit": (32 * LIMIT_BATCHES, onnx_forward),
+            "onnx_predict": (len(samples), lambda: predict(onnx, files)),
+        }
+        # One warm-up each, then the jobs take turns, so that a neighbour's load slows them alike.
+        rates: dict[str, list[float]] = {job: [] for job in jobs}
+        for round_ in range(ROUNDS + 1):
+            for job, (count, run) in jobs.items():
+                start = time.perf_counter()
+                run()
+                if round_:
+                    rates[job].append(count / (time.perf_counter() - start))
+        out[name] = {job: statistics.median(r) for job, r in rates.items()}
+        out[name] |= {"fine_tune": _fine_tune_epoch(model, samples, names, device), "precision": precision}
     return out
 
 
@@ -166,15 +189,22 @@ def main() -> None:
             if proc.returncode:
                 sys.exit(proc.stderr[-3000:])
             runs[way] = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(f"{args.images} generated 500x375 JPEGs, images/s (transferkit precision: "
-          f"{runs['ours'][MODELS[0]]['precision']}, channels_last, mimalloc)")
-    print(f"{'model':<20} {'job':<10} {'limit':>7} {'ours':>7} {'of limit':>9} {'seeds':>7} {'ours/seeds':>10}")
+    print(
+        f"{args.images} generated 500x375 JPEGs, images/s, medians of {ROUNDS} turns (transferkit precision: "
+        f"{runs['ours'][MODELS[0]]['precision']}, channels_last, mimalloc; ONNX rows: ONNX Runtime on an export)"
+    )
+    print(f"{'model':<20} {'job':<16} {'limit':>7} {'ours':>7} {'of limit':>9} {'seeds':>7} {'ours/seeds':>10}")
     for name in MODELS:
         o, s = runs["ours"][name], runs["seeds"][name]
-        for job in ("features", "predict", "fine_tune"):
-            limit = f"{o['limit']:7.1f}" if job != "fine_tune" else f"{'':>7}"
-            share = f"{o[job] / o['limit']:9.0%}" if job != "fine_tune" else f"{'':>9}"
-            print(f"{name:<20} {job:<10} {limit} {o[job]:7.1f} {share} {s[job]:7.1f} {o[job] / s[job]:10.2f}")
+        rows = [("features", "limit", "features"), ("predict", "limit", "predict"),
+                ("predict (ONNX)", "onnx_limit", "predict"), ("fine-tune epoch", None, "fine_tune")]  # fmt: skip
+        for job, limit_key, seeds_job in rows:
+            key = {"predict (ONNX)": "onnx_predict", "fine-tune epoch": "fine_tune"}.get(job, job)
+            limit = f"{o[limit_key]:7.1f}" if limit_key else f"{'':>7}"
+            share = f"{o[key] / o[limit_key]:9.0%}" if limit_key else f"{'':>9}"
+            print(
+                f"{name:<20} {job:<16} {limit} {o[key]:7.1f} {share} {s[seeds_job]:7.1f} {o[key] / s[seeds_job]:10.2f}"
+            )
 
 
 if __name__ == "__main__":

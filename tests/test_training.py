@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,3 +72,28 @@ def test_lr_finder_suggests_a_rate_and_lr_auto_uses_it(tiny_dataset: Path, tmp_p
     assert 1e-7 < found.suggestion < 1.0 and len(found.lrs) == len(found.losses) >= 10
     result = train(tiny_dataset, lr="auto", epochs=1, out=str(tmp_path / "auto"), **TINY)
     assert result.metrics["lr_finder"]["suggestion"] > 0 and (result.run_dir / "lr_find.png").is_file()
+
+
+def test_compile_trains_a_compiled_network_and_saves_plain_weights(tiny_dataset: Path, tmp_path: Path) -> None:
+    from torch._dynamo.utils import counters
+
+    from transferkit import evaluate, load_checkpoint
+
+    counters.clear()
+    options = {**TINY, "model": "squeezenet1_1"}
+    result = train(tiny_dataset, strategy="fine-tune", unfreeze=1, epochs=1, compile=True, out=str(tmp_path / "c"),
+                   **options)  # fmt: skip
+    assert counters["stats"]["unique_graphs"] >= 1  # dynamo captured and compiled the forward
+    model = load_checkpoint(result.run_dir)  # strict load: keys without torch.compile's "_orig_mod." prefix
+    assert not any("_orig_mod" in key for key in model.state_dict())
+    graphs = counters["stats"]["unique_graphs"]
+    assert evaluate(model, tiny_dataset / "val", compile=True).accuracy == result.metrics["val_accuracy"]
+    assert counters["stats"]["unique_graphs"] > graphs  # the inference forward was compiled too
+
+    # Without a C++ compiler on the PATH, a one-line error names the option instead of an inductor traceback.
+    env = {**os.environ, "PATH": str(tmp_path / "empty-bin"), "CXX": ""}
+    image = next((tiny_dataset / "val").rglob("*.png"))
+    proc = subprocess.run([sys.executable, "-m", "transferkit", "predict", str(result.run_dir), str(image), "--compile"],
+                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert proc.returncode != 0 and "--compile" in proc.stderr and "C++ compiler" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

@@ -96,7 +96,10 @@ transferkit train --resume runs/resnet18-gradual-20260101-120000
     p.add_argument("--dist", "--strategy-dist", dest="dist", default="auto",
                    help="Lightning distributed strategy: auto, ddp, ddp_spawn, fsdp, ...")
     p.add_argument("--patience", type=int, help="stop early after N epochs without val accuracy improvement")
-    p.add_argument("--num-workers", type=int, help="DataLoader workers (default: cores - 1)")
+    p.add_argument("--num-workers", type=int, help="DataLoader worker processes (default: none on a CPU, where a "
+                   "batch is decoded on all cores between steps; cores - 1 beside a GPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network: pays on long runs only "
+                   "(~30 s to compile on 2 cores; resnet18 1.14x)")
     p.add_argument("--no-cache", action="store_true", help="feature-extract: recompute the frozen backbone every epoch")
     p.add_argument("--views", type=int, default=1, help="feature-extract: augmented views cached per training image "
                    "(1 = the plain evaluation view, no augmentation)")  # fmt: skip
@@ -140,13 +143,14 @@ transferkit evaluate runs/my-run data/test --json > metrics.json
     p.add_argument("--json", action="store_true", help="print a JSON object (with 'accuracy') instead of a table")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--precision", help="32, bf16 or 16 (default: the run's)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network first (pays on many images)")
     p.set_defaults(handler=_evaluate)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from .inference import evaluate
 
-    result = evaluate(args.run, args.data, batch_size=args.batch_size, precision=args.precision)
+    result = evaluate(args.run, args.data, batch_size=args.batch_size, precision=args.precision, compile=args.compile)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
     return 0
 
@@ -162,13 +166,15 @@ transferkit predict runs/my-run photos/ --json
     p.add_argument("--json", action="store_true", help='print [{"path", "predictions": [{"label", "probability"}]}]')
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--precision", help="32, bf16 or 16 (default: the run's)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network first (pays on many images)")
     p.set_defaults(handler=_predict)
 
 
 def _predict(args: argparse.Namespace) -> int:
     from .inference import format_predictions, predict
 
-    results = predict(args.run, args.paths, top_k=args.top_k, batch_size=args.batch_size, precision=args.precision)
+    results = predict(args.run, args.paths, top_k=args.top_k, batch_size=args.batch_size, precision=args.precision,
+                      compile=args.compile)  # fmt: skip
     print(json.dumps(results, indent=2) if args.json else format_predictions(results))
     return 0 if all(not r.get("error") for r in results) else 1
 

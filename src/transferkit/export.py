@@ -16,6 +16,7 @@ the checkpoint's; a difference above the tolerance fails the export and leaves n
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 from collections.abc import Callable
@@ -266,11 +267,23 @@ def _write_torchscript(net: nn.Module, example: torch.Tensor, path: Path) -> Non
 
 
 def onnx_session(path: str | Path) -> Any:
-    """An ONNX Runtime session on ``path`` (GPU when onnxruntime-gpu has one, else CPU)."""
+    """An ONNX Runtime session on ``path`` (GPU when onnxruntime-gpu has one, else CPU).
+
+    Sessions are kept for the last few files (keyed by path, size and mtime, so a new export is
+    picked up): repeated ``predict`` calls from a notebook skip the graph optimisation.
+    """
     try:
-        import onnxruntime
+        import onnxruntime  # noqa: F401
     except ImportError:
         raise TransferkitError("ONNX exports need ONNX Runtime: pip install onnxruntime") from None
+    stat = Path(path).stat()
+    return _session(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _session(path: str, size: int, mtime_ns: int) -> Any:
+    import onnxruntime
+
     available = onnxruntime.get_available_providers()
     providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
     try:

@@ -16,7 +16,15 @@ from .checkpoint import load_checkpoint
 from .data import IMAGE_EXTENSIONS, VAL_DIR_NAMES, BadImage, Sample, build_transform, make_loader, scan_class_folder
 from .errors import TransferkitError
 from .heads import TransferModel
-from .performance import autocast, batch_to, inference_mode, pick_device, resolve_precision, to_fast_layout
+from .performance import (
+    autocast,
+    batch_to,
+    compile_in_place,
+    inference_mode,
+    pick_device,
+    resolve_precision,
+    to_fast_layout,
+)
 
 
 @dataclass
@@ -102,11 +110,14 @@ def evaluate_samples(
     device: torch.device | None = None,
     precision: str | None = None,
     skipped: int = 0,
+    compile: bool = False,
 ) -> Evaluation:
     """Metrics of ``model`` on ``samples``; ``skipped`` counts files already left out by the scan."""
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
     device = device or pick_device()
+    if compile:
+        compile_in_place(model, device)
     prep = Preprocessing.from_dict(model.info.preprocessing)
     loader = make_loader(samples, build_transform(prep, "none"), batch_size, num_workers=num_workers)
     probs, labels, bad = predict_probabilities(model, loader, device, inference_precision(model, device, precision))
@@ -156,6 +167,7 @@ def evaluate(
     batch_size: int = 32,
     num_workers: int | None = None,
     precision: str | None = None,
+    compile: bool = False,
 ) -> Evaluation:
     """Accuracy, per-class precision/recall/F1 and confusion matrix of a trained model on a folder.
 
@@ -167,7 +179,9 @@ def evaluate(
     _, samples, skipped = scan_class_folder(folder, model.class_names)
     if not samples:
         raise TransferkitError(f"no images found in {folder}; give a folder with one sub-folder per class")
-    return evaluate_samples(model, samples, batch_size, num_workers, precision=precision, skipped=len(skipped))
+    return evaluate_samples(
+        model, samples, batch_size, num_workers, precision=precision, skipped=len(skipped), compile=compile
+    )
 
 
 def collect_images(paths: list[str | Path]) -> list[str]:
@@ -199,14 +213,16 @@ def predict(
     batch_size: int = 32,
     num_workers: int | None = None,
     precision: str | None = None,
+    compile: bool = False,
 ) -> list[dict[str, Any]]:
     """Top-k labels with probabilities for each image: ``[{"path", "predictions": [{"label", "probability"}]}]``.
 
     An image that cannot be decoded gets ``"error"`` instead of predictions. A run directory with an
-    ONNX export (``transferkit export RUN``) predicts through ONNX Runtime when it is installed and no
-    precision is asked for: 1.7-4.5x eager PyTorch on a CPU (benchmarks/predict_paths.py).
+    ONNX export (``transferkit export RUN``) predicts through ONNX Runtime when it is installed and
+    neither a precision nor ``compile`` (torch.compile, for long jobs) is asked for: ONNX Runtime's
+    forward is 1.1-1.8x eager PyTorch's on a CPU (benchmarks/throughput.py, predict_paths.py).
     """
-    onnx = _onnx_export_of(run) if precision is None else None
+    onnx = _onnx_export_of(run) if precision is None and not compile else None
     if onnx is not None:
         from .export import predict_onnx
 
@@ -214,6 +230,8 @@ def predict(
     model = run if isinstance(run, TransferModel) else load_checkpoint(run)
     files = collect_images([paths] if isinstance(paths, (str, Path)) else list(paths))
     device = pick_device()
+    if compile:
+        compile_in_place(model, device)
     prep = Preprocessing.from_dict(model.info.preprocessing)
     # Each sample's "label" is its index, so images that fail to decode leave a traceable gap.
     samples = [(f, i) for i, f in enumerate(files)]

@@ -24,11 +24,11 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from .backbones import DEFAULT_BACKBONE, Preprocessing, explicit_preprocessing, load_backbone
 from .checkpoint import CHECKPOINT_NAME, atomic_write, save_checkpoint
-from .data import EpochSeededSampler, build_transform, discover, make_loader
+from .data import EpochSeededSampler, build_transform, default_num_workers, discover, make_loader
 from .errors import TransferkitError
 from .features import cache_supported, extract_features
 from .heads import TransferModel
-from .performance import batch_to, pick_device, resolve_precision, to_fast_layout, uses_convolutions
+from .performance import batch_to, compile_in_place, pick_device, resolve_precision, to_fast_layout, uses_convolutions
 from .strategies import STRATEGIES, StrategySpec, apply_strategy, param_groups, parse_group_lrs, parse_unfreeze
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -77,6 +77,7 @@ class TrainConfig:
     feature_views: int = 1
     cache_dir: str | None = None
     num_workers: int | None = None
+    compile: bool = False
     mean: list[float] | None = None
     std: list[float] | None = None
     image_size: int | None = None
@@ -609,12 +610,17 @@ def _learner_and_loaders(
 ) -> tuple[TransferLearner, Any, Any, dict[str, Any]]:
     """The learner and its loaders: over cached features when only the head trains, else over images."""
     if spec.name == "feature-extract" and config.cache and cache_supported(model):
+        if config.compile:
+            warnings.warn("--compile: not applied, only the head trains (on cached features)", stacklevel=2)
         train_loader, val_loader, feature_info = _feature_loaders(model, splits, config, device, run_dir)
         return TransferLearner(model, spec, config, head_only=True), train_loader, val_loader, feature_info
     prep = Preprocessing.from_dict(model.info.preprocessing)
+    workers = default_num_workers(device.type) if config.num_workers is None else config.num_workers
     train_loader = make_loader(splits.train, build_transform(prep, config.augment), config.batch_size,
-                               shuffle=True, num_workers=config.num_workers, seed=config.seed)  # fmt: skip
-    val_loader = make_loader(splits.val, build_transform(prep, "none"), config.batch_size, num_workers=config.num_workers)
+                               shuffle=True, num_workers=workers, seed=config.seed)  # fmt: skip
+    val_loader = make_loader(splits.val, build_transform(prep, "none"), config.batch_size, num_workers=workers)
+    if config.compile:
+        compile_in_place(model, device)
     return TransferLearner(model, spec, config), train_loader, val_loader, {}
 
 
