@@ -120,6 +120,8 @@ def _fine_tune_epoch(model, samples, names, device) -> float:
 
 def seeds(data: Path) -> dict:
     """The tutorial's loops: PIL ImageFolder, fp32, contiguous layout, glibc malloc."""
+    import statistics
+
     import torch
     from torch import nn
     from torchvision import datasets, transforms
@@ -141,16 +143,24 @@ def seeds(data: Path) -> dict:
         set_module(model, backbone.classifier_path, nn.Linear(head.in_features, 2))
         loader = torch.utils.data.DataLoader(datasets.ImageFolder(str(data), eval_tf), batch_size=32, num_workers=1)
         n = len(loader.dataset)
-        start = time.perf_counter()
-        with torch.no_grad():
-            for x, _ in loader:
-                model(x)  # the tutorial's frozen-backbone pass: the whole network, every time
-        features = n / (time.perf_counter() - start)
-        start = time.perf_counter()
-        with torch.no_grad():
-            for x, _ in loader:
-                model(x).softmax(1)
-        predicted = n / (time.perf_counter() - start)
+
+        def features() -> None:
+            with torch.no_grad():
+                for x, _ in loader:
+                    model(x)  # the tutorial's frozen-backbone pass: the whole network, every time
+
+        def predicted() -> None:
+            with torch.no_grad():
+                for x, _ in loader:
+                    model(x).softmax(1)
+
+        rates: dict[str, list[float]] = {"features": [], "predict": []}
+        for round_ in range(ROUNDS + 1):  # as for ours: a warm-up, then turns, medians
+            for job, run in (("features", features), ("predict", predicted)):
+                start = time.perf_counter()
+                run()
+                if round_:
+                    rates[job].append(n / (time.perf_counter() - start))
         groups = backbone.groups[-3:-1]
         params = [p for n_, p in model.named_parameters() if any(n_.startswith(q) for g in groups for q in g.prefixes)]
         optimizer = torch.optim.SGD(params + list(get_module(model, backbone.classifier_path).parameters()), lr=1e-3,
@@ -163,7 +173,8 @@ def seeds(data: Path) -> dict:
             optimizer.zero_grad()
             nn.functional.cross_entropy(model(x), y).backward()
             optimizer.step()
-        out[name] = {"features": features, "predict": predicted, "fine_tune": n / (time.perf_counter() - start)}
+        out[name] = {job: statistics.median(r) for job, r in rates.items()}
+        out[name]["fine_tune"] = n / (time.perf_counter() - start)
     return out
 
 

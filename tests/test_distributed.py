@@ -35,3 +35,13 @@ def test_two_process_ddp_training(tiny_dataset: Path, tmp_path: Path, strategy: 
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
         "checkpoints", "command.txt", "config.json", "history.csv", "metrics.json", "model.pt", "report", "report.html"
     ]  # fmt: skip
+
+
+def test_fsdp_is_refused_where_it_cannot_run(tiny_dataset: Path, tmp_path: Path) -> None:
+    """Lightning's FSDP needs CUDA, and shards trained weights: a clear error before any run directory exists."""
+    from transferkit import TransferkitError, train
+
+    out = tmp_path / "fsdp"
+    with pytest.raises(TransferkitError, match="--dist fsdp needs CUDA GPUs.*use --dist ddp"):
+        train(tiny_dataset, strategy="fine-tune", unfreeze=1, accelerator="cpu", dist="fsdp", out=str(out))
+    assert not out.exists()

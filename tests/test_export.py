@@ -170,3 +170,49 @@ def test_predict_on_a_run_prefers_its_onnx_export(run_dir: Path, tiny_dataset: P
     ]
     forced = predict(run, [tiny_dataset / "val"], top_k=2, precision="32")  # an explicit precision means eager
     assert not any(p["label"] == "RED" for r in forced for p in r["predictions"])
+
+
+def test_runtime_choice_and_the_cached_export(run_dir: Path, tiny_dataset: Path, tmp_path: Path) -> None:
+    from transferkit import TransferkitError, predict
+    from transferkit.export import cached_export_path
+
+    run = tmp_path / "run-without-export"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("model.onnx*"))
+    cached = cached_export_path(run / "model.pt")
+    images = [tiny_dataset / "val"]
+    eager = predict(run, images, top_k=2, runtime="torch")
+    # auto on 8 images: exporting would cost more than ONNX Runtime saves, so PyTorch runs and nothing is written.
+    assert predict(run, images, top_k=2) == eager and not cached.exists()
+    fast = predict(run, images, top_k=2, runtime="onnx")  # exports once, verified, into the cache
+    assert cached.is_file() and sidecar_path(cached).is_file() and not (run / "model.onnx").exists()
+    for a, b in zip(eager, fast):
+        assert [p["label"] for p in a["predictions"]] == [p["label"] for p in b["predictions"]]
+        for p, q in zip(a["predictions"], b["predictions"]):
+            assert q["probability"] == pytest.approx(p["probability"], abs=1e-4)
+    made = cached.stat().st_mtime_ns
+    sidecar_path(cached).write_text(sidecar_path(cached).read_text().replace('"red"', '"RED"'))
+    again = predict(run, images, top_k=2)  # auto now finds the cached export and uses it as is
+    assert cached.stat().st_mtime_ns == made and any(p["label"] == "RED" for r in again for p in r["predictions"])
+    with pytest.raises(TransferkitError, match="--runtime torch"):
+        predict(cached, images, runtime="torch")
+    with pytest.raises(TransferkitError, match="--precision applies to --runtime torch"):
+        predict(run, images, runtime="onnx", precision="bf16")
+    with pytest.raises(TransferkitError, match="choose one of: auto, torch, onnx"):
+        predict(run, images, runtime="tensorrt")
+
+
+def test_auto_runtime_exports_for_a_large_job(run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from helpers import make_colour_folder
+
+    from transferkit import predict
+    from transferkit.export import cached_export_path
+    from transferkit.inference import AUTO_EXPORT_FROM
+
+    monkeypatch.setenv("TRANSFERKIT_CACHE_DIR", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("model.onnx*"))
+    make_colour_folder(tmp_path / "many", AUTO_EXPORT_FROM // 2, size=(32, 32))
+    assert not cached_export_path(run / "model.pt").exists()
+    results = predict(run, [tmp_path / "many"])
+    assert len(results) == AUTO_EXPORT_FROM and all(r["predictions"] for r in results)
+    assert cached_export_path(run / "model.pt").is_file()

@@ -59,10 +59,16 @@ def model_metadata(model: TransferModel) -> dict[str, Any]:
     }
 
 
-def save_checkpoint(model: TransferModel, path: str | Path, **extra: Any) -> Path:
-    """Write ``model`` atomically; ``extra`` (JSON-able) joins the metadata."""
+def save_checkpoint(
+    model: TransferModel, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None, **extra: Any
+) -> Path:
+    """Write ``model`` atomically; ``extra`` (JSON-able) joins the metadata.
+
+    ``state_dict``: the network's weights when they are not all in ``model`` (gathered from FSDP shards).
+    """
     metadata = {**model_metadata(model), **extra}
-    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.net.state_dict().items()}
+    weights = model.net.state_dict() if state_dict is None else state_dict
+    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in weights.items()}
     payload: dict[str, Any] = {"format": FORMAT, "metadata": json.dumps(metadata), "state_dict": state}
     if model.probe is not None:
         payload["probe"] = {k: v.detach().cpu().clone() for k, v in model.probe.state_dict().items()}

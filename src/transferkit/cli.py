@@ -160,9 +160,11 @@ def _add_predict(sub: Any) -> None:
 transferkit predict runs/my-run photo.jpg more_photos/ --top-k 3
 transferkit predict runs/my-run photos/ --json
 """)
-    p.add_argument("run", help="run directory (or its model.pt)")
+    p.add_argument("run", help="run directory, its model.pt, or an ONNX export (.onnx)")
     p.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
     p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--runtime", default="auto", help="auto, torch or onnx. auto: ONNX Runtime (when installed, on a CPU) "
+                   "if the run has an export or there are 256+ images (exported once, verified, cached); else PyTorch")
     p.add_argument("--json", action="store_true", help='print [{"path", "predictions": [{"label", "probability"}]}]')
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--precision", help="32, bf16 or 16 (default: the run's)")
@@ -174,7 +176,7 @@ def _predict(args: argparse.Namespace) -> int:
     from .inference import format_predictions, predict
 
     results = predict(args.run, args.paths, top_k=args.top_k, batch_size=args.batch_size, precision=args.precision,
-                      compile=args.compile)  # fmt: skip
+                      compile=args.compile, runtime=args.runtime)  # fmt: skip
     print(json.dumps(results, indent=2) if args.json else format_predictions(results))
     return 0 if all(not r.get("error") for r in results) else 1
 
@@ -323,6 +325,13 @@ def _cache(args: argparse.Namespace) -> int:
         print(root)
     else:
         print(f"removed {clear_cache(root)} cached feature vectors from {root}")
+        exports = root.parent / "exports"  # the ONNX exports predict made for itself
+        if exports.is_dir():
+            import shutil
+
+            count = len(list(exports.glob("*.onnx")))
+            shutil.rmtree(exports)
+            print(f"removed {count} cached ONNX exports from {exports}")
     return 0
 
 

@@ -379,7 +379,8 @@ def make_loader(
     return DataLoader(
         ImageDataset(samples, transform),
         batch_size=batch_size,
-        sampler=EpochSeededSampler(len(samples), seed, shuffle),
+        # Only shuffled (training) batches carry augmentation seeds; the others transform on threads too.
+        sampler=EpochSeededSampler(len(samples), seed, shuffle, with_aug_seeds=shuffle),
         num_workers=workers,
         collate_fn=collate_skipping_bad,
         persistent_workers=workers > 0,

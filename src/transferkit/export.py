@@ -72,6 +72,17 @@ class ExportResult:
         )
 
 
+def cached_export_path(checkpoint: Path) -> Path:
+    """Where ``predict`` keeps the ONNX export it made of ``checkpoint``: named by the file's content."""
+    import hashlib
+
+    from .features import default_cache_dir
+
+    with open(checkpoint, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()[:24]
+    return default_cache_dir().parent / "exports" / f"{digest}.onnx"
+
+
 def sidecar_path(path: str | Path) -> Path:
     path = Path(path)
     return path.with_name(path.name + ".json")

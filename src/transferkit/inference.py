@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .backbones import Preprocessing
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, resolve_checkpoint_path
 from .data import IMAGE_EXTENSIONS, VAL_DIR_NAMES, BadImage, Sample, build_transform, make_loader, scan_class_folder
 from .errors import TransferkitError
 from .heads import TransferModel
@@ -206,6 +207,11 @@ def collect_images(paths: list[str | Path]) -> list[str]:
     return found
 
 
+RUNTIMES = ("auto", "torch", "onnx")
+# Below this many images, exporting first (a few seconds) costs more than ONNX Runtime saves.
+AUTO_EXPORT_FROM = 256
+
+
 def predict(
     run: str | Path | TransferModel,
     paths: list[str | Path] | str | Path,
@@ -214,21 +220,26 @@ def predict(
     num_workers: int | None = None,
     precision: str | None = None,
     compile: bool = False,
+    runtime: str = "auto",
 ) -> list[dict[str, Any]]:
     """Top-k labels with probabilities for each image: ``[{"path", "predictions": [{"label", "probability"}]}]``.
 
-    An image that cannot be decoded gets ``"error"`` instead of predictions. A run directory with an
-    ONNX export (``transferkit export RUN``) predicts through ONNX Runtime when it is installed and
-    neither a precision nor ``compile`` (torch.compile, for long jobs) is asked for: ONNX Runtime's
-    forward is 1.1-1.8x eager PyTorch's on a CPU (benchmarks/throughput.py, predict_paths.py).
+    An image that cannot be decoded gets ``"error"`` instead of predictions. ``runtime``: ``torch``
+    (eager PyTorch), ``onnx`` (ONNX Runtime on ``run`` if it is an ``.onnx`` file, else on the run's
+    ``model.onnx``, else on a verified export made once into the cache), or ``auto``: ONNX Runtime
+    where it is installed and the model runs on the CPU with neither ``precision`` nor ``compile``
+    asked for, provided an export exists or there are at least 256 images; its forward is 1.3-1.8x
+    eager PyTorch's on a CPU (benchmarks/throughput.py).
     """
-    onnx = _onnx_export_of(run) if precision is None and not compile else None
+    if runtime not in RUNTIMES:
+        raise TransferkitError(f"unknown --runtime {runtime!r}; choose one of: {', '.join(RUNTIMES)}")
+    files = collect_images([paths] if isinstance(paths, (str, Path)) else list(paths))
+    onnx = _onnx_model_for(run, runtime, len(files), precision, compile)
     if onnx is not None:
         from .export import predict_onnx
 
-        return predict_onnx(onnx, paths, top_k, batch_size, num_workers)
+        return predict_onnx(onnx, files, top_k, batch_size, num_workers)
     model = run if isinstance(run, TransferModel) else load_checkpoint(run)
-    files = collect_images([paths] if isinstance(paths, (str, Path)) else list(paths))
     device = pick_device()
     if compile:
         compile_in_place(model, device)
@@ -242,17 +253,43 @@ def predict(
     return top_k_results(files, dict(zip(indices.tolist(), probs)), model.class_names, top_k)
 
 
-def _onnx_export_of(run: Any) -> Path | None:
-    """The ONNX file to predict with: ``run`` itself, or a run directory's verified export."""
-    if not isinstance(run, (str, Path)):
+def _onnx_model_for(run: Any, runtime: str, images: int, precision: str | None, compile: bool) -> Path | None:
+    """The ONNX file ``predict`` runs, or None for eager PyTorch (see ``predict``'s ``runtime``)."""
+    torch_only = "--precision" if precision else "--compile" if compile else None
+    if isinstance(run, (str, Path)) and Path(run).suffix.lower() == ".onnx":
+        if runtime == "torch" or torch_only:
+            raise TransferkitError(f"{run} is an ONNX export, run by ONNX Runtime only: give the run directory for "
+                                   f"{torch_only or '--runtime torch'}")  # fmt: skip
+        return Path(run).expanduser()
+    if not isinstance(run, (str, Path)) or runtime == "torch":
+        if runtime == "onnx":
+            raise TransferkitError("--runtime onnx needs a run directory or an .onnx file, not a model object")
         return None
-    path = Path(run).expanduser()
-    if path.suffix.lower() == ".onnx":
-        return path  # explicitly an export: ONNX Runtime or a clear error saying how to install it
-    export = path / "model.onnx"
-    if path.is_dir() and export.is_file() and importlib.util.find_spec("onnxruntime") is not None:
-        return export
-    return None
+    if runtime == "onnx" and torch_only:
+        raise TransferkitError(f"{torch_only} applies to --runtime torch; --runtime onnx runs the fp32 export")
+    if runtime == "auto" and (torch_only or pick_device().type != "cpu" or not _installed("onnxruntime")):
+        return None
+    from .export import cached_export_path, export
+
+    checkpoint = resolve_checkpoint_path(run)
+    cached = cached_export_path(checkpoint)
+    existing = next((p for p in (checkpoint.parent / "model.onnx", cached) if p.is_file()), None)
+    if existing is not None:
+        return existing
+    if runtime == "auto" and (images < AUTO_EXPORT_FROM or not _installed("onnx")):
+        return None
+    try:
+        export(checkpoint, "onnx", out=cached)
+    except TransferkitError as exc:
+        if runtime == "onnx":
+            raise
+        warnings.warn(f"predicting with PyTorch: no ONNX export could be made ({exc})", stacklevel=3)
+        return None
+    return cached
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
 
 
 def format_predictions(results: list[dict[str, Any]]) -> str:

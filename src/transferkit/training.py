@@ -262,8 +262,11 @@ class BestModelCheckpoint(Callback):
         score = (float(metrics["val_accuracy"]), -float(metrics["val_loss"]))
         if self.best is None or score > self.best:
             self.best, self.best_epoch = score, trainer.current_epoch
+            # Every rank asks: under FSDP this gathers the full weights (a collective); else it is a plain read.
+            state = trainer.strategy.lightning_module_state_dict()
             if trainer.is_global_zero:
-                save_checkpoint(pl_module.model, self.path, epoch=trainer.current_epoch, **self.extra)
+                net = {k.removeprefix("model.net."): v for k, v in state.items() if k.startswith("model.net.")}
+                save_checkpoint(pl_module.model, self.path, state_dict=net, epoch=trainer.current_epoch, **self.extra)
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": list(self.best) if self.best else None, "best_epoch": self.best_epoch}
@@ -407,6 +410,7 @@ def run_training(config: TrainConfig, command: str | None = None) -> TrainResult
         return _join_as_worker_rank(config, started)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not config.out:
         raise TransferkitError("a multi-process launch (torchrun, SLURM) needs --out RUN_DIR, so every rank finds the run")
+    check_sharding(config)
     L.seed_everything(config.seed, workers=True, verbose=False)
     splits = discover(config.data, config.val_split, config.seed)
     if config.strategy == "auto":
@@ -428,6 +432,19 @@ def run_training(config: TrainConfig, command: str | None = None) -> TrainResult
 
 
 RUN_DIR_ENV = "TRANSFERKIT_RUN_DIR"
+
+
+def check_sharding(config: TrainConfig) -> None:
+    """FSDP shards a network's trained weights across GPUs: refuse it where it cannot run or means nothing."""
+    if not config.dist.startswith("fsdp"):
+        return
+    device = pick_device(config.accelerator if config.accelerator not in ("auto", "gpu") else "auto")
+    if device.type != "cuda":
+        raise TransferkitError(f"--dist {config.dist} needs CUDA GPUs (Lightning's FSDP does not run on a {device.type}); "
+                               "use --dist ddp")  # fmt: skip
+    if config.strategy in ("feature-extract", "linear-probe"):
+        raise TransferkitError(f"--dist {config.dist} shards the weights being trained, and --strategy {config.strategy} "
+                               "trains only a head: use --dist ddp")  # fmt: skip
 
 
 def _join_as_worker_rank(config: TrainConfig, started: float) -> TrainResult:
