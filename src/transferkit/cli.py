@@ -99,7 +99,7 @@ transferkit train --resume runs/resnet18-gradual-20260101-120000
     p.add_argument("--num-workers", type=int, help="DataLoader worker processes (default: none on a CPU, where a "
                    "batch is decoded on all cores between steps; cores - 1 beside a GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network: pays on long runs only "
-                   "(~30 s to compile on 2 cores; resnet18 1.14x)")
+                   "(14-43 s to compile on 2 cores, then 1.05-1.23x; worth it after ~4,000-13,000 images)")
     p.add_argument("--no-cache", action="store_true", help="feature-extract: recompute the frozen backbone every epoch")
     p.add_argument("--views", type=int, default=1, help="feature-extract: augmented views cached per training image "
                    "(1 = the plain evaluation view, no augmentation)")  # fmt: skip

@@ -104,9 +104,9 @@ def inference_mode(model: nn.Module) -> Iterator[None]:
 def compile_in_place(model: nn.Module, device: torch.device) -> nn.Module:
     """``torch.compile`` the model's forward, in place: its state_dict keys stay as they are.
 
-    Pays only on long jobs: on a 2-core CPU, resnet18's forward compiles in ~30 s (plus ~13 s once
-    more for the first batch of another size) for 1.14x channels_last eager (benchmarks/compile.py),
-    so it is worth it beyond ~10,000 images; hence off unless asked for (``--compile``).
+    Pays only on long jobs: on a 2-core CPU, compiling takes 14-43 s (and again for the first batch
+    of another size) for 1.05-1.23x channels_last eager, worth it after ~4,000-13,000 images
+    (benchmarks/compile.py); hence off unless asked for (``--compile``).
     """
     if device.type == "cpu" and not _cxx_compiler():
         raise TransferkitError(
