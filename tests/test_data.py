@@ -110,7 +110,8 @@ def test_batches_decoded_on_threads_equal_one_by_one(tmp_path: Path) -> None:
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        for augment, keys in (("none", list(range(len(samples)))), ("strong", [(i, 1000 + i) for i in range(len(samples))])):
+        seeded = [(i, 1000 + i) for i in range(len(samples))]
+        for augment, keys in (("none", list(range(len(samples)))), ("strong", seeded)):
             dataset = ImageDataset(samples, build_transform(prep, augment))
             batch = dataset.__getitems__(keys)
             one_by_one = [dataset[k] for k in keys]

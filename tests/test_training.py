@@ -67,9 +67,12 @@ def test_mlp_head_and_bad_group_lr(tiny_dataset: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "bad").exists()  # validated before the run directory is created
 
 
-def test_lr_finder_suggests_a_rate_and_lr_auto_uses_it(tiny_dataset: Path, tmp_path: Path) -> None:
+def test_lr_finder_suggests_a_rate_and_lr_auto_uses_it(
+    tiny_dataset: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     found = find_lr(TrainConfig(data=str(tiny_dataset), **TINY), num_training=20)
     assert 1e-7 < found.suggestion < 1.0 and len(found.lrs) == len(found.losses) >= 10
+    assert "Finding best initial lr" not in capfd.readouterr().err  # quiet: Lightning's own bar is silenced
     result = train(tiny_dataset, lr="auto", epochs=1, out=str(tmp_path / "auto"), **TINY)
     assert result.metrics["lr_finder"]["suggestion"] > 0 and (result.run_dir / "lr_find.png").is_file()
 
@@ -93,7 +96,7 @@ def test_compile_trains_a_compiled_network_and_saves_plain_weights(tiny_dataset:
     # Without a C++ compiler on the PATH, a one-line error names the option instead of an inductor traceback.
     env = {**os.environ, "PATH": str(tmp_path / "empty-bin"), "CXX": ""}
     image = next((tiny_dataset / "val").rglob("*.png"))
-    proc = subprocess.run([sys.executable, "-m", "transferkit", "predict", str(result.run_dir), str(image), "--compile"],
-                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    command = [sys.executable, "-m", "transferkit", "predict", str(result.run_dir), str(image), "--compile"]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode != 0 and "--compile" in proc.stderr and "C++ compiler" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1

@@ -163,8 +163,9 @@ transferkit predict runs/my-run photos/ --json
     p.add_argument("run", help="run directory, its model.pt, or an ONNX export (.onnx)")
     p.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
     p.add_argument("--top-k", type=int, default=3)
-    p.add_argument("--runtime", default="auto", help="auto, torch or onnx. auto: ONNX Runtime (when installed, on a CPU) "
-                   "if the run has an export or there are 256+ images (exported once, verified, cached); else PyTorch")
+    p.add_argument("--runtime", default="auto", help="auto, torch or onnx. auto: ONNX Runtime (when installed, "
+                   "on a CPU) if the run has an export or there are 256+ images (exported once, verified, cached); "
+                   "else PyTorch")
     p.add_argument("--json", action="store_true", help='print [{"path", "predictions": [{"label", "probability"}]}]')
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--precision", help="32, bf16 or 16 (default: the run's)")

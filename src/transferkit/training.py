@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import logging
 import os
@@ -440,11 +442,11 @@ def check_sharding(config: TrainConfig) -> None:
         return
     device = pick_device(config.accelerator if config.accelerator not in ("auto", "gpu") else "auto")
     if device.type != "cuda":
-        raise TransferkitError(f"--dist {config.dist} needs CUDA GPUs (Lightning's FSDP does not run on a {device.type}); "
-                               "use --dist ddp")  # fmt: skip
+        raise TransferkitError(f"--dist {config.dist} needs CUDA GPUs (Lightning's FSDP does not run on a "
+                               f"{device.type}); use --dist ddp")  # fmt: skip
     if config.strategy in ("feature-extract", "linear-probe"):
-        raise TransferkitError(f"--dist {config.dist} shards the weights being trained, and --strategy {config.strategy} "
-                               "trains only a head: use --dist ddp")  # fmt: skip
+        raise TransferkitError(f"--dist {config.dist} shards the weights being trained, and --strategy "
+                               f"{config.strategy} trains only a head: use --dist ddp")  # fmt: skip
 
 
 def _join_as_worker_rank(config: TrainConfig, started: float) -> TrainResult:
@@ -688,8 +690,12 @@ def find_lr(config: TrainConfig, splits: Any = None, num_training: int = 100) ->
         trainer = L.Trainer(accelerator=device.type, devices=1, logger=False, enable_checkpointing=False, max_epochs=-1,
                             enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp,
                             precision=LIGHTNING_PRECISION[resolve_precision(config.precision, device, model, True)])  # fmt: skip
-        finder = Tuner(trainer).lr_find(learner, train_dataloaders=train_loader, min_lr=1e-6, max_lr=1.0,
-                                        num_training=num_training, update_attr=False)  # fmt: skip
+        # Lightning's LR finder always draws its own tqdm bar (on stderr): --quiet silences it here.
+        silent = contextlib.redirect_stderr(io.StringIO()) if config.quiet else contextlib.nullcontext()
+        with silent, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*no `val_dataloader`.*")  # the finder needs none
+            finder = Tuner(trainer).lr_find(learner, train_dataloaders=train_loader, min_lr=1e-6, max_lr=1.0,
+                                            num_training=num_training, update_attr=False)  # fmt: skip
     lrs, losses = [float(v) for v in finder.results["lr"]], [float(v) for v in finder.results["loss"]]
     if len(lrs) < 10:
         raise TransferkitError("the LR finder could not suggest a rate (too few batches?); pass --lr explicitly")
