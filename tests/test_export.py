@@ -216,3 +216,11 @@ def test_auto_runtime_exports_for_a_large_job(run_dir: Path, tmp_path: Path, mon
     results = predict(run, [tmp_path / "many"])
     assert len(results) == AUTO_EXPORT_FROM and all(r["predictions"] for r in results)
     assert cached_export_path(run / "model.pt").is_file()
+    # Where no export can be written, auto warns and predicts with PyTorch; --runtime onnx says what to do.
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("TRANSFERKIT_CACHE_DIR", str(tmp_path / "a-file" / "cache"))
+    with pytest.warns(UserWarning, match="predicting with PyTorch"):
+        eager = predict(run, [tmp_path / "many"])
+    assert [r["predictions"][0]["label"] for r in eager] == [r["predictions"][0]["label"] for r in results]
+    with pytest.raises(transferkit.TransferkitError, match="TRANSFERKIT_CACHE_DIR to a writable folder"):
+        predict(run, [tmp_path / "many"], runtime="onnx")

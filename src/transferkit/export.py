@@ -147,7 +147,13 @@ def export_model(
 
     def write_and_verify(tmp: Path) -> None:
         nonlocal diff
-        _WRITERS[format](net, example, tmp)
+        try:
+            _WRITERS[format](net, example, tmp)
+        except Exception as exc:  # the exporters raise many types; all mean "this network does not export"
+            raise TransferkitError(
+                f"{format} export of {model.info.backbone} failed ({type(exc).__name__}: {str(exc)[:200]}); "
+                "try the other --format"
+            ) from None
         reference = net(inputs)
         # Loaded back from the file, as a consumer would. Batch 1 differs from the traced batch of 2,
         # so a batch size frozen into the graph fails here.

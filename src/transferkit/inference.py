@@ -280,7 +280,10 @@ def _onnx_model_for(run: Any, runtime: str, images: int, precision: str | None, 
         return None
     try:
         export(checkpoint, "onnx", out=cached)
-    except TransferkitError as exc:
+    except (TransferkitError, OSError) as exc:  # e.g. an unexportable network, an unwritable cache
+        if runtime == "onnx" and isinstance(exc, OSError):
+            raise TransferkitError(f"cannot write an ONNX export under {cached.parent} ({exc}); set "
+                                   "TRANSFERKIT_CACHE_DIR to a writable folder, or run transferkit export RUN") from None  # fmt: skip
         if runtime == "onnx":
             raise
         warnings.warn(f"predicting with PyTorch: no ONNX export could be made ({exc})", stacklevel=3)
