@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import signal
 import struct
 import subprocess
@@ -194,3 +195,18 @@ def test_two_processes_sharing_the_cache_do_not_corrupt_it(tmp_path: Path) -> No
     assert len(files) == 80 and not list(cache.rglob("*.tmp"))
     for f in files:
         assert np.load(f, allow_pickle=False).shape == (512,)
+
+
+def test_evaluation_lists_each_decoded_image_under_its_own_name(tiny_dataset: Path, tmp_path: Path) -> None:
+    from transferkit import evaluate
+
+    run = train(tiny_dataset, epochs=1, out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), **TINY).run_dir
+    val = tmp_path / "val"
+    shutil.copytree(tiny_dataset / "val", val)
+    (val / "blue" / "0-truncated.jpg").write_bytes(_truncated_jpeg())  # sorts first; fails only when decoded
+    with pytest.warns(UserWarning, match="0-truncated.jpg"):
+        result = evaluate(run, val)
+    assert result.skipped_files == 1 and result.num_images == 8
+    predictions = result.to_dict(with_predictions=True)["predictions"]
+    assert len(predictions) == 8 and not any("truncated" in p["path"] for p in predictions)
+    assert all(Path(p["path"]).parent.name == p["label"] for p in predictions)

@@ -120,11 +120,15 @@ def evaluate_samples(
     if compile:
         compile_in_place(model, device)
     prep = Preprocessing.from_dict(model.info.preprocessing)
-    loader = make_loader(samples, build_transform(prep, "none"), batch_size, num_workers=num_workers)
-    probs, labels, bad = predict_probabilities(model, loader, device, inference_precision(model, device, precision))
+    # Each sample's loader label is its index: an image that fails to decode drops out without shifting the rest.
+    indexed = [(path, i) for i, (path, _) in enumerate(samples)]
+    loader = make_loader(indexed, build_transform(prep, "none"), batch_size, num_workers=num_workers)
+    probs, indices, bad = predict_probabilities(model, loader, device, inference_precision(model, device, precision))
     n_classes = len(model.class_names)
-    if len(labels) == 0:
+    if len(indices) == 0:
         raise TransferkitError("no image could be decoded for evaluation")
+    decoded_samples = [samples[i] for i in indices.tolist()]
+    labels = torch.tensor([label for _, label in decoded_samples], dtype=torch.long)
     predicted = probs.argmax(dim=1)
     label_ids = list(range(n_classes))
     precision_, recall, f1, support = precision_recall_fscore_support(
@@ -146,9 +150,9 @@ def evaluate_samples(
         skipped=[(b.path, b.reason) for b in bad],
         predictions=[
             {"path": path, "label": model.class_names[int(t)], "predicted": model.class_names[int(p)],
-             "probability": float(probs[i, p])}
-            for i, ((path, _), t, p) in enumerate(zip(samples, labels, predicted))
-        ] if decoded == len(samples) else [],
+             "probability": float(probs[i, p]), "true_probability": float(probs[i, t])}
+            for i, ((path, _), t, p) in enumerate(zip(decoded_samples, labels, predicted))
+        ],
     )  # fmt: skip
 
 

@@ -345,6 +345,13 @@ def predict_samples(model: TransferModel, samples: Sequence[Sample], batch_size:
     return predictions
 
 
+def predictions_of(evaluation: Any) -> list[Prediction]:
+    """:class:`Prediction` records from a :class:`transferkit.inference.Evaluation` (no second pass)."""
+    index = {name: i for i, name in enumerate(evaluation.class_names)}
+    return [Prediction(p["path"], index[p["label"]], index[p["predicted"]], p["probability"], p["true_probability"])
+            for p in evaluation.predictions]  # fmt: skip
+
+
 def top_losses(predictions: Sequence[Prediction], count: int = TOP_LOSSES) -> list[Prediction]:
     """The ``count`` images with the highest loss, highest first: the most confidently wrong lead (fastai's)."""
     return sorted(predictions, key=lambda p: p.loss, reverse=True)[:count]
@@ -384,12 +391,15 @@ class _Images:
     note: str | None = None
 
 
-def write_report(run_dir: str | Path, splits: ImageFolderSplits | None = None) -> Path:
+def write_report(
+    run_dir: str | Path, splits: ImageFolderSplits | None = None, val_predictions: list[Prediction] | None = None
+) -> Path:
     """Write ``RUN_DIR/report.html`` and its figures in ``RUN_DIR/report/``; returns the HTML's path.
 
-    ``splits`` (the run's data, as ``transferkit.data.discover`` found it) saves scanning the data
-    folder again when the caller has it. Without the data folder or ``model.pt`` the report still
-    shows everything else, and says what it could not show.
+    ``splits`` (the run's data, as ``transferkit.data.discover`` found it) and ``val_predictions``
+    (the checkpoint's, as :func:`predictions_of` makes them from an evaluation) save scanning the
+    data folder and predicting it again when the caller has them. Without the data folder or
+    ``model.pt`` the report still shows everything else, and says what it could not show.
     """
     run = load_run(run_dir)
     figures = run.path / REPORT_DIR
@@ -401,14 +411,16 @@ def write_report(run_dir: str | Path, splits: ImageFolderSplits | None = None) -
     if run.metrics.get("val_confusion_matrix"):
         plot_confusion_matrix(run.metrics["class_names"], run.metrics["val_confusion_matrix"],
                               figures / FIGURES["confusion"])  # fmt: skip
-    images = _image_figures(run, figures, splits)
+    images = _image_figures(run, figures, splits, val_predictions)
     page = _render_report(run, images)
     path = run.path / REPORT_NAME
     atomic_write(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
     return path
 
 
-def _image_figures(run: Run, figures: Path, splits: ImageFolderSplits | None) -> _Images:
+def _image_figures(
+    run: Run, figures: Path, splits: ImageFolderSplits | None, val_predictions: list[Prediction] | None = None
+) -> _Images:
     cfg = run.config
     try:
         model = load_checkpoint(run.path / CHECKPOINT_NAME)
@@ -426,7 +438,7 @@ def _image_figures(run: Run, figures: Path, splits: ImageFolderSplits | None) ->
     if tiles:
         plot_tiles(tiles, figures / FIGURES["augmented"])
         captions["augmented"] = _augmentation_caption(run, augment, prep)
-    predictions = predict_samples(model, splits.val, cfg.get("batch_size", 32))
+    predictions = val_predictions or predict_samples(model, splits.val, cfg.get("batch_size", 32))
     shown = _spread(predictions, lambda p: p.label, PREDICTION_SAMPLES, cfg.get("seed", 0))
     for key, chosen, with_loss in (("predictions", shown, False), ("top_losses", top_losses(predictions), True)):
         tiles = prediction_tiles(chosen, names, prep, with_loss)

@@ -845,9 +845,9 @@ def finish_run(
         metrics.update(test_accuracy=test.accuracy, test_loss=test.loss, test_per_class=test.per_class)
     metrics["total_seconds"] = round(time.time() - started, 2)
     write_json(run_dir / "metrics.json", metrics)
-    from .reports import write_report
+    from .reports import predictions_of, write_report
 
-    write_report(run_dir, splits=splits)
+    write_report(run_dir, splits=splits, val_predictions=predictions_of(val))
     if not config.quiet:
         _print(f"val_accuracy {val.accuracy:.4f} (best epoch {info.get('best_epoch')}) · run directory: {run_dir}")
     return TrainResult(run_dir=run_dir, metrics=metrics, history=history)
