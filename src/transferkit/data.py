@@ -314,7 +314,7 @@ class ImageDataset(Dataset):
         if threads <= 1 or len(keys) <= 1:
             return [self[key] for key in keys]
         with ThreadPoolExecutor(min(threads, len(keys))) as pool:
-            if all(not isinstance(key, tuple) or key[1] is None for key in keys):
+            if not any(isinstance(key, tuple) for key in keys):  # no augmentation seeds
                 return list(pool.map(self.__getitem__, keys))
             decoded = list(pool.map(self._decode, keys))
         return [self._finish(key, image) for key, image in zip(keys, decoded)]
@@ -358,13 +358,9 @@ def default_num_workers(device_type: str | None = None) -> int:
     between batches on all threads (``ImageDataset.__getitems__``); a fine-tune epoch 1.0-1.4x
     faster. An accelerator leaves the cores free, so they decode.
     """
-    if (device_type or _default_device_type()) == "cpu":
+    if (device_type or pick_device().type) == "cpu":
         return 0
     return max(0, min(8, (os.cpu_count() or 1) - 1))
-
-
-def _default_device_type() -> str:
-    return pick_device().type
 
 
 def make_loader(
@@ -374,8 +370,10 @@ def make_loader(
     shuffle: bool = False,
     num_workers: int | None = None,
     seed: int = 0,
+    device_type: str | None = None,
 ) -> DataLoader:
-    workers = default_num_workers() if num_workers is None else num_workers
+    """Batches of (images, labels, undecodable images); workers as :func:`default_num_workers` says for the device."""
+    workers = default_num_workers(device_type) if num_workers is None else num_workers
     return DataLoader(
         ImageDataset(samples, transform),
         batch_size=batch_size,

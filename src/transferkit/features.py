@@ -80,7 +80,12 @@ def file_key(path: str, view: int) -> str:
 
 
 def _view_loader(
-    todo: list[tuple[int, str, int]], prep: Preprocessing, augment: str, batch_size: int, num_workers: int | None
+    todo: list[tuple[int, str, int]],
+    prep: Preprocessing,
+    augment: str,
+    batch_size: int,
+    num_workers: int | None,
+    device: torch.device,
 ) -> DataLoader:
     """Batches of (images, positions in ``todo``); each (file, view) gets the same crop in every run."""
     views = [(path, pos) for pos, (_, path, _) in enumerate(todo)]
@@ -91,7 +96,7 @@ def _view_loader(
         ImageDataset(views, build_transform(prep, augment)),
         batch_size=batch_size,
         sampler=keys,
-        num_workers=default_num_workers() if num_workers is None else num_workers,
+        num_workers=default_num_workers(device.type) if num_workers is None else num_workers,
         collate_fn=_collate,
     )
 
@@ -156,7 +161,7 @@ def extract_features(
         if use_cache:
             root.mkdir(parents=True, exist_ok=True)
             _write_spec(root, spec)
-        loader = _view_loader(todo, prep, augment, batch_size, num_workers)
+        loader = _view_loader(todo, prep, augment, batch_size, num_workers, device)
         for positions, vectors in _run_extractor(model, loader, layer, device, precision):
             for pos, vec in zip(positions.tolist(), vectors):
                 index, path, view = todo[pos]

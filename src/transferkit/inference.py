@@ -289,7 +289,7 @@ def _onnx_model_for(run: Any, runtime: str, images: int, precision: str | None, 
             raise TransferkitError(f"cannot write an ONNX export under {cached.parent} ({exc}); set "
                                    "TRANSFERKIT_CACHE_DIR to a writable folder, or run transferkit export RUN") from None  # fmt: skip
         if runtime == "onnx":
-            raise
+            raise  # the exporter's own one-line error
         warnings.warn(f"predicting with PyTorch: no ONNX export could be made ({exc})", stacklevel=3)
         return None
     return cached

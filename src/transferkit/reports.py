@@ -33,11 +33,10 @@ from matplotlib.ticker import MaxNLocator
 
 from .backbones import Preprocessing
 from .checkpoint import CHECKPOINT_NAME, atomic_write, load_checkpoint
-from .data import ImageFolderSplits, Sample, build_transform, discover, load_image, make_loader
+from .data import ImageFolderSplits, Sample, build_transform, discover, load_image
 from .errors import TransferkitError
 from .heads import TransferModel
-from .inference import inference_precision, predict_probabilities
-from .performance import pick_device
+from .inference import Evaluation, evaluate_samples
 from .strategies import DEFAULT_LR_DECAY
 
 REPORT_NAME = "report.html"
@@ -330,23 +329,15 @@ class Prediction:
 
 
 def predict_samples(model: TransferModel, samples: Sequence[Sample], batch_size: int = 32) -> list[Prediction]:
-    """Predictions on labelled samples, evaluated exactly as ``transferkit evaluate`` does (same view, precision)."""
-    device = pick_device()
-    prep = Preprocessing.from_dict(model.info.preprocessing)
-    # Each sample's loader label is its index: an image that fails to decode drops out without shifting the rest.
-    indexed = [(path, i) for i, (path, _) in enumerate(samples)]
-    loader = make_loader(indexed, build_transform(prep, "none"), batch_size)
-    probs, indices, _ = predict_probabilities(model, loader, device, inference_precision(model, device))
-    predictions = []
-    for p, i in zip(probs, indices.tolist()):
-        path, label = samples[i]
-        predicted = int(p.argmax())
-        predictions.append(Prediction(path, label, predicted, float(p[predicted]), float(p[label])))
-    return predictions
+    """Predictions on labelled samples, by ``transferkit evaluate`` itself (same view, same precision)."""
+    try:
+        return predictions_of(evaluate_samples(model, list(samples), batch_size))
+    except TransferkitError:  # not one image decodes: an empty grid, not a failed report
+        return []
 
 
-def predictions_of(evaluation: Any) -> list[Prediction]:
-    """:class:`Prediction` records from a :class:`transferkit.inference.Evaluation` (no second pass)."""
+def predictions_of(evaluation: Evaluation) -> list[Prediction]:
+    """:class:`Prediction` records from an evaluation (no second pass over the images)."""
     index = {name: i for i, name in enumerate(evaluation.class_names)}
     return [Prediction(p["path"], index[p["label"]], index[p["predicted"]], p["probability"], p["true_probability"])
             for p in evaluation.predictions]  # fmt: skip

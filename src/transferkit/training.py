@@ -26,7 +26,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from .backbones import DEFAULT_BACKBONE, Preprocessing, explicit_preprocessing, load_backbone
 from .checkpoint import CHECKPOINT_NAME, atomic_write, save_checkpoint
-from .data import EpochSeededSampler, build_transform, default_num_workers, discover, make_loader
+from .data import EpochSeededSampler, build_transform, discover, make_loader
 from .errors import TransferkitError
 from .features import cache_supported, extract_features
 from .heads import TransferModel
@@ -436,11 +436,16 @@ def run_training(config: TrainConfig, command: str | None = None) -> TrainResult
 RUN_DIR_ENV = "TRANSFERKIT_RUN_DIR"
 
 
+def training_device(config: TrainConfig) -> torch.device:
+    # "gpu" is Lightning's word for whichever accelerator is there; pick_device finds it.
+    return pick_device(config.accelerator if config.accelerator not in ("auto", "gpu") else "auto")
+
+
 def check_sharding(config: TrainConfig) -> None:
     """FSDP shards a network's trained weights across GPUs: refuse it where it cannot run or means nothing."""
     if not config.dist.startswith("fsdp"):
         return
-    device = pick_device(config.accelerator if config.accelerator not in ("auto", "gpu") else "auto")
+    device = training_device(config)
     if device.type != "cuda":
         raise TransferkitError(f"--dist {config.dist} needs CUDA GPUs (Lightning's FSDP does not run on a "
                                f"{device.type}); use --dist ddp")  # fmt: skip
@@ -515,7 +520,7 @@ def _fit(
     ckpt_path: Path | None = None,
 ) -> TrainResult:
     trainable, total = model.parameter_counts()
-    device = pick_device(config.accelerator if config.accelerator not in ("auto", "gpu") else "auto")
+    device = training_device(config)
     precision = resolve_precision(config.precision, device, model, training=True)
     extra = {
         "strategy": spec.to_dict(),
@@ -634,10 +639,10 @@ def _learner_and_loaders(
         train_loader, val_loader, feature_info = _feature_loaders(model, splits, config, device, run_dir)
         return TransferLearner(model, spec, config, head_only=True), train_loader, val_loader, feature_info
     prep = Preprocessing.from_dict(model.info.preprocessing)
-    workers = default_num_workers(device.type) if config.num_workers is None else config.num_workers
+    loading = {"num_workers": config.num_workers, "device_type": device.type}
     train_loader = make_loader(splits.train, build_transform(prep, config.augment), config.batch_size,
-                               shuffle=True, num_workers=workers, seed=config.seed)  # fmt: skip
-    val_loader = make_loader(splits.val, build_transform(prep, "none"), config.batch_size, num_workers=workers)
+                               shuffle=True, seed=config.seed, **loading)  # fmt: skip
+    val_loader = make_loader(splits.val, build_transform(prep, "none"), config.batch_size, **loading)
     if config.compile:
         compile_in_place(model, device)
     return TransferLearner(model, spec, config), train_loader, val_loader, {}
@@ -683,7 +688,7 @@ def find_lr(config: TrainConfig, splits: Any = None, num_training: int = 100) ->
     model = build_model(probe, splits.class_names)
     spec = probe.strategy_spec()
     apply_strategy(model, spec)
-    device = pick_device(config.accelerator if config.accelerator not in ("auto", "gpu") else "auto")
+    device = training_device(config)
     learner, train_loader, _, _ = _learner_and_loaders(model, spec, splits, probe, device)
     to_fast_layout(model)
     with tempfile.TemporaryDirectory() as tmp:
