@@ -3,8 +3,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch and torchvision are pinned so that pip takes them from the local wheel mirror (CPU builds).
 TORCH := torch==2.14.1 torchvision==0.29.1
+# Acts as on a CPU with (1) or without (0) native bf16, whatever this one has (bf16 is emulated, slowly, without).
+BF16_SWITCH := TRANSFERKIT_NATIVE_BF16
 
-.PHONY: setup demo test benchmark clean
+.PHONY: setup demo test test-fast benchmark clean
 
 setup: $(VENV)/.installed
 
@@ -17,8 +19,16 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/transferkit demo --workdir demo
 
+# The whole suite, then the tests that compare numbers between two paths once more as on each kind
+# of CPU, so that a change passes here only if it passes on both.
 test: setup
 	$(PY) -m pytest
+	$(BF16_SWITCH)=1 $(PY) -m pytest -m precision
+	$(BF16_SWITCH)=0 $(PY) -m pytest -m precision
+
+# The quick suite (no compiles, subprocess trainings or DDP): a couple of minutes.
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
 
 benchmark: setup
 	$(PY) benchmarks/feature_extract.py

@@ -36,13 +36,17 @@ def test_train_writes_a_complete_run_directory(trained_run: Path) -> None:
     assert "--unfreeze 1" in (trained_run / "command.txt").read_text()
 
 
+@pytest.mark.precision
 def test_evaluate_in_a_new_process_matches_the_run(trained_run: Path, tiny_dataset: Path) -> None:
     result = json.loads(tk("evaluate", str(trained_run), str(tiny_dataset / "val"), "--json").stdout)
     metrics = json.loads((trained_run / "metrics.json").read_text())
-    assert result["accuracy"] == pytest.approx(metrics["val_accuracy"], abs=1e-9)
+    # Same machine, same precision (the run's --precision auto, resolved here): the same numbers, exactly.
+    assert result["precision"] == metrics["evaluation_precision"] in ("32", "bf16")
+    assert result["accuracy"] == metrics["val_accuracy"] and result["loss"] == metrics["val_loss"]
     assert set(result["per_class"]) == {"blue", "red"} and len(result["confusion_matrix"]) == 2
     table = tk("evaluate", str(trained_run), str(tiny_dataset)).stdout  # a DATA root means its val/
     assert "confusion matrix" in table and "precision" in table
+    assert f"precision {'fp32' if result['precision'] == '32' else 'bf16'})" in table.splitlines()[0]
 
 
 def test_predict_files_and_folders(trained_run: Path, tiny_dataset: Path) -> None:

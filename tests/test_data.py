@@ -120,3 +120,16 @@ def test_batches_decoded_on_threads_equal_one_by_one(tmp_path: Path) -> None:
                 assert got[1] == want[1] and torch.equal(got[0], want[0])
     finally:
         torch.set_num_threads(before)
+
+
+def test_augmentation_seeds_leave_the_global_rng_alone(tmp_path: Path) -> None:
+    """Dropout draws from torch's global generator: an image's crop seed must not reseed it."""
+    make_colour_folder(tmp_path, 2, size=(60, 80))
+    prep = Preprocessing(image_size=32, resize_size=40, mean=(0.5,) * 3, std=(0.5,) * 3)
+    dataset = ImageDataset(discover(tmp_path).train, build_transform(prep, "strong"))
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    first = dataset[(0, 7)]
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(456)  # another global state: the same seed still gives the same crop
+    assert torch.equal(dataset[(0, 7)][0], first[0])

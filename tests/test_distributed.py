@@ -12,6 +12,8 @@ import pytest
 from transferkit import evaluate, load_checkpoint
 
 
+@pytest.mark.precision
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["fine-tune", "feature-extract"])
 def test_two_process_ddp_training(tiny_dataset: Path, tmp_path: Path, strategy: str) -> None:
     out = tmp_path / "ddp"

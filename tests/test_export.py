@@ -1,4 +1,4 @@
-"""ONNX and TorchScript exports: usable without transferkit, checked at export time, never overwritten."""
+"""ONNX and torch.export (pt2) exports: usable without transferkit, checked at export time, never overwritten."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import transferkit
 from transferkit.cli import main
 from transferkit.data import build_transform, load_image
 from transferkit.export import export, sidecar_path
+from transferkit.performance import NATIVE_BF16_ENV
 
 # Runs in a fresh interpreter with only numpy and the runtime: what a consumer of the export has.
 CONSUMER = """
@@ -30,7 +31,7 @@ if fmt == "onnx":
     run = lambda batch: session.run(None, {meta["input"]["name"]: batch})[0]
 else:
     import torch
-    module = torch.jit.load(model_path)
+    module = torch.export.load(model_path).module()
     run = lambda batch: module(torch.from_numpy(batch)).detach().numpy()
 np.savez(out_path, one=run(x[:1]), five=run(x[:5]))
 assert not [m for m in sys.modules if m.startswith("transferkit")], "the export must not need transferkit"
@@ -47,11 +48,11 @@ def run_dir(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 @pytest.fixture(scope="module")
 def exports(run_dir: Path) -> dict[str, Path]:
-    """An ONNX export at its default place (Python API) and a TorchScript one elsewhere (CLI)."""
+    """An ONNX export at its default place (Python API) and a torch.export one elsewhere (CLI)."""
     onnx_path = export(run_dir, "onnx").path
-    ts_path = run_dir.parent / "elsewhere" / "classifier.pt"
-    assert main(["export", str(run_dir), "--format", "torchscript", "--out", str(ts_path)]) == 0
-    return {"onnx": onnx_path, "torchscript": ts_path}
+    pt2_path = run_dir.parent / "elsewhere" / "classifier.pt2"
+    assert main(["export", str(run_dir), "--format", "pt2", "--out", str(pt2_path)]) == 0
+    return {"onnx": onnx_path, "pt2": pt2_path}
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,7 @@ def val_batch(run_dir: Path, tiny_dataset: Path) -> tuple[torch.Tensor, torch.Te
         return x, model(x).softmax(dim=1)
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
 def test_export_runs_in_a_fresh_process_without_transferkit(
     fmt: str, exports: dict[str, Path], val_batch: tuple[torch.Tensor, torch.Tensor], tmp_path: Path
 ) -> None:
@@ -95,6 +96,7 @@ def test_sidecar_has_class_names_preprocessing_and_the_check(exports: dict[str, 
         assert meta["check"]["max_abs_diff"] <= meta["check"]["tolerance"] == 1e-4
 
 
+@pytest.mark.precision
 def test_predict_with_the_onnx_export_matches_the_run(
     exports: dict[str, Path], run_dir: Path, tiny_dataset: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -133,8 +135,8 @@ def test_without_the_runs_data_the_check_uses_random_tensors(run_dir: Path, tmp_
     moved = tmp_path / "moved"
     moved.mkdir()
     shutil.copy(run_dir / "model.pt", moved / "model.pt")  # no config.json: the data is unknown
-    result = export(moved / "model.pt", "torchscript")
-    assert result.path == moved / "model.torchscript.pt" and result.path.is_file()
+    result = export(moved / "model.pt", "pt2")
+    assert result.path == moved / "model.pt2" and result.path.is_file()
     assert "random tensors" in result.checked_on and "random tensors" in result.summary()
 
 
@@ -148,21 +150,27 @@ def test_predict_onnx_without_onnxruntime_says_how_to_install_it(exports: dict[s
 
 
 def test_bad_format_and_help(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(transferkit.TransferkitError, match="choose one of: onnx, torchscript"):
+    with pytest.raises(transferkit.TransferkitError, match="choose one of: onnx, pt2"):
         export(run_dir, "tflite")
+    with pytest.raises(transferkit.TransferkitError, match="TorchScript.*use --format pt2"):
+        export(run_dir, "torchscript")
     with pytest.raises(SystemExit):
         main(["export", "--help"])
     assert "example:\n  transferkit export runs/my-run" in capsys.readouterr().out
 
 
-def test_predict_on_a_run_prefers_its_onnx_export(run_dir: Path, tiny_dataset: Path, tmp_path: Path) -> None:
+@pytest.mark.precision
+def test_predict_on_a_run_prefers_its_onnx_export_where_the_run_runs_fp32(
+    run_dir: Path, tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from transferkit import predict
 
     run = tmp_path / "run-with-export"
     shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("model.onnx*"))
-    eager = predict(run, [tiny_dataset / "val"], top_k=2)
+    eager = predict(run, [tiny_dataset / "val"], top_k=2, precision="32")
     export(run, "onnx")
     (run / "model.onnx.json").write_text((run / "model.onnx.json").read_text().replace('"red"', '"RED"'))
+    monkeypatch.setenv(NATIVE_BF16_ENV, "0")  # a CPU without native bf16: the run's precision resolves to fp32
     fast = predict(run, [tiny_dataset / "val"], top_k=2)
     assert any(p["label"] == "RED" for r in fast for p in r["predictions"])  # it ran the export
     assert [[p["label"].lower() for p in r["predictions"]] for r in fast] == [
@@ -170,8 +178,15 @@ def test_predict_on_a_run_prefers_its_onnx_export(run_dir: Path, tiny_dataset: P
     ]
     forced = predict(run, [tiny_dataset / "val"], top_k=2, precision="32")  # an explicit precision means eager
     assert not any(p["label"] == "RED" for r in forced for p in r["predictions"])
+    # On a CPU with native bf16 the run resolves to bf16: eager bf16 is faster there than ONNX Runtime
+    # fp32, and auto never answers in another precision than the one evaluate measured.
+    monkeypatch.setenv(NATIVE_BF16_ENV, "1")
+    native = predict(run, [tiny_dataset / "val"], top_k=2)
+    assert not any(p["label"] == "RED" for r in native for p in r["predictions"])
+    assert native == predict(run, [tiny_dataset / "val"], top_k=2, runtime="torch", precision="bf16")
 
 
+@pytest.mark.precision
 def test_runtime_choice_and_the_cached_export(run_dir: Path, tiny_dataset: Path, tmp_path: Path) -> None:
     from transferkit import TransferkitError, predict
     from transferkit.export import cached_export_path
@@ -180,19 +195,24 @@ def test_runtime_choice_and_the_cached_export(run_dir: Path, tiny_dataset: Path,
     shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("model.onnx*"))
     cached = cached_export_path(run / "model.pt")
     images = [tiny_dataset / "val"]
-    eager = predict(run, images, top_k=2, runtime="torch")
+    eager = predict(run, images, top_k=2, runtime="torch")  # at the run's precision on this machine
     # auto on 8 images: exporting would cost more than ONNX Runtime saves, so PyTorch runs and nothing is written.
     assert predict(run, images, top_k=2) == eager and not cached.exists()
     fast = predict(run, images, top_k=2, runtime="onnx")  # exports once, verified, into the cache
     assert cached.is_file() and sidecar_path(cached).is_file() and not (run / "model.onnx").exists()
-    for a, b in zip(eager, fast):
+    eager_fp32 = predict(run, images, top_k=2, runtime="torch", precision="32")  # the export runs fp32
+    for a, b in zip(eager_fp32, fast):
         assert [p["label"] for p in a["predictions"]] == [p["label"] for p in b["predictions"]]
         for p, q in zip(a["predictions"], b["predictions"]):
             assert q["probability"] == pytest.approx(p["probability"], abs=1e-4)
     made = cached.stat().st_mtime_ns
     sidecar_path(cached).write_text(sidecar_path(cached).read_text().replace('"red"', '"RED"'))
-    again = predict(run, images, top_k=2)  # auto now finds the cached export and uses it as is
-    assert cached.stat().st_mtime_ns == made and any(p["label"] == "RED" for r in again for p in r["predictions"])
+    again = predict(run, images, top_k=2)
+    assert cached.stat().st_mtime_ns == made
+    if _runs_fp32_here(run):  # auto now finds the cached export and uses it as is
+        assert any(p["label"] == "RED" for r in again for p in r["predictions"])
+    else:  # bf16 here: auto stays with eager bf16, whatever exports exist
+        assert again == eager
     with pytest.raises(TransferkitError, match="--runtime torch"):
         predict(cached, images, runtime="torch")
     with pytest.raises(TransferkitError, match="--precision applies to --runtime torch"):
@@ -201,6 +221,14 @@ def test_runtime_choice_and_the_cached_export(run_dir: Path, tiny_dataset: Path,
         predict(run, images, runtime="tensorrt")
 
 
+def _runs_fp32_here(run: Path) -> bool:
+    from transferkit.checkpoint import read_metadata
+    from transferkit.inference import inference_precision
+
+    return inference_precision(read_metadata(run), torch.device("cpu")) == "32"
+
+
+@pytest.mark.precision
 def test_auto_runtime_exports_for_a_large_job(run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from helpers import make_colour_folder
 
@@ -215,6 +243,11 @@ def test_auto_runtime_exports_for_a_large_job(run_dir: Path, tmp_path: Path, mon
     assert not cached_export_path(run / "model.pt").exists()
     results = predict(run, [tmp_path / "many"])
     assert len(results) == AUTO_EXPORT_FROM and all(r["predictions"] for r in results)
+    if not _runs_fp32_here(run):  # bf16 here: auto runs eager bf16 for jobs of every size, and exports nothing
+        assert not cached_export_path(run / "model.pt").exists()
+        assert results == predict(run, [tmp_path / "many"], runtime="torch")
+        monkeypatch.setenv(NATIVE_BF16_ENV, "0")  # the rest of this test is about CPUs without native bf16
+        results = predict(run, [tmp_path / "many"])
     assert cached_export_path(run / "model.pt").is_file()
     # Where no export can be written, auto warns and predicts with PyTorch; --runtime onnx says what to do.
     (tmp_path / "a-file").write_text("")

@@ -133,6 +133,7 @@ def test_linear_probe_separates_a_separable_dataset(tmp_path: Path) -> None:
     assert noise.cv_accuracy < 0.6  # labels unrelated to features: about chance
 
 
+@pytest.mark.precision
 @pytest.mark.parametrize("classifier", ["logreg", "svm"])
 def test_linear_probe_run_evaluates_and_predicts_like_any_run(tiny_dataset: Path, tmp_path: Path, classifier: str) -> None:
     from transferkit import evaluate, load_checkpoint, predict, train
@@ -142,6 +143,7 @@ def test_linear_probe_run_evaluates_and_predicts_like_any_run(tiny_dataset: Path
     assert result.metrics["linear_probe"]["layer"] == "layer2" and result.val_accuracy >= 0.75
     model = load_checkpoint(result.run_dir)
     assert model.probe is not None and model.probe_layer == "layer2"
-    assert evaluate(result.run_dir, tiny_dataset / "val").accuracy == pytest.approx(result.val_accuracy)
+    evaluation = evaluate(result.run_dir, tiny_dataset / "val")  # the run's precision, resolved here as in training
+    assert evaluation.accuracy == result.val_accuracy and evaluation.precision == result.metrics["evaluation_precision"]
     out = predict(result.run_dir, [tiny_dataset / "val" / "red"], top_k=1)
     assert [r["predictions"][0]["label"] for r in out].count("red") >= 3

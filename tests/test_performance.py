@@ -10,7 +10,8 @@ import torch
 
 from transferkit import StrategySpec, TransferModel, apply_strategy, load_backbone
 from transferkit.launch import allocator_library, fast_env
-from transferkit.performance import resolve_precision
+from transferkit import TransferkitError
+from transferkit.performance import NATIVE_BF16_ENV, cpu_kind, resolve_precision
 
 MAPS = "print('mimalloc' in open('/proc/self/maps').read())"
 
@@ -29,18 +30,35 @@ def test_command_environment_preloads_a_memory_keeping_allocator() -> None:
 
 
 def test_precision_rules(monkeypatch: pytest.MonkeyPatch) -> None:
-    import transferkit.performance as perf
-
     cpu = torch.device("cpu")
     assert resolve_precision("bf16", cpu) == "bf16"  # an explicit choice always wins
-    monkeypatch.setattr(perf, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setenv(NATIVE_BF16_ENV, "0")  # act as on an AVX2-only CPU, whatever this one has
     assert resolve_precision("auto", cpu) == "32"  # emulated bf16 is ~6x slower than fp32
-    monkeypatch.setattr(perf, "cpu_has_native_bf16", lambda: True)
-    assert resolve_precision("auto", cpu) == "bf16"
+    assert "emulated" in cpu_kind() and NATIVE_BF16_ENV in cpu_kind()
+    monkeypatch.setenv(NATIVE_BF16_ENV, "1")  # and as on a CPU with native bf16
+    assert resolve_precision("auto", cpu) == "bf16" and cpu_kind().startswith("native bf16")
     mobilenet = TransferModel(load_backbone("mobilenet_v3_small", weights="none"), ["a", "b"])
     apply_strategy(mobilenet, StrategySpec("fine-tune", unfreeze=3))  # reaches an inverted-residual block
     assert resolve_precision("auto", cpu, mobilenet, training=True) == "32"  # bf16 depthwise backward is slow
     apply_strategy(mobilenet, StrategySpec("feature-extract"))
     assert resolve_precision("auto", cpu, mobilenet, training=True) == "bf16"
-    with pytest.raises(Exception, match="precision"):
+    with pytest.raises(TransferkitError, match="unknown --precision 'fp8'"):
         resolve_precision("fp8", cpu)
+    monkeypatch.setenv(NATIVE_BF16_ENV, "yes")
+    with pytest.raises(TransferkitError, match=f"{NATIVE_BF16_ENV}='yes': set it to 1"):
+        resolve_precision("auto", cpu)
+
+
+def test_the_switch_reproduces_native_bf16_rounding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Emulated bf16 (AVX2) and native bf16 round alike; the switch must change the path taken, not the maths."""
+    from transferkit.performance import autocast
+
+    monkeypatch.setenv(NATIVE_BF16_ENV, "1")
+    torch.manual_seed(0)
+    layer, x = torch.nn.Linear(64, 8), torch.randn(4, 64)
+    with autocast(torch.device("cpu"), resolve_precision("auto", torch.device("cpu"))):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    # bf16 keeps 8 significant bits: the result is the fp32 product of bf16-rounded inputs, rounded once more.
+    expected = (x.bfloat16().float() @ layer.weight.bfloat16().float().T + layer.bias.bfloat16().float()).bfloat16()
+    assert torch.allclose(out.float(), expected.float(), rtol=2**-7, atol=1e-2)

@@ -146,13 +146,14 @@ def test_denormalise_undoes_the_backbones_own_normalisation(tiny_dataset: Path) 
     assert denormalise(torch.stack([normalised] * 2), prep.mean, prep.std).shape == (2, 32, 32, 3)
 
 
+@pytest.mark.precision
 def test_predictions_reproduce_the_runs_evaluation(runs: dict[str, Path]) -> None:
     run = load_run(runs["gradual"])
     model = transferkit.load_checkpoint(run.path)
     val = discover(run.config["data"], run.config["val_split"], run.config["seed"]).val
     predictions = predict_samples(model, val)
     assert [p.path for p in predictions] == [path for path, _ in val]
-    assert sum(p.correct for p in predictions) / len(val) == pytest.approx(run.metrics["val_accuracy"])
+    assert sum(p.correct for p in predictions) / len(val) == run.metrics["val_accuracy"]  # same machine, same precision
     confusion = np.zeros((2, 2), dtype=int)
     for p in predictions:
         confusion[p.label, p.predicted] += 1

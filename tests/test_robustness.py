@@ -121,6 +121,8 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "transferkit", *args]
 
 
+@pytest.mark.precision
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(tiny_dataset: Path, tmp_path: Path) -> None:
     """SIGKILL a gradual-unfreezing run mid-schedule, resume it, and compare with an uninterrupted run."""
     args = ["train", str(tiny_dataset), "--model", "resnet18", "--weights", "none", "--image-size", "32",

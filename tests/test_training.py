@@ -77,6 +77,7 @@ def test_lr_finder_suggests_a_rate_and_lr_auto_uses_it(
     assert result.metrics["lr_finder"]["suggestion"] > 0 and (result.run_dir / "lr_find.png").is_file()
 
 
+@pytest.mark.slow
 def test_compile_trains_a_compiled_network_and_saves_plain_weights(tiny_dataset: Path, tmp_path: Path) -> None:
     from torch._dynamo.utils import counters
 

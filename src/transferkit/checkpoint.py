@@ -113,6 +113,16 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.T
     return meta, payload["state_dict"]
 
 
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's metadata alone; its tensors are memory-mapped, not read."""
+    p = resolve_checkpoint_path(path)
+    try:
+        payload = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+        return json.loads(payload["metadata"])
+    except Exception:  # not a plain zip checkpoint: the full reader gives the precise error
+        return read_checkpoint(p)[0]
+
+
 def model_from_metadata(meta: dict[str, Any]) -> TransferModel:
     """The architecture with its new head, random weights: what a state_dict is loaded into."""
     name = meta["backbone"]

@@ -11,14 +11,14 @@ from .cli import _parser
 
 def register(sub: Any) -> None:
     """Add this module's sub-commands to the transferkit parser (see transferkit.cli._parser)."""
-    p = _parser(sub, "export", "Export a trained model to ONNX or TorchScript, checked against its checkpoint.", """
+    p = _parser(sub, "export", "Export a trained model to ONNX or torch.export (pt2), checked against its checkpoint.", """
 transferkit export runs/my-run                                   # runs/my-run/model.onnx + model.onnx.json
-transferkit export runs/my-run --format torchscript --out classifier.pt   # + classifier.pt.json
+transferkit export runs/my-run --format pt2 --out classifier.pt2   # + classifier.pt2.json
 transferkit predict runs/my-run/model.onnx photos/              # runs it with ONNX Runtime
 """)
     p.add_argument("run", help="run directory (or its model.pt)")
-    p.add_argument("--format", default="onnx", help="onnx (default) or torchscript")
-    p.add_argument("--out", help="output file (default RUN/model.onnx or RUN/model.torchscript.pt); "
+    p.add_argument("--format", default="onnx", help="onnx (default; ONNX Runtime) or pt2 (torch.export; PyTorch alone)")
+    p.add_argument("--out", help="output file (default RUN/model.onnx or RUN/model.pt2); "
                    "the sidecar FILE.json holds class names and preprocessing")  # fmt: skip
     p.add_argument("--force", action="store_true", help="overwrite an existing output file and its sidecar")
     p.add_argument("--tolerance", type=float, help="largest accepted difference between the export's and the "

@@ -332,9 +332,13 @@ class ImageDataset(Dataset):
         if isinstance(image, BadImage):
             return image
         index, aug_seed = key if isinstance(key, tuple) else (key, None)
-        if aug_seed is not None:
+        if aug_seed is None:
+            return self.transform(image), self.samples[index][1]
+        # v2 transforms draw from torch's global RNG and take no generator: seed it for this image
+        # only, and give it back, so dropout (which draws from it too) never sees these seeds.
+        with torch.random.fork_rng(devices=[]):
             torch.manual_seed(aug_seed)
-        return self.transform(image), self.samples[index][1]
+            return self.transform(image), self.samples[index][1]
 
 
 def collate_skipping_bad(batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor, list[BadImage]]:

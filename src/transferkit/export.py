@@ -1,4 +1,4 @@
-"""Export a trained model to ONNX or TorchScript, checked against its checkpoint; predict with an ONNX export.
+"""Export a trained model to ONNX or a torch.export program, checked against its checkpoint; predict with ONNX.
 
 An export maps a batch of preprocessed images (``N × 3 × H × W`` float32, normalised, any N) to
 class probabilities (``N × classes``, softmax inside). Beside ``FILE`` the sidecar ``FILE.json``
@@ -8,6 +8,9 @@ is usable without transferkit::
     import json, onnxruntime
     meta = json.load(open("model.onnx.json"))    # class_names, preprocessing (see its "steps")
     probs = onnxruntime.InferenceSession("model.onnx").run(None, {"images": batch})[0]
+
+    import torch                                  # --format pt2: PyTorch alone runs it
+    probs = torch.export.load("model.pt2").module()(torch.from_numpy(batch))
 
 Before an export is moved into place it is loaded back from its file and its probabilities on a
 few validation images of the run (random tensors when the run's data is gone) are compared with
@@ -32,12 +35,13 @@ from .checkpoint import atomic_write, load_checkpoint, resolve_checkpoint_path
 from .errors import TransferkitError
 from .heads import TransferModel
 
-FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
+FORMATS = {"onnx": "model.onnx", "pt2": "model.pt2"}
+# TorchScript (torch.jit.trace) is deprecated by PyTorch in favour of torch.export, which pt2 is.
+RETIRED_FORMATS = {"torchscript": "pt2"}
 SIDECAR_FORMAT = "transferkit-export/1"
 DEFAULT_TOLERANCE = 1e-4  # max abs difference of probabilities; fp32 ONNX Runtime differs by ~1e-7
 CHECK_IMAGES = 8
 INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
-ONNX_OPSET = 17
 PREPROCESSING_STEPS = (
     "decode to RGB; resize the shorter side to resize_size (antialiased, given interpolation); "
     "centre-crop image_size x image_size; scale pixels to [0, 1]; subtract mean and divide by std per channel; "
@@ -166,11 +170,7 @@ def export_model(
                 "or raise --tolerance if that difference is acceptable"
             )
 
-    with warnings.catch_warnings(), torch.no_grad():
-        # Tracing warns about every shape turned into a constant; H and W are fixed by design.
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", FutureWarning)
+    with torch.no_grad():
         atomic_write(out, write_and_verify)
     result = ExportResult(out, sidecar, format, checked_on, diff, tolerance)
     metadata = _sidecar(model, prep, result, inputs.shape[-1], source)
@@ -183,6 +183,9 @@ def export_model(
 
 
 def _check_format(format: str) -> None:
+    if format in RETIRED_FORMATS:
+        raise TransferkitError(f"--format {format} is no longer written (PyTorch deprecated TorchScript); use "
+                               f"--format {RETIRED_FORMATS[format]} (torch.export, loads with PyTorch alone) or onnx")
     if format not in FORMATS:
         raise TransferkitError(f"unknown --format {format!r}; choose one of: {', '.join(FORMATS)}")
 
@@ -270,17 +273,20 @@ def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 # --------------------------------------------------------------------------- formats
 
 
+def _batch_free() -> dict[str, Any]:
+    # Only the batch size varies: H and W are fixed by the preprocessing the sidecar records.
+    return {"x": {0: torch.export.Dim("batch", min=1)}}
+
+
 def _write_onnx(net: nn.Module, example: torch.Tensor, path: Path) -> None:
-    # The TorchScript-based exporter needs no onnxscript; dynamic_axes leaves the batch free.
-    torch.onnx.export(
-        net, (example,), str(path), dynamo=False, opset_version=ONNX_OPSET,
-        input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-    )  # fmt: skip
+    # torch.export-based exporter (onnxscript), PyTorch's current one; the TorchScript-based one is deprecated.
+    program = torch.onnx.export(net, (example,), dynamo=True, dynamic_shapes=_batch_free(), verbose=False,
+                                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME])  # fmt: skip
+    program.save(str(path))
 
 
-def _write_torchscript(net: nn.Module, example: torch.Tensor, path: Path) -> None:
-    torch.jit.save(torch.jit.trace(net, example), str(path))
+def _write_pt2(net: nn.Module, example: torch.Tensor, path: Path) -> None:
+    torch.export.save(torch.export.export(net, (example,), dynamic_shapes=_batch_free()), str(path))
 
 
 def onnx_session(path: str | Path) -> Any:
@@ -316,13 +322,13 @@ def _load_onnx(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
 
 
-def _load_torchscript(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
-    module = torch.jit.load(str(path), map_location="cpu")
+def _load_pt2(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    module = torch.export.load(str(path)).module()
     return lambda x: module(x).detach()
 
 
-_WRITERS = {"onnx": _write_onnx, "torchscript": _write_torchscript}
-_LOADERS = {"onnx": _load_onnx, "torchscript": _load_torchscript}
+_WRITERS = {"onnx": _write_onnx, "pt2": _write_pt2}
+_LOADERS = {"onnx": _load_onnx, "pt2": _load_pt2}
 
 
 # --------------------------------------------------------------------------- predict

@@ -13,11 +13,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from .backbones import Preprocessing
-from .checkpoint import load_checkpoint, resolve_checkpoint_path
+from .checkpoint import load_checkpoint, read_metadata, resolve_checkpoint_path
 from .data import IMAGE_EXTENSIONS, VAL_DIR_NAMES, BadImage, Sample, build_transform, make_loader, scan_class_folder
 from .errors import TransferkitError
 from .heads import TransferModel
 from .performance import (
+    PRECISION_NAMES,
     autocast,
     batch_to,
     compile_in_place,
@@ -36,6 +37,7 @@ class Evaluation:
     per_class: dict[str, dict[str, float]]
     confusion_matrix: list[list[int]]
     loss: float
+    precision: str = "32"  # what the network ran at: bf16 and fp32 answers differ slightly
     skipped_files: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list, repr=False)
     predictions: list[dict[str, Any]] = field(default_factory=list, repr=False)
@@ -44,6 +46,7 @@ class Evaluation:
         d = {
             "accuracy": self.accuracy,
             "loss": self.loss,
+            "precision": self.precision,
             "num_images": self.num_images,
             "class_names": self.class_names,
             "per_class": self.per_class,
@@ -57,7 +60,8 @@ class Evaluation:
     def table(self) -> str:
         width = max(12, *(len(c) for c in self.class_names))
         lines = [
-            f"accuracy {self.accuracy:.4f} on {self.num_images} images (loss {self.loss:.4f})",
+            f"accuracy {self.accuracy:.4f} on {self.num_images} images (loss {self.loss:.4f}; "
+            f"precision {PRECISION_NAMES.get(self.precision, self.precision)})",
             "",
             f"{'class':<{width}}  precision  recall  f1      support",
         ]
@@ -98,9 +102,15 @@ def predict_probabilities(
     return torch.cat(probs), torch.cat(labels), bad
 
 
-def inference_precision(model: TransferModel, device: torch.device, requested: str | None = None) -> str:
-    """The checkpoint's recorded inference precision unless one is requested."""
-    return resolve_precision(requested or model.info.extra.get("inference_precision", "32"), device)
+def inference_precision(model: TransferModel | dict[str, Any], device: torch.device, requested: str | None = None) -> str:
+    """The precision a checkpoint (model or metadata) runs at on ``device``: ``requested``, else the run's own.
+
+    A run records ``--precision`` as given; ``auto`` resolves on the machine that runs the model
+    (bf16 on a GPU or a CPU with native bf16, else fp32), so one machine always gives the same
+    answers for a run, and the numbers say which precision produced them.
+    """
+    meta = model if isinstance(model, dict) else model.info.extra
+    return resolve_precision(requested or meta.get("inference_precision", "32"), device)
 
 
 def evaluate_samples(
@@ -123,7 +133,8 @@ def evaluate_samples(
     # Each sample's loader label is its index: an image that fails to decode drops out without shifting the rest.
     indexed = [(path, i) for i, (path, _) in enumerate(samples)]
     loader = make_loader(indexed, build_transform(prep, "none"), batch_size, num_workers=num_workers)
-    probs, indices, bad = predict_probabilities(model, loader, device, inference_precision(model, device, precision))
+    precision = inference_precision(model, device, precision)
+    probs, indices, bad = predict_probabilities(model, loader, device, precision)
     n_classes = len(model.class_names)
     if len(indices) == 0:
         raise TransferkitError("no image could be decoded for evaluation")
@@ -146,6 +157,7 @@ def evaluate_samples(
         },
         confusion_matrix=confusion_matrix(labels.numpy(), predicted.numpy(), labels=label_ids).tolist(),
         loss=float(nll),
+        precision=precision,
         skipped_files=skipped + len(bad),
         skipped=[(b.path, b.reason) for b in bad],
         predictions=[
@@ -276,6 +288,11 @@ def _onnx_model_for(run: Any, runtime: str, images: int, precision: str | None, 
     from .export import cached_export_path, export
 
     checkpoint = resolve_checkpoint_path(run)
+    if runtime == "auto" and inference_precision(read_metadata(checkpoint), pick_device()) != "32":
+        # The export runs fp32. Where the run's precision resolves to bf16 (a CPU with native bf16),
+        # eager bf16 is faster than ONNX Runtime fp32 and is what evaluate measured: the same command
+        # must not switch between numerically different paths with the job's size.
+        return None
     cached = cached_export_path(checkpoint)
     existing = next((p for p in (checkpoint.parent / "model.onnx", cached) if p.is_file()), None)
     if existing is not None:

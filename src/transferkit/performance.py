@@ -14,6 +14,7 @@ from torch import nn
 from .errors import TransferkitError
 
 PRECISIONS = ("auto", "32", "bf16", "16")
+PRECISION_NAMES = {"32": "fp32", "bf16": "bf16", "16": "fp16"}
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -26,15 +27,38 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-@functools.cache
+# "1" makes transferkit choose as on a CPU with native bf16, "0" as on one without. An AVX2 CPU
+# emulates bf16 slowly but rounds exactly as native bf16 does, so either machine can run both paths.
+NATIVE_BF16_ENV = "TRANSFERKIT_NATIVE_BF16"
+
+
 def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matmuls run natively instead of being emulated (slower than fp32)."""
+    """AVX512-BF16 or AMX: bf16 matmuls run natively instead of being emulated (slower than fp32).
+
+    ``TRANSFERKIT_NATIVE_BF16=1`` (or ``0``) overrides what the CPU reports.
+    """
+    forced = os.environ.get(NATIVE_BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    if forced:
+        raise TransferkitError(f"{NATIVE_BF16_ENV}={forced!r}: set it to 1 (act as on a native-bf16 CPU), 0, or unset it")
+    return _cpuinfo_has_bf16()
+
+
+@functools.cache
+def _cpuinfo_has_bf16() -> bool:
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line for line in f if line.startswith("flags")), "")
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_kind() -> str:
+    """What a benchmark or report says of this CPU's bf16 (forced by the switch or not)."""
+    source = f" ({NATIVE_BF16_ENV} set)" if os.environ.get(NATIVE_BF16_ENV) else ""
+    return ("native bf16" if cpu_has_native_bf16() else "no native bf16: bf16 emulated") + source
 
 
 def has_depthwise_conv(model: nn.Module, trainable_only: bool = False) -> bool:

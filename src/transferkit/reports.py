@@ -651,7 +651,8 @@ def _metrics_html(run: Run) -> str:
         rows = [[_e(name), _number(v["precision"], 3), _number(v["recall"], 3), _number(v["f1"], 3),
                  _number(int(v["support"]))] for name, v in per_class.items()]  # fmt: skip
         title = "validation" if split == "val" else "test"
-        parts.append(f"<h3>Per class, {title} (accuracy {_number(m.get(f'{split}_accuracy'))})</h3>"
+        at = f", network run at {m['evaluation_precision']}" if m.get("evaluation_precision") else ""
+        parts.append(f"<h3>Per class, {title} (accuracy {_number(m.get(f'{split}_accuracy'))}{_e(at)})</h3>"
                      + _table(["class", "precision", "recall", "F1", "support"], rows))  # fmt: skip
     parts.append(_figure_html(run, "confusion", "confusion matrix",
                               "Validation confusion matrix: rows are true classes, columns predicted."))  # fmt: skip

@@ -835,6 +835,7 @@ def finish_run(
     metrics: dict[str, Any] = {
         "val_accuracy": val.accuracy,
         "val_loss": val.loss,
+        "evaluation_precision": val.precision,  # what produced the val_* and test_* numbers on this machine
         "val_per_class": val.per_class,
         "val_confusion_matrix": val.confusion_matrix,
         "model": config.model,
