@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from transferkit import TransferModel, load_backbone
-from transferkit.export import Probabilities, export_model, onnx_session
+from transferkit.export import Probabilities, export_model
+from transferkit.prediction import onnx_session
 from transferkit.performance import cpu_has_native_bf16
 
 BATCH, SIZE, CLASSES = 32, 224, 10

@@ -46,9 +46,10 @@ def ours(data: Path) -> dict:
 
     import torch
 
-    from transferkit import Preprocessing, TransferModel, load_backbone
+    from transferkit import TransferModel, load_backbone
     from transferkit.data import build_transform, make_loader, scan_class_folder
-    from transferkit.export import export_model, onnx_session
+    from transferkit.export import export_model
+    from transferkit.prediction import onnx_session
     from transferkit.features import extract_features
     from transferkit.inference import predict
     from transferkit.performance import autocast, pick_device, resolve_precision, to_fast_layout
@@ -67,8 +68,7 @@ def ours(data: Path) -> dict:
         onnx = export_model(model, data.parent / f"{name}.onnx", "onnx").path
         session = onnx_session(onnx)
         # The limit runs on the same images, decoded beforehand: activations (and their cost) as in the jobs.
-        prep = model.info.preprocessing
-        batch = next(iter(make_loader(samples[:32], build_transform(Preprocessing.from_dict(prep), "none"), 32)))[0]
+        batch = next(iter(make_loader(samples[:32], build_transform(model.preprocessing, "none"), 32)))[0]
         x = batch.contiguous(memory_format=torch.channels_last)
 
         def forward(x: torch.Tensor = x) -> None:

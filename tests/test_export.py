@@ -15,7 +15,8 @@ import torch
 import transferkit
 from transferkit.cli import main
 from transferkit.data import build_transform, load_image
-from transferkit.export import export, sidecar_path
+from transferkit.export import export
+from transferkit.prediction import sidecar_path
 from transferkit.performance import NATIVE_BF16_ENV
 
 # Runs in a fresh interpreter with only numpy and the runtime: what a consumer of the export has.
@@ -59,7 +60,7 @@ def exports(run_dir: Path) -> dict[str, Path]:
 def val_batch(run_dir: Path, tiny_dataset: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """Five preprocessed validation images and the checkpoint's probabilities on them."""
     model = transferkit.load_checkpoint(run_dir)
-    transform = build_transform(transferkit.Preprocessing.from_dict(model.info.preprocessing))
+    transform = build_transform(model.preprocessing)
     files = sorted((tiny_dataset / "val").rglob("*.*"))[:5]
     x = torch.stack([transform(load_image(str(f))) for f in files])
     with torch.no_grad():
@@ -88,7 +89,7 @@ def test_sidecar_has_class_names_preprocessing_and_the_check(exports: dict[str, 
         meta = json.loads(sidecar_path(path).read_text())
         assert meta["class_names"] == ["blue", "red"]
         prep = meta["preprocessing"]
-        from_checkpoint = transferkit.Preprocessing.from_dict(model.info.preprocessing)
+        from_checkpoint = model.preprocessing
         assert transferkit.Preprocessing.from_dict(prep) == from_checkpoint
         assert prep["image_size"] == 32 and prep["crop"] == "center"
         assert meta["input"]["shape"] == ["batch", 3, 32, 32]
@@ -223,7 +224,7 @@ def test_runtime_choice_and_the_cached_export(run_dir: Path, tiny_dataset: Path,
 
 def _runs_fp32_here(run: Path) -> bool:
     from transferkit.checkpoint import read_metadata
-    from transferkit.inference import inference_precision
+    from transferkit.prediction import inference_precision
 
     return inference_precision(read_metadata(run), torch.device("cpu")) == "32"
 

@@ -11,7 +11,9 @@ from helpers import make_colour_folder
 
 from transferkit import Preprocessing, TransferkitError, TransferModel, load_backbone
 from transferkit.data import scan_class_folder
-from transferkit.features import clear_cache, extract_features, resolve_layer
+from transferkit.features import extract_features
+from transferkit.files import clear_cache
+from transferkit.layers import resolve_layer
 
 SMALL = Preprocessing(image_size=32, resize_size=36, mean=(0.5,) * 3, std=(0.5,) * 3)
 
@@ -102,8 +104,8 @@ def test_augmented_views_are_cached_and_deterministic(images: list, tmp_path: Pa
 
 
 def test_clear_cache(images: list, tmp_path: Path) -> None:
-    extract_features(_model(), images, cache_dir=tmp_path / "c", num_workers=0)
-    assert clear_cache(tmp_path / "c") == 6 and not (tmp_path / "c").exists()
+    extract_features(_model(), images, cache_dir=tmp_path / "c" / "features", num_workers=0)
+    assert clear_cache(tmp_path / "c") == {"features": 6, "exports": 0} and not (tmp_path / "c" / "features").exists()
 
 
 def test_feature_extract_training_uses_the_cache(tiny_dataset: Path, tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ _EXPORTS = {
     "list_backbones": "backbones", "load_backbone": "backbones",
     "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
     "TransferkitError": "errors",
-    "HeadSpec": "heads", "TransferModel": "heads",
+    "HeadSpec": "heads", "ModelRecord": "model", "TransferModel": "model",
     "Evaluation": "inference", "evaluate": "inference", "predict": "inference",
     "StrategySpec": "strategies", "apply_strategy": "strategies", "param_groups": "strategies",
     "TrainConfig": "training", "TrainResult": "training", "train": "training", "resume_training": "training",

@@ -18,7 +18,6 @@ measured here, hymenoptera gives similarity 0.93 / confidence 0.72, Fashion-MNIS
 
 from __future__ import annotations
 
-import copy
 import random
 import statistics
 from dataclasses import asdict, dataclass, field
@@ -31,7 +30,7 @@ from torch import nn
 from .backbones import DEFAULT_BACKBONE, get_module, load_backbone
 from .data import discover
 from .features import extract_features
-from .heads import TransferModel
+from .model import TransferModel
 from .probes import fit_linear_probe
 
 SMALL_BELOW = 1000  # images per class (median) under which a dataset counts as small
@@ -152,8 +151,8 @@ def advise(
     """Measure the data and recommend a strategy (see the module docstring for the method)."""
     splits = discover(data, val_split, seed)
     backbone = load_backbone(model, weights, preprocessing=preprocessing)
-    original_head = None if backbone.weights == "none" else copy.deepcopy(get_module(backbone.model, backbone.classifier_path))
-    transfer = TransferModel(backbone, splits.class_names).eval()
+    transfer = TransferModel(backbone, splits.class_names).eval()  # leaves backbone.model its ImageNet head
+    original_head = None if backbone.weights == "none" else get_module(backbone.model, backbone.classifier_path)
     counts = {name: sum(1 for _, lbl in splits.train if lbl == i) for i, name in enumerate(splits.class_names)}
     sample = _sample(splits.train, per_class, seed)
     feats = extract_features(transfer, sample, cache_dir=cache_dir)

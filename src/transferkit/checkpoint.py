@@ -8,55 +8,20 @@ network's (no wrapper prefix), so the file is also a valid ``--weights`` file fo
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .backbones import Backbone, LayerGroup, Preprocessing, build_architecture
 from .errors import TransferkitError
-from .heads import HeadSpec, LinearProbe, TransferModel
+from .files import atomic_write
+from .heads import LinearProbe
+from .model import ModelRecord, TransferModel
 
 FORMAT = "transferkit-checkpoint/1"
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 CHECKPOINT_NAME = "model.pt"
-
-
-def atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``: readers see the old or the new file, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a run's files are as readable as any other
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def model_metadata(model: TransferModel) -> dict[str, Any]:
-    info = model.info
-    return {
-        "backbone": info.backbone,
-        "weights": info.weights,
-        "model_kwargs": info.model_kwargs,
-        "class_names": info.class_names,
-        "head": info.head.to_dict(),
-        "classifier_path": info.classifier_path,
-        "extra_head_paths": list(info.extra_head_paths),
-        "groups": [[g.name, list(g.prefixes)] for g in info.groups],
-        "preprocessing": info.preprocessing,
-        "feature_dim": info.feature_dim,
-        **info.extra,
-    }
 
 
 def save_checkpoint(
@@ -66,7 +31,7 @@ def save_checkpoint(
 
     ``state_dict``: the network's weights when they are not all in ``model`` (gathered from FSDP shards).
     """
-    metadata = {**model_metadata(model), **extra}
+    metadata = model.record.with_extra(**extra).to_dict()
     weights = model.net.state_dict() if state_dict is None else state_dict
     state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in weights.items()}
     payload: dict[str, Any] = {"format": FORMAT, "metadata": json.dumps(metadata), "state_dict": state}
@@ -123,32 +88,6 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         return read_checkpoint(p)[0]
 
 
-def model_from_metadata(meta: dict[str, Any]) -> TransferModel:
-    """The architecture with its new head, random weights: what a state_dict is loaded into."""
-    name = meta["backbone"]
-    net = build_architecture(name, meta.get("model_kwargs"))
-    backbone = Backbone(
-        name=name,
-        model=net,
-        classifier_path=meta["classifier_path"],
-        feature_dim=int(meta["feature_dim"]),
-        groups=[LayerGroup(n, tuple(p)) for n, p in meta["groups"]],
-        preprocessing=Preprocessing.from_dict(meta["preprocessing"]),
-        weights=meta["weights"],
-        model_kwargs=meta.get("model_kwargs") or {},
-        extra_head_paths=tuple(meta.get("extra_head_paths", ())),
-    )
-    model = TransferModel(backbone, meta["class_names"], HeadSpec.from_dict(meta["head"]))
-    model.info.extra = {k: v for k, v in meta.items() if k not in _CORE_KEYS}
-    return model
-
-
-_CORE_KEYS = {
-    "backbone", "weights", "model_kwargs", "class_names", "head", "classifier_path",
-    "extra_head_paths", "groups", "preprocessing", "feature_dim",
-}  # fmt: skip
-
-
 def load_checkpoint(path: str | Path, class_names: list[str] | None = None) -> TransferModel:
     """Rebuild a trained model in any process, from the checkpoint alone (eval mode).
 
@@ -162,7 +101,7 @@ def load_checkpoint(path: str | Path, class_names: list[str] | None = None) -> T
             f"({', '.join(meta['class_names'])}), not on {len(class_names)} ({', '.join(class_names)})"
         )
     probe, probe_layer = meta.pop("_probe", None), meta.pop("_probe_layer", None)
-    model = model_from_metadata(meta)
+    model = TransferModel.from_record(ModelRecord.from_dict(meta))
     if probe is not None:
         model.attach_probe(LinearProbe.from_state_dict(probe), probe_layer)
     missing, unexpected = model.net.load_state_dict(state, strict=False)

@@ -317,22 +317,14 @@ def _add_cache(sub: Any) -> None:
 
 
 def _cache(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from .files import cache_root, clear_cache
 
-    from .features import clear_cache, default_cache_dir
-
-    root = Path(args.cache_dir) / "features" if args.cache_dir else default_cache_dir()
+    root = cache_root(args.cache_dir)
     if args.action == "path":
         print(root)
     else:
-        print(f"removed {clear_cache(root)} cached feature vectors from {root}")
-        exports = root.parent / "exports"  # the ONNX exports predict made for itself
-        if exports.is_dir():
-            import shutil
-
-            count = len(list(exports.glob("*.onnx")))
-            shutil.rmtree(exports)
-            print(f"removed {count} cached ONNX exports from {exports}")
+        removed = clear_cache(root)
+        print(f"removed {removed['features']} cached feature vectors and {removed['exports']} ONNX exports from {root}")
     return 0
 
 

@@ -19,10 +19,8 @@ the checkpoint's; a difference above the tolerance fails the export and leaves n
 
 from __future__ import annotations
 
-import functools
 import json
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,14 +29,15 @@ import torch
 from torch import nn
 
 from .backbones import Preprocessing
-from .checkpoint import atomic_write, load_checkpoint, resolve_checkpoint_path
+from .checkpoint import load_checkpoint, resolve_checkpoint_path
 from .errors import TransferkitError
-from .heads import TransferModel
+from .files import atomic_write, cache_root
+from .model import TransferModel
+from .prediction import SIDECAR_FORMAT, EagerRunner, ExportedProgramRunner, OnnxRunner, sidecar_path
 
 FORMATS = {"onnx": "model.onnx", "pt2": "model.pt2"}
 # TorchScript (torch.jit.trace) is deprecated by PyTorch in favour of torch.export, which pt2 is.
 RETIRED_FORMATS = {"torchscript": "pt2"}
-SIDECAR_FORMAT = "transferkit-export/1"
 DEFAULT_TOLERANCE = 1e-4  # max abs difference of probabilities; fp32 ONNX Runtime differs by ~1e-7
 CHECK_IMAGES = 8
 INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
@@ -80,16 +79,9 @@ def cached_export_path(checkpoint: Path) -> Path:
     """Where ``predict`` keeps the ONNX export it made of ``checkpoint``: named by the file's content."""
     import hashlib
 
-    from .features import default_cache_dir
-
     with open(checkpoint, "rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()[:24]
-    return default_cache_dir().parent / "exports" / f"{digest}.onnx"
-
-
-def sidecar_path(path: str | Path) -> Path:
-    path = Path(path)
-    return path.with_name(path.name + ".json")
+    return cache_root() / "exports" / f"{digest}.onnx"
 
 
 def export(
@@ -99,7 +91,7 @@ def export(
     force: bool = False,
     tolerance: float = DEFAULT_TOLERANCE,
 ) -> ExportResult:
-    """Export a run's model (default ``RUN/model.onnx`` or ``RUN/model.torchscript.pt``) with its sidecar.
+    """Export a run's model (default ``RUN/model.onnx`` or ``RUN/model.pt2``) with its sidecar.
 
     >>> export("runs/my-run", "onnx").path  # doctest: +SKIP
     PosixPath('runs/my-run/model.onnx')
@@ -109,7 +101,7 @@ def export(
     run_dir = checkpoint.parent
     model = load_checkpoint(checkpoint)
     target = Path(out).expanduser() if out is not None else run_dir / FORMATS[format]
-    prep = Preprocessing.from_dict(model.info.preprocessing)
+    prep = model.preprocessing
     check = validation_inputs(run_dir, prep)
     if check is None:
         inputs, what = random_inputs(prep)
@@ -143,7 +135,7 @@ def export_model(
             raise TransferkitError(f"--out {out}: {path} is a folder; give a file name")
         if path.exists() and not force:
             raise TransferkitError(f"{path} already exists; pass --force to overwrite it, or choose another --out")
-    prep = Preprocessing.from_dict(model.info.preprocessing)
+    prep = model.preprocessing
     inputs, checked_on = check if check is not None else random_inputs(prep)
     net = Probabilities(model).eval().float().to("cpu", memory_format=torch.contiguous_format)
     example = inputs[:1].repeat(2, 1, 1, 1)
@@ -155,13 +147,13 @@ def export_model(
             _WRITERS[format](net, example, tmp)
         except Exception as exc:  # the exporters raise many types; all mean "this network does not export"
             raise TransferkitError(
-                f"{format} export of {model.info.backbone} failed ({type(exc).__name__}: {str(exc)[:200]}); "
+                f"{format} export of {model.record.backbone} failed ({type(exc).__name__}: {str(exc)[:200]}); "
                 "try the other --format"
             ) from None
-        reference = net(inputs)
+        reference = EagerRunner(model, torch.device("cpu"), precision="32")(inputs)
         # Loaded back from the file, as a consumer would. Batch 1 differs from the traced batch of 2,
         # so a batch size frozen into the graph fails here.
-        exported = _LOADERS[format](tmp)
+        exported = _RUNNERS[format](tmp, model.class_names, prep)
         diff = max(_max_abs_diff(exported(inputs[:1]), reference[:1]), _max_abs_diff(exported(inputs), reference))
         if not diff <= tolerance:
             raise TransferkitError(
@@ -193,38 +185,25 @@ def _check_format(format: str) -> None:
 def _sidecar(
     model: TransferModel, prep: Preprocessing, result: ExportResult, size: int, source: str | None
 ) -> dict[str, Any]:
+    """What a consumer needs beside the file, all of it from the model's record."""
     from . import __version__
 
+    record = model.record
     return {
         "format": SIDECAR_FORMAT,
         "model_format": result.format,
         "file": result.path.name,
-        "class_names": model.class_names,
+        "class_names": list(record.class_names),
         "input": {"name": INPUT_NAME, "shape": ["batch", 3, size, size], "dtype": "float32"},
-        "output": {"name": OUTPUT_NAME, "shape": ["batch", len(model.class_names)], "softmax": True},
+        "output": {"name": OUTPUT_NAME, "shape": ["batch", len(record.class_names)], "softmax": True},
         "preprocessing": {**prep.to_dict(), "crop": "center", "steps": PREPROCESSING_STEPS},
-        "backbone": model.info.backbone,
+        "backbone": record.backbone,
+        "weights": record.weights,
+        "head": str(record.head),
         "checkpoint": source,
         "check": {"inputs": result.checked_on, "max_abs_diff": result.max_abs_diff, "tolerance": result.tolerance},
         "transferkit_version": __version__,
     }
-
-
-def read_sidecar(path: str | Path) -> dict[str, Any]:
-    """The sidecar of export ``path``, checked to be one."""
-    side = sidecar_path(path)
-    if not side.is_file():
-        raise TransferkitError(
-            f"{side} is missing; it holds the class names of {Path(path).name}: re-run transferkit export"
-        )
-    try:
-        meta = json.loads(side.read_text())
-    except (OSError, ValueError) as exc:
-        reason = type(exc).__name__
-        raise TransferkitError(f"{side} is not readable JSON ({reason}); re-run transferkit export") from None
-    if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
-        raise TransferkitError(f"{side} is not a transferkit export sidecar; re-run transferkit export")
-    return meta
 
 
 # --------------------------------------------------------------------------- check inputs
@@ -289,96 +268,6 @@ def _write_pt2(net: nn.Module, example: torch.Tensor, path: Path) -> None:
     torch.export.save(torch.export.export(net, (example,), dynamic_shapes=_batch_free()), str(path))
 
 
-def onnx_session(path: str | Path) -> Any:
-    """An ONNX Runtime session on ``path`` (GPU when onnxruntime-gpu has one, else CPU).
-
-    Sessions are kept for the last few files (keyed by path, size and mtime, so a new export is
-    picked up): repeated ``predict`` calls from a notebook skip the graph optimisation.
-    """
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        raise TransferkitError("ONNX exports need ONNX Runtime: pip install onnxruntime") from None
-    stat = Path(path).stat()
-    return _session(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=4)
-def _session(path: str, size: int, mtime_ns: int) -> Any:
-    import onnxruntime
-
-    available = onnxruntime.get_available_providers()
-    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-    try:
-        return onnxruntime.InferenceSession(str(path), providers=providers)
-    except Exception as exc:  # ORT raises its own Fail/InvalidGraph types, all meaning "not a usable model"
-        reason = str(exc)[:120]
-        raise TransferkitError(f"{path} is not a loadable ONNX model ({reason}); re-run transferkit export") from None
-
-
-def _load_onnx(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
-    session = onnx_session(path)
-    name = session.get_inputs()[0].name
-    return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
-
-
-def _load_pt2(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
-    module = torch.export.load(str(path)).module()
-    return lambda x: module(x).detach()
-
-
 _WRITERS = {"onnx": _write_onnx, "pt2": _write_pt2}
-_LOADERS = {"onnx": _load_onnx, "pt2": _load_pt2}
-
-
-# --------------------------------------------------------------------------- predict
-
-
-def predict_onnx(
-    path: str | Path,
-    paths: list[str | Path] | str | Path,
-    top_k: int = 3,
-    batch_size: int = 32,
-    num_workers: int | None = None,
-) -> list[dict[str, Any]]:
-    """:func:`transferkit.predict` with an ONNX export: ``[{"path", "predictions": [{"label", "probability"}]}]``."""
-    from .data import build_transform, make_loader
-    from .inference import collect_images
-
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise TransferkitError(f"{path} does not exist; give an ONNX export (transferkit export) or a run directory")
-    meta = read_sidecar(path)
-    session = onnx_session(path)
-    input_name = session.get_inputs()[0].name
-    class_names = list(meta["class_names"])
-    files = collect_images([paths] if isinstance(paths, (str, Path)) else list(paths))
-    transform = build_transform(Preprocessing.from_dict(meta["preprocessing"]), "none")
-    # Each sample's "label" is its index, so images that fail to decode leave a traceable gap.
-    loader = make_loader([(f, i) for i, f in enumerate(files)], transform, batch_size, num_workers=num_workers)
-    by_index: dict[int, torch.Tensor] = {}
-    for x, indices, *_ in loader:
-        if len(x):
-            probs = torch.from_numpy(session.run(None, {input_name: x.numpy()})[0])
-            by_index.update(zip(indices.tolist(), probs))
-    return top_k_results(files, by_index, class_names, top_k)
-
-
-def top_k_results(
-    files: list[str], by_index: dict[int, torch.Tensor], class_names: list[str], top_k: int
-) -> list[dict[str, Any]]:
-    """predict's result structure; a file missing from ``by_index`` could not be decoded."""
-    k = max(1, min(top_k, len(class_names)))
-    results: list[dict[str, Any]] = []
-    for i, file in enumerate(files):
-        if i not in by_index:
-            results.append({"path": file, "error": "cannot decode image", "predictions": []})
-            continue
-        values, top = by_index[i].topk(k)
-        results.append({
-            "path": file,
-            "predictions": [
-                {"label": class_names[int(j)], "probability": round(float(v), 6)} for v, j in zip(values, top)
-            ],
-        })  # fmt: skip
-    return results
+# Read back as a consumer would, through the one prediction path.
+_RUNNERS = {"onnx": OnnxRunner, "pt2": ExportedProgramRunner}

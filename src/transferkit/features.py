@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,30 +24,21 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .backbones import Preprocessing
-from .checkpoint import atomic_write
+from .files import atomic_write, cache_root
 from .data import BadImage, ImageDataset, Sample, build_transform, default_num_workers
 from .errors import TransferkitError
-from .heads import StopForward, TransferModel, capture, resolve_layer
+from .layers import StopForward, capture, resolve_layer
+from .model import TransferModel
 from .performance import autocast, batch_to, inference_mode, pick_device, to_fast_layout
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("TRANSFERKIT_CACHE_DIR", Path.home() / ".cache" / "transferkit")) / "features"
-
-
-def clear_cache(cache_dir: Path | None = None) -> int:
-    """Remove every cached feature; returns the number of files removed."""
-    root = Path(cache_dir or default_cache_dir())
-    if not root.exists():
-        return 0
-    count = sum(1 for _ in root.rglob("*.npy"))
-    shutil.rmtree(root)
-    return count
+    return cache_root() / "features"
 
 
 def weights_digest(model: TransferModel) -> str:
     """Digest of everything before the head: a changed backbone weight changes every key."""
-    head = (model.info.classifier_path, *model.info.extra_head_paths)
+    head = model.record.head_paths
     h = hashlib.sha1()
     for name, tensor in model.net.state_dict().items():
         if any(name.startswith(p + ".") for p in head):
@@ -140,9 +130,9 @@ def extract_features(
     """
     device = device or pick_device()
     canonical_layer, _, _ = resolve_layer(model, layer)
-    prep = Preprocessing.from_dict(model.info.preprocessing)
+    prep = model.preprocessing
     view_count = views if augment != "none" else 1
-    spec = FeatureSpec(model.info.backbone, weights_digest(model), canonical_layer, prep.to_dict(), augment, precision)
+    spec = FeatureSpec(model.record.backbone, weights_digest(model), canonical_layer, prep.to_dict(), augment, precision)
     root = Path(cache_dir or default_cache_dir()) / spec.key()
     items = [(i, path, v) for i, (path, _) in enumerate(samples) for v in range(view_count)]
     rows: dict[tuple[int, int], np.ndarray] = {}

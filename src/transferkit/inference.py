@@ -10,23 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
-from .backbones import Preprocessing
 from .checkpoint import load_checkpoint, read_metadata, resolve_checkpoint_path
-from .data import IMAGE_EXTENSIONS, VAL_DIR_NAMES, BadImage, Sample, build_transform, make_loader, scan_class_folder
+from .data import IMAGE_EXTENSIONS, VAL_DIR_NAMES, Sample, scan_class_folder
 from .errors import TransferkitError
-from .heads import TransferModel
-from .performance import (
-    PRECISION_NAMES,
-    autocast,
-    batch_to,
-    compile_in_place,
-    inference_mode,
-    pick_device,
-    resolve_precision,
-    to_fast_layout,
-)
+from .model import TransferModel
+from .performance import PRECISION_NAMES, pick_device
+from .prediction import EagerRunner, OnnxRunner, inference_precision, predict_samples, top_k_results
 
 
 @dataclass
@@ -77,42 +67,6 @@ class Evaluation:
         return "\n".join(lines)
 
 
-def predict_probabilities(
-    model: TransferModel,
-    loader: DataLoader,
-    device: torch.device | None = None,
-    precision: str = "32",
-) -> tuple[torch.Tensor, torch.Tensor, list[BadImage]]:
-    """Softmax probabilities and labels over a loader, in eval mode, and the images that failed to decode."""
-    device = device or pick_device()
-    model.to(device)
-    to_fast_layout(model)
-    probs, labels, bad = [], [], []
-    with inference_mode(model):
-        for x, y, *rest in loader:
-            bad += rest[0] if rest else []
-            if len(x) == 0:
-                continue
-            with autocast(device, precision):
-                logits = model(batch_to(x, device, channels_last=True))
-            probs.append(logits.float().softmax(dim=1).cpu())
-            labels.append(y)
-    if not probs:
-        return torch.empty(0, len(model.class_names)), torch.empty(0, dtype=torch.long), bad
-    return torch.cat(probs), torch.cat(labels), bad
-
-
-def inference_precision(model: TransferModel | dict[str, Any], device: torch.device, requested: str | None = None) -> str:
-    """The precision a checkpoint (model or metadata) runs at on ``device``: ``requested``, else the run's own.
-
-    A run records ``--precision`` as given; ``auto`` resolves on the machine that runs the model
-    (bf16 on a GPU or a CPU with native bf16, else fp32), so one machine always gives the same
-    answers for a run, and the numbers say which precision produced them.
-    """
-    meta = model if isinstance(model, dict) else model.info.extra
-    return resolve_precision(requested or meta.get("inference_precision", "32"), device)
-
-
 def evaluate_samples(
     model: TransferModel,
     samples: list[Sample],
@@ -123,45 +77,43 @@ def evaluate_samples(
     skipped: int = 0,
     compile: bool = False,
 ) -> Evaluation:
-    """Metrics of ``model`` on ``samples``; ``skipped`` counts files already left out by the scan."""
-    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+    """Metrics of ``model`` on ``samples``; ``skipped`` counts files already left out by the scan.
 
-    device = device or pick_device()
-    if compile:
-        compile_in_place(model, device)
-    prep = Preprocessing.from_dict(model.info.preprocessing)
-    # Each sample's loader label is its index: an image that fails to decode drops out without shifting the rest.
-    indexed = [(path, i) for i, (path, _) in enumerate(samples)]
-    loader = make_loader(indexed, build_transform(prep, "none"), batch_size, num_workers=num_workers)
-    precision = inference_precision(model, device, precision)
-    probs, indices, bad = predict_probabilities(model, loader, device, precision)
-    n_classes = len(model.class_names)
-    if len(indices) == 0:
+    Computed by torchmetrics, as training's validation accuracy is, so the two are one definition.
+    """
+    from torchmetrics.functional.classification import (
+        multiclass_accuracy,
+        multiclass_confusion_matrix,
+        multiclass_f1_score,
+        multiclass_precision,
+        multiclass_recall,
+    )
+
+    result = predict_samples(EagerRunner(model, device, precision, compile), samples, batch_size, num_workers)
+    probs = result.probabilities
+    if len(probs) == 0:
         raise TransferkitError("no image could be decoded for evaluation")
-    decoded_samples = [samples[i] for i in indices.tolist()]
+    decoded_samples = [samples[i] for i in result.positions.tolist()]
     labels = torch.tensor([label for _, label in decoded_samples], dtype=torch.long)
     predicted = probs.argmax(dim=1)
-    label_ids = list(range(n_classes))
-    precision_, recall, f1, support = precision_recall_fscore_support(
-        labels.numpy(), predicted.numpy(), labels=label_ids, zero_division=0
-    )
-    nll = torch.nn.functional.nll_loss(probs.clamp_min(1e-12).log(), labels).item()
-    decoded = len(labels)
+    names = model.class_names
+    per_class = {"average": None, "num_classes": len(names), "zero_division": 0}
+    scores = {metric: fn(predicted, labels, **per_class).tolist() for metric, fn in
+              (("precision", multiclass_precision), ("recall", multiclass_recall), ("f1", multiclass_f1_score))}  # fmt: skip
+    support = torch.bincount(labels, minlength=len(names)).tolist()
     return Evaluation(
-        accuracy=float((predicted == labels).float().mean()),
-        num_images=decoded,
-        class_names=model.class_names,
-        per_class={
-            name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-            for name, p, r, f, s in zip(model.class_names, precision_, recall, f1, support)
-        },
-        confusion_matrix=confusion_matrix(labels.numpy(), predicted.numpy(), labels=label_ids).tolist(),
-        loss=float(nll),
-        precision=precision,
-        skipped_files=skipped + len(bad),
-        skipped=[(b.path, b.reason) for b in bad],
+        accuracy=float(multiclass_accuracy(predicted, labels, num_classes=len(names), average="micro")),
+        num_images=len(labels),
+        class_names=names,
+        per_class={name: {**{m: float(v[i]) for m, v in scores.items()}, "support": int(support[i])}
+                   for i, name in enumerate(names)},  # fmt: skip
+        confusion_matrix=multiclass_confusion_matrix(predicted, labels, num_classes=len(names)).tolist(),
+        loss=float(torch.nn.functional.nll_loss(probs.clamp_min(1e-12).log(), labels)),
+        precision=result.precision,
+        skipped_files=skipped + len(result.bad),
+        skipped=[(b.path, b.reason) for b in result.bad],
         predictions=[
-            {"path": path, "label": model.class_names[int(t)], "predicted": model.class_names[int(p)],
+            {"path": path, "label": names[int(t)], "predicted": names[int(p)],
              "probability": float(probs[i, p]), "true_probability": float(probs[i, t])}
             for i, ((path, _), t, p) in enumerate(zip(decoded_samples, labels, predicted))
         ],
@@ -252,21 +204,12 @@ def predict(
     files = collect_images([paths] if isinstance(paths, (str, Path)) else list(paths))
     onnx = _onnx_model_for(run, runtime, len(files), precision, compile)
     if onnx is not None:
-        from .export import predict_onnx
-
-        return predict_onnx(onnx, files, top_k, batch_size, num_workers)
-    model = run if isinstance(run, TransferModel) else load_checkpoint(run)
-    device = pick_device()
-    if compile:
-        compile_in_place(model, device)
-    prep = Preprocessing.from_dict(model.info.preprocessing)
-    # Each sample's "label" is its index, so images that fail to decode leave a traceable gap.
-    samples = [(f, i) for i, f in enumerate(files)]
-    loader = make_loader(samples, build_transform(prep, "none"), batch_size, num_workers=num_workers)
-    probs, indices, _ = predict_probabilities(model, loader, device, inference_precision(model, device, precision))
-    from .export import top_k_results
-
-    return top_k_results(files, dict(zip(indices.tolist(), probs)), model.class_names, top_k)
+        runner: Any = OnnxRunner(onnx)
+    else:
+        runner = EagerRunner(run if isinstance(run, TransferModel) else load_checkpoint(run), pick_device(),
+                             precision, compile)  # fmt: skip
+    result = predict_samples(runner, files, batch_size, num_workers)
+    return top_k_results(files, result.by_position(), runner.class_names, top_k)
 
 
 def _onnx_model_for(run: Any, runtime: str, images: int, precision: str | None, compile: bool) -> Path | None:

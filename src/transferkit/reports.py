@@ -32,10 +32,11 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .backbones import Preprocessing
-from .checkpoint import CHECKPOINT_NAME, atomic_write, load_checkpoint
+from .checkpoint import CHECKPOINT_NAME, load_checkpoint
+from .files import atomic_write
 from .data import ImageFolderSplits, Sample, build_transform, discover, load_image
 from .errors import TransferkitError
-from .heads import TransferModel
+from .model import TransferModel
 from .inference import Evaluation, evaluate_samples
 from .strategies import DEFAULT_LR_DECAY
 
@@ -421,7 +422,7 @@ def _image_figures(
     if splits.class_names != model.class_names:
         return _Images({}, [], f"image grids not drawn: the classes in {splits.root} ({', '.join(splits.class_names)}) "
                                f"are no longer the model's ({', '.join(model.class_names)})")  # fmt: skip
-    prep = Preprocessing.from_dict(model.info.preprocessing)
+    prep = model.preprocessing
     names = model.class_names
     captions: dict[str, str] = {}
     augment = _training_augmentation(run)

@@ -3,7 +3,7 @@
 Everything is a statement about the backbone's layer groups (ordered input → head):
 
 >>> from transferkit.backbones import load_backbone
->>> from transferkit.heads import TransferModel
+>>> from transferkit.model import TransferModel
 >>> model = TransferModel(load_backbone("resnet18", weights="none"), ["ant", "bee"])
 >>> spec = StrategySpec("fine-tune", unfreeze=2, lr=1e-3, lr_decay=0.1)
 >>> apply_strategy(model, spec)
@@ -21,7 +21,7 @@ from torch import nn
 
 from .backbones import group_of
 from .errors import TransferkitError
-from .heads import TransferModel
+from .model import TransferModel
 
 STRATEGIES = ("feature-extract", "fine-tune", "full", "gradual", "linear-probe")
 # Discriminative decay applied by default when pretrained layers train: each group further from the
@@ -136,7 +136,7 @@ def _named_module_prefixes(model: TransferModel, spec: StrategySpec) -> list[str
     unknown = [n for n in spec.unfreeze if n not in group_names and n not in module_paths]
     if unknown:
         raise TransferkitError(
-            f"--unfreeze names {', '.join(unknown)} are neither layer groups nor modules of {model.info.backbone}; "
+            f"--unfreeze names {', '.join(unknown)} are neither layer groups nor modules of {model.record.backbone}; "
             f"groups are: {', '.join(g.name for g in model.groups)}"
         )
     return [n for n in spec.unfreeze if n not in group_names]

@@ -25,11 +25,12 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from .backbones import DEFAULT_BACKBONE, Preprocessing, explicit_preprocessing, load_backbone
-from .checkpoint import CHECKPOINT_NAME, atomic_write, save_checkpoint
+from .checkpoint import CHECKPOINT_NAME, save_checkpoint
+from .files import atomic_write, write_json
 from .data import EpochSeededSampler, build_transform, discover, make_loader
 from .errors import TransferkitError
 from .features import cache_supported, extract_features
-from .heads import TransferModel
+from .model import TransferModel
 from .performance import batch_to, compile_in_place, pick_device, resolve_precision, to_fast_layout, uses_convolutions
 from .strategies import STRATEGIES, StrategySpec, apply_strategy, param_groups, parse_group_lrs, parse_unfreeze
 
@@ -529,7 +530,7 @@ def _fit(
         "train_config": config.to_dict(),
         **config.resolved_from,
     }
-    model.info.extra = dict(extra)
+    model.record = model.record.with_extra(**extra)
     if spec.name == "linear-probe":
         return _run_linear_probe(model, splits, config, run_dir, device, extra, started)
     learner, train_loader, val_loader, feature_info = _learner_and_loaders(model, spec, splits, config, device, run_dir)
@@ -563,7 +564,7 @@ def _fit(
         log_every_n_steps=1,
     )
     if not config.quiet:
-        _print(f"{config.model} ({model.info.weights}) · {spec.name} · {len(splits.class_names)} classes · "
+        _print(f"{config.model} ({model.record.weights}) · {spec.name} · {len(splits.class_names)} classes · "
                f"{len(splits.train)} train / {len(splits.val)} val images · trainable {trainable:,} of {total:,} "
                f"parameters · precision {precision}" + (f" · resuming from {ckpt_path}" if ckpt_path else ""))  # fmt: skip
     to_fast_layout(model)
@@ -638,7 +639,7 @@ def _learner_and_loaders(
             warnings.warn("--compile: not applied, only the head trains (on cached features)", stacklevel=2)
         train_loader, val_loader, feature_info = _feature_loaders(model, splits, config, device, run_dir)
         return TransferLearner(model, spec, config, head_only=True), train_loader, val_loader, feature_info
-    prep = Preprocessing.from_dict(model.info.preprocessing)
+    prep = model.preprocessing
     loading = {"num_workers": config.num_workers, "device_type": device.type}
     train_loader = make_loader(splits.train, build_transform(prep, config.augment), config.batch_size,
                                shuffle=True, seed=config.seed, **loading)  # fmt: skip
@@ -839,7 +840,7 @@ def finish_run(
         "val_per_class": val.per_class,
         "val_confusion_matrix": val.confusion_matrix,
         "model": config.model,
-        "weights": model.info.weights,
+        "weights": model.record.weights,
         "class_names": splits.class_names,
         "data": splits.summary(),
         "skipped_files": len(splits.skipped),

@@ -1,0 +1,93 @@
+"""Pooled features of any layer: a group's output, a module's output, or the classifier's input."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from .backbones import LayerGroup, get_module
+from .errors import TransferkitError
+
+
+class HasLayers(Protocol):
+    """What a layer is looked up in: a network, its groups and its classifier (a TransferModel)."""
+
+    net: nn.Module
+
+    @property
+    def groups(self) -> list[LayerGroup]: ...
+
+    @property
+    def head_module(self) -> nn.Module: ...
+
+
+class StopForward(Exception):
+    """Raised by a hook once the wanted layer has run: the rest of the network is skipped."""
+
+
+def _pool(t: torch.Tensor) -> torch.Tensor:
+    if t.dim() == 4:  # N, C, H, W feature maps → global average pool
+        return t.float().mean(dim=(2, 3))
+    if t.dim() == 3:  # N, tokens, C (transformers) → mean over tokens
+        return t.float().mean(dim=1)
+    return t.float().flatten(1)
+
+
+def resolve_layer(model: HasLayers, layer: str | None) -> tuple[str, nn.Module, bool]:
+    """(canonical name, module to hook, whether to capture its input) for ``layer``.
+
+    None or ``"head"`` means the classifier's input (the pooled penultimate features); a layer
+    group name means the output of that group's last module; anything else is a module path.
+    """
+    if layer in (None, "", "head"):
+        return "head-input", model.head_module, True
+    for group in model.groups:
+        if group.name == layer and group.name != "head":
+            path = _module_of_group(model, group.prefixes)
+            return layer, get_module(model.net, path), False
+    try:
+        return layer, get_module(model.net, layer), False  # type: ignore[arg-type]
+    except AttributeError:
+        names = ", ".join(g.name for g in model.groups if g.name != "head")
+        raise TransferkitError(f"--layer {layer!r} is neither a layer group ({names}) nor a module path") from None
+
+
+def _module_of_group(model: HasLayers, prefixes: tuple[str, ...]) -> str:
+    modules = {name for name, _ in model.net.named_modules()}
+    parts = [p.split(".") for p in prefixes]
+    common: list[str] = []
+    for items in zip(*parts):
+        if len(set(items)) > 1:
+            break
+        common.append(items[0])
+    while common and ".".join(common) not in modules:
+        common.pop()
+    if common:
+        return ".".join(common)
+    last = prefixes[-1]
+    return last if last in modules else last.rpartition(".")[0]
+
+
+@contextmanager
+def capture(model: HasLayers, layer: str | None) -> Iterator[dict[str, torch.Tensor]]:
+    """While active, ``model(x)`` fills ``out["features"]`` with the pooled features of ``layer``."""
+    _, module, want_input = resolve_layer(model, layer)
+    out: dict[str, torch.Tensor] = {}
+
+    def pre_hook(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        out["features"] = _pool(args[0])
+        raise StopForward
+
+    def hook(_m: nn.Module, _args: Any, output: torch.Tensor) -> None:
+        out["features"] = _pool(output[0] if isinstance(output, tuple) else output)
+        raise StopForward
+
+    handle = module.register_forward_pre_hook(pre_hook) if want_input else module.register_forward_hook(hook)
+    try:
+        yield out
+    finally:
+        handle.remove()

@@ -1,0 +1,53 @@
+"""The model record: one description, written and read the same way by checkpoints and exports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from transferkit import ModelRecord, TransferModel, load_backbone, load_checkpoint
+from transferkit.backbones import get_module, resolve_weights
+from transferkit.backbones.weights import FileWeights, NoWeights, PackageWeights, TimmHubWeights, TorchvisionWeights
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_a_checkpoint_of_format_1_still_loads_and_predicts_the_same() -> None:
+    """Written by transferkit before the model record existed (timm test_resnet, mlp head, fine-tuned)."""
+    expected = json.loads((DATA / "checkpoint-format-1.json").read_text())
+    model = load_checkpoint(DATA / "checkpoint-format-1.pt")
+    assert model.class_names == expected["class_names"] and str(model.record.head) == "mlp:8"
+    assert model.record.strategy is not None and model.record.strategy["name"] == "fine-tune"
+    x = torch.linspace(-2, 2, 2 * 3 * 32 * 32).reshape(2, 3, 32, 32)
+    with torch.no_grad():
+        probabilities = model(x).softmax(dim=1)
+    assert torch.allclose(probabilities, torch.tensor(expected["probabilities"]), atol=1e-6)
+
+
+def test_the_record_round_trips_and_keeps_extras_apart() -> None:
+    model = TransferModel(load_backbone("resnet18", weights="none"), ["cat", "dog", "owl"], "mlp:16")
+    record = model.record.with_extra(strategy={"name": "full"}, inference_precision="auto", epoch=3)
+    again = ModelRecord.from_dict(json.loads(json.dumps(record.to_dict())))
+    assert again == record
+    assert again.strategy == {"name": "full"} and again.extra == {"inference_precision": "auto", "epoch": 3}
+    assert again.class_names == ("cat", "dog", "owl") and again.groups[-1].name == "head"
+
+
+def test_a_transfer_model_leaves_its_backbone_as_it_was() -> None:
+    backbone = load_backbone("resnet18", weights="none")
+    imagenet_head = get_module(backbone.model, "fc")
+    model = TransferModel(backbone, ["a", "b"])
+    assert get_module(backbone.model, "fc") is imagenet_head and imagenet_head.out_features == 1000
+    assert model.head_module.out_features == 2
+    # The layers themselves are shared, not copied: no memory is spent on a second backbone.
+    assert model.net.layer4 is backbone.model.layer4
+
+
+def test_weights_are_resolved_once_into_a_typed_source(tmp_path: Path) -> None:
+    assert resolve_weights("resnet18", "none") == NoWeights()
+    assert isinstance(resolve_weights("resnet18", "IMAGENET1K_V1"), TorchvisionWeights)
+    assert resolve_weights("timm/resnet10t", "DEFAULT") == TimmHubWeights("")
+    assert isinstance(resolve_weights("efficientnet_lite0", "DEFAULT"), PackageWeights)
+    assert resolve_weights("resnet18", str(tmp_path / "w.pth")) == FileWeights(tmp_path / "w.pth")
