@@ -18,14 +18,25 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "Backbone": "backbones", "LayerGroup": "backbones", "Preprocessing": "backbones",
-    "list_backbones": "backbones", "load_backbone": "backbones",
+    "list_backbones": "backbones", "load_backbone": "backbones", "offline_weights_available": "backbones",
+    "explicit_preprocessing": "backbones", "DEFAULT_BACKBONE": "backbones",
     "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
     "TransferkitError": "errors",
     "HeadSpec": "heads", "ModelRecord": "model", "TransferModel": "model",
-    "Evaluation": "inference", "evaluate": "inference", "predict": "inference",
+    "PRECISIONS": "performance",
+    "AUGMENTATIONS": "data",
     "StrategySpec": "strategies", "apply_strategy": "strategies", "param_groups": "strategies",
+    "STRATEGIES": "strategies",
+    "CLASSIFIERS": "probes",
     "TrainConfig": "training", "TrainResult": "training", "train": "training", "resume_training": "training",
-    "advise": "advice", "export": "export", "extract_features": "features", "write_report": "reports",
+    "find_lr": "training", "OPTIMIZERS": "training", "SCHEDULERS": "training",
+    "Evaluation": "inference", "evaluate": "inference", "predict": "inference", "format_predictions": "inference",
+    "RUNTIMES": "inference",
+    "advise": "advice", "extract_features": "features", "write_features": "features",
+    "export": "export", "FORMATS": "export", "DEFAULT_TOLERANCE": "export",
+    "cache_root": "files", "clear_cache": "files",
+    "write_report": "reports", "load_run": "reports", "format_comparison": "reports", "write_comparison": "reports",
+    "run_demo": "demo",
 }  # fmt: skip
 
 __all__ = sorted(_EXPORTS)
