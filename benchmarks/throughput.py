@@ -104,13 +104,14 @@ def _fine_tune_epoch(model, samples, names, device) -> float:
     import lightning as L
 
     from transferkit import apply_strategy
-    from transferkit.training import TrainConfig, _learner_and_loaders
+    from transferkit.training import TrainConfig
+    from transferkit.training.fit import learner_and_loaders
 
     config = TrainConfig(data="-", strategy="fine-tune", unfreeze=2, epochs=1, quiet=True)
     spec = config.strategy_spec()
     apply_strategy(model, spec)
     splits = type("Splits", (), {"train": samples, "val": samples[:1], "skipped": []})()
-    learner, train_loader, _, _ = _learner_and_loaders(model, spec, splits, config, device)
+    learner, train_loader, _, _ = learner_and_loaders(model, spec, splits, config, device)
     trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, accelerator=device.type)  # fmt: skip
     start = time.perf_counter()

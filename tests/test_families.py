@@ -72,13 +72,12 @@ def test_family_strategies(name: str) -> None:
         epoch = 1 if spec.name == "gradual" else 0
         groups = apply_strategy(model, spec, epoch=epoch)
         expected_groups = {
-            "feature-extract": ["head"],
+            "feature-extract": [],
             "fine-tune": model.groups[-3:-1],
             "gradual": model.groups[-2:-1],
             "full": model.groups[:-1],
         }[spec.name]
-        if spec.name != "feature-extract":
-            assert groups == [g.name for g in expected_groups] + ["head"], spec.name
+        assert groups == [g.name for g in expected_groups] + ["head"], spec.name
         model.train()
         model.zero_grad(set_to_none=True)
         before = _bn_stats(model.net)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import html
 import json
 import math
+import re
 import os
 import shutil
 import subprocess
@@ -22,9 +24,11 @@ import transferkit
 from transferkit.backbones import Preprocessing
 from transferkit.cli import build_parser, main
 from transferkit.data import build_transform, discover, load_image
+from transferkit.runs import HISTORY_FIELDS, HISTORY_NAME, read_history, write_history
 from transferkit.reports import (
     FIGURES,
     REPORT_DIR,
+    SECTIONS,
     denormalise,
     format_comparison,
     load_run,
@@ -123,6 +127,25 @@ def test_report_tells_the_story_of_the_run(report: Path, runs: dict[str, Path]) 
         f"transferkit report {runs['gradual']}",
     ):
         assert text in page, text
+
+
+def test_report_sections_follow_the_section_list(report: Path) -> None:
+    page = report.read_text(encoding="utf-8")
+    found = re.findall(r'<section id="([^"]+)"><h2>([^<]*)</h2>', page)
+    assert found == [(title.lower().split()[0], html.escape(title)) for title, _ in SECTIONS]
+    assert [i for i, _ in found] == ["summary", "data", "backbone", "training", "metrics", "images", "time"]
+
+
+def test_history_written_by_a_run_reads_back_with_its_types(runs: dict[str, Path], tmp_path: Path) -> None:
+    rows = read_history(runs["gradual"] / HISTORY_NAME)
+    assert [list(r) for r in rows] == [list(HISTORY_FIELDS)] * 3
+    assert [r["epoch"] for r in rows] == [0, 1, 2] and isinstance(rows[0]["trainable_params"], int)
+    assert isinstance(rows[0]["val_accuracy"], float) and isinstance(rows[0]["trainable_groups"], str)
+    write_history(tmp_path / HISTORY_NAME, rows)
+    assert read_history(tmp_path / HISTORY_NAME) == rows
+    write_history(tmp_path / HISTORY_NAME, [{"epoch": 0, "trainable_groups": "head"}])
+    assert read_history(tmp_path / HISTORY_NAME) == [{**dict.fromkeys(HISTORY_FIELDS), "epoch": 0,
+                                                      "trainable_groups": "head"}]  # fmt: skip
 
 
 def test_training_grid_says_which_views_the_head_trained_on(runs: dict[str, Path]) -> None:

@@ -9,7 +9,6 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 import zlib
 from pathlib import Path
 
@@ -121,6 +120,25 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "transferkit", *args]
 
 
+# `transferkit train ARGS` as a script, with a Lightning callback that SIGKILLs the process at epoch 3.
+KILL_AT_EPOCH_3 = """
+import os, signal, sys
+from lightning.pytorch.callbacks import Callback
+from transferkit.cli import build_parser
+from transferkit.training import TrainConfig
+import transferkit
+
+class KillAtEpoch3(Callback):
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+args = build_parser().parse_args(["train", *sys.argv[1:]])
+options = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and k != "data"}
+transferkit.train(args.data, callbacks=[KillAtEpoch3()], **options)
+"""
+
+
 @pytest.mark.precision
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(tiny_dataset: Path, tmp_path: Path) -> None:
@@ -131,17 +149,14 @@ def test_killed_run_resumes_to_the_same_result(tiny_dataset: Path, tmp_path: Pat
     full = tmp_path / "full"
     subprocess.run(_cli(*args, "--out", str(full)), check=True, capture_output=True, timeout=600)
 
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(*args, "--out", str(killed)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    history = killed / "history.csv"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if history.is_file() and len(history.read_text().strip().splitlines()) >= 4:  # 3 epochs done
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    # The same run, killed by SIGKILL as epoch 3 starts (3 epochs done, one group unfrozen, one to come):
+    # a callback of this test's kills its own process, so no race with a fast machine decides the epoch.
+    killed, script = tmp_path / "killed", tmp_path / "train_and_die.py"
+    script.write_text(KILL_AT_EPOCH_3)
+    proc = subprocess.run([sys.executable, str(script), *args[1:], "--out", str(killed)], capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert len((killed / "history.csv").read_text().strip().splitlines()) == 4  # header + epochs 0-2
     assert not (killed / "metrics.json").exists()
     load_checkpoint(killed)  # the last good model.pt is readable after the kill
 
@@ -160,7 +175,7 @@ def test_killed_run_resumes_to_the_same_result(tiny_dataset: Path, tmp_path: Pat
 
 
 def test_resume_refuses_finished_and_foreign_directories(tiny_dataset: Path, tmp_path: Path) -> None:
-    from transferkit.training import resume_training
+    from transferkit import resume_training
 
     done = train(tiny_dataset, epochs=1, out=str(tmp_path / "done"), **TINY)
     with pytest.raises(TransferkitError, match="already finished"):

@@ -9,7 +9,8 @@ import numpy as np
 from PIL import Image
 
 from .inference import evaluate, format_predictions, predict
-from .training import TrainResult, train
+from .training import TrainResult
+from .workflow import train
 
 
 def write_digits_folder(root: Path, per_class: int = 60, size: int = 64) -> Path:

@@ -1,0 +1,279 @@
+"""Figures of a report: training curves, confusion matrix, image grids, and the images they show.
+
+Figures are drawn on ``matplotlib.figure.Figure`` with the Agg canvas attached explicitly, never
+through pyplot: no display is needed, no GUI backend is ever chosen, and a notebook's own pyplot
+backend is left alone (``matplotlib.use("Agg")`` would switch it for the whole process).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from ..backbones import Preprocessing
+from ..data import Sample, build_transform, load_image
+from ..errors import TransferkitError
+from ..files import atomic_write
+from ..inference import Evaluation, evaluate_samples
+from ..model import TransferModel
+from ..runs import Run
+
+DPI = 100
+CURVES_INCHES = (15.0, 4.0)
+# Grid tiles: a square image plus a two-line title above it; at DPI 100 one tile is 180 x 220 pixels.
+TILE_INCHES = (1.8, 2.2)
+TILE_MARGIN = 0.06
+GRID_COLUMNS = 8
+TRAINING_SAMPLES = 16
+PREDICTION_SAMPLES = 24
+TOP_LOSSES = 8
+# Beyond these class counts, cell numbers and then tick labels would overprint each other.
+ANNOTATE_MAX_CLASSES = 20
+TICK_LABELS_MAX_CLASSES = 60
+RIGHT, WRONG = "#1a7f37", "#cf222e"
+
+T = TypeVar("T")
+
+
+def _series(rows: list[dict[str, Any]], key: str) -> np.ndarray:
+    return np.array([np.nan if r.get(key) is None else r[key] for r in rows], dtype=float)
+
+
+def _figure(inches: tuple[float, float], layout: str | None = "constrained") -> Figure:
+    fig = Figure(figsize=inches, dpi=DPI, layout=layout)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    # No bbox_inches="tight": the PNG keeps exactly figsize x DPI pixels, which the page lays out by.
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
+    return path
+
+
+def plot_curves(run: Run, path: Path) -> Path:
+    """Loss, accuracy (train vs val) and learning rate per epoch; unfreeze events and the best epoch marked."""
+    fig = _figure(CURVES_INCHES)
+    ax_loss, ax_acc, ax_lr = fig.subplots(1, 3)
+    epochs = _series(run.history, "epoch")
+    for ax, metric in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+        ax.plot(epochs, _series(run.history, f"train_{metric}"), "-o", markersize=3, label="train")
+        ax.plot(epochs, _series(run.history, f"val_{metric}"), "-s", markersize=3, label="val")
+        ax.set(title=metric, xlabel="epoch", ylabel=metric)
+    # steps-post: the rate holds until the next epoch's value replaces it, so each change shows as a step.
+    ax_lr.plot(epochs, _series(run.history, "lr"), "-o", markersize=3, drawstyle="steps-post", color="tab:green")
+    ax_lr.set(title="learning rate (head group)", xlabel="epoch", ylabel="learning rate")
+    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    best = run.metrics.get("best_epoch")
+    val_accuracy = dict(zip(epochs, _series(run.history, "val_accuracy")))
+    if best is not None and best in val_accuracy:
+        ax_acc.plot([best], [val_accuracy[best]], "*", markersize=14, color="gold", markeredgecolor="black",
+                    label=f"best (epoch {best})")  # fmt: skip
+    for ax in (ax_loss, ax_acc, ax_lr):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        for event in run.metrics.get("unfreeze_events") or []:
+            # The group trains from event["epoch"] on: the line sits on the boundary before it.
+            x = event["epoch"] - 0.5
+            ax.axvline(x, linestyle="--", color="tab:purple", alpha=0.7)
+            ax.text(x, 0.98, " +" + ", ".join(event["unfrozen"]), transform=ax.get_xaxis_transform(),
+                    rotation=90, va="top", ha="right", fontsize=8, color="tab:purple")  # fmt: skip
+    ax_loss.legend()
+    ax_acc.legend()
+    return _save(fig, path)
+
+
+def plot_confusion_matrix(class_names: Sequence[str], matrix: Sequence[Sequence[int]], path: Path) -> Path:
+    """Counts and row-normalised (each true class sums to 1; recall on the diagonal), side by side."""
+    counts = np.asarray(matrix, dtype=float)
+    totals = counts.sum(axis=1, keepdims=True)
+    normalised = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+    n = len(class_names)
+    panel = min(20.0, max(4.5, 1.5 + 0.45 * n))
+    fig = _figure((2 * panel, panel))
+    for ax, values, title, fmt, top in zip(
+        fig.subplots(1, 2),
+        (counts, normalised),
+        ("counts", "row-normalised (recall on the diagonal)"),
+        ("{:.0f}", "{:.2f}"),
+        (max(1.0, counts.max()), 1.0),
+    ):
+        image = ax.imshow(values, cmap="Blues", vmin=0, vmax=top)
+        colorbar = fig.colorbar(image, ax=ax, shrink=0.8)
+        if values is counts:
+            colorbar.locator = MaxNLocator(integer=True)
+        ax.set(title=title, xlabel="predicted", ylabel="true")
+        if n <= TICK_LABELS_MAX_CLASSES:
+            labels = [_short(c, 16) for c in class_names]
+            ax.set_xticks(range(n), labels, rotation=45 if n > 4 else 0, ha="right" if n > 4 else "center")
+            ax.set_yticks(range(n), labels)
+        if n <= ANNOTATE_MAX_CLASSES:
+            for (i, j), v in np.ndenumerate(values):
+                ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=9,
+                        color="white" if v > top / 2 else "black")  # fmt: skip
+    return _save(fig, path)
+
+
+@dataclass
+class Tile:
+    """One image of a grid: pixels (H, W, 3 uint8), a title, and whether it marks a right or wrong prediction."""
+
+    image: np.ndarray
+    title: str
+    correct: bool | None = None
+
+
+def plot_tiles(tiles: Sequence[Tile], path: Path) -> Path:
+    """A grid of images with titles; wrong predictions framed and titled in red, right ones in green."""
+    if not tiles:
+        raise ValueError("plot_tiles needs at least one tile")
+    columns = min(len(tiles), GRID_COLUMNS)
+    rows = math.ceil(len(tiles) / columns)
+    width, height = columns * TILE_INCHES[0], rows * TILE_INCHES[1]
+    fig = _figure((width, height), layout=None)
+    # Fixed tile geometry instead of a layout engine: every tile is the same size, and constrained
+    # layout would spend most of the drawing time measuring dozens of identical titles.
+    side = TILE_INCHES[0] - 2 * TILE_MARGIN
+    for i, tile in enumerate(tiles):
+        row, column = divmod(i, columns)
+        left = column * TILE_INCHES[0] + TILE_MARGIN
+        bottom = height - (row + 1) * TILE_INCHES[1] + TILE_MARGIN
+        ax = fig.add_axes((left / width, bottom / height, side / width, side / height))
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.imshow(tile.image)
+        colour = "black" if tile.correct is None else RIGHT if tile.correct else WRONG
+        ax.set_title(tile.title, fontsize=8, color=colour)
+        for spine in ax.spines.values():
+            spine.set_visible(tile.correct is not None)
+            spine.set_color(colour)
+            spine.set_linewidth(3 if tile.correct is False else 1.5)
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- images as the model sees them
+
+
+def denormalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """Normalised (…, 3, H, W) tensors back to displayable (…, H, W, 3) uint8 arrays.
+
+    ``mean``/``std`` must be the backbone's own (its ``Preprocessing``): ImageNet's constants would
+    show an EfficientNet-Lite or a mean = std = 0.5 MobileNet's inputs in the wrong colours.
+    """
+    m = torch.tensor(mean, dtype=images.dtype).view(3, 1, 1)
+    s = torch.tensor(std, dtype=images.dtype).view(3, 1, 1)
+    pixels = ((images * s + m).clamp(0, 1) * 255).round().to(torch.uint8)
+    return pixels.movedim(-3, -1).numpy()
+
+
+def _view(path: str, transform: Callable[[torch.Tensor], torch.Tensor], prep: Preprocessing) -> np.ndarray | None:
+    try:
+        image = load_image(path)
+    except Exception as exc:  # an unreadable file leaves a gap in a grid, never ends the report
+        warnings.warn(f"report: skipping {path}: cannot decode ({type(exc).__name__}: {exc})", stacklevel=2)
+        return None
+    return denormalise(transform(image), prep.mean, prep.std)
+
+
+def _spread(items: Sequence[T], label: Callable[[T], int], count: int, seed: int) -> list[T]:
+    """Up to ``count`` items in a seeded order with the classes taking turns, so that every class shows."""
+    rng = random.Random(seed)
+    by_class: dict[int, list[T]] = {}
+    for item in items:
+        by_class.setdefault(label(item), []).append(item)
+    queues = [by_class[k] for k in sorted(by_class)]
+    for queue in queues:
+        rng.shuffle(queue)
+    turns = itertools.chain.from_iterable(itertools.zip_longest(*queues))
+    return [item for item in turns if item is not None][:count]
+
+
+def training_tiles(
+    samples: Sequence[Sample], class_names: Sequence[str], prep: Preprocessing, augment: str,
+    count: int = TRAINING_SAMPLES, seed: int = 0,
+) -> list[Tile]:  # fmt: skip
+    """Training images after ``augment`` and normalisation, de-normalised with the backbone's mean/std."""
+    transform = build_transform(prep, augment)
+    tiles = []
+    # A private RNG stream: the same run shows the same crops, and the caller's torch RNG is untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for path, label in _spread(samples, lambda s: s[1], count, seed):
+            image = _view(path, transform, prep)
+            if image is not None:
+                tiles.append(Tile(image, _short(class_names[label], 22)))
+    return tiles
+
+
+@dataclass
+class Prediction:
+    """The model's verdict on one labelled image."""
+
+    path: str
+    label: int
+    predicted: int
+    probability: float  # of the predicted class
+    true_probability: float  # of the true class
+
+    @property
+    def correct(self) -> bool:
+        return self.predicted == self.label
+
+    @property
+    def loss(self) -> float:
+        """Cross-entropy of this image: large when the model was confident and wrong."""
+        return -math.log(max(self.true_probability, 1e-12))
+
+
+def predict_samples(model: TransferModel, samples: Sequence[Sample], batch_size: int = 32) -> list[Prediction]:
+    """Predictions on labelled samples, by ``transferkit evaluate`` itself (same view, same precision)."""
+    try:
+        return predictions_of(evaluate_samples(model, list(samples), batch_size))
+    except TransferkitError:  # not one image decodes: an empty grid, not a failed report
+        return []
+
+
+def predictions_of(evaluation: Evaluation) -> list[Prediction]:
+    """:class:`Prediction` records from an evaluation (no second pass over the images)."""
+    index = {name: i for i, name in enumerate(evaluation.class_names)}
+    return [Prediction(p["path"], index[p["label"]], index[p["predicted"]], p["probability"], p["true_probability"])
+            for p in evaluation.predictions]  # fmt: skip
+
+
+def top_losses(predictions: Sequence[Prediction], count: int = TOP_LOSSES) -> list[Prediction]:
+    """The ``count`` images with the highest loss, highest first: the most confidently wrong lead (fastai's)."""
+    return sorted(predictions, key=lambda p: p.loss, reverse=True)[:count]
+
+
+def prediction_tiles(
+    predictions: Sequence[Prediction], class_names: Sequence[str], prep: Preprocessing, with_loss: bool = False
+) -> list[Tile]:
+    """Evaluation views titled "predicted probability / true label" (and the loss for top-losses grids)."""
+    transform = build_transform(prep, "none")
+    tiles = []
+    for p in predictions:
+        image = _view(p.path, transform, prep)
+        if image is None:
+            continue
+        title = f"{_short(class_names[p.predicted], 14)} {p.probability:.0%}\ntrue: {_short(class_names[p.label], 14)}"
+        if with_loss:
+            title = f"{_short(class_names[p.predicted], 10)} / {_short(class_names[p.label], 10)}\n" \
+                    f"loss {p.loss:.2f} · p(true) {p.true_probability:.2f}"  # fmt: skip
+        tiles.append(Tile(image, title, p.correct))
+    return tiles
+
+
+def _short(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"

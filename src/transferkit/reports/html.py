@@ -1,0 +1,401 @@
+"""The HTML report of one run: ``RUN_DIR/report.html``, its figures in ``RUN_DIR/report/``.
+
+The page is a list of sections, :data:`SECTIONS`, each a title and a function ``(run, images) -> str``
+returning the section's HTML body. To add a section, write one such function below and add one
+entry where it should appear; the section's id is the first word of its title, lower-cased.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from ..backbones import Preprocessing
+from ..checkpoint import CHECKPOINT_NAME, load_checkpoint
+from ..data import ImageFolderSplits, discover
+from ..errors import TransferkitError
+from ..files import atomic_write
+from ..runs import HISTORY_FIELDS, HISTORY_NAME, Run, load_run
+from ..strategies import DEFAULT_LR_DECAY
+from .figures import (
+    PREDICTION_SAMPLES,
+    Prediction,
+    _spread,
+    plot_confusion_matrix,
+    plot_curves,
+    plot_tiles,
+    predict_samples,
+    prediction_tiles,
+    top_losses,
+    training_tiles,
+)  # fmt: skip
+
+REPORT_NAME = "report.html"
+REPORT_DIR = "report"
+# Every PNG a report may hold; a regenerated report first removes them, so none is ever stale.
+FIGURES = {
+    "curves": "curves.png",
+    "confusion": "confusion_matrix.png",
+    "augmented": "training_samples.png",
+    "predictions": "val_predictions.png",
+    "top_losses": "top_losses.png",
+}
+# What each strategy trains and when it fits (README's table): the "why" when no advice was recorded.
+STRATEGY_NOTES = {
+    "feature-extract": "trains the new head only, on the frozen backbone's features computed once and cached; "
+    "the fast first try, fits little data similar to ImageNet",
+    "linear-probe": "fits a scikit-learn linear classifier on the frozen backbone's features; "
+    "fits little data similar to ImageNet",
+    "fine-tune": "trains the last layer groups and the head, groups further from the head at smaller learning "
+    "rates; fits more data, or data less like ImageNet",
+    "full": "trains every layer; fits lots of data",
+    "gradual": "trains the head first, then unfreezes one more group at a time, each at its own learning rate; "
+    "fits medium data and protects the pretrained features early on",
+}
+
+
+@dataclass
+class _Images:
+    """What the image sections found: captions of the grids written, predictions, or why they are missing."""
+
+    captions: dict[str, str]
+    predictions: list[Prediction]
+    note: str | None = None
+
+
+def write_report(
+    run_dir: str | Path, splits: ImageFolderSplits | None = None, val_predictions: list[Prediction] | None = None
+) -> Path:
+    """Write ``RUN_DIR/report.html`` and its figures in ``RUN_DIR/report/``; returns the HTML's path.
+
+    ``splits`` (the run's data, as ``transferkit.data.discover`` found it) and ``val_predictions``
+    (the checkpoint's, as :func:`predictions_of` makes them from an evaluation) save scanning the
+    data folder and predicting it again when the caller has them. Without the data folder or
+    ``model.pt`` the report still shows everything else, and says what it could not show.
+    """
+    run = load_run(run_dir)
+    figures = run.path / REPORT_DIR
+    figures.mkdir(exist_ok=True)
+    for name in FIGURES.values():
+        (figures / name).unlink(missing_ok=True)
+    if run.history:
+        plot_curves(run, figures / FIGURES["curves"])
+    if run.metrics.get("val_confusion_matrix"):
+        plot_confusion_matrix(run.metrics["class_names"], run.metrics["val_confusion_matrix"],
+                              figures / FIGURES["confusion"])  # fmt: skip
+    images = _image_figures(run, figures, splits, val_predictions)
+    page = _render_report(run, images)
+    path = run.path / REPORT_NAME
+    atomic_write(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
+    return path
+
+
+def _image_figures(
+    run: Run, figures: Path, splits: ImageFolderSplits | None, val_predictions: list[Prediction] | None = None
+) -> _Images:
+    cfg = run.config
+    try:
+        model = load_checkpoint(run.path / CHECKPOINT_NAME)
+        splits = splits or discover(cfg["data"], cfg.get("val_split", 0.2), cfg.get("seed", 0))
+    except TransferkitError as exc:
+        return _Images({}, [], f"image grids not drawn: {exc}")
+    if splits.class_names != model.class_names:
+        return _Images({}, [], f"image grids not drawn: the classes in {splits.root} ({', '.join(splits.class_names)}) "
+                               f"are no longer the model's ({', '.join(model.class_names)})")  # fmt: skip
+    prep = model.preprocessing
+    names = model.class_names
+    captions: dict[str, str] = {}
+    augment = _training_augmentation(run)
+    tiles = training_tiles(splits.train, names, prep, augment, seed=cfg.get("seed", 0))
+    if tiles:
+        plot_tiles(tiles, figures / FIGURES["augmented"])
+        captions["augmented"] = _augmentation_caption(run, augment, prep)
+    predictions = val_predictions or predict_samples(model, splits.val, cfg.get("batch_size", 32))
+    shown = _spread(predictions, lambda p: p.label, PREDICTION_SAMPLES, cfg.get("seed", 0))
+    for key, chosen, with_loss in (("predictions", shown, False), ("top_losses", top_losses(predictions), True)):
+        tiles = prediction_tiles(chosen, names, prep, with_loss)
+        if tiles:
+            plot_tiles(tiles, figures / FIGURES[key])
+    wrong = sum(not p.correct for p in predictions)
+    captions["predictions"] = (
+        f"{len(shown)} of {len(predictions)} validation images, every class in turn: predicted class and its "
+        f"probability over the true class; mistakes in red ({wrong} of {len(predictions)} in all)."
+    )
+    captions["top_losses"] = (
+        "The images with the highest loss (−log of the probability given to the true class), highest first: "
+        "the most confidently wrong lead; titles read predicted / true."
+    )
+    return _Images({k: v for k, v in captions.items() if (figures / FIGURES[k]).is_file()}, predictions)
+
+
+def _training_augmentation(run: Run) -> str:
+    # A frozen backbone with cached features trains on the views that were cached, which are plain
+    # evaluation views unless several augmented views were asked for: show what the head really saw.
+    cache = run.metrics.get("feature_cache")
+    return cache.get("augment", "none") if isinstance(cache, dict) else run.config.get("augment", "none")
+
+
+def _augmentation_caption(run: Run, augment: str, prep: Preprocessing) -> str:
+    source = f"--augment {augment}"
+    if isinstance(run.metrics.get("feature_cache"), dict) and augment != run.config.get("augment"):
+        source = (f"the cached evaluation views (features were cached with --views "
+                  f"{run.metrics['feature_cache'].get('views', 1)}, so --augment {run.config.get('augment')} "
+                  f"did not apply)")  # fmt: skip
+    mean = ", ".join(f"{v:.3f}" for v in prep.mean)
+    std = ", ".join(f"{v:.3f}" for v in prep.std)
+    return (f"Training images as the model sees them: {prep.image_size} px after {source}, normalised with "
+            f"the backbone's mean ({mean}) and std ({std}) and de-normalised with the same values for display.")
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _number(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return f"{value:,}" if isinstance(value, int) else _e(value)
+
+
+def _seconds(value: Any) -> str:
+    if value is None:
+        return "—"
+    minutes, seconds = divmod(float(value), 60)
+    return f"{int(minutes)} min {seconds:.1f} s" if minutes else f"{seconds:.1f} s"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], numeric_from: int = 1) -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td class={'num' if i >= numeric_from else 'txt'}>{cell}</td>"
+                         for i, cell in enumerate(row)) + "</tr>"
+        for row in rows
+    )  # fmt: skip
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _definitions(items: Sequence[tuple[str, str]]) -> str:
+    return "<dl>" + "".join(f"<dt>{_e(k)}</dt><dd>{v}</dd>" for k, v in items) + "</dl>"
+
+
+def _json_html(value: Any) -> str:
+    """Any JSON value as nested lists: the advice entry's shape is not fixed, so none is assumed."""
+    if isinstance(value, dict):
+        return _definitions([(str(k).replace("_", " "), _json_html(v)) for k, v in value.items()])
+    if isinstance(value, list):
+        return "<ul>" + "".join(f"<li>{_json_html(v)}</li>" for v in value) + "</ul>"
+    return _number(value)
+
+
+def _figure_html(run: Run, key: str, alt: str, caption: str = "") -> str:
+    rel = f"{REPORT_DIR}/{FIGURES[key]}"
+    if not (run.path / rel).is_file():
+        return ""
+    return (f'<figure><img src="{_e(rel)}" alt="{_e(alt)}">'
+            + (f"<figcaption>{_e(caption)}</figcaption>" if caption else "") + "</figure>")  # fmt: skip
+
+
+def _summary_html(run: Run, images: _Images) -> str:
+    m = run.metrics
+    cards = [
+        ("validation accuracy", _number(m.get("val_accuracy"))),
+        ("validation loss", _number(m.get("val_loss"))),
+        ("test accuracy", _number(m.get("test_accuracy"))) if "test_accuracy" in m else None,
+        ("best epoch", f"{_number(m.get('best_epoch'))} of {_number(m.get('epochs_run', len(run.history)))} run"),
+        ("total time", _seconds(m.get("total_seconds"))),
+    ]
+    return '<div class="cards">' + "".join(
+        f'<div class="card"><div class="label">{_e(k)}</div><div class="value">{v}</div></div>'
+        for k, v in filter(None, cards)
+    ) + "</div>"  # fmt: skip
+
+
+def _data_html(run: Run, images: _Images) -> str:
+    data: dict[str, Any] = run.metrics.get("data") or {}
+    classes = data.get("classes") or []
+    splits = [s for s in ("train", "val", "test") if data.get(f"{s}_counts")]
+    rows = [[_e(c)] + [_number(data[f"{s}_counts"].get(c, 0)) for s in splits] for c in classes]
+    rows.append(["<strong>total</strong>"] + [f"<strong>{_number(sum(data[f'{s}_counts'].values()))}</strong>"
+                                              for s in splits])  # fmt: skip
+    parts = [
+        _definitions([("folder", f"<code>{_e(data.get('root', '?'))}</code>"), ("layout", _e(data.get("layout", "?"))),
+                      ("classes", _number(len(classes)))]),  # fmt: skip
+        _table(["class", *splits], rows),
+    ]
+    skipped = data.get("skipped") or []
+    count = data.get("skipped_files", len(skipped))
+    if count:
+        items = "".join(f"<li><code>{_e(s.get('path'))}</code>: {_e(s.get('reason'))}</li>" for s in skipped)
+        parts.append(f"<details><summary>{_number(count)} skipped files</summary><ul>{items}</ul></details>")
+    else:
+        parts.append("<p>No file was skipped.</p>")
+    return "".join(parts)
+
+
+def _strategy_html(run: Run, images: _Images) -> str:
+    m, cfg = run.metrics, run.config
+    strategy = m.get("strategy", cfg.get("strategy", "?"))
+    trainable, total = m.get("trainable_params"), m.get("total_params")
+    share = f" ({trainable / total:.2%})" if isinstance(trainable, int) and total else ""
+    decay = cfg.get("lr_decay") or DEFAULT_LR_DECAY.get(strategy)
+    training = (f"{cfg.get('optimizer')}, lr {cfg.get('lr')} (×{decay} per group away from the head), "
+                f"scheduler {cfg.get('scheduler')}, batch size {cfg.get('batch_size')}, {cfg.get('epochs')} epochs, "
+                f"augmentation {cfg.get('augment')}, precision {m.get('precision', cfg.get('precision'))}")  # fmt: skip
+    items = [
+        ("backbone", f"<code>{_e(m.get('model', cfg.get('model')))}</code>, "
+                     f"weights <code>{_e(m.get('weights', cfg.get('weights')))}</code>"),
+        ("head", _e(cfg.get("head", "?"))),
+        ("strategy", f"<strong>{_e(strategy)}</strong>: {_e(STRATEGY_NOTES.get(strategy, ''))}"),
+        ("trainable parameters", f"{_number(trainable)} of {_number(total)}{share} at the start"),
+        ("training", _e(training)),
+    ]  # fmt: skip
+    if cfg.get("unfreeze") is not None:
+        items.insert(3, ("unfreeze", _e(cfg["unfreeze"])))
+    events = m.get("unfreeze_events") or []
+    if events:
+        unfrozen = "".join(f"<li>epoch {_number(e['epoch'])}: {_e(', '.join(e['unfrozen']))}</li>" for e in events)
+        items.append(("unfrozen during training", f"<ul>{unfrozen}</ul>"))
+    if "linear_probe" in m:
+        items.append(("linear probe", _json_html(m["linear_probe"])))
+    parts = [_definitions(items)]
+    if "advice" in m:
+        parts.append(_advice_html(m["advice"]))
+    return "".join(parts)
+
+
+def _advice_html(advice: Any) -> str:
+    """The recommendation and its reasons up front; every measurement behind it folded away."""
+    if not (isinstance(advice, dict) and isinstance(advice.get("reasons"), list)):
+        return f'<div class="advice"><h3>Why this strategy: advice</h3>{_json_html(advice)}</div>'
+    scenario = f" ({advice['size']} dataset, {advice['domain']} to the pretraining data)" \
+        if advice.get("size") and advice.get("domain") else ""  # fmt: skip
+    reasons = "".join(f"<li>{_e(r)}</li>" for r in advice["reasons"])
+    return (f'<div class="advice"><h3>Why this strategy: advice</h3>'
+            f"<p>recommended <strong>{_e(advice.get('strategy', '?'))}</strong>{_e(scenario)}</p><ul>{reasons}</ul>"
+            f"<details><summary>measurements</summary>{_json_html(advice)}</details></div>")  # fmt: skip
+
+
+def _curves_html(run: Run, images: _Images) -> str:
+    if not run.history:
+        return f"<p>No per-epoch history in this run (no {HISTORY_NAME}).</p>"
+    figure = _figure_html(run, "curves", "loss, accuracy and learning rate per epoch",
+                          "Train vs validation per epoch; dashed lines: layer groups unfrozen; star: best epoch "
+                          "(the checkpoint kept).")  # fmt: skip
+    rows = [[_number(r.get(k), 6 if k == "lr" else 4) for k in HISTORY_FIELDS] for r in run.history]
+    table = _table(list(HISTORY_FIELDS), rows, numeric_from=0)
+    return figure + f"<details><summary>{HISTORY_NAME}</summary>{table}</details>"
+
+
+def _metrics_html(run: Run, images: _Images) -> str:
+    m = run.metrics
+    parts = []
+    for split in ("val", "test"):
+        per_class = m.get(f"{split}_per_class")
+        if not per_class:
+            continue
+        rows = [[_e(name), _number(v["precision"], 3), _number(v["recall"], 3), _number(v["f1"], 3),
+                 _number(int(v["support"]))] for name, v in per_class.items()]  # fmt: skip
+        title = "validation" if split == "val" else "test"
+        at = f", network run at {m['evaluation_precision']}" if m.get("evaluation_precision") else ""
+        parts.append(f"<h3>Per class, {title} (accuracy {_number(m.get(f'{split}_accuracy'))}{_e(at)})</h3>"
+                     + _table(["class", "precision", "recall", "F1", "support"], rows))  # fmt: skip
+    parts.append(_figure_html(run, "confusion", "confusion matrix",
+                              "Validation confusion matrix: rows are true classes, columns predicted."))  # fmt: skip
+    return "".join(parts)
+
+
+def _images_html(run: Run, images: _Images) -> str:
+    if images.note:
+        return f'<p class="note">{_e(images.note)}</p>'
+    parts = []
+    for key, title in (("augmented", "Training images after augmentation"), ("predictions", "Validation predictions"),
+                       ("top_losses", "Top losses: the most confidently wrong")):  # fmt: skip
+        if key in images.captions:
+            parts.append(f"<h3>{_e(title)}</h3>" + _figure_html(run, key, title, images.captions[key]))
+    mistakes = [p for p in images.predictions if not p.correct]
+    if mistakes:
+        names = run.metrics.get("class_names") or []
+        rows = [[f"<code>{_e(p.path)}</code>", _e(names[p.label] if p.label < len(names) else p.label),
+                 _e(names[p.predicted] if p.predicted < len(names) else p.predicted), _number(p.probability, 3),
+                 _number(p.loss, 3)] for p in sorted(mistakes, key=lambda p: p.loss, reverse=True)]  # fmt: skip
+        parts.append(f"<details><summary>All {len(mistakes)} mistakes</summary>"
+                     + _table(["file", "true", "predicted", "probability", "loss"], rows, numeric_from=3)
+                     + "</details>")  # fmt: skip
+    elif images.predictions:
+        parts.append("<p>No validation image was misclassified.</p>")
+    return "".join(parts)
+
+
+def _time_html(run: Run, images: _Images) -> str:
+    m = run.metrics
+    epoch_seconds = [r["seconds"] for r in run.history if r.get("seconds") is not None]
+    items = [
+        ("computing cached features", _seconds(m.get("feature_seconds"))) if "feature_seconds" in m else None,
+        ("training (with data scan and features)", _seconds(m.get("train_seconds"))),
+        ("per epoch, mean", _seconds(sum(epoch_seconds) / len(epoch_seconds)) if epoch_seconds else "—"),
+        ("total, with the final evaluation", _seconds(m.get("total_seconds"))),
+    ]
+    return _definitions([i for i in items if i is not None])
+
+
+# The report's sections in page order: a title (its first word, lower-cased, is the section's id)
+# and the function that writes the section's body. A new section is one function above and one entry here.
+SECTIONS: list[tuple[str, Callable[[Run, _Images], str]]] = [
+    ("Summary", _summary_html),
+    ("Data", _data_html),
+    ("Backbone and strategy", _strategy_html),
+    ("Training curves", _curves_html),
+    ("Metrics", _metrics_html),
+    ("Images", _images_html),
+    ("Time taken", _time_html),
+]
+
+
+def _render_report(run: Run, images: _Images) -> str:
+    m = run.metrics
+    body = "".join(f'<section id="{title.lower().split()[0]}"><h2>{_e(title)}</h2>{section(run, images)}</section>'
+                   for title, section in SECTIONS)  # fmt: skip
+    generated = datetime.now().strftime("%Y-%m-%d %H:%M")
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>transferkit report: {_e(run.name)}</title>
+<style>{CSS}</style>
+</head>
+<body>
+<header><h1>{_e(run.name)}</h1>
+<p>{_e(m.get("model", run.config.get("model", "?")))} · weights {_e(m.get("weights", run.config.get("weights", "?")))}
+ · {_e(m.get("strategy", run.config.get("strategy", "?")))} · validation accuracy
+ <strong>{_number(m.get("val_accuracy"))}</strong></p></header>
+{body}
+<footer>Generated {generated} by transferkit. Regenerate with <code>transferkit report {_e(run.path)}</code>.</footer>
+</body>
+</html>
+"""
+
+
+CSS = """
+body{font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1f2328;max-width:1560px;
+margin:0 auto;padding:0 24px 40px}
+header{border-bottom:1px solid #d0d7de;margin-bottom:8px}h1{margin:16px 0 4px;font-size:26px}
+h2{border-bottom:1px solid #d0d7de;padding-bottom:4px;margin-top:32px}h3{margin:20px 0 8px}
+table{border-collapse:collapse;margin:8px 0}th,td{border:1px solid #d0d7de;padding:3px 10px}
+th{background:#f6f8fa}td.num{text-align:right;font-variant-numeric:tabular-nums}
+dl{display:grid;grid-template-columns:max-content auto;gap:4px 16px}dt{font-weight:600}dd{margin:0}
+dd ul,li ul{margin:0;padding-left:18px}
+img{max-width:100%;height:auto;border:1px solid #eaeef2}figure{margin:8px 0}
+figcaption{color:#59636e;font-size:13px;max-width:900px}
+.cards{display:flex;flex-wrap:wrap;gap:12px}.card{border:1px solid #d0d7de;border-radius:6px;padding:8px 14px}
+.card .label{color:#59636e;font-size:12px}.card .value{font-size:20px;font-weight:600}
+.advice{background:#ddf4ff;border-radius:6px;padding:4px 14px}.note{background:#fff8c5;padding:8px 12px}
+code{font-size:13px;background:#f6f8fa;padding:1px 4px;border-radius:4px}
+footer{margin-top:40px;color:#59636e;font-size:13px}
+"""

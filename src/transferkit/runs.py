@@ -1,0 +1,103 @@
+"""A run directory's files, read and written in one place: training writes them, reports read them back.
+
+A finished run directory written by ``transferkit train`` holds ``config.json`` (the
+``TrainConfig``), ``metrics.json`` (the final evaluation) and ``history.csv`` (one row per
+epoch, columns :data:`HISTORY_FIELDS`), beside the checkpoint.
+
+>>> import tempfile
+>>> from pathlib import Path
+>>> folder = Path(tempfile.mkdtemp())
+>>> write_history(folder / HISTORY_NAME, [{"epoch": 0, "val_accuracy": 0.5, "trainable_groups": "head"}])
+>>> read_history(folder / HISTORY_NAME)[0]["val_accuracy"], read_history(folder / HISTORY_NAME)[0]["lr"]
+(0.5, None)
+
+This module imports nothing heavier than the standard library, so that any other may use it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import TransferkitError
+from .files import atomic_write
+
+CONFIG_NAME = "config.json"
+METRICS_NAME = "metrics.json"
+HISTORY_NAME = "history.csv"
+
+# The columns of history.csv, in order: losses, accuracies, learning rate, what trained, time.
+HISTORY_FIELDS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "trainable_params",
+                  "trainable_groups", "seconds")  # fmt: skip
+_INTEGER_FIELDS = ("epoch", "trainable_params")
+_TEXT_FIELDS = ("trainable_groups",)
+
+
+@dataclass
+class Run:
+    """What a finished run directory holds, read back: the config, the metrics and the per-epoch history."""
+
+    path: Path
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """Read a run directory written by ``transferkit train``; a one-line error says what is missing."""
+    path = Path(run_dir).expanduser()
+    if not path.is_dir():
+        raise TransferkitError(f"run directory {path} does not exist; give a folder written by transferkit train")
+    missing = [n for n in (CONFIG_NAME, METRICS_NAME) if not (path / n).is_file()]
+    if missing:
+        raise TransferkitError(
+            f"{path} is not a finished transferkit run (no {' or '.join(missing)}); "
+            "give a folder written by transferkit train"
+        )
+    history = path / HISTORY_NAME
+    return Run(path, read_json(path / CONFIG_NAME), read_json(path / METRICS_NAME),
+               read_history(history) if history.is_file() else [])  # fmt: skip
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; anything else is a one-line error saying the run directory is damaged."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TransferkitError(f"{path} is not valid JSON ({exc}); the run directory is damaged") from None
+    if not isinstance(value, dict):
+        raise TransferkitError(f"{path} does not hold a JSON object; the run directory is damaged")
+    return value
+
+
+def read_history(path: Path) -> list[dict[str, Any]]:
+    """The rows of a ``history.csv``: numbers as int or float, empty cells as None, trained groups as text."""
+
+    def value(key: str, text: str) -> Any:
+        if key in _TEXT_FIELDS:
+            return text
+        if text == "":
+            return None
+        return int(float(text)) if key in _INTEGER_FIELDS else float(text)
+
+    with open(path, newline="", encoding="utf-8") as f:
+        return [{k: value(k, v or "") for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Write ``rows`` (dicts keyed by :data:`HISTORY_FIELDS`) as ``path``, atomically."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write)

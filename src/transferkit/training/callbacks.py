@@ -1,0 +1,145 @@
+"""Lightning callbacks of a run: the kept checkpoint, the history, gradual unfreezing, resumable state."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from ..checkpoint import save_checkpoint
+from ..files import atomic_write
+from ..model import TransferModel
+from ..runs import write_history
+from ..strategies import StrategySpec, apply_strategy
+
+
+class GradualUnfreezing(Callback):
+    """Unfreezes one more layer group at each scheduled epoch; its state survives a resume.
+
+    The trainable set is a function of the epoch alone, and the optimizer holds every group of the
+    schedule from the start, so resuming mid-schedule restores the same optimizer layout.
+    """
+
+    def __init__(self, spec: StrategySpec) -> None:
+        self.spec = spec
+        self.unfrozen: list[str] = []
+        self.events: list[dict[str, Any]] = []
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        groups = apply_strategy(pl_module.model, self.spec, epoch=trainer.current_epoch)
+        added = [g for g in groups if g not in self.unfrozen]
+        if added and self.unfrozen:
+            self.events.append({"epoch": trainer.current_epoch, "unfrozen": added})
+        self.unfrozen = groups
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"unfrozen": list(self.unfrozen), "events": list(self.events)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.unfrozen = list(state_dict["unfrozen"])
+        self.events = list(state_dict["events"])
+
+
+class BestModelCheckpoint(Callback):
+    """Writes the self-contained ``model.pt`` whenever validation accuracy improves (loss breaks ties)."""
+
+    def __init__(self, path: Path, extra: dict[str, Any]) -> None:
+        self.path = path
+        self.extra = extra
+        self.best: tuple[float, float] | None = None
+        self.best_epoch = -1
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = trainer.callback_metrics
+        score = (float(metrics["val_accuracy"]), -float(metrics["val_loss"]))
+        if self.best is None or score > self.best:
+            self.best, self.best_epoch = score, trainer.current_epoch
+            # Every rank asks: under FSDP this gathers the full weights (a collective); else it is a plain read.
+            state = trainer.strategy.lightning_module_state_dict()
+            if trainer.is_global_zero:
+                net = {k.removeprefix("model.net."): v for k, v in state.items() if k.startswith("model.net.")}
+                save_checkpoint(pl_module.model, self.path, state_dict=net, epoch=trainer.current_epoch, **self.extra)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": list(self.best) if self.best else None, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best = tuple(state_dict["best"]) if state_dict["best"] else None  # type: ignore[assignment]
+        self.best_epoch = state_dict["best_epoch"]
+
+
+class HistoryCSV(Callback):
+    """One row per epoch in ``history.csv``: losses, accuracies, learning rate, what trained."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows: list[dict[str, Any]] = []
+        self._start = time.perf_counter()
+        self._lr: float | None = None
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = time.perf_counter()
+        # Lightning steps epoch schedulers before on_train_epoch_end: read the LR this epoch used now.
+        self._lr = trainer.optimizers[0].param_groups[-1]["lr"] if trainer.optimizers else None
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        m = trainer.callback_metrics
+        model: TransferModel = pl_module.model
+        trainable, _ = model.parameter_counts()
+        groups = sorted({g.name for g in model.groups for n, p in model.net.named_parameters()
+                         if p.requires_grad and any(n == q or n.startswith(q + ".") for q in g.prefixes)},
+                        key=[g.name for g in model.groups].index)  # fmt: skip
+        row = {
+            "epoch": trainer.current_epoch,
+            "train_loss": _num(m.get("train_loss")),
+            "train_accuracy": _num(m.get("train_accuracy")),
+            "val_loss": _num(m.get("val_loss")),
+            "val_accuracy": _num(m.get("val_accuracy")),
+            "lr": self._lr,
+            "trainable_params": trainable,
+            "trainable_groups": " ".join(groups),
+            "seconds": round(time.perf_counter() - self._start, 3),
+        }
+        self.rows.append(row)
+        if trainer.is_global_zero:
+            write_history(self.path, self.rows)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rows = list(state_dict["rows"])
+
+
+def _num(v: Any) -> float | None:
+    return None if v is None else round(float(v), 6)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints written to a temporary file and renamed: a kill leaves the last good one."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        atomic_write(Path(path), lambda tmp: torch.save(checkpoint, tmp))
+
+
+class ResumableState(Callback):
+    """What a resumed run needs beyond Lightning's own state: torch's global RNG (dropout draws
+    from it) and how many passes the training sampler has made (it sets the data order)."""
+
+    def __init__(self, sampler: Any) -> None:
+        self.sampler = sampler
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"torch_rng": torch.get_rng_state(), "sampler_epoch": getattr(self.sampler, "epoch", 0)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        torch.set_rng_state(state_dict["torch_rng"])
+        if self.sampler is not None:
+            self.sampler.epoch = state_dict["sampler_epoch"]

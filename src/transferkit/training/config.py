@@ -1,0 +1,127 @@
+"""A run's configuration (saved as ``config.json``) and its result."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..backbones import DEFAULT_BACKBONE
+from ..errors import TransferkitError
+from ..strategies import STRATEGIES, StrategySpec, parse_group_lrs, parse_unfreeze
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULERS = ("none", "step", "cosine", "onecycle")
+LIGHTNING_PRECISION = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; saved as ``config.json`` in the run directory."""
+
+    data: str
+    model: str = DEFAULT_BACKBONE
+    weights: str = "DEFAULT"
+    strategy: str = "feature-extract"
+    unfreeze: int | list[str] | None = None
+    head: str = "linear"
+    head_dropout: float | None = None
+    epochs: int = 10
+    lr: float | str = 1e-3
+    lr_decay: float | None = None
+    group_lr: dict[str, float] = field(default_factory=dict)
+    unfreeze_every: int = 1
+    unfreeze_at: list[int] = field(default_factory=list)
+    train_bn: bool = False
+    aux_weight: float = 0.4
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    scheduler: str = "cosine"
+    step_size: int = 7
+    gamma: float = 0.1
+    batch_size: int = 32
+    augment: str = "light"
+    val_split: float = 0.2
+    seed: int = 0
+    precision: str = "auto"
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    num_nodes: int = 1
+    dist: str = "auto"
+    patience: int | None = None
+    classifier: str = "logreg"
+    layer: str | None = None
+    cache: bool = True
+    feature_views: int = 1
+    cache_dir: str | None = None
+    num_workers: int | None = None
+    compile: bool = False
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    image_size: int | None = None
+    out: str | None = None
+    runs_root: str = "runs"
+    quiet: bool = False
+    resolved_from: dict[str, Any] = field(default_factory=dict)  # the advice / LR finder behind auto choices
+
+    def __post_init__(self) -> None:
+        # Strategy options are parsed and checked by StrategySpec alone; the config keeps their JSON form.
+        if isinstance(self.unfreeze, str):
+            parsed = parse_unfreeze(self.unfreeze)
+            self.unfreeze = parsed if isinstance(parsed, int) else list(parsed)
+        if isinstance(self.group_lr, str):
+            self.group_lr = parse_group_lrs(self.group_lr)
+        if self.optimizer not in OPTIMIZERS:
+            raise TransferkitError(f"unknown --optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
+        if self.scheduler not in SCHEDULERS:
+            raise TransferkitError(f"unknown --scheduler {self.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
+        if self.strategy not in (*STRATEGIES, "auto"):
+            raise TransferkitError(
+                f"unknown --strategy {self.strategy!r}; choose one of: {', '.join((*STRATEGIES, 'auto'))}"
+            )
+        if self.layer and self.strategy not in ("linear-probe", "auto"):
+            raise TransferkitError("--layer applies to --strategy linear-probe (the other strategies train a head on the last layer)")
+        if self.epochs < 1:
+            raise TransferkitError("--epochs must be at least 1")
+        if self.batch_size < 1:
+            raise TransferkitError("--batch-size must be at least 1")
+        if self.lr != "auto":
+            try:
+                self.lr = float(self.lr)
+            except ValueError:
+                raise TransferkitError(f"--lr must be a number or auto, got {self.lr!r}") from None
+            if not self.lr > 0:
+                raise TransferkitError("--lr must be positive")
+
+    def strategy_spec(self) -> StrategySpec:
+        if self.lr == "auto":
+            raise TransferkitError("--lr auto must be resolved by the LR finder first")
+        return StrategySpec(
+            name=self.strategy,
+            unfreeze=tuple(self.unfreeze) if isinstance(self.unfreeze, list) else self.unfreeze,
+            lr=float(self.lr),
+            lr_decay=self.lr_decay,
+            group_lrs=dict(self.group_lr),
+            unfreeze_every=self.unfreeze_every,
+            unfreeze_at=tuple(self.unfreeze_at),
+            train_bn=self.train_bn,
+            aux_weight=self.aux_weight,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+
+    @property
+    def val_accuracy(self) -> float:
+        return float(self.metrics["val_accuracy"])
+
+    def __repr__(self) -> str:
+        return f"TrainResult(run_dir={str(self.run_dir)!r}, val_accuracy={self.val_accuracy:.4f})"

@@ -1,0 +1,317 @@
+"""Training a model into its run directory: the Trainer, its loaders (images or cached features), the
+linear probe, and the ranks of a multi-process launch. What comes after (the final evaluation,
+metrics.json, the report) is the caller's: :mod:`transferkit.workflow`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+from ..backbones import Preprocessing, explicit_preprocessing, load_backbone
+from ..checkpoint import CHECKPOINT_NAME, save_checkpoint
+from ..data import EpochSeededSampler, ImageFolderSplits, build_transform, make_loader
+from ..errors import TransferkitError
+from ..features import cache_supported, extract_features
+from ..heads import HeadSpec
+from ..model import TransferModel
+from ..performance import compile_in_place, pick_device, resolve_precision, to_fast_layout
+from ..runs import write_history
+from ..strategies import StrategySpec, apply_strategy, param_groups
+from .callbacks import AtomicCheckpointIO, BestModelCheckpoint, GradualUnfreezing, HistoryCSV, ResumableState
+from .config import LIGHTNING_PRECISION, TrainConfig
+from .learner import TransferLearner
+
+# Ranks that Lightning spawns re-run the command; this tells them which run directory to join.
+RUN_DIR_ENV = "TRANSFERKIT_RUN_DIR"
+
+
+@dataclass
+class Fitted:
+    """What training left in the run directory, for the caller to evaluate and report."""
+
+    run_dir: Path
+    history: list[dict[str, Any]]
+    info: dict[str, Any]  # strategy, parameters, precision, best epoch, feature cache, seconds: for metrics.json
+    global_zero: bool = True  # False on the other ranks of a multi-process run, which write nothing
+
+
+def quiet_lightning() -> None:
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_utilities"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for pattern in (".*does not have many workers.*", ".*LeafSpec.*", ".*TensorBoard.*", ".*num_nodes.*",
+                    ".*is an invalid value.*", ".*Checkpoint directory.*exists and is not empty.*",
+                    ".*tensorboardX.*", ".*in eval mode at the start of training.*", ".*Total length of `.*`.*"):  # fmt: skip
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def explicit_preprocessing_of(config: TrainConfig) -> Preprocessing | None:
+    return explicit_preprocessing(config.model, config.mean, config.std, config.image_size)
+
+
+def build_model(config: TrainConfig, class_names: list[str]) -> TransferModel:
+    backbone = load_backbone(config.model, config.weights, preprocessing=explicit_preprocessing_of(config))
+    return TransferModel(backbone, class_names, HeadSpec.parse(config.head, dropout=config.head_dropout))
+
+
+def model_and_strategy(config: TrainConfig, splits: ImageFolderSplits) -> tuple[TransferModel, StrategySpec]:
+    model = build_model(config, splits.class_names)
+    spec = config.strategy_spec()
+    apply_strategy(model, spec, epoch=0)
+    param_groups(model, spec)  # validates --group-lr before anything is written
+    return model, spec
+
+
+def training_device(config: TrainConfig) -> torch.device:
+    # "gpu" is Lightning's word for whichever accelerator is there; pick_device finds it.
+    return pick_device(config.accelerator if config.accelerator not in ("auto", "gpu") else "auto")
+
+
+def check_sharding(config: TrainConfig) -> None:
+    """FSDP shards a network's trained weights across GPUs: refuse it where it cannot run or means nothing."""
+    if not config.dist.startswith("fsdp"):
+        return
+    device = training_device(config)
+    if device.type != "cuda":
+        raise TransferkitError(f"--dist {config.dist} needs CUDA GPUs (Lightning's FSDP does not run on a "
+                               f"{device.type}); use --dist ddp")  # fmt: skip
+    if config.strategy in ("feature-extract", "linear-probe"):
+        raise TransferkitError(f"--dist {config.dist} shards the weights being trained, and --strategy "
+                               f"{config.strategy} trains only a head: use --dist ddp")  # fmt: skip
+
+
+def wait_for_file(path: Path, timeout: float = 3600.0) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        if time.time() > deadline:
+            raise TransferkitError(f"gave up waiting for {path} from rank 0 after {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def join_as_worker_rank(config: TrainConfig, callbacks: list[Callback] = ()) -> Fitted:  # type: ignore[assignment]
+    """A non-zero rank: train in rank 0's run directory, with its resolved configuration; write nothing."""
+    import json
+
+    from ..data import discover
+
+    run_dir = Path(os.environ.get(RUN_DIR_ENV) or config.out or "")
+    if not str(run_dir):
+        raise TransferkitError("a worker rank cannot find its run directory; launch with --out RUN_DIR")
+    wait_for_file(run_dir / "config.json")
+    resolved = TrainConfig(**json.loads((run_dir / "config.json").read_text()))
+    L.seed_everything(resolved.seed, workers=True, verbose=False)
+    splits = discover(resolved.data, resolved.val_split, resolved.seed)
+    model, spec = model_and_strategy(resolved, splits)
+    return fit(run_dir, resolved, splits, model, spec, callbacks=callbacks)
+
+
+def fit(
+    run_dir: Path,
+    config: TrainConfig,
+    splits: ImageFolderSplits,
+    model: TransferModel,
+    spec: StrategySpec,
+    ckpt_path: Path | None = None,
+    callbacks: list[Callback] = (),  # type: ignore[assignment]
+) -> Fitted:
+    """Train ``model`` by ``spec``; writes model.pt (best epoch), history.csv and Lightning's last.ckpt."""
+    started = time.time()
+    trainable, total = model.parameter_counts()
+    device = training_device(config)
+    precision = resolve_precision(config.precision, device, model, training=True)
+    extra = {
+        "strategy": spec.to_dict(),
+        # Resolved where the checkpoint runs: bf16 is fast only on CPUs with native bf16.
+        "inference_precision": config.precision,
+        "train_config": config.to_dict(),
+        **config.resolved_from,
+    }
+    model.record = model.record.with_extra(**extra)
+    if spec.name == "linear-probe":
+        return fit_linear_probe_run(model, splits, config, run_dir, device, extra)
+    learner, train_loader, val_loader, feature_info = learner_and_loaders(model, spec, splits, config, device, run_dir)
+    if feature_info:
+        precision = "32"  # the head alone is tiny; its features were computed at inference precision
+    history = HistoryCSV(run_dir / "history.csv")
+    best = BestModelCheckpoint(run_dir / CHECKPOINT_NAME, extra)
+    # One rolling checkpoint, rewritten (atomically) at every epoch end: what --resume continues from.
+    last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False)
+    gradual = GradualUnfreezing(spec) if spec.name == "gradual" else None
+    own: list[Callback] = [history, best, last, ResumableState(train_loader.sampler), *([gradual] if gradual else [])]
+    if config.patience:
+        own.append(EarlyStopping("val_accuracy", mode="max", patience=config.patience))
+    trainer = L.Trainer(
+        max_epochs=config.epochs,
+        accelerator=device.type if config.accelerator == "auto" else config.accelerator,
+        devices=config.devices,
+        num_nodes=config.num_nodes,
+        strategy=config.dist,
+        precision=LIGHTNING_PRECISION[precision],
+        callbacks=[*own, *callbacks],
+        plugins=[AtomicCheckpointIO()],
+        logger=_tensorboard_logger(run_dir),
+        default_root_dir=str(run_dir),
+        enable_progress_bar=not config.quiet,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+    )
+    if not config.quiet:
+        say(f"{config.model} ({model.record.weights}) · {spec.name} · {len(splits.class_names)} classes · "
+            f"{len(splits.train)} train / {len(splits.val)} val images · trainable {trainable:,} of {total:,} "
+            f"parameters · precision {precision}" + (f" · resuming from {ckpt_path}" if ckpt_path else ""))  # fmt: skip
+    to_fast_layout(model)
+    trainer.fit(learner, train_loader, val_loader, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    add_skipped(splits, learner.skipped_files)
+    info = {
+        "strategy": spec.name,
+        "trainable_params": trainable,
+        "total_params": total,
+        "precision": precision,
+        "best_epoch": best.best_epoch,
+        "unfreeze_events": gradual.events if gradual else [],
+        "world_size": trainer.world_size,
+        **feature_info,
+        **config.resolved_from,
+        "train_seconds": round(time.time() - started, 2),
+    }
+    return Fitted(run_dir, history.rows, info, global_zero=trainer.is_global_zero)
+
+
+def learner_and_loaders(
+    model: TransferModel,
+    spec: StrategySpec,
+    splits: ImageFolderSplits,
+    config: TrainConfig,
+    device: torch.device,
+    run_dir: Path | None = None,
+) -> tuple[TransferLearner, Any, Any, dict[str, Any]]:
+    """The learner and its loaders: over cached features when only the head trains, else over images."""
+    if spec.name == "feature-extract" and config.cache and cache_supported(model):
+        if config.compile:
+            warnings.warn("--compile: not applied, only the head trains (on cached features)", stacklevel=2)
+        train_loader, val_loader, feature_info = _feature_loaders(model, splits, config, device, run_dir)
+        return TransferLearner(model, spec, config, head_only=True), train_loader, val_loader, feature_info
+    prep = model.preprocessing
+    loading = {"num_workers": config.num_workers, "device_type": device.type}
+    train_loader = make_loader(splits.train, build_transform(prep, config.augment), config.batch_size,
+                               shuffle=True, seed=config.seed, **loading)  # fmt: skip
+    val_loader = make_loader(splits.val, build_transform(prep, "none"), config.batch_size, **loading)
+    if config.compile:
+        compile_in_place(model, device)
+    return TransferLearner(model, spec, config), train_loader, val_loader, {}
+
+
+def _feature_loaders(
+    model: TransferModel, splits: Any, config: TrainConfig, device: torch.device, run_dir: Path | None = None
+) -> tuple[Any, Any, dict[str, Any]]:
+    """Loaders over cached backbone features: the backbone runs once per image (and view), not per epoch.
+
+    In a multi-process run, rank 0 computes and caches the features; the other ranks wait for it and
+    read them back, so nothing is computed or written twice.
+    """
+    from torch.utils.data import DataLoader, TensorDataset
+
+    ready = run_dir / ".features-ready" if run_dir is not None else None
+    if ready is not None and rank_zero_only.rank > 0:
+        wait_for_file(ready)
+    started = time.perf_counter()
+    precision = resolve_precision(config.precision, device)
+    common = {"cache_dir": Path(config.cache_dir) if config.cache_dir else None, "batch_size": config.batch_size,
+              "num_workers": config.num_workers, "device": device, "precision": precision}  # fmt: skip
+    augment = config.augment if config.feature_views > 1 else "none"
+    train = extract_features(model, splits.train, augment=augment, views=config.feature_views, **common)
+    val = extract_features(model, splits.val, **common)
+    if ready is not None and rank_zero_only.rank == 0 and config.cache:
+        ready.touch()
+    add_skipped(splits, [(p, "cannot decode") for p in train.skipped + val.skipped])
+    sampler = EpochSeededSampler(len(train.labels), config.seed, with_aug_seeds=False)
+    train_loader = DataLoader(TensorDataset(train.features, train.labels), batch_size=config.batch_size, sampler=sampler)
+    val_loader = DataLoader(TensorDataset(val.features, val.labels), batch_size=max(256, config.batch_size))
+    info = {
+        "feature_cache": {"hits": train.hits + val.hits, "misses": train.misses + val.misses,
+                          "views": config.feature_views, "augment": augment, "precision": precision},
+        "feature_seconds": round(time.perf_counter() - started, 2),
+    }  # fmt: skip
+    if not config.quiet:
+        say(f"features: {info['feature_cache']['misses']} computed, {info['feature_cache']['hits']} from cache "
+               f"in {info['feature_seconds']} s")  # fmt: skip
+    return train_loader, val_loader, info
+
+
+def fit_linear_probe_run(
+    model: TransferModel,
+    splits: ImageFolderSplits,
+    config: TrainConfig,
+    run_dir: Path,
+    device: torch.device,
+    extra: dict[str, Any],
+) -> Fitted:
+    """Fit a scikit-learn linear classifier on cached features of ``config.layer``; save it as the run's model.
+
+    Its one history row has no validation numbers yet: the caller's final evaluation supplies them.
+    """
+    from ..probes import fit_linear_probe
+
+    started = time.time()
+    precision = resolve_precision(config.precision, device)
+    t0 = time.perf_counter()
+    train = extract_features(model, splits.train, layer=config.layer, use_cache=config.cache,
+                             cache_dir=Path(config.cache_dir) if config.cache_dir else None,
+                             batch_size=config.batch_size, num_workers=config.num_workers, device=device,
+                             precision=precision)  # fmt: skip
+    feature_seconds = time.perf_counter() - t0
+    fit = fit_linear_probe(train.features, train.labels, len(splits.class_names), config.classifier, config.seed)
+    model.attach_probe(fit.probe, config.layer)
+    probe_info = {"classifier": fit.classifier, "C": fit.C, "cv_accuracy": fit.cv_accuracy, "folds": fit.folds,
+                  "layer": config.layer or "head-input"}  # fmt: skip
+    save_checkpoint(model, run_dir / CHECKPOINT_NAME, epoch=0, linear_probe=probe_info, **extra)
+    rows = [{"epoch": 0, "train_accuracy": round(fit.cv_accuracy, 6), "val_loss": None, "val_accuracy": None,
+             "trainable_params": sum(p.numel() for p in fit.probe.parameters()), "trainable_groups": "probe",
+             "seconds": round(time.perf_counter() - t0, 3)}]  # fmt: skip
+    write_history(run_dir / "history.csv", rows)
+    if not config.quiet:
+        say(f"linear probe ({fit.classifier}, C={fit.C:g}) on {probe_info['layer']}: "
+            f"{fit.folds}-fold CV accuracy {fit.cv_accuracy:.4f}")  # fmt: skip
+    info = {
+        "strategy": "linear-probe", "linear_probe": probe_info, "precision": precision,
+        "trainable_params": rows[0]["trainable_params"], "total_params": model.parameter_counts()[1],
+        "best_epoch": 0, "feature_cache": {"hits": train.hits, "misses": train.misses},
+        "feature_seconds": round(feature_seconds, 2), **config.resolved_from,
+        "train_seconds": round(time.time() - started, 2),
+    }  # fmt: skip
+    return Fitted(run_dir, rows, info)
+
+
+def add_skipped(splits: Any, found: Any) -> None:
+    """Record files that failed to decode during training or evaluation, once each."""
+    known = {p for p, _ in splits.skipped}
+    for path, reason in sorted(found):
+        if path not in known:
+            splits.skipped.append((path, reason))
+            known.add(path)
+
+
+def _tensorboard_logger(run_dir: Path) -> Any:
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        return False
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    return TensorBoardLogger(str(run_dir), name="tensorboard", version="")
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

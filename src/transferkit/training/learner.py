@@ -1,0 +1,99 @@
+"""The LightningModule: cross-entropy training of a TransferModel, on images or on cached features."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from ..model import TransferModel
+from ..performance import batch_to, uses_convolutions
+from ..strategies import StrategySpec, param_groups
+from .config import TrainConfig
+
+
+class TransferLearner(L.LightningModule):
+    """Cross-entropy training of a :class:`TransferModel` (plus Inception's aux loss)."""
+
+    def __init__(self, model: TransferModel, spec: StrategySpec, config: TrainConfig, head_only: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        # head_only: batches are cached backbone features, and only the head runs.
+        self.head_only = head_only
+        self.spec = spec
+        self.config = config
+        n = len(model.class_names)
+        self.train_accuracy = MulticlassAccuracy(num_classes=n, average="micro")
+        self.val_accuracy = MulticlassAccuracy(num_classes=n, average="micro")
+        self.channels_last = uses_convolutions(model) and not head_only
+        self.skipped_files: set[tuple[str, str]] = set()
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.model.head_module(x) if self.head_only else self.model(x)
+
+    def _step(self, batch: Any, stage: str) -> torch.Tensor | None:
+        x, y = batch[0], batch[1]
+        if len(batch) > 2:  # images that failed to decode, by name
+            self.skipped_files.update((b.path, b.reason) for b in batch[2])
+        if len(x) == 0:
+            return None  # every image of the batch failed to decode
+        out = self(batch_to(x, self.device, self.channels_last))
+        if isinstance(out, tuple):  # Inception v3 in training: (logits, aux_logits)
+            logits, aux = out
+            loss = nn.functional.cross_entropy(logits, y) + self.spec.aux_weight * nn.functional.cross_entropy(aux, y)
+        else:
+            logits = out
+            loss = nn.functional.cross_entropy(logits, y)
+        metric = self.train_accuracy if stage == "train" else self.val_accuracy
+        metric(logits.detach(), y)
+        kwargs = {"on_step": False, "on_epoch": True, "batch_size": len(y), "sync_dist": True}
+        self.log(f"{stage}_loss", loss.detach(), prog_bar=stage == "val", **kwargs)
+        self.log(f"{stage}_accuracy", metric, prog_bar=True, **kwargs)
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def configure_optimizers(self) -> Any:
+        cfg = self.config
+        groups = without_decay_on_norms_and_biases(param_groups(self.model, self.spec), cfg.weight_decay)
+        if cfg.optimizer == "sgd":
+            opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+        elif cfg.optimizer == "adam":
+            opt = torch.optim.Adam(groups, lr=cfg.lr)
+        else:
+            opt = torch.optim.AdamW(groups, lr=cfg.lr)
+        return {"optimizer": opt, "lr_scheduler": self._scheduler(opt)} if cfg.scheduler != "none" else opt
+
+    def _scheduler(self, opt: torch.optim.Optimizer) -> dict[str, Any]:
+        cfg = self.config
+        if cfg.scheduler == "step":
+            return {"scheduler": torch.optim.lr_scheduler.StepLR(opt, cfg.step_size, cfg.gamma), "interval": "epoch"}
+        if cfg.scheduler == "cosine":
+            return {"scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs), "interval": "epoch"}
+        total = int(self.trainer.estimated_stepping_batches)
+        onecycle = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total)
+        return {"scheduler": onecycle, "interval": "step"}
+
+
+def without_decay_on_norms_and_biases(groups: list[dict[str, Any]], weight_decay: float) -> list[dict[str, Any]]:
+    """Each LR group split in two: weights decay, biases and normalisation parameters do not.
+
+    Decaying a norm's scale or a bias pulls it towards zero, which no regulariser means to do
+    (timm's ``param_groups_weight_decay`` and torchvision's references follow the same rule:
+    parameters with fewer than two dimensions are exempt).
+    """
+    split = []
+    for group in groups:
+        params = group["params"]
+        for suffix, chosen, decay in (("", [p for p in params if p.ndim > 1], weight_decay),
+                                      ("/no_decay", [p for p in params if p.ndim <= 1], 0.0)):  # fmt: skip
+            if chosen:
+                split.append({**group, "name": group["name"] + suffix, "params": chosen, "weight_decay": decay})
+    return split

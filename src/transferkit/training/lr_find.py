@@ -1,0 +1,83 @@
+"""Lightning's LR range test on the configured model and strategy, and fastai's rule for reading it."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from ..data import discover
+from ..errors import TransferkitError
+from ..files import atomic_write
+from ..performance import resolve_precision, to_fast_layout
+from ..strategies import apply_strategy
+from .config import LIGHTNING_PRECISION, TrainConfig
+from .fit import build_model, learner_and_loaders, quiet_lightning, training_device
+
+
+@dataclass
+class LRFinderResult:
+    suggestion: float
+    lrs: list[float]
+    losses: list[float]
+
+    def summary(self) -> dict[str, Any]:
+        return {"suggestion": self.suggestion, "steps": len(self.lrs)}
+
+    def plot(self, path: Path) -> Path:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(6, 4), dpi=100)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        ax.plot(self.lrs, self.losses)
+        ax.axvline(self.suggestion, color="tab:red", linestyle="--", label=f"suggested {self.suggestion:.2g}")
+        ax.set(xscale="log", xlabel="learning rate (head)", ylabel="training loss", title="LR range test")
+        ax.legend()
+        fig.tight_layout()
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+        return path
+
+
+def find_lr(config: TrainConfig, splits: Any = None, num_training: int = 100) -> LRFinderResult:
+    """Lightning's LR range test on the configured model and strategy; suggests the head's LR."""
+    import tempfile
+
+    from lightning.pytorch.tuner import Tuner
+
+    quiet_lightning()
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    splits = splits or discover(config.data, config.val_split, config.seed)
+    probe = TrainConfig(**{**config.to_dict(), "lr": 1e-3, "scheduler": "none"})
+    if probe.strategy in ("auto", "linear-probe"):
+        raise TransferkitError("the LR finder needs a gradient-trained strategy: feature-extract, fine-tune, full or gradual")
+    model = build_model(probe, splits.class_names)
+    spec = probe.strategy_spec()
+    apply_strategy(model, spec)
+    device = training_device(config)
+    learner, train_loader, _, _ = learner_and_loaders(model, spec, splits, probe, device)
+    to_fast_layout(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = L.Trainer(accelerator=device.type, devices=1, logger=False, enable_checkpointing=False, max_epochs=-1,
+                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp,
+                            precision=LIGHTNING_PRECISION[resolve_precision(config.precision, device, model, True)])  # fmt: skip
+        # Lightning's LR finder always draws its own tqdm bar (on stderr): --quiet silences it here.
+        silent = contextlib.redirect_stderr(io.StringIO()) if config.quiet else contextlib.nullcontext()
+        with silent, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*no `val_dataloader`.*")  # the finder needs none
+            finder = Tuner(trainer).lr_find(learner, train_dataloaders=train_loader, min_lr=1e-6, max_lr=1.0,
+                                            num_training=num_training, update_attr=False)  # fmt: skip
+    lrs, losses = [float(v) for v in finder.results["lr"]], [float(v) for v in finder.results["loss"]]
+    if len(lrs) < 10:
+        raise TransferkitError("the LR finder could not suggest a rate (too few batches?); pass --lr explicitly")
+    # fastai's rule: a tenth of the LR at the smoothed loss's minimum. The steepest-slope rule picks
+    # noise when the loss never diverges, as with a linear head on cached features.
+    skip = len(lrs) // 10
+    best = min(range(skip, len(lrs)), key=losses.__getitem__)
+    return LRFinderResult(float(f"{lrs[best] / 10:.3g}"), lrs, losses)

@@ -1,0 +1,177 @@
+"""``train`` and ``resume``: a run from start to finish. Choices left to ``auto`` are resolved, the
+run directory is created, :mod:`transferkit.training` fills it, and then the best checkpoint is
+evaluated exactly as ``transferkit evaluate`` would (``metrics.json``) and the report is written.
+This is the one module that joins training to the stages after it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+from .checkpoint import CHECKPOINT_NAME, load_checkpoint
+from .data import ImageFolderSplits, discover
+from .errors import TransferkitError
+from .files import write_json
+from .inference import Evaluation, evaluate_samples
+from .runs import write_history
+from .training import Fitted, TrainConfig, TrainResult, find_lr, fit, model_and_strategy, quiet_lightning
+from .training.fit import RUN_DIR_ENV, add_skipped, check_sharding, explicit_preprocessing_of, join_as_worker_rank, say
+
+
+def train(data: str | Path, callbacks: list[Callback] = (), **options: Any) -> TrainResult:  # type: ignore[assignment]
+    """Train a classifier on an image folder; returns the run directory and its metrics.
+
+    ``options`` are :class:`~transferkit.training.TrainConfig`'s fields; ``callbacks`` are Lightning
+    callbacks added to the run's own (they are not saved with it).
+
+    >>> result = train("data/flowers", model="resnet18", strategy="fine-tune", unfreeze=2, epochs=5)  # doctest: +SKIP
+    >>> result.val_accuracy, result.run_dir
+    """
+    command = options.pop("_command", None)
+    return run_training(TrainConfig(data=str(data), **options), command=command, callbacks=list(callbacks))
+
+
+def run_training(config: TrainConfig, command: str | None = None, callbacks: list[Callback] = ()) -> TrainResult:  # type: ignore[assignment]
+    """A new run: resolve ``auto`` choices, create the run directory, train, evaluate, report."""
+    quiet_lightning()
+    started = time.time()
+    if rank_zero_only.rank > 0:
+        fitted = join_as_worker_rank(config, callbacks)
+        return TrainResult(run_dir=fitted.run_dir, metrics={}, history=fitted.history)  # metrics are rank 0's
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not config.out:
+        raise TransferkitError("a multi-process launch (torchrun, SLURM) needs --out RUN_DIR, so every rank finds the run")
+    check_sharding(config)
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    splits = discover(config.data, config.val_split, config.seed)
+    if config.strategy == "auto":
+        config.resolved_from["advice"] = _follow_advice(config)
+    lr_finder = None
+    if config.lr == "auto":
+        lr_finder = find_lr(config, splits)
+        config.lr = lr_finder.suggestion
+        config.resolved_from["lr_finder"] = lr_finder.summary()
+    model, spec = model_and_strategy(config, splits)
+    run_dir = create_run_dir(config)
+    if lr_finder is not None:
+        lr_finder.plot(run_dir / "lr_find.png")
+    (run_dir / "command.txt").write_text((command or " ".join(sys.argv)) + "\n")
+    write_json(run_dir / "config.json", config.to_dict())  # last: other ranks wait for it
+    os.environ[RUN_DIR_ENV] = str(run_dir.resolve())
+    return finish_run(fit(run_dir, config, splits, model, spec, callbacks=callbacks), config, splits, started)
+
+
+def resume_training(run_dir: str | Path, command: str | None = None, callbacks: list[Callback] = ()) -> TrainResult:  # type: ignore[assignment]
+    """Continue an interrupted run from its last checkpoint, with its own configuration.
+
+    The epoch-seeded sampler, per-image augmentation seeds and the RNG state saved in the
+    checkpoint make the resumed run reach the same result as an uninterrupted one.
+    """
+    quiet_lightning()
+    run_dir = Path(run_dir).expanduser()
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not (run_dir / "config.json").is_file():
+        raise TransferkitError(f"{run_dir} is not a transferkit run directory (no config.json); give the run to resume")
+    if (run_dir / "metrics.json").is_file():
+        raise TransferkitError(f"run {run_dir} already finished; start a new run instead of --resume")
+    if not last.is_file():
+        raise TransferkitError(f"run {run_dir} has no checkpoints/last.ckpt yet (killed in its first epoch); start it again")
+    config = TrainConfig(**json.loads((run_dir / "config.json").read_text()))
+    with open(run_dir / "command.txt", "a") as f:
+        f.write((command or " ".join(sys.argv)) + "\n")
+    started = time.time()
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    splits = discover(config.data, config.val_split, config.seed)
+    model, spec = model_and_strategy(config, splits)
+    if spec.name == "linear-probe":
+        raise TransferkitError("a linear probe has no epochs to resume; start it again")
+    fitted = fit(run_dir, config, splits, model, spec, ckpt_path=last, callbacks=callbacks)
+    return finish_run(fitted, config, splits, started)
+
+
+def create_run_dir(config: TrainConfig) -> Path:
+    """A new run directory; an existing one is never reused (that would overwrite a run)."""
+    if config.out:
+        run_dir = Path(config.out).expanduser()
+        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+            raise TransferkitError(
+                f"run directory {run_dir} already exists; choose another --out or remove it (runs are never overwritten)"
+            )
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return run_dir
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(config.runs_root) / f"{config.model.replace('/', '_')}-{config.strategy}-{stamp}"
+    for i in range(1, 1000):
+        candidate = base if i == 1 else base.with_name(f"{base.name}-{i}")
+        try:
+            candidate.mkdir(parents=True, exist_ok=False)
+            return candidate
+        except FileExistsError:
+            continue
+    raise TransferkitError(f"could not create a new run directory next to {base}")
+
+
+def _follow_advice(config: TrainConfig) -> dict[str, Any]:
+    """Resolve ``--strategy auto`` in place; returns the advice to record in the run."""
+    from .advice import advise
+
+    advice = advise(config.data, config.model, config.weights, seed=config.seed, val_split=config.val_split,
+                    cache_dir=Path(config.cache_dir) if config.cache_dir else None,
+                    preprocessing=explicit_preprocessing_of(config))  # fmt: skip
+    config.strategy = advice.strategy
+    for key, value in advice.options.items():
+        setattr(config, key, value)
+    if not config.quiet:
+        say(advice.text())
+    return advice.to_dict()
+
+
+def finish_run(fitted: Fitted, config: TrainConfig, splits: ImageFolderSplits, started: float) -> TrainResult:
+    """Evaluate the best checkpoint exactly as ``transferkit evaluate`` would; write metrics.json and the report."""
+    if not fitted.global_zero:  # metrics, checkpoint and report are rank 0's
+        return TrainResult(run_dir=fitted.run_dir, metrics={}, history=fitted.history)
+    run_dir, history = fitted.run_dir, fitted.history
+    model = load_checkpoint(run_dir / CHECKPOINT_NAME)
+    val = evaluate_samples(model, splits.val, config.batch_size, config.num_workers)
+    add_skipped(splits, val.skipped)
+    if history and history[-1].get("val_accuracy") is None:  # a linear probe: its one row gets its numbers now
+        history[-1].update(val_loss=round(val.loss, 6), val_accuracy=round(val.accuracy, 6))
+        write_history(run_dir / "history.csv", history)
+    metrics: dict[str, Any] = {
+        "val_accuracy": val.accuracy,
+        "val_loss": val.loss,
+        "evaluation_precision": val.precision,  # what produced the val_* and test_* numbers on this machine
+        "val_per_class": val.per_class,
+        "val_confusion_matrix": val.confusion_matrix,
+        "model": config.model,
+        "weights": model.record.weights,
+        "class_names": splits.class_names,
+        "data": splits.summary(),
+        "skipped_files": len(splits.skipped),
+        "epochs_run": len(history),
+        **fitted.info,
+    }
+    if splits.test:
+        test = evaluate_samples(model, splits.test, config.batch_size, config.num_workers)
+        metrics.update(test_accuracy=test.accuracy, test_loss=test.loss, test_per_class=test.per_class)
+    metrics["total_seconds"] = round(time.time() - started, 2)
+    write_json(run_dir / "metrics.json", metrics)
+    _report(run_dir, splits, val)
+    if not config.quiet:
+        say(f"val_accuracy {val.accuracy:.4f} (best epoch {fitted.info.get('best_epoch')}) · run directory: {run_dir}")
+    return TrainResult(run_dir=run_dir, metrics=metrics, history=history)
+
+
+def _report(run_dir: Path, splits: ImageFolderSplits, val: Evaluation) -> None:
+    from .reports import predictions_of, write_report
+
+    write_report(run_dir, splits=splits, val_predictions=predictions_of(val))
