@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from transferkit import TransferModel, load_backbone
-from transferkit.export import Probabilities, export_model
+from transferkit.exports import Probabilities, export_model
 from transferkit.prediction import onnx_session
 from transferkit.performance import cpu_has_native_bf16
 

@@ -48,7 +48,7 @@ def ours(data: Path) -> dict:
 
     from transferkit import TransferModel, load_backbone
     from transferkit.data import build_transform, make_loader, scan_class_folder
-    from transferkit.export import export_model
+    from transferkit.exports import export_model
     from transferkit.prediction import onnx_session
     from transferkit.features import extract_features
     from transferkit.inference import predict

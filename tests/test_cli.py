@@ -103,3 +103,18 @@ def test_models_lists_and_marks_offline_weights() -> None:
     out = tk("models", "efficientnet_lite*").stdout.splitlines()
     assert "* efficientnet_lite0" in out
     assert tk("models", "nothing-like-this*", check=False).returncode == 2
+
+
+def test_help_shows_defaults_and_closed_sets_are_checked_by_the_parser() -> None:
+    out = tk("train", "--help").stdout
+    assert "(default: 10)" in out and "(default: adamw)" in out and "sgd, adam, adamw" in out
+    proc = tk("train", "data", "--optimizer", "rmsprop", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "unknown --optimizer 'rmsprop'; choose one of: sgd, adam, adamw" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_the_parser_is_built_without_importing_torch() -> None:
+    # The command re-executes itself with another allocator before torch loads, and --help answers at once.
+    code = "import sys; from transferkit.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"

@@ -15,7 +15,7 @@ import torch
 import transferkit
 from transferkit.cli import main
 from transferkit.data import build_transform, load_image
-from transferkit.export import export
+from transferkit.exports import export
 from transferkit.prediction import sidecar_path
 from transferkit.performance import NATIVE_BF16_ENV
 
@@ -190,7 +190,7 @@ def test_predict_on_a_run_prefers_its_onnx_export_where_the_run_runs_fp32(
 @pytest.mark.precision
 def test_runtime_choice_and_the_cached_export(run_dir: Path, tiny_dataset: Path, tmp_path: Path) -> None:
     from transferkit import TransferkitError, predict
-    from transferkit.export import cached_export_path
+    from transferkit.exports import cached_export_path
 
     run = tmp_path / "run-without-export"
     shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("model.onnx*"))
@@ -234,7 +234,7 @@ def test_auto_runtime_exports_for_a_large_job(run_dir: Path, tmp_path: Path, mon
     from helpers import make_colour_folder
 
     from transferkit import predict
-    from transferkit.export import cached_export_path
+    from transferkit.exports import cached_export_path
     from transferkit.inference import AUTO_EXPORT_FROM
 
     monkeypatch.setenv("TRANSFERKIT_CACHE_DIR", str(tmp_path / "cache"))

@@ -34,7 +34,7 @@ _EXPORTS = {
     "Evaluation": "inference", "evaluate": "inference", "predict": "inference", "format_predictions": "inference",
     "RUNTIMES": "inference",
     "advise": "advice", "extract_features": "features", "write_features": "features",
-    "export": "export", "FORMATS": "export", "DEFAULT_TOLERANCE": "export",
+    "export": "exports", "FORMATS": "exports", "DEFAULT_TOLERANCE": "exports",
     "cache_root": "files", "clear_cache": "files",
     "write_report": "reports", "load_run": "reports", "format_comparison": "reports", "write_comparison": "reports",
     "run_demo": "demo",

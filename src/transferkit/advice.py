@@ -18,7 +18,6 @@ measured here, hymenoptera gives similarity 0.93 / confidence 0.72, Fashion-MNIS
 
 from __future__ import annotations
 
-import random
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 from torch import nn
 
 from .backbones import DEFAULT_BACKBONE, get_module, load_backbone
-from .data import discover
+from .data import discover, shuffled_by_class
 from .features import extract_features
 from .model import TransferModel
 from .probes import fit_linear_probe
@@ -121,12 +120,7 @@ def recommend(size: str, domain: str, model: TransferModel) -> tuple[str, dict[s
 
 
 def _sample(samples: list[tuple[str, int]], per_class: int, seed: int) -> list[tuple[str, int]]:
-    rng = random.Random(seed)
-    picked: list[tuple[str, int]] = []
-    for label in sorted({lbl for _, lbl in samples}):
-        members = [s for s in samples if s[1] == label]
-        picked += rng.sample(members, min(per_class, len(members)))
-    return picked
+    return [s for members in shuffled_by_class(samples, lambda s: s[1], seed) for s in members[:per_class]]
 
 
 def _imagenet_confidence(classifier: nn.Module | None, features: torch.Tensor) -> float | None:

@@ -10,15 +10,16 @@ import os
 import random
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import torch
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
 from torchvision.transforms import v2
 
@@ -26,16 +27,17 @@ from .backbones import Preprocessing
 from .errors import TransferkitError
 from .performance import pick_device
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+# torchvision's ImageFolder extensions, and GIF (its first frame), which PIL reads and torchvision does not list.
+IMAGE_EXTENSIONS = (*IMG_EXTENSIONS, ".gif")
 JPEG_EXTENSIONS = (".jpg", ".jpeg")
 AUGMENTATIONS = ("none", "light", "strong")
 VAL_DIR_NAMES = ("val", "valid", "validation")
-# Refuse absurd images before decoding them (decompression bombs); 16k × 16k is plenty for photos.
+# Refuse absurd images from their header, before decoding them (decompression bombs). PIL's own guard
+# (its Image.MAX_IMAGE_PIXELS, left as the user has it) may refuse some sooner.
 MAX_IMAGE_PIXELS = 16384 * 16384
-Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 Sample = tuple[str, int]
+T = TypeVar("T")
 
 
 @dataclass
@@ -183,16 +185,29 @@ def discover(data_dir: str | Path, val_split: float = 0.2, seed: int = 0) -> Ima
     return splits
 
 
+def shuffled_by_class(items: Sequence[T], label: Callable[[T], int], seed: int) -> list[list[T]]:
+    """``items`` grouped by class (classes in label order), each group in a seeded random order.
+
+    The one per-class sampler: the train/val split, advise's sample and the report's grids all draw
+    from it, so a seed means the same thing everywhere.
+    """
+    rng = random.Random(seed)
+    groups: dict[int, list[T]] = {}
+    for item in items:
+        groups.setdefault(label(item), []).append(item)
+    ordered = [groups[k] for k in sorted(groups)]
+    for group in ordered:
+        rng.shuffle(group)
+    return ordered
+
+
 def stratified_split(samples: list[Sample], val_split: float, seed: int) -> tuple[list[Sample], list[Sample]]:
     """Split each class by ``val_split``, the same way for the same seed."""
     if not 0 < val_split < 1:
         raise TransferkitError(f"--val-split must be between 0 and 1, got {val_split}")
-    rng = random.Random(seed)
     train: list[Sample] = []
     val: list[Sample] = []
-    for label in sorted({lbl for _, lbl in samples}):
-        members = [s for s in samples if s[1] == label]
-        rng.shuffle(members)
+    for members in shuffled_by_class(samples, lambda s: s[1], seed):
         n_val = min(len(members) - 1, max(1, round(len(members) * val_split))) if len(members) > 1 else 0
         val += members[:n_val]
         train += members[n_val:]

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from .backbones import Preprocessing
 from .files import atomic_write, cache_root
-from .data import BadImage, ImageDataset, Sample, build_transform, default_num_workers
+from .data import ImageDataset, Sample, build_transform, collate_skipping_bad, default_num_workers
 from .errors import TransferkitError
 from .layers import StopForward, capture, resolve_layer
 from .model import TransferModel
@@ -87,17 +87,8 @@ def _view_loader(
         batch_size=batch_size,
         sampler=keys,
         num_workers=default_num_workers(device.type) if num_workers is None else num_workers,
-        collate_fn=_collate,
+        collate_fn=collate_skipping_bad,
     )
-
-
-def _collate(batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    # Undecodable files are dropped here and reported by FeatureSet.skipped.
-    good = [b for b in batch if not isinstance(b, BadImage)]
-    if not good:
-        return torch.empty(0), torch.empty(0, dtype=torch.long)
-    x, positions = zip(*good)
-    return torch.stack(x), torch.tensor(positions)
 
 
 @dataclass
@@ -191,7 +182,7 @@ def _run_extractor(
     model.to(device)
     to_fast_layout(model)
     with inference_mode(model), capture(model, layer) as out:
-        for x, positions in loader:
+        for x, positions, _ in loader:  # undecodable files are reported by FeatureSet.skipped
             if len(x) == 0:
                 continue
             with autocast(device, precision):

@@ -228,7 +228,7 @@ def _onnx_model_for(run: Any, runtime: str, images: int, precision: str | None, 
         raise TransferkitError(f"{torch_only} applies to --runtime torch; --runtime onnx runs the fp32 export")
     if runtime == "auto" and (torch_only or pick_device().type != "cpu" or not _installed("onnxruntime")):
         return None
-    from .export import cached_export_path, export
+    from .exports import cached_export_path, export
 
     checkpoint = resolve_checkpoint_path(run)
     if runtime == "auto" and inference_precision(read_metadata(checkpoint), pick_device()) != "32":

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import random
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from ..backbones import Preprocessing
-from ..data import Sample, build_transform, load_image
+from ..data import Sample, build_transform, load_image, shuffled_by_class
 from ..errors import TransferkitError
 from ..files import atomic_write
 from ..inference import Evaluation, evaluate_samples
@@ -189,13 +188,7 @@ def _view(path: str, transform: Callable[[torch.Tensor], torch.Tensor], prep: Pr
 
 def _spread(items: Sequence[T], label: Callable[[T], int], count: int, seed: int) -> list[T]:
     """Up to ``count`` items in a seeded order with the classes taking turns, so that every class shows."""
-    rng = random.Random(seed)
-    by_class: dict[int, list[T]] = {}
-    for item in items:
-        by_class.setdefault(label(item), []).append(item)
-    queues = [by_class[k] for k in sorted(by_class)]
-    for queue in queues:
-        rng.shuffle(queue)
+    queues = shuffled_by_class(items, label, seed)
     turns = itertools.chain.from_iterable(itertools.zip_longest(*queues))
     return [item for item in turns if item is not None][:count]
 

@@ -1,0 +1,167 @@
+"""The one way a command is declared and registered, and the options several commands share.
+
+A command module lists its commands as ``COMMANDS``, a tuple of :class:`Command` records;
+``transferkit.cli`` registers every module's records the same way. Nothing here imports torch:
+``transferkit --help`` answers at once, and the closed sets of choices (:class:`ApiChoices`)
+are read from the Python API only when a value is checked or a command's help is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import textwrap
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, NoReturn
+
+Handler = Callable[[argparse.Namespace], int]
+ParentParser = Callable[[], argparse.ArgumentParser]
+
+DEFAULT_MODEL = "efficientnet_lite0"  # transferkit.DEFAULT_BACKBONE, which cannot be read without importing torch
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Examples keep their line breaks; every option that has a value by default shows it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default in ([], ""):
+            return action.help  # flags, and options whose help says what happens without them
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage errors on one line, worded as the library's own: ``unknown --optimizer 'x'; choose one of: ...``."""
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        # argparse's one hook for a value outside ``choices`` (its own message is "invalid choice").
+        if action.choices is not None and value not in action.choices:
+            name = action.option_strings[0] if action.option_strings else action.dest
+            listed = ", ".join(map(str, action.choices))
+            raise argparse.ArgumentError(None, f"unknown {name} {value!r}; choose one of: {listed}")
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see: {self.prog} --help)\n")
+
+
+class ApiChoices:
+    """A closed set of values that the Python API names, e.g. ``ApiChoices("OPTIMIZERS")``, read on first use.
+
+    Each such constant lives in a module that imports torch, so it is read only when argparse checks
+    a given value or prints the help (give the option a ``metavar``: argparse would otherwise list the
+    choices while the parser is built). ``extra`` values are listed and accepted; ``unlisted`` values
+    are accepted without being listed, for the library to answer them (a retired export format).
+    """
+
+    def __init__(self, name: str, *, extra: Sequence[str] = (), unlisted: Sequence[str] = ()) -> None:
+        self.name, self.extra, self.unlisted = name, tuple(extra), tuple(unlisted)
+
+    @cached_property
+    def values(self) -> tuple[str, ...]:
+        import transferkit
+
+        return (*getattr(transferkit, self.name), *self.extra)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.values)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __contains__(self, value: object) -> bool:
+        return value in self.values or value in self.unlisted
+
+
+@dataclass(frozen=True)
+class Command:
+    """One sub-command: its name, one-line summary, example lines, shared and own options, and handler."""
+
+    name: str
+    summary: str
+    example: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    handler: Handler
+    parents: Sequence[ParentParser] = ()
+
+    def register(self, subparsers: Any) -> argparse.ArgumentParser:
+        """Add this command to ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
+        parser: argparse.ArgumentParser = subparsers.add_parser(
+            self.name,
+            help=self.summary,
+            description=self.summary,
+            epilog="example:\n" + textwrap.indent(self.example.strip(), "  "),
+            formatter_class=HelpFormatter,
+            parents=[make() for make in self.parents],
+        )
+        self.add_arguments(parser)
+        parser.set_defaults(handler=self.handler)
+        return parser
+
+
+# --------------------------------------------------------------------------- type helpers
+
+
+def floats(text: str) -> list[float]:
+    """``0.5`` or ``0.485,0.456,0.406``: one value per colour channel (one value means all three)."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if len(values) == 1:
+        values *= 3
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected 1 or 3 numbers, got {text!r}")
+    return values
+
+
+def epochs(text: str) -> list[int]:
+    """``2,4,6``: comma-separated epoch numbers (empty items ignored)."""
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated epochs, got {text!r}") from None
+
+
+# --------------------------------------------------------------------------- shared options (parent parsers)
+
+
+def _parent() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(add_help=False)
+
+
+def backbone_options() -> argparse.ArgumentParser:
+    """--model, --weights, --mean, --std: which pretrained network, and how its inputs are normalised."""
+    parent = _parent()
+    parent.add_argument("--model", default=DEFAULT_MODEL, help="backbone name (see: transferkit models)")
+    parent.add_argument("--weights", default="DEFAULT", help="DEFAULT, a torchvision enum name, none, or a weights file")
+    parent.add_argument("--mean", type=floats,
+                        help="normalisation mean for a weights file, e.g. 0.5 or 0.485,0.456,0.406")  # fmt: skip
+    parent.add_argument("--std", type=floats, help="normalisation std for a weights file")
+    return parent
+
+
+def image_size_option() -> argparse.ArgumentParser:
+    parent = _parent()
+    parent.add_argument("--image-size", type=int, help="input size (crop) instead of the weights' own")
+    return parent
+
+
+def batch_size_option() -> argparse.ArgumentParser:
+    parent = _parent()
+    parent.add_argument("--batch-size", type=int, default=32, help="images per batch")
+    return parent
+
+
+def checkpoint_run_options() -> argparse.ArgumentParser:
+    """--precision, --compile: how a trained model runs (evaluate, predict)."""
+    parent = _parent()
+    parent.add_argument("--precision", choices=ApiChoices("PRECISIONS"), metavar="PRECISION",
+                        help="%(choices)s (default: the run's)")  # fmt: skip
+    parent.add_argument("--compile", action="store_true", help="torch.compile the network first (pays on many images)")
+    return parent
+
+
+def cache_dir_option() -> argparse.ArgumentParser:
+    parent = _parent()
+    parent.add_argument("--cache-dir", help="feature cache folder (default ~/.cache/transferkit, or $TRANSFERKIT_CACHE_DIR)")
+    return parent

@@ -1,0 +1,89 @@
+"""Commands that look at backbones and data before training: ``models``, ``features``, ``advise``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from .common import Command, backbone_options, batch_size_option
+
+
+def _models_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'resnet*' or 'timm/vit*'")
+    p.add_argument("--offline", action="store_true", help="only backbones whose weights load without a network")
+    p.add_argument("--json", action="store_true", help='print [{"name", "offline"}] instead of a list')
+
+
+def _models(args: argparse.Namespace) -> int:
+    from .. import TransferkitError, list_backbones, offline_weights_available
+
+    rows = [(name, offline_weights_available(name)) for name in list_backbones(args.pattern)]
+    if args.offline:
+        rows = [row for row in rows if row[1]]
+    if not rows:
+        raise TransferkitError(f"no backbone matches {args.pattern!r}; try transferkit models without a pattern")
+    if args.json:
+        print(json.dumps([{"name": name, "offline": offline} for name, offline in rows], indent=2))
+    else:
+        for name, offline in rows:
+            print(f"{'*' if offline else ' '} {name}")
+        print(f"\n{len(rows)} backbones; * = pretrained weights available offline now", file=sys.stderr)
+    return 0
+
+
+def _explicit_preprocessing(args: argparse.Namespace) -> Any:
+    """The --mean/--std given for a weights file, as the library's preprocessing (None without them)."""
+    from .. import explicit_preprocessing
+
+    return explicit_preprocessing(args.model, args.mean, args.std)
+
+
+def _features_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", help="an image folder (all of train/val/test, or DATA/<class>/*)")
+    p.add_argument("--layer", help="layer group (see the model's groups) or module path; default: the penultimate features")
+    p.add_argument("--out", required=True, help="output file, .npz or .pt")
+    p.add_argument("--no-cache", action="store_true", help="recompute features that are in the feature cache")
+
+
+def _features(args: argparse.Namespace) -> int:
+    from .. import write_features
+
+    info = write_features(args.data, args.out, args.model, args.weights, args.layer, args.batch_size,
+                          use_cache=not args.no_cache, preprocessing=_explicit_preprocessing(args))  # fmt: skip
+    print(f"wrote {info['count']} × {info['dim']} features of {info['layer']} to {info['path']} "
+          f"({info['misses']} computed, {info['hits']} from cache)")  # fmt: skip
+    return 0
+
+
+def _advise_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", help="an image folder, as for train")
+    p.add_argument("--per-class", type=int, default=100, help="images per class used to measure similarity")
+    p.add_argument("--json", action="store_true", help="print a JSON object instead of text")
+
+
+def _advise(args: argparse.Namespace) -> int:
+    from .. import advise
+
+    advice = advise(args.data, args.model, args.weights, per_class=args.per_class,
+                    preprocessing=_explicit_preprocessing(args))  # fmt: skip
+    print(json.dumps(advice.to_dict(), indent=2) if args.json else advice.text())
+    return 0
+
+
+COMMANDS = (
+    Command("models", "List available backbones; * marks weights available offline now.", """
+transferkit models
+transferkit models 'resnet*'
+transferkit models 'timm/convnext*'
+""", _models_arguments, _models),
+    Command("features", "Write pooled CNN features (with labels and paths) for your own tools.", """
+transferkit features data/hymenoptera --model resnet50 --out feats.npz
+transferkit features data/hymenoptera --layer layer3 --out layer3.pt
+""", _features_arguments, _features, parents=(backbone_options, batch_size_option)),
+    Command("advise", "Measure a dataset and recommend a strategy (size x similarity to ImageNet).", """
+transferkit advise data/hymenoptera
+transferkit advise data/xrays --model resnet50 --json
+""", _advise_arguments, _advise, parents=(backbone_options,)),
+)  # fmt: skip

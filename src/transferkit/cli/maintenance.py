@@ -1,0 +1,45 @@
+"""Housekeeping and a first look: ``cache`` (the feature cache) and ``demo`` (an offline end-to-end run)."""
+
+from __future__ import annotations
+
+import argparse
+
+from .common import Command, cache_dir_option
+
+CACHE_ACTIONS = ("clear", "path")
+
+
+def _cache_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=CACHE_ACTIONS, help="clear: delete cached features and exports; path: print it")
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from .. import cache_root, clear_cache
+
+    root = cache_root(args.cache_dir)
+    if args.action == "path":
+        print(root)
+    else:
+        removed = clear_cache(root)
+        print(f"removed {removed['features']} cached feature vectors and {removed['exports']} ONNX exports from {root}")
+    return 0
+
+
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workdir", default="demo", help="where the demo data and runs go")
+    p.add_argument("--epochs", type=int, default=10, help="training epochs of each demo run")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .. import run_demo
+
+    run_demo(args.workdir, args.epochs)
+    return 0
+
+
+COMMANDS = (
+    Command("cache", "Manage the feature cache.", "transferkit cache clear", _cache_arguments, _cache,
+            parents=(cache_dir_option,)),
+    Command("demo", "Train and evaluate a real classifier offline (ImageNet weights, real digit images).",
+            "transferkit demo --workdir demo", _demo_arguments, _demo),
+)  # fmt: skip

@@ -1,0 +1,53 @@
+"""Commands that run a trained model: ``evaluate`` on a labelled folder, ``predict`` on images."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from .common import ApiChoices, Command, batch_size_option, checkpoint_run_options
+
+
+def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run directory (or its model.pt)")
+    p.add_argument("data", help="folder with one sub-folder per class (a DATA root means its test/ or val/)")
+    p.add_argument("--json", action="store_true", help="print a JSON object (with 'accuracy') instead of a table")
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .. import evaluate
+
+    result = evaluate(args.run, args.data, batch_size=args.batch_size, precision=args.precision, compile=args.compile)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
+    return 0
+
+
+def _predict_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run directory, its model.pt, or an ONNX export (.onnx)")
+    p.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
+    p.add_argument("--top-k", type=int, default=3, help="labels shown per image, most probable first")
+    p.add_argument("--runtime", default="auto", choices=ApiChoices("RUNTIMES"), metavar="RUNTIME",
+                   help="%(choices)s. auto: ONNX Runtime (when installed, on a CPU) if the run has an export or there "
+                   "are 256+ images (exported once, verified, cached); else PyTorch")  # fmt: skip
+    p.add_argument("--json", action="store_true", help='print [{"path", "predictions": [{"label", "probability"}]}]')
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .. import format_predictions, predict
+
+    results = predict(args.run, args.paths, top_k=args.top_k, batch_size=args.batch_size, precision=args.precision,
+                      compile=args.compile, runtime=args.runtime)  # fmt: skip
+    print(json.dumps(results, indent=2) if args.json else format_predictions(results))
+    return 0 if all(not r.get("error") for r in results) else 1
+
+
+COMMANDS = (
+    Command("evaluate", "Accuracy, per-class precision/recall/F1 and confusion matrix on a folder.", """
+transferkit evaluate runs/efficientnet_lite0-feature-extract-20260101-120000 data/hymenoptera/val
+transferkit evaluate runs/my-run data/test --json > metrics.json
+""", _evaluate_arguments, _evaluate, parents=(batch_size_option, checkpoint_run_options)),
+    Command("predict", "Predict labels of image files or folders.", """
+transferkit predict runs/my-run photo.jpg more_photos/ --top-k 3
+transferkit predict runs/my-run photos/ --json
+""", _predict_arguments, _predict, parents=(batch_size_option, checkpoint_run_options)),
+)  # fmt: skip

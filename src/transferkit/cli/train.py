@@ -1,0 +1,125 @@
+"""Commands that train: ``train`` (or resume a run) and ``lr-find``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .common import (
+    ApiChoices,
+    Command,
+    backbone_options,
+    batch_size_option,
+    cache_dir_option,
+    epochs,
+    image_size_option,
+)
+
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", nargs="?", help="DATA/train/<class>/* and DATA/val/<class>/*, or DATA/<class>/* "
+                   "(split by --val-split)")  # fmt: skip
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run with its own configuration")
+    p.add_argument("--strategy", default="feature-extract", choices=ApiChoices("STRATEGIES", extra=["auto"]),
+                   metavar="STRATEGY", help="%(choices)s (auto: follow transferkit advise)")  # fmt: skip
+    p.add_argument("--classifier", default="logreg", choices=ApiChoices("CLASSIFIERS"), metavar="NAME",
+                   help="linear-probe: %(choices)s (C chosen by cross-validation)")  # fmt: skip
+    p.add_argument("--layer", help="linear-probe: layer group or module path whose pooled features are used")
+    p.add_argument("--unfreeze", help="fine-tune: N last layer groups or names (layer3,layer4); gradual: at most N")
+    p.add_argument("--unfreeze-every", type=int, default=1, help="gradual: unfreeze one more group every K epochs")
+    p.add_argument("--unfreeze-at", type=epochs, default=[], help="gradual: epochs to unfreeze at, e.g. 2,4,6")
+    p.add_argument("--train-bn", action="store_true", help="let BatchNorm in frozen groups train (default: inference mode)")
+    p.add_argument("--head", default="linear", help="linear, or mlp:SIZES such as mlp:256 or mlp:512,256")
+    p.add_argument("--head-dropout", type=float, help="dropout in an MLP head (default 0.2)")
+    p.add_argument("--epochs", type=int, default=10, help="passes over the training images")
+    p.add_argument("--lr", default=1e-3, help="learning rate of the head, or auto (run the LR finder first)")
+    p.add_argument("--lr-decay", type=float, help="LR multiplier per group away from the head (default 0.1 for "
+                   "fine-tune/gradual, 1 otherwise)")  # fmt: skip
+    p.add_argument("--group-lr", default="", help="explicit LRs per group, e.g. head=1e-3,layer4=1e-4,layer3=5e-5")
+    p.add_argument("--aux-weight", type=float, default=0.4, help="Inception v3: weight of the auxiliary loss")
+    p.add_argument("--optimizer", default="adamw", choices=ApiChoices("OPTIMIZERS"), metavar="NAME", help="%(choices)s")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="optimizer weight decay")
+    p.add_argument("--scheduler", default="cosine", choices=ApiChoices("SCHEDULERS"), metavar="NAME",
+                   help="LR schedule: %(choices)s")  # fmt: skip
+    p.add_argument("--step-size", type=int, default=7, help="step scheduler: epochs between LR drops")
+    p.add_argument("--gamma", type=float, default=0.1, help="step scheduler: LR factor at each drop")
+    p.add_argument("--augment", default="light", choices=ApiChoices("AUGMENTATIONS"), metavar="NAME",
+                   help="%(choices)s (light: random resized crop + flip)")  # fmt: skip
+    p.add_argument("--val-split", type=float, default=0.2, help="validation share when DATA has no val/ folder")
+    p.add_argument("--seed", type=int, default=0, help="random seed (data split, augmentation, initialisation)")
+    p.add_argument("--precision", default="auto", choices=ApiChoices("PRECISIONS"), metavar="PRECISION",
+                   help="%(choices)s")  # fmt: skip
+    p.add_argument("--accelerator", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--devices", default="auto", help="devices per node (or auto)")
+    p.add_argument("--num-nodes", type=int, default=1, help="machines taking part (launched by torchrun or SLURM)")
+    p.add_argument("--dist", "--strategy-dist", dest="dist", default="auto",
+                   help="Lightning distributed strategy: auto, ddp, ddp_spawn, fsdp, ...")
+    p.add_argument("--patience", type=int, help="stop early after N epochs without val accuracy improvement")
+    p.add_argument("--num-workers", type=int, help="DataLoader worker processes (default: none on a CPU, where a "
+                   "batch is decoded on all cores between steps; cores - 1 beside a GPU)")  # fmt: skip
+    p.add_argument("--compile", action="store_true", help="torch.compile the network: pays on long runs only "
+                   "(14-43 s to compile on 2 cores, then 1.05-1.23x; worth it after ~4,000-13,000 images)")  # fmt: skip
+    p.add_argument("--no-cache", action="store_true", help="feature-extract: recompute the frozen backbone every epoch")
+    p.add_argument("--views", type=int, default=1, help="feature-extract: augmented views cached per training image "
+                   "(1 = the plain evaluation view, no augmentation)")  # fmt: skip
+    p.add_argument("--out", help="run directory (default runs/<model>-<strategy>-<time>); never overwritten")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from .. import TrainConfig, TransferkitError, resume_training, train
+
+    command = " ".join(["transferkit", *sys.argv[1:]])
+    if args.resume:
+        print(resume_training(args.resume, command=command).run_dir)
+        return 0
+    if not args.data:
+        raise TransferkitError("train needs DATA (an image folder), or --resume RUN_DIR")
+    # Options are named as TrainConfig's fields; the two negative/short flags are translated.
+    options = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "data" and hasattr(args, f.name)}
+    options.update(cache=not args.no_cache, feature_views=args.views)
+    if str(args.devices).isdigit():
+        options["devices"] = int(args.devices)
+    result = train(args.data, **options, _command=command)
+    print(result.run_dir)
+    return 0
+
+
+def _lr_find_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", help="an image folder, as for train")
+    p.add_argument("--strategy", default="feature-extract", choices=ApiChoices("STRATEGIES"), metavar="STRATEGY",
+                   help="%(choices)s (a linear probe has no learning rate to find)")  # fmt: skip
+    p.add_argument("--unfreeze", help="as for train")
+    p.add_argument("--head", default="linear", help="as for train")
+    p.add_argument("--optimizer", default="adamw", choices=ApiChoices("OPTIMIZERS"), metavar="NAME", help="%(choices)s")
+    p.add_argument("--plot", default="lr_find.png", help="where to save the loss-vs-LR plot")
+
+
+def _lr_find(args: argparse.Namespace) -> int:
+    from .. import TrainConfig, find_lr
+
+    config = TrainConfig(data=args.data, model=args.model, weights=args.weights, mean=args.mean, std=args.std,
+                         image_size=args.image_size, strategy=args.strategy, unfreeze=args.unfreeze, head=args.head,
+                         batch_size=args.batch_size, optimizer=args.optimizer, quiet=True)  # fmt: skip
+    result = find_lr(config)
+    plot = result.plot(Path(args.plot))
+    print(f"suggested learning rate: {result.suggestion:g} (plot: {plot})")
+    return 0
+
+
+COMMANDS = (
+    Command("train", "Train a classifier on an image folder by transfer learning.", """
+transferkit train data/hymenoptera --strategy feature-extract --epochs 10
+transferkit train data/hymenoptera --model resnet18 --strategy fine-tune --unfreeze 2 --lr-decay 0.1
+transferkit train data/x --model mobilenet_v2 --weights mobilenet_v2_imagenet.pth --mean 0.5 --std 0.5
+transferkit train --resume runs/resnet18-gradual-20260101-120000
+""", _train_arguments, _train, parents=(backbone_options, image_size_option, batch_size_option, cache_dir_option)),
+    Command("lr-find", "LR range test (Lightning's tuner): saves a plot, prints the suggested LR.", """
+transferkit lr-find data/hymenoptera --strategy fine-tune --unfreeze 2 --plot lr.png
+transferkit train data/hymenoptera --lr auto
+""", _lr_find_arguments, _lr_find, parents=(backbone_options, image_size_option, batch_size_option)),
+)  # fmt: skip
