@@ -31,7 +31,9 @@ def test_train_writes_a_complete_run_directory(trained_run: Path) -> None:
     for name in ("config.json", "command.txt", "model.pt", "history.csv", "metrics.json", "checkpoints/last.ckpt"):
         assert (trained_run / name).is_file(), name
     metrics = json.loads((trained_run / "metrics.json").read_text())
-    assert 0.0 <= metrics["val_accuracy"] <= 1.0 and metrics["strategy"] == "fine-tune"
+    confusion = metrics["val_confusion_matrix"]  # 8 validation images; accuracy is its diagonal share
+    assert sum(map(sum, confusion)) == 8 and metrics["strategy"] == "fine-tune"
+    assert metrics["val_accuracy"] == sum(confusion[i][i] for i in range(2)) / 8
     assert len((trained_run / "history.csv").read_text().strip().splitlines()) == 3  # header + 2 epochs
     assert "--unfreeze 1" in (trained_run / "command.txt").read_text()
 
@@ -67,6 +69,7 @@ def test_existing_run_directory_is_never_overwritten(trained_run: Path, tiny_dat
     assert (trained_run / "model.pt").stat().st_mtime_ns == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -99,6 +102,7 @@ def test_every_command_has_help_with_an_example(command: str) -> None:
     assert "example:" in out and f"transferkit {command}" in out
 
 
+@pytest.mark.slow
 def test_models_lists_and_marks_offline_weights() -> None:
     out = tk("models", "efficientnet_lite*").stdout.splitlines()
     assert "* efficientnet_lite0" in out

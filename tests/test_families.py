@@ -19,7 +19,7 @@ from transferkit.backbones import group_of
 FAMILIES: dict[str, tuple[int, dict[str, Any]]] = {
     "resnet18": (64, {}),
     "resnext50_32x4d": (32, {}),
-    "inception_v3": (299, {}),  # the auxiliary head needs 17x17 maps at Mixed_6e
+    "inception_v3": (299, {}),  # the auxiliary head needs 17x17 maps at Mixed_6e (a slow backward: see SLOW)
     "googlenet": (64, {}),
     "vgg11_bn": (32, {}),
     "alexnet": (64, {}),
@@ -37,6 +37,14 @@ FAMILIES: dict[str, tuple[int, dict[str, Any]]] = {
     "swin_t": (64, {}),
     "maxvit_t": (224, {}),
     "efficientnet_lite0": (32, {}),
+    # timm, through its own interface; random weights. Headless ones (num_classes=0: DINOv2, SigLIP,
+    # EVA02) get a head where timm has an Identity; distilled ones (DeiT, LeViT) have two heads.
+    "timm/vit_small_patch14_dinov2": (28, {"img_size": 28}),
+    "timm/vit_base_patch16_siglip_224": (32, {"img_size": 32}),
+    "timm/eva02_tiny_patch14_224.mim_in22k": (28, {"img_size": 28}),
+    "timm/deit_tiny_distilled_patch16_224": (32, {"img_size": 32}),
+    "timm/levit_128s": (224, {}),
+    "timm/convnext_atto": (32, {}),
 }
 
 STRATEGIES = [
@@ -62,7 +70,10 @@ def _loss(out: Any, y: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(out, y)
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
+SLOW = {"inception_v3", "maxvit_t", "vgg11_bn", "timm/vit_base_patch16_siglip_224"}  # seconds each on 2 cores
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in FAMILIES])
 def test_family_strategies(name: str) -> None:
     size, kwargs = FAMILIES[name]
     torch.manual_seed(0)

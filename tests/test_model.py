@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from transferkit import ModelRecord, TransferModel, load_backbone, load_checkpoint
@@ -51,3 +52,17 @@ def test_weights_are_resolved_once_into_a_typed_source(tmp_path: Path) -> None:
     assert resolve_weights("timm/resnet10t", "DEFAULT") == TimmHubWeights("")
     assert isinstance(resolve_weights("efficientnet_lite0", "DEFAULT"), PackageWeights)
     assert resolve_weights("resnet18", str(tmp_path / "w.pth")) == FileWeights(tmp_path / "w.pth")
+
+
+@pytest.mark.parametrize(("name", "size"), [("timm/vit_small_patch14_dinov2", 28), ("timm/deit_tiny_distilled_patch16_224", 32)])
+def test_headless_and_distilled_timm_models_round_trip_through_a_checkpoint(name: str, size: int, tmp_path: Path) -> None:
+    from transferkit import save_checkpoint
+
+    torch.manual_seed(0)
+    model = TransferModel(load_backbone(name, weights="none", model_kwargs={"img_size": size}), ["a", "b"], "mlp:8")
+    save_checkpoint(model, tmp_path / "model.pt")
+    again = load_checkpoint(tmp_path / "model.pt")
+    x = torch.randn(3, 3, size, size)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), again(x)) and again(x).shape == (3, 2)
+    assert again.record.groups == model.record.groups and "blocks.0-2" in [g.name for g in again.groups]

@@ -255,6 +255,7 @@ def test_report_displays_its_images_in_headless_chromium(report: Path, tmp_path:
             assert (width, height) == im.size, src
 
 
+@pytest.mark.slow
 def test_report_command_works_without_a_display(runs: dict[str, Path]) -> None:
     # An interactive backend requested and no display: pyplot would fail here; reports never use it.
     env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}

@@ -198,6 +198,7 @@ torch.save(result.features, sys.argv[3])
 """
 
 
+@pytest.mark.slow
 def test_two_processes_sharing_the_cache_do_not_corrupt_it(tmp_path: Path) -> None:
     images = make_colour_folder(tmp_path / "imgs", 40)
     script = tmp_path / "extract.py"

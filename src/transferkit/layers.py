@@ -57,7 +57,8 @@ def resolve_layer(model: HasLayers, layer: str | None) -> tuple[str, nn.Module, 
 
 
 def _module_of_group(model: HasLayers, prefixes: tuple[str, ...]) -> str:
-    modules = {name for name, _ in model.net.named_modules()}
+    """The module whose output is the group's output: their common module, or the group's last block."""
+    modules = dict(model.net.named_modules())
     parts = [p.split(".") for p in prefixes]
     common: list[str] = []
     for items in zip(*parts):
@@ -66,6 +67,9 @@ def _module_of_group(model: HasLayers, prefixes: tuple[str, ...]) -> str:
         common.append(items[0])
     while common and ".".join(common) not in modules:
         common.pop()
+    if common and isinstance(modules[".".join(common)], (nn.ModuleList, nn.ModuleDict)):
+        # Several blocks of one list (a transformer stage): the list itself never runs, its last block does.
+        return ".".join(parts[-1][: len(common) + 1])
     if common:
         return ".".join(common)
     last = prefixes[-1]

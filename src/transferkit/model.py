@@ -120,7 +120,7 @@ class TransferModel(nn.Module):
         if len(class_names) < 2:
             raise TransferkitError(f"need at least 2 classes, got {len(class_names)}: {list(class_names)}")
         spec = HeadSpec.parse(head)
-        self.net = _with_new_heads(backbone.model, backbone.head_paths, spec, len(class_names))
+        self.net = _with_new_heads(backbone.model, backbone.head_paths, spec, len(class_names), backbone.feature_dim)
         self.record = ModelRecord.of(backbone, class_names, spec)
         self.probe: LinearProbe | None = None
         self.probe_layer: str | None = None
@@ -194,7 +194,9 @@ class TransferModel(nn.Module):
         return trainable, total
 
 
-def _with_new_heads(net: nn.Module, paths: tuple[str, ...], head: HeadSpec, num_classes: int) -> nn.Module:
+def _with_new_heads(
+    net: nn.Module, paths: tuple[str, ...], head: HeadSpec, num_classes: int, feature_dim: int
+) -> nn.Module:
     """``net`` with a new head at each path, leaving ``net`` itself untouched.
 
     Only the modules on the way from the root to each head are copied (shallowly); every other
@@ -210,7 +212,8 @@ def _with_new_heads(net: nn.Module, paths: tuple[str, ...], head: HeadSpec, num_
             parent = child
         old = parent._modules[leaf]
         conv = isinstance(old, nn.Conv2d)
-        width = old.in_channels if conv else old.in_features
+        # A headless backbone's classifier is an Identity: its input is the backbone's feature width.
+        width = old.in_channels if conv else old.in_features if isinstance(old, nn.Linear) else feature_dim
         parent._modules[leaf] = head.build(width, num_classes, conv=conv)
     if hasattr(root, "num_classes"):
         root.num_classes = num_classes

