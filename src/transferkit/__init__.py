@@ -33,7 +33,7 @@ _EXPORTS = {
     "train": "workflow", "resume_training": "workflow",
     "Evaluation": "inference", "evaluate": "inference", "predict": "inference", "format_predictions": "inference",
     "RUNTIMES": "inference",
-    "advise": "advice", "extract_features": "features", "write_features": "features",
+    "advise": "advice", "measure_candidates": "selection", "select": "selection", "extract_features": "features", "write_features": "features",
     "export": "exports", "FORMATS": "exports", "DEFAULT_TOLERANCE": "exports",
     "cache_root": "files", "clear_cache": "files",
     "write_report": "reports", "load_run": "reports", "format_comparison": "reports", "write_comparison": "reports",

@@ -25,7 +25,7 @@ from .files import write_json
 from .inference import Evaluation, evaluate_samples
 from .runs import write_history
 from .training import Fitted, TrainConfig, TrainResult, find_lr, fit, model_and_strategy, quiet_lightning
-from .training.fit import RUN_DIR_ENV, add_skipped, check_sharding, explicit_preprocessing_of, join_as_worker_rank, say
+from .training.fit import RUN_DIR_ENV, add_skipped, check_sharding, join_as_worker_rank, say
 
 
 def train(data: str | Path, callbacks: list[Callback] = (), **options: Any) -> TrainResult:  # type: ignore[assignment]
@@ -54,7 +54,7 @@ def run_training(config: TrainConfig, command: str | None = None, callbacks: lis
     L.seed_everything(config.seed, workers=True, verbose=False)
     splits = discover(config.data, config.val_split, config.seed)
     if config.strategy == "auto":
-        config.resolved_from["advice"] = _follow_advice(config)
+        config.resolved_from["selection"] = _measured_choice(config, splits)
     lr_finder = None
     if config.lr == "auto":
         lr_finder = find_lr(config, splits)
@@ -120,19 +120,21 @@ def create_run_dir(config: TrainConfig) -> Path:
     raise TransferkitError(f"could not create a new run directory next to {base}")
 
 
-def _follow_advice(config: TrainConfig) -> dict[str, Any]:
-    """Resolve ``--strategy auto`` in place; returns the advice to record in the run."""
-    from .advice import advise
+def _measured_choice(config: TrainConfig, splits: ImageFolderSplits) -> dict[str, Any]:
+    """Resolve ``--strategy auto`` by measurement (:mod:`transferkit.selection`); returns what to record."""
+    from .selection import select
 
-    advice = advise(config.data, config.model, config.weights, seed=config.seed, val_split=config.val_split,
-                    cache_dir=Path(config.cache_dir) if config.cache_dir else None,
-                    preprocessing=explicit_preprocessing_of(config))  # fmt: skip
-    config.strategy = advice.strategy
-    for key, value in advice.options.items():
+    selection = select(config, splits, config.budget, config.models, quiet=config.quiet)
+    assert selection.winner is not None
+    for key, value in selection.winner.options().items():
         setattr(config, key, value)
+    config.epochs = selection.final_epochs(config.epochs)
+    config.budget, config.models = None, None  # spent: the resolved config trains (or resumes) the winner
+    record = {**selection.to_dict(), "command": selection.command(config.data)}
     if not config.quiet:
-        say(advice.text())
-    return advice.to_dict()
+        say(f"{selection.table()}\nchosen: {selection.winner.label} ({selection.used_s:.0f} s of "
+            f"{selection.budget_s:.0f} s measuring); reproduce with: {record['command']}")  # fmt: skip
+    return record
 
 
 def finish_run(fitted: Fitted, config: TrainConfig, splits: ImageFolderSplits, started: float) -> TrainResult:

@@ -60,15 +60,26 @@ def _features(args: argparse.Namespace) -> int:
 def _advise_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", help="an image folder, as for train")
     p.add_argument("--per-class", type=int, default=100, help="images per class used to measure similarity")
+    p.add_argument("--models", help="candidate backbones to measure, comma-separated (default: the model and "
+                   "every backbone whose weights are available offline)")  # fmt: skip
+    p.add_argument("--budget", help="seconds for the measurement, e.g. 60s, 2m (default: 60 s + 0.15 s per image)")
     p.add_argument("--json", action="store_true", help="print a JSON object instead of text")
 
 
 def _advise(args: argparse.Namespace) -> int:
-    from .. import advise
+    from .. import advise, measure_candidates
 
     advice = advise(args.data, args.model, args.weights, per_class=args.per_class,
                     preprocessing=_explicit_preprocessing(args))  # fmt: skip
-    print(json.dumps(advice.to_dict(), indent=2) if args.json else advice.text())
+    # The fast first stage of --strategy auto's measurement: candidates on cached features.
+    measured = measure_candidates(args.data, args.model, args.weights, models=args.models, budget=args.budget,
+                                  mean=args.mean, std=args.std)  # fmt: skip
+    command = measured.command(args.data)
+    if args.json:
+        print(json.dumps({**advice.to_dict(), "measured": {**measured.to_dict(), "command": command}}, indent=2))
+    else:
+        print(f"{advice.text()}\n\nmeasured on {measured.holdout_images} held-out training images "
+              f"(the fast first stage of --strategy auto):\n{measured.table()}\nbest: {command}")
     return 0
 
 

@@ -22,7 +22,12 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                    "(split by --val-split)")  # fmt: skip
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run with its own configuration")
     p.add_argument("--strategy", default="feature-extract", choices=ApiChoices("STRATEGIES", extra=["auto"]),
-                   metavar="STRATEGY", help="%(choices)s (auto: follow transferkit advise)")  # fmt: skip
+                   metavar="STRATEGY", help="%(choices)s (auto: measured on a holdout of the training images "
+                   "within --budget; see the README)")  # fmt: skip
+    p.add_argument("--budget", help="auto: wall-clock seconds for the search and the final training, e.g. 90s, 5m "
+                   "(default: 60 s + 0.15 s per training image)")  # fmt: skip
+    p.add_argument("--models", help="auto: candidate backbones, comma-separated (default: the model and every "
+                   "backbone whose weights are available offline)")  # fmt: skip
     p.add_argument("--classifier", default="logreg", choices=ApiChoices("CLASSIFIERS"), metavar="NAME",
                    help="linear-probe: %(choices)s (C chosen by cross-validation)")  # fmt: skip
     p.add_argument("--layer", help="linear-probe: layer group or module path whose pooled features are used")
@@ -114,6 +119,7 @@ def _lr_find(args: argparse.Namespace) -> int:
 COMMANDS = (
     Command("train", "Train a classifier on an image folder by transfer learning.", """
 transferkit train data/hymenoptera --strategy feature-extract --epochs 10
+transferkit train data/hymenoptera --strategy auto --budget 3m --models efficientnet_lite0,resnet18
 transferkit train data/hymenoptera --model resnet18 --strategy fine-tune --unfreeze 2 --lr-decay 0.1
 transferkit train data/x --model mobilenet_v2 --weights mobilenet_v2_imagenet.pth --mean 0.5 --std 0.5
 transferkit train --resume runs/resnet18-gradual-20260101-120000

@@ -94,6 +94,24 @@ def plot_curves(run: Run, path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_selection(leaderboard: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Each measured candidate of ``--strategy auto``: holdout accuracy against the seconds it took."""
+    fig = _figure((7.0, 4.5))
+    ax = fig.subplots()
+    done = [t for t in leaderboard if t.get("score") is not None]
+    for strategy in dict.fromkeys(t["strategy"] for t in done):
+        rows = [t for t in done if t["strategy"] == strategy]
+        ax.scatter([t["seconds"] for t in rows], [t["score"] for t in rows], label=strategy, s=40)
+    if done:
+        best = done[0]  # the leaderboard is ranked
+        ax.annotate(f"chosen: {best['backbone']} {best['strategy']}", (best["seconds"], best["score"]),
+                    textcoords="offset points", xytext=(6, -12), fontsize=8)  # fmt: skip
+    ax.set(title="candidates: holdout accuracy against time", xlabel="seconds (measured)", ylabel="holdout accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def plot_confusion_matrix(class_names: Sequence[str], matrix: Sequence[Sequence[int]], path: Path) -> Path:
     """Counts and row-normalised (each true class sums to 1; recall on the diagonal), side by side."""
     counts = np.asarray(matrix, dtype=float)

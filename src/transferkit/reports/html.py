@@ -27,6 +27,7 @@ from .figures import (
     _spread,
     plot_confusion_matrix,
     plot_curves,
+    plot_selection,
     plot_tiles,
     predict_samples,
     prediction_tiles,
@@ -43,6 +44,7 @@ FIGURES = {
     "augmented": "training_samples.png",
     "predictions": "val_predictions.png",
     "top_losses": "top_losses.png",
+    "selection": "selection.png",
 }
 # What each strategy trains and when it fits (README's table): the "why" when no advice was recorded.
 STRATEGY_NOTES = {
@@ -87,6 +89,8 @@ def write_report(
     if run.metrics.get("val_confusion_matrix"):
         plot_confusion_matrix(run.metrics["class_names"], run.metrics["val_confusion_matrix"],
                               figures / FIGURES["confusion"])  # fmt: skip
+    if (run.metrics.get("selection") or {}).get("leaderboard"):
+        plot_selection(run.metrics["selection"]["leaderboard"], figures / FIGURES["selection"])
     images = _image_figures(run, figures, splits, val_predictions)
     page = _render_report(run, images)
     path = run.path / REPORT_NAME
@@ -344,12 +348,31 @@ def _time_html(run: Run, images: _Images) -> str:
     return _definitions([i for i in items if i is not None])
 
 
+def _selection_html(run: Run, images: _Images) -> str:
+    """``--strategy auto``'s leaderboard: every candidate measured on held-out training images."""
+    selection = run.metrics.get("selection")
+    if not isinstance(selection, dict):
+        return "<p>The strategy was given, not measured (<code>--strategy auto</code> measures candidates).</p>"
+    rows = [[_number(i + 1), _e(t["backbone"]), _e(t["strategy"]), _e(t.get("layer") or t.get("unfreeze") or ""),
+             _number(t.get("score")), _number(t.get("seconds"), 1), _number(t.get("images_per_s"), 1),
+             _e(t["status"] + (f": {t['note']}" if t.get("note") else ""))]
+            for i, t in enumerate(selection.get("leaderboard", []))]  # fmt: skip
+    summary = (f"<p>{_number(len(rows))} candidates scored on {_number(selection.get('holdout_images'))} held-out "
+               f"training images (the validation images were not used to choose), in "
+               f"{_number(selection.get('used_seconds'), 1)} s of a {_number(selection.get('budget_seconds'), 1)} s "
+               f"budget. Reproduce the winner: <code>{_e(selection.get('command', ''))}</code></p>")  # fmt: skip
+    table = _table(["rank", "backbone", "strategy", "layer / unfreeze", "holdout accuracy", "seconds", "images/s",
+                    "status"], rows, numeric_from=4)  # fmt: skip
+    return summary + table + _figure_html(run, "selection", "holdout accuracy against time per candidate")
+
+
 # The report's sections in page order: a title (its first word, lower-cased, is the section's id)
 # and the function that writes the section's body. A new section is one function above and one entry here.
 SECTIONS: list[tuple[str, Callable[[Run, _Images], str]]] = [
     ("Summary", _summary_html),
     ("Data", _data_html),
     ("Backbone and strategy", _strategy_html),
+    ("Selection", _selection_html),
     ("Training curves", _curves_html),
     ("Metrics", _metrics_html),
     ("Images", _images_html),

@@ -63,7 +63,9 @@ class TrainConfig:
     out: str | None = None
     runs_root: str = "runs"
     quiet: bool = False
-    resolved_from: dict[str, Any] = field(default_factory=dict)  # the advice / LR finder behind auto choices
+    budget: str | None = None  # --strategy auto: wall-clock budget of the search and the final training
+    models: list[str] | None = None  # --strategy auto: candidate backbones (default: those available offline)
+    resolved_from: dict[str, Any] = field(default_factory=dict)  # the selection / LR finder behind auto choices
 
     def __post_init__(self) -> None:
         # Strategy options are parsed and checked by StrategySpec alone; the config keeps their JSON form.
@@ -80,6 +82,10 @@ class TrainConfig:
             raise TransferkitError(
                 f"unknown --strategy {self.strategy!r}; choose one of: {', '.join((*STRATEGIES, 'auto'))}"
             )
+        if isinstance(self.models, str):
+            self.models = [m.strip() for m in self.models.split(",") if m.strip()]
+        if (self.budget is not None or self.models) and self.strategy != "auto":
+            raise TransferkitError("--budget and --models apply to --strategy auto (the measured choice)")
         if self.layer and self.strategy not in ("linear-probe", "auto"):
             raise TransferkitError("--layer applies to --strategy linear-probe (the other strategies train a head on the last layer)")
         if self.epochs < 1:

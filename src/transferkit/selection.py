@@ -1,0 +1,408 @@
+"""Measured model selection: the backbone, layer and strategy that score best on *this* data, within a
+time budget, instead of a rule of thumb.
+
+Candidates are compared on the training images only: a stratified, seeded fifth of them (the
+*holdout*) is set aside, each candidate learns from the rest and is scored by its accuracy on the
+holdout. The validation split that the run reports is never looked at while choosing.
+
+1. Cheap candidates first, on cached features, for every candidate backbone: logistic-regression
+   probes on the last layer and on an earlier one, and the new head trained on the cached
+   features (the ``feature-extract`` strategy). Extracting the features is most of the cost, and
+   the cache keeps them for the final training.
+2. Then, for the best backbone, the strategies that train pretrained layers (``fine-tune`` of the
+   last two groups, ``full``) by successive halving: one epoch each, and the better half goes on to
+   three. A trial whose estimated cost does not fit the budget left is not started, and says so.
+3. The winner is trained on all the training images (holdout included) with what is left.
+
+Every candidate, run, skipped or failed, is a row of the leaderboard kept in the run's metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .backbones import DEFAULT_BACKBONE, SOURCES, source_for
+from .data import ImageFolderSplits, Sample, shuffled_by_class
+from .errors import TransferkitError
+from .features import extract_features
+from .model import TransferModel
+from .performance import resolve_precision
+from .probes import fit_linear_probe
+from .training import TrainConfig, build_model, fit, model_and_strategy, quiet_lightning, training_device
+
+HOLDOUT_SHARE = 0.2
+TRAINABLE = ({"strategy": "fine-tune", "unfreeze": 2}, {"strategy": "full"})
+RUNGS = (1, 3)  # epochs of a trainable trial at each rung of successive halving
+# A training step (forward + backward) costs about this many inference passes.
+TRAIN_PASSES = 3.0
+
+
+@dataclass
+class Trial:
+    """One leaderboard row: what was tried, how it scored on the holdout, what it cost."""
+
+    backbone: str
+    strategy: str
+    layer: str | None = None
+    unfreeze: int | None = None
+    epochs: int | None = None
+    score: float | None = None  # accuracy on the holdout (part of the training images)
+    seconds: float = 0.0
+    images_per_s: float | None = None
+    status: str = "done"  # done | skipped | failed
+    note: str = ""
+
+    @property
+    def label(self) -> str:
+        detail = f" {self.layer}" if self.layer else f" --unfreeze {self.unfreeze}" if self.unfreeze else ""
+        return f"{self.backbone} {self.strategy}{detail}"
+
+    def options(self) -> dict[str, Any]:
+        """The TrainConfig fields that reproduce this candidate."""
+        chosen: dict[str, Any] = {"model": self.backbone, "strategy": self.strategy}
+        if self.layer:
+            chosen["layer"] = self.layer
+        if self.unfreeze:
+            chosen["unfreeze"] = self.unfreeze
+        return chosen
+
+
+@dataclass
+class Selection:
+    budget_s: float
+    train_images: int
+    holdout_images: int
+    trials: list[Trial] = field(default_factory=list)
+    used_s: float = 0.0
+    winner: Trial | None = None
+    # Estimated seconds of one training epoch over every training image, per backbone (for the final run).
+    epoch_seconds: dict[str, float] = field(default_factory=dict)
+
+    def final_epochs(self, wanted: int) -> int:
+        """Epochs the winner can train in what is left of the budget (at least one), up to ``wanted``."""
+        if self.winner is None or self.winner.strategy not in ("fine-tune", "full", "gradual"):
+            return wanted
+        per_epoch = self.epoch_seconds.get(self.winner.backbone)
+        if not per_epoch:
+            return wanted
+        return max(1, min(wanted, int((self.budget_s - self.used_s) // per_epoch)))
+
+    def ranked(self) -> list[Trial]:
+        done = sorted((t for t in self.trials if t.score is not None), key=lambda t: (-t.score, t.seconds))
+        return [*done, *(t for t in self.trials if t.score is None)]
+
+    def command(self, data: str) -> str:
+        if self.winner is None:
+            return ""
+        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in self.winner.options().items())
+        return f"transferkit train {data} {flags}"
+
+    def table(self) -> str:
+        lines = [f"{'candidate':<58} {'holdout acc':>11} {'seconds':>8} {'img/s':>7}  status"]
+        for t in self.ranked():
+            score = "-" if t.score is None else f"{t.score:.4f}"
+            speed = "-" if t.images_per_s is None else f"{t.images_per_s:.1f}"
+            status = t.status + (f": {t.note}" if t.note else "")
+            lines.append(f"{t.label[:58]:<58} {score:>11} {t.seconds:>8.1f} {speed:>7}  {status}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "budget_seconds": round(self.budget_s, 1), "used_seconds": round(self.used_s, 1),
+            "train_images": self.train_images, "holdout_images": self.holdout_images,
+            "measured_on": "a stratified holdout of the training images; the validation split was not used",
+            "leaderboard": [asdict(t) for t in self.ranked()],
+            "winner": asdict(self.winner) if self.winner else None,
+            "epoch_seconds": self.epoch_seconds,
+        }  # fmt: skip
+
+
+# --------------------------------------------------------------------------- budget and candidates
+
+
+def parse_budget(text: str | float | None, train_images: int) -> float:
+    """Seconds from ``90``, ``90s``, ``5m``, ``1h`` or ``auto`` (60 s + 0.15 s per training image)."""
+    if text is None or str(text).strip().lower() == "auto":
+        return 60.0 + 0.15 * train_images
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", str(text).lower())
+    if not match:
+        raise TransferkitError(f"bad --budget {text!r}: use seconds or a duration such as 90s, 5m, 1h (or auto)")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+
+
+def candidate_backbones(config: TrainConfig, requested: list[str] | None) -> list[str]:
+    """``--models`` as given (each checked), else the run's model and every backbone whose weights are here."""
+    if requested:
+        for name in requested:
+            source_for(name)  # an unknown name is a one-line error with close names
+        return list(dict.fromkeys(requested))
+    if config.weights.lower() in ("none", "random", "scratch") or config.mean or config.std:
+        return [config.model]  # random or a user's own weights: other backbones are not comparable choices
+    offline = [n for s in SOURCES if s.label != "timm" for n in s.names() if s.offline_available(n)]
+    return list(dict.fromkeys([config.model, *offline]))
+
+
+def holdout_split(samples: list[Sample], seed: int) -> tuple[list[Sample], list[Sample]]:
+    """A stratified, seeded holdout of the training images (at least one image per class stays in training)."""
+    learn: list[Sample] = []
+    holdout: list[Sample] = []
+    for members in shuffled_by_class(samples, lambda s: s[1], seed + 1):
+        n = min(len(members) - 1, max(1, round(len(members) * HOLDOUT_SHARE))) if len(members) > 1 else 0
+        holdout += members[:n]
+        learn += members[n:]
+    return sorted(learn), sorted(holdout)
+
+
+# --------------------------------------------------------------------------- the search
+
+
+class Search:
+    def __init__(self, config: TrainConfig, splits: ImageFolderSplits, budget_s: float, quiet: bool) -> None:
+        self.config, self.splits, self.quiet = config, splits, quiet
+        self.learn, self.holdout = holdout_split(splits.train, config.seed)
+        if not self.holdout:
+            raise TransferkitError("--strategy auto needs at least 2 training images per class to hold some out")
+        self.device = training_device(config)
+        self.precision = resolve_precision(config.precision, self.device)
+        self.cache_dir = Path(config.cache_dir) if config.cache_dir else None
+        self.started = time.perf_counter()
+        self.selection = Selection(budget_s, len(self.learn), len(self.holdout))
+        self.speed: dict[str, float] = {}  # backbone → inference images/s, measured
+
+    def left(self) -> float:
+        return self.selection.budget_s - (time.perf_counter() - self.started)
+
+    def record(self, trial: Trial) -> Trial:
+        self.selection.trials.append(trial)
+        if not self.quiet:
+            score = "" if trial.score is None else f" holdout accuracy {trial.score:.4f}"
+            print(f"  {trial.label}:{score} ({trial.status}{': ' + trial.note if trial.note else ''}, "
+                  f"{trial.seconds:.1f} s)", file=sys.stderr, flush=True)  # fmt: skip
+        return trial
+
+    def run(self, backbones: list[str], trainable: bool = True) -> Selection:
+        for name in backbones:
+            self.cached_candidates(name)
+        done = [t for t in self.selection.trials if t.score is not None]
+        if not done:
+            raise TransferkitError("no candidate could be measured: " + "; ".join(
+                f"{t.label}: {t.note}" for t in self.selection.trials))  # fmt: skip
+        best_backbone = max(done, key=lambda t: t.score).backbone  # type: ignore[arg-type, return-value]
+        if trainable:
+            self.trainable_candidates(best_backbone)
+        ranked = self.selection.ranked()
+        self.selection.winner = ranked[0]
+        self.selection.used_s = time.perf_counter() - self.started
+        return self.selection
+
+    # ------------------------------------------------------------------ stage 1: cached features
+
+    def cached_candidates(self, name: str) -> None:
+        started = time.perf_counter()
+        try:
+            model = self._model(name)
+            speed = self.speed[name] = _inference_speed(model, self.device, self.precision)
+        except Exception as exc:  # a backbone that cannot be built or run: recorded, and the search goes on
+            self.record(Trial(name, "feature-extract", status="failed", note=_reason(exc),
+                              seconds=time.perf_counter() - started))  # fmt: skip
+            return
+        images = len(self.learn) + len(self.holdout)
+        estimate = images * 1.6 / speed + 2  # the last layer, and an earlier one stopped ~60 % of the way
+        if not self.selection.trials and estimate > self.left():
+            raise TransferkitError(
+                f"--budget {self.selection.budget_s:.0f}s cannot fit even the cheapest candidate: features of "
+                f"{images} training images with {name} take about {estimate:.0f} s here; give --budget "
+                f"{math.ceil(estimate * 1.5 + 10)}s or more"
+            )
+        if estimate > self.left():
+            self.record(Trial(name, "feature-extract", status="skipped", images_per_s=round(speed, 1),
+                              note=f"would overrun the budget (about {estimate:.0f} s, {self.left():.0f} s left)"))  # fmt: skip
+            return
+        body = [g.name for g in model.groups if g.name != "head"]
+        earlier = body[max(0, round(len(body) * 0.6) - 1)] if body else None
+        for layer in (None, earlier):
+            self._probe(model, name, layer)
+        self._head_on_features(model, name)
+
+    def _features(self, model: TransferModel, layer: str | None) -> tuple[Any, Any, float]:
+        t0 = time.perf_counter()
+        common = {"layer": layer, "cache_dir": self.cache_dir, "use_cache": self.config.cache, "device": self.device,
+                  "batch_size": self.config.batch_size, "precision": self.precision}  # fmt: skip
+        learn, holdout = extract_features(model, self.learn, **common), extract_features(model, self.holdout, **common)
+        return learn, holdout, time.perf_counter() - t0
+
+    def _probe(self, model: TransferModel, name: str, layer: str | None) -> None:
+        t0 = time.perf_counter()
+        trial = Trial(name, "linear-probe", layer=layer or "head-input")
+        try:
+            learn, holdout, extraction = self._features(model, layer)
+            fitted = fit_linear_probe(learn.features, learn.labels, len(self.splits.class_names), "logreg",
+                                      self.config.seed)  # fmt: skip
+            with torch.no_grad():
+                trial.score = _accuracy(fitted.probe(holdout.features), holdout.labels)
+            computed = learn.misses + holdout.misses
+            trial.images_per_s = round(computed / extraction, 1) if computed and extraction > 0 else None
+        except Exception as exc:
+            trial.status, trial.note = "failed", _reason(exc)
+        trial.seconds = round(time.perf_counter() - t0, 2)
+        self.record(trial)
+
+    def _head_on_features(self, model: TransferModel, name: str) -> None:
+        """The ``feature-extract`` strategy's head, trained as training does, on the cached features."""
+        t0 = time.perf_counter()
+        trial = Trial(name, "feature-extract", epochs=self.config.epochs)
+        try:
+            learn, holdout, _ = self._features(model, None)
+            trial.score = _train_head(model, learn, holdout, self.config)
+        except Exception as exc:
+            trial.status, trial.note = "failed", _reason(exc)
+        trial.seconds = round(time.perf_counter() - t0, 2)
+        self.record(trial)
+
+    # ------------------------------------------------------------------ stage 2: trainable, by halving
+
+    def trainable_candidates(self, name: str) -> None:
+        speed = self.speed.get(name)
+        if speed is None:
+            return
+        epoch_s = (len(self.learn) * TRAIN_PASSES + len(self.holdout)) / speed + 3  # + Lightning's start
+        # Keep enough for the winner's final training: one epoch on every training image.
+        reserve = len(self.splits.train) * TRAIN_PASSES / speed + 5
+        self.selection.epoch_seconds[name] = round(reserve, 1)
+        alive = [dict(c) for c in TRAINABLE]
+        for rung, epochs in enumerate(RUNGS):
+            results: list[tuple[float, dict[str, Any]]] = []
+            for options in alive:
+                trial = Trial(name, options["strategy"], unfreeze=options.get("unfreeze"), epochs=epochs,
+                              images_per_s=round(speed, 1))  # fmt: skip
+                estimate = epochs * epoch_s
+                if estimate + reserve > self.left():
+                    trial.status = "skipped"
+                    trial.note = f"would overrun the budget (about {estimate:.0f} s, {self.left():.0f} s left)"
+                    self.record(trial)
+                    continue
+                self._train_trial(trial, options)
+                if trial.score is not None:
+                    results.append((trial.score, options))
+            if rung + 1 < len(RUNGS):
+                results.sort(key=lambda r: -r[0])
+                alive = [options for _, options in results[: max(1, math.ceil(len(results) / 2))]]
+                if not alive:
+                    return
+
+    def _train_trial(self, trial: Trial, options: dict[str, Any]) -> None:
+        t0 = time.perf_counter()
+        lr = self.config.lr if self.config.lr != "auto" else 1e-3  # the LR finder runs for the winner only
+        cfg = TrainConfig(**{**self.config.to_dict(), **options, "model": trial.backbone, "epochs": trial.epochs,
+                             "lr": lr, "budget": None, "models": None, "quiet": True, "out": None,
+                             "resolved_from": {}})  # fmt: skip
+        trial_splits = ImageFolderSplits(self.splits.root, self.splits.class_names, self.learn, self.holdout)
+        try:
+            model = self._model(trial.backbone, cfg)
+            spec = cfg.strategy_spec()
+            with tempfile.TemporaryDirectory(prefix="transferkit-trial-") as tmp:
+                fitted = fit(Path(tmp), cfg, trial_splits, model, spec)
+            trial.score = max(r["val_accuracy"] for r in fitted.history if r.get("val_accuracy") is not None)
+        except Exception as exc:
+            trial.status, trial.note = "failed", _reason(exc)
+        trial.seconds = round(time.perf_counter() - t0, 2)
+        self.record(trial)
+
+    def _model(self, name: str, config: TrainConfig | None = None) -> TransferModel:
+        """``name`` with the run's head; with ``config``, its strategy applied (a trainable trial)."""
+        cfg = config or TrainConfig(**{**self.config.to_dict(), "model": name, "resolved_from": {}})
+        if cfg.model != self.config.model:
+            cfg.weights = "DEFAULT"  # the run's own weights choice belongs to the run's own model
+        if config is None:
+            return build_model(cfg, self.splits.class_names)
+        return model_and_strategy(cfg, ImageFolderSplits(self.splits.root, self.splits.class_names, [], []))[0]
+
+
+def select(config: TrainConfig, splits: ImageFolderSplits, budget: str | float | None = None,
+           models: list[str] | None = None, quiet: bool = False, trainable: bool = True) -> Selection:  # fmt: skip
+    """Measure the candidates for ``config``'s data within ``budget`` (see the module docstring).
+
+    ``trainable=False`` stops after the cheap stage on cached features (what ``advise`` prints).
+    """
+    quiet_lightning()
+    search = Search(config, splits, parse_budget(budget, len(splits.train)), quiet)
+    backbones = candidate_backbones(config, models)
+    if not quiet:
+        print(f"selection: {len(backbones)} backbone(s), budget {search.selection.budget_s:.0f} s, scored on "
+              f"{len(search.holdout)} held-out training images", file=sys.stderr, flush=True)  # fmt: skip
+    return search.run(backbones, trainable)
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def _inference_speed(model: TransferModel, device: torch.device, precision: str) -> float:
+    """Images/s of one forward pass at the model's own input size (a warm-up batch, then a timed one)."""
+    from .performance import autocast, batch_to, inference_mode, to_fast_layout
+
+    size = model.preprocessing.image_size
+    x = torch.randn(8, 3, size, size)
+    to_fast_layout(model.to(device))
+    with inference_mode(model), autocast(device, precision):
+        model(batch_to(x[:2], device, channels_last=True))
+        t0 = time.perf_counter()
+        model(batch_to(x, device, channels_last=True))
+    return 8 / max(time.perf_counter() - t0, 1e-6)
+
+
+def _train_head(model: TransferModel, learn: Any, holdout: Any, config: TrainConfig) -> float:
+    """A copy of the new head trained on cached features as training would (AdamW, cosine, the run's epochs)."""
+    import copy
+
+    from .training.learner import without_decay_on_norms_and_biases
+
+    generator = torch.Generator().manual_seed(config.seed)
+    head = copy.deepcopy(model.head_module).train()
+    groups = without_decay_on_norms_and_biases([{"name": "head", "params": list(head.parameters())}],
+                                               config.weight_decay)  # fmt: skip
+    lr = float(config.lr) if config.lr != "auto" else 1e-3
+    optimizer = torch.optim.AdamW(groups, lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    x, y = learn.features, learn.labels
+    best = 0.0
+    for _ in range(config.epochs):
+        for batch in torch.randperm(len(y), generator=generator).split(config.batch_size):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(head(x[batch]), y[batch]).backward()
+            optimizer.step()
+        schedule.step()
+        with torch.no_grad():
+            best = max(best, _accuracy(head.eval()(holdout.features), holdout.labels))  # the best epoch is kept
+        head.train()
+    return best
+
+
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((logits.argmax(dim=1) == labels).float().mean())
+
+
+def _reason(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}"[:160]
+
+
+def measure_candidates(
+    data: str | Path, model: str = DEFAULT_BACKBONE, weights: str = "DEFAULT", models: list[str] | str | None = None,
+    budget: str | float | None = None, seed: int = 0, val_split: float = 0.2,
+    mean: list[float] | None = None, std: list[float] | None = None,
+) -> Selection:  # fmt: skip
+    """The cheap stage alone (candidates on cached features): what ``transferkit advise`` prints."""
+    from .data import discover
+
+    config = TrainConfig(data=str(data), model=model, weights=weights, strategy="auto", budget=budget,
+                         models=models, seed=seed, val_split=val_split, mean=mean, std=std, quiet=True)  # fmt: skip
+    splits = discover(config.data, val_split, seed)
+    return select(config, splits, budget, config.models, quiet=True, trainable=False)

@@ -1,0 +1,77 @@
+"""--strategy auto: candidates measured on held-out training images, within a budget, recorded in the run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from transferkit import TransferkitError, train
+from transferkit.data import discover
+from transferkit.selection import holdout_split, parse_budget
+
+TINY = {"model": "resnet18", "weights": "none", "image_size": 32, "epochs": 2, "batch_size": 8, "quiet": True}
+
+
+@pytest.fixture(scope="module")
+def auto_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("auto") / "run"
+    # inception_v3's ImageNet weights cannot be fetched (the tests are offline): a candidate that fails.
+    train(tiny_dataset, strategy="auto", budget="2m", models=["resnet18", "inception_v3"], out=str(out), **TINY)
+    return out
+
+
+def test_the_holdout_is_part_of_the_training_images_and_never_of_validation(tiny_dataset: Path) -> None:
+    splits = discover(tiny_dataset)
+    learn, holdout = holdout_split(splits.train, seed=0)
+    assert sorted(learn + holdout) == sorted(splits.train) and not set(learn) & set(holdout)
+    assert {label for _, label in holdout} == {0, 1} and not set(holdout) & set(splits.val)
+    assert holdout_split(splits.train, seed=0) == (learn, holdout)  # seeded
+
+
+def test_auto_records_a_leaderboard_and_trains_the_winner(auto_run: Path) -> None:
+    metrics = json.loads((auto_run / "metrics.json").read_text())
+    selection = metrics["selection"]
+    board = selection["leaderboard"]
+    measured = [t for t in board if t["status"] == "done"]
+    assert {t["strategy"] for t in measured} >= {"linear-probe", "feature-extract", "fine-tune", "full"}
+    assert [t["score"] for t in measured] == sorted((t["score"] for t in measured), reverse=True)
+    assert selection["train_images"] + selection["holdout_images"] == 20  # the 20 training images, not the 8 val
+    assert selection["used_seconds"] <= selection["budget_seconds"]
+    failed = [t for t in board if t["backbone"] == "inception_v3"]
+    assert failed and failed[0]["status"] == "failed" and "weights" in failed[0]["note"]
+    winner = selection["winner"]
+    assert winner == board[0] and metrics["strategy"] == winner["strategy"] and metrics["model"] == "resnet18"
+    assert f"--strategy {winner['strategy']}" in selection["command"]
+    config = json.loads((auto_run / "config.json").read_text())
+    assert config["strategy"] == winner["strategy"] and config["budget"] is None  # --resume trains the winner
+
+
+def test_the_report_shows_the_leaderboard(auto_run: Path) -> None:
+    page = (auto_run / "report.html").read_text()
+    assert 'id="selection"' in page and "holdout accuracy" in page and "report/selection.png" in page
+    assert (auto_run / "report" / "selection.png").stat().st_size > 1000
+
+
+def test_budgets_and_bad_choices(tiny_dataset: Path, tmp_path: Path) -> None:
+    assert parse_budget("5m", 0) == 300 and parse_budget("90", 0) == 90 and parse_budget("auto", 100) == 75
+    with pytest.raises(TransferkitError, match="bad --budget 'soon'"):
+        parse_budget("soon", 0)
+    with pytest.raises(TransferkitError, match=r"cannot fit even the cheapest candidate.*give --budget \d+s or more"):
+        train(tiny_dataset, strategy="auto", budget="0.001s", out=str(tmp_path / "a"), **TINY)
+    with pytest.raises(TransferkitError, match="did you mean resnet18"):
+        train(tiny_dataset, strategy="auto", models=["resnet181"], out=str(tmp_path / "b"), **TINY)
+    with pytest.raises(TransferkitError, match="apply to --strategy auto"):
+        train(tiny_dataset, budget="5m", out=str(tmp_path / "c"), **TINY)
+    assert not any((tmp_path / n).exists() for n in "abc")  # nothing written for bad input
+
+
+def test_advise_prints_the_fast_stage_of_the_measurement(tiny_dataset: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from transferkit.cli import main
+
+    assert main(["advise", str(tiny_dataset), "--model", "resnet18", "--weights", "none", "--budget", "60s"]) == 0
+    out = capsys.readouterr().out
+    assert "recommended strategy:" in out and "measured on 4 held-out training images" in out
+    assert "resnet18 linear-probe head-input" in out and "fine-tune" not in out.split("measured on")[1]
+    assert f"best: transferkit train {tiny_dataset} --model resnet18 --strategy" in out
