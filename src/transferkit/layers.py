@@ -43,7 +43,7 @@ def resolve_layer(model: HasLayers, layer: str | None) -> tuple[str, nn.Module, 
     None or ``"head"`` means the classifier's input (the pooled penultimate features); a layer
     group name means the output of that group's last module; anything else is a module path.
     """
-    if layer in (None, "", "head"):
+    if layer in (None, "", "head", "head-input"):
         return "head-input", model.head_module, True
     for group in model.groups:
         if group.name == layer and group.name != "head":

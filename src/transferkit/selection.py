@@ -69,7 +69,7 @@ class Trial:
     def options(self) -> dict[str, Any]:
         """The TrainConfig fields that reproduce this candidate."""
         chosen: dict[str, Any] = {"model": self.backbone, "strategy": self.strategy}
-        if self.layer:
+        if self.layer and self.layer != "head-input":  # the penultimate features are linear-probe's default
             chosen["layer"] = self.layer
         if self.unfreeze:
             chosen["unfreeze"] = self.unfreeze
@@ -287,7 +287,8 @@ class Search:
                 estimate = epochs * epoch_s
                 if estimate + reserve > self.left():
                     trial.status = "skipped"
-                    trial.note = f"would overrun the budget (about {estimate:.0f} s, {self.left():.0f} s left)"
+                    trial.note = (f"would overrun the budget (about {estimate:.0f} s, and {reserve:.0f} s kept for "
+                                  f"training the winner; {self.left():.0f} s left)")  # fmt: skip
                     self.record(trial)
                     continue
                 self._train_trial(trial, options)

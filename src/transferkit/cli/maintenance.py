@@ -28,12 +28,13 @@ def _cache(args: argparse.Namespace) -> int:
 def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", default="demo", help="where the demo data and runs go")
     p.add_argument("--epochs", type=int, default=10, help="training epochs of each demo run")
+    p.add_argument("--budget", default="100s", help="time for measuring the candidates and training the winner")
 
 
 def _demo(args: argparse.Namespace) -> int:
     from .. import run_demo
 
-    run_demo(args.workdir, args.epochs)
+    run_demo(args.workdir, args.epochs, args.budget)
     return 0
 
 
