@@ -38,9 +38,10 @@ def test_second_extraction_is_all_hits_and_identical(images: list, tmp_path: Pat
     assert torch.equal(first.labels, second.labels)
 
 
+@pytest.mark.precision
 def test_features_equal_the_models_own_penultimate_output(images: list, tmp_path: Path) -> None:
     model = _model()
-    feats = extract_features(model, images[:2], cache_dir=tmp_path / "c", num_workers=0).features
+    feats = extract_features(model, images[:2], cache_dir=tmp_path / "c", num_workers=0, precision="32").features
     from transferkit.data import build_transform, load_image
 
     x = torch.stack([build_transform(SMALL)(load_image(p)) for p, _ in images[:2]])
@@ -149,3 +150,19 @@ def test_linear_probe_run_evaluates_and_predicts_like_any_run(tiny_dataset: Path
     assert evaluation.accuracy == result.val_accuracy and evaluation.precision == result.metrics["evaluation_precision"]
     out = predict(result.run_dir, [tiny_dataset / "val" / "red"], top_k=1)
     assert [r["predictions"][0]["label"] for r in out].count("red") >= 3
+
+
+@pytest.mark.precision
+def test_features_use_the_machines_precision_and_are_cached_apart(
+    images: list, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transferkit.performance import NATIVE_BF16_ENV
+
+    model = _model()
+    monkeypatch.setenv(NATIVE_BF16_ENV, "0")  # as on a CPU without native bf16: fp32
+    fp32 = extract_features(model, images[:2], cache_dir=tmp_path / "c", num_workers=0)
+    monkeypatch.setenv(NATIVE_BF16_ENV, "1")  # as on one with it: bf16, which the fp32 vectors must not stand in for
+    bf16 = extract_features(model, images[:2], cache_dir=tmp_path / "c", num_workers=0)
+    assert fp32.misses == bf16.misses == 2 and not torch.equal(fp32.features, bf16.features)
+    cosine = torch.nn.functional.cosine_similarity(fp32.features, bf16.features)
+    assert bool((cosine > 0.99).all())  # the same features, rounded to bf16's 8 significant bits

@@ -75,3 +75,29 @@ def test_advise_prints_the_fast_stage_of_the_measurement(tiny_dataset: Path, cap
     assert "recommended strategy:" in out and "measured on 4 held-out training images" in out
     assert "resnet18 linear-probe head-input" in out and "fine-tune" not in out.split("measured on")[1]
     assert f"best: transferkit train {tiny_dataset} --model resnet18 --strategy" in out
+
+
+def test_an_interrupted_search_resumes_from_its_measured_trials(
+    tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The search is killed in its first training trial (as by Ctrl-C); --resume keeps what was measured."""
+    from transferkit import resume_training
+    from transferkit.selection import Search
+
+    def interrupted(self: Search, trial: object, options: object) -> None:
+        raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(Search, "_train_trial", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            train(tiny_dataset, strategy="auto", budget="2m", out=str(out), **TINY)
+    saved = json.loads((out / "selection.json").read_text())
+    assert not (out / "config.json").exists() and {t["strategy"] for t in saved["trials"]} == {"linear-probe",
+                                                                                               "feature-extract"}
+    result = resume_training(out)
+    board = result.metrics["selection"]["leaderboard"]
+    for before in saved["trials"]:  # measured once, kept as they were
+        assert sum(t == before for t in board) == 1
+    assert {"fine-tune", "full"} <= {t["strategy"] for t in board if t["status"] == "done"}
+    assert (out / "config.json").is_file() and result.metrics["strategy"] == result.metrics["selection"]["winner"]["strategy"]

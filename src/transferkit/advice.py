@@ -141,6 +141,7 @@ def advise(
     similar_from: float = SIMILAR_FROM,
     cache_dir: Path | None = None,
     preprocessing: Any = None,
+    precision: str = "auto",
 ) -> Advice:
     """Measure the data and recommend a strategy (see the module docstring for the method)."""
     splits = discover(data, val_split, seed)
@@ -149,7 +150,7 @@ def advise(
     original_head = None if backbone.weights == "none" else get_module(backbone.model, backbone.classifier_path)
     counts = {name: sum(1 for _, lbl in splits.train if lbl == i) for i, name in enumerate(splits.class_names)}
     sample = _sample(splits.train, per_class, seed)
-    feats = extract_features(transfer, sample, cache_dir=cache_dir)
+    feats = extract_features(transfer, sample, cache_dir=cache_dir, precision=precision)
     # One C and 3 folds: a measurement that takes seconds, not a tuned classifier.
     fit = fit_linear_probe(feats.features, feats.labels, len(splits.class_names), "logreg", seed, (1.0,), 3)
     chance = max(torch.bincount(feats.labels).tolist()) / len(feats.labels)

@@ -29,7 +29,7 @@ from .data import ImageDataset, Sample, build_transform, collate_skipping_bad, d
 from .errors import TransferkitError
 from .layers import StopForward, capture, resolve_layer
 from .model import TransferModel
-from .performance import autocast, batch_to, inference_mode, pick_device, to_fast_layout
+from .performance import autocast, batch_to, inference_mode, pick_device, resolve_precision, to_fast_layout
 
 
 def default_cache_dir() -> Path:
@@ -112,7 +112,7 @@ def extract_features(
     batch_size: int = 32,
     num_workers: int | None = None,
     device: torch.device | None = None,
-    precision: str = "32",
+    precision: str = "auto",
 ) -> FeatureSet:
     """Pooled features of ``samples`` (``views`` augmented copies each when ``augment`` is set).
 
@@ -120,6 +120,7 @@ def extract_features(
     soon as computed, so memory does not grow with the dataset beyond the returned matrix.
     """
     device = device or pick_device()
+    precision = resolve_precision(precision, device)  # the machine's best unless asked; part of the cache key
     canonical_layer, _, _ = resolve_layer(model, layer)
     prep = model.preprocessing
     view_count = views if augment != "none" else 1
@@ -209,6 +210,7 @@ def write_features(
     batch_size: int = 32,
     use_cache: bool = True,
     preprocessing: Preprocessing | None = None,
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """Pooled features of every image under ``data_dir`` (all splits) to ``out`` (.npz or .pt).
 
@@ -235,7 +237,8 @@ def write_features(
     assert class_names is not None
     backbone = load_backbone(model_name, weights, preprocessing=preprocessing)
     model = TransferModel(backbone, class_names if len(class_names) > 1 else [*class_names, "_"]).eval()
-    result = extract_features(model, samples, layer=layer, batch_size=batch_size, use_cache=use_cache)
+    result = extract_features(model, samples, layer=layer, batch_size=batch_size, use_cache=use_cache,
+                              precision=precision)  # fmt: skip
     kept = set(result.paths)
     split_of = [s for (p, _), s in zip(samples, splits) if p in kept]
     payload = {"features": result.features.numpy(), "labels": result.labels.numpy(), "paths": np.array(result.paths),
@@ -247,4 +250,5 @@ def write_features(
                    "class_names": class_names}  # fmt: skip
         atomic_write(out, lambda tmp: torch.save(tensors, tmp))
     return {"path": str(out), "count": len(result.paths), "dim": int(result.features.shape[1]),
-            "layer": resolve_layer(model, layer)[0], "hits": result.hits, "misses": result.misses}  # fmt: skip
+            "layer": resolve_layer(model, layer)[0], "hits": result.hits, "misses": result.misses,
+            "precision": resolve_precision(precision, pick_device())}  # fmt: skip

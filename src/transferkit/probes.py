@@ -44,7 +44,7 @@ def fit_linear_probe(
     c_grid: tuple[float, ...] = C_GRID,
     max_folds: int = 5,
 ) -> ProbeFit:
-    """Standardise, choose C by cross-validation, refit on everything."""
+    """Standardise, choose C by cross-validation, refit on everything (``max_folds=0``: the first C, no CV)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
     from sklearn.pipeline import make_pipeline
@@ -56,22 +56,24 @@ def fit_linear_probe(
     x = features.double().numpy()
     y = labels.numpy()
     model = LogisticRegression(max_iter=2000) if classifier == "logreg" else LinearSVC(max_iter=10000)
-    folds = _folds(y, max_folds)
-    search = GridSearchCV(
-        make_pipeline(StandardScaler(), model),
-        {f"{type(model).__name__.lower()}__C": list(c_grid)},
-        cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
-        n_jobs=1,
-    )
-    search.fit(x, y)
-    scaler, fitted = search.best_estimator_[0], search.best_estimator_[1]
+    pipeline = make_pipeline(StandardScaler(), model)
+    if max_folds == 0:  # a measurement, not a tuned classifier: one C, one fit
+        pipeline.set_params(**{f"{type(model).__name__.lower()}__C": c_grid[0]}).fit(x, y)
+        fitted_pipeline, best_c, cv_accuracy, folds = pipeline, c_grid[0], float("nan"), 0
+    else:
+        folds = _folds(y, max_folds)
+        search = GridSearchCV(pipeline, {f"{type(model).__name__.lower()}__C": list(c_grid)},
+                              cv=StratifiedKFold(folds, shuffle=True, random_state=seed), n_jobs=1)  # fmt: skip
+        search.fit(x, y)
+        fitted_pipeline, cv_accuracy = search.best_estimator_, float(search.best_score_)
+        best_c = float(next(iter(search.best_params_.values())))
+    scaler, fitted = fitted_pipeline[0], fitted_pipeline[1]
     weight, bias = _as_multiclass(fitted.coef_, fitted.intercept_, num_classes, fitted.classes_)
     scale = np.where(scaler.scale_ == 0, 1.0, scaler.scale_)
     probe = LinearProbe(
         torch.from_numpy(scaler.mean_).float(), torch.from_numpy(scale).float(), weight.float(), bias.float()
     )
-    best_c = float(next(iter(search.best_params_.values())))
-    return ProbeFit(probe, classifier, best_c, float(search.best_score_), folds)
+    return ProbeFit(probe, classifier, float(best_c), cv_accuracy, folds)
 
 
 def _as_multiclass(

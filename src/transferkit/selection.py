@@ -24,6 +24,7 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -166,23 +167,45 @@ def holdout_split(samples: list[Sample], seed: int) -> tuple[list[Sample], list[
 
 
 class Search:
-    def __init__(self, config: TrainConfig, splits: ImageFolderSplits, budget_s: float, quiet: bool) -> None:
+    """One search; ``previous`` trials (of a search that was interrupted) are taken as measured, not re-run."""
+
+    def __init__(
+        self, config: TrainConfig, splits: ImageFolderSplits, budget_s: float, quiet: bool,
+        previous: list[Trial] = (), spent_s: float = 0.0,  # type: ignore[assignment]
+        on_trial: Callable[[Selection], None] | None = None,
+    ) -> None:  # fmt: skip
         self.config, self.splits, self.quiet = config, splits, quiet
+        self.previous = {_key(t): t for t in previous}
+        self.on_trial = on_trial
         self.learn, self.holdout = holdout_split(splits.train, config.seed)
         if not self.holdout:
             raise TransferkitError("--strategy auto needs at least 2 training images per class to hold some out")
         self.device = training_device(config)
         self.precision = resolve_precision(config.precision, self.device)
         self.cache_dir = Path(config.cache_dir) if config.cache_dir else None
-        self.started = time.perf_counter()
+        self.started = time.perf_counter() - spent_s
         self.selection = Selection(budget_s, len(self.learn), len(self.holdout))
         self.speed: dict[str, float] = {}  # backbone → inference images/s, measured
+        self.fit_seconds = 0.0  # the longest probe fit so far: part of the next probe's estimate
+        # Measured extraction speed over the pure forward speed: decoding and resizing, learnt as it goes.
+        self.loading_factor = 1.0
 
     def left(self) -> float:
         return self.selection.budget_s - (time.perf_counter() - self.started)
 
+    def restored(self, trial: Trial) -> bool:
+        """Whether ``trial`` was measured before the search was interrupted (then it is recorded as it was)."""
+        previous = self.previous.get(_key(trial))
+        if previous is None:
+            return False
+        self.selection.trials.append(previous)
+        return True
+
     def record(self, trial: Trial) -> Trial:
         self.selection.trials.append(trial)
+        self.selection.used_s = time.perf_counter() - self.started
+        if self.on_trial is not None:
+            self.on_trial(self.selection)
         if not self.quiet:
             score = "" if trial.score is None else f" holdout accuracy {trial.score:.4f}"
             print(f"  {trial.label}:{score} ({trial.status}{': ' + trial.note if trial.note else ''}, "
@@ -216,6 +239,7 @@ class Search:
                               seconds=time.perf_counter() - started))  # fmt: skip
             return
         images = len(self.learn) + len(self.holdout)
+        speed *= self.loading_factor
         estimate = images * 1.6 / speed + 2  # the last layer, and an earlier one stopped ~60 % of the way
         if not self.selection.trials and estimate > self.left():
             raise TransferkitError(
@@ -229,8 +253,9 @@ class Search:
             return
         body = [g.name for g in model.groups if g.name != "head"]
         earlier = body[max(0, round(len(body) * 0.6) - 1)] if body else None
-        for layer in (None, earlier):
-            self._probe(model, name, layer)
+        per_pass = images / speed + 1  # one pass over the images; the probe's own fit is measured as it goes
+        for layer, passes in ((None, 1.0), (earlier, 0.6)):
+            self._probe(model, name, layer, estimate=passes * per_pass + self.fit_seconds)
         self._head_on_features(model, name)
 
     def _features(self, model: TransferModel, layer: str | None) -> tuple[Any, Any, float]:
@@ -240,17 +265,27 @@ class Search:
         learn, holdout = extract_features(model, self.learn, **common), extract_features(model, self.holdout, **common)
         return learn, holdout, time.perf_counter() - t0
 
-    def _probe(self, model: TransferModel, name: str, layer: str | None) -> None:
+    def _probe(self, model: TransferModel, name: str, layer: str | None, estimate: float) -> None:
         t0 = time.perf_counter()
         trial = Trial(name, "linear-probe", layer=layer or "head-input")
+        if self.restored(trial):
+            return
+        if estimate > self.left() and self.selection.trials:
+            trial.status, trial.note = "skipped", f"would overrun the budget (about {estimate:.0f} s, {self.left():.0f} s left)"
+            self.record(trial)
+            return
         try:
             learn, holdout, extraction = self._features(model, layer)
+            # Scored on the holdout, so no inner cross-validation: one fit at C = 1 (the final run tunes C).
             fitted = fit_linear_probe(learn.features, learn.labels, len(self.splits.class_names), "logreg",
-                                      self.config.seed)  # fmt: skip
+                                      self.config.seed, c_grid=(1.0,), max_folds=0)  # fmt: skip
+            self.fit_seconds = max(self.fit_seconds, time.perf_counter() - t0 - extraction)
             with torch.no_grad():
                 trial.score = _accuracy(fitted.probe(holdout.features), holdout.labels)
             computed = learn.misses + holdout.misses
             trial.images_per_s = round(computed / extraction, 1) if computed and extraction > 0 else None
+            if layer is None and trial.images_per_s and name in self.speed:
+                self.loading_factor = min(1.0, trial.images_per_s / self.speed[name])
         except Exception as exc:
             trial.status, trial.note = "failed", _reason(exc)
         trial.seconds = round(time.perf_counter() - t0, 2)
@@ -260,6 +295,12 @@ class Search:
         """The ``feature-extract`` strategy's head, trained as training does, on the cached features."""
         t0 = time.perf_counter()
         trial = Trial(name, "feature-extract", epochs=self.config.epochs)
+        if self.restored(trial):
+            return
+        if self.left() <= 0:
+            trial.status, trial.note = "skipped", "the budget is spent"
+            self.record(trial)
+            return
         try:
             learn, holdout, _ = self._features(model, None)
             trial.score = _train_head(model, learn, holdout, self.config)
@@ -271,9 +312,9 @@ class Search:
     # ------------------------------------------------------------------ stage 2: trainable, by halving
 
     def trainable_candidates(self, name: str) -> None:
-        speed = self.speed.get(name)
-        if speed is None:
+        if name not in self.speed:
             return
+        speed = self.speed[name] * self.loading_factor
         epoch_s = (len(self.learn) * TRAIN_PASSES + len(self.holdout)) / speed + 3  # + Lightning's start
         # Keep enough for the winner's final training: one epoch on every training image.
         reserve = len(self.splits.train) * TRAIN_PASSES / speed + 5
@@ -284,6 +325,11 @@ class Search:
             for options in alive:
                 trial = Trial(name, options["strategy"], unfreeze=options.get("unfreeze"), epochs=epochs,
                               images_per_s=round(speed, 1))  # fmt: skip
+                if self.restored(trial):
+                    trial = self.selection.trials[-1]
+                    if trial.score is not None:
+                        results.append((trial.score, options))
+                    continue
                 estimate = epochs * epoch_s
                 if estimate + reserve > self.left():
                     trial.status = "skipped"
@@ -328,14 +374,20 @@ class Search:
         return model_and_strategy(cfg, ImageFolderSplits(self.splits.root, self.splits.class_names, [], []))[0]
 
 
-def select(config: TrainConfig, splits: ImageFolderSplits, budget: str | float | None = None,
-           models: list[str] | None = None, quiet: bool = False, trainable: bool = True) -> Selection:  # fmt: skip
+def select(
+    config: TrainConfig, splits: ImageFolderSplits, budget: str | float | None = None,
+    models: list[str] | None = None, quiet: bool = False, trainable: bool = True,
+    previous: list[Trial] = (), spent_s: float = 0.0,  # type: ignore[assignment]
+    on_trial: Callable[[Selection], None] | None = None,
+) -> Selection:  # fmt: skip
     """Measure the candidates for ``config``'s data within ``budget`` (see the module docstring).
 
     ``trainable=False`` stops after the cheap stage on cached features (what ``advise`` prints).
+    ``on_trial`` is called after each trial (to save the progress); ``previous`` and ``spent_s``
+    continue a search from what it saved.
     """
     quiet_lightning()
-    search = Search(config, splits, parse_budget(budget, len(splits.train)), quiet)
+    search = Search(config, splits, parse_budget(budget, len(splits.train)), quiet, previous, spent_s, on_trial)
     backbones = candidate_backbones(config, models)
     if not quiet:
         print(f"selection: {len(backbones)} backbone(s), budget {search.selection.budget_s:.0f} s, scored on "
@@ -385,6 +437,10 @@ def _train_head(model: TransferModel, learn: Any, holdout: Any, config: TrainCon
             best = max(best, _accuracy(head.eval()(holdout.features), holdout.labels))  # the best epoch is kept
         head.train()
     return best
+
+
+def _key(trial: Trial) -> tuple[Any, ...]:
+    return (trial.backbone, trial.strategy, trial.layer, trial.unfreeze, trial.epochs)
 
 
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -53,18 +54,30 @@ def run_training(config: TrainConfig, command: str | None = None, callbacks: lis
     check_sharding(config)
     L.seed_everything(config.seed, workers=True, verbose=False)
     splits = discover(config.data, config.val_split, config.seed)
+    run_dir = None
     if config.strategy == "auto":
-        config.resolved_from["selection"] = _measured_choice(config, splits)
+        progress = _SearchProgress(config, command)
+        config.resolved_from["selection"] = _measured_choice(config, splits, progress)
+        run_dir = progress.run_dir
+    return _train_resolved(config, splits, run_dir, command, callbacks, started)
+
+
+def _train_resolved(
+    config: TrainConfig, splits: ImageFolderSplits, run_dir: Path | None, command: str | None,
+    callbacks: list[Callback], started: float,
+) -> TrainResult:  # fmt: skip
+    """Train a configuration whose choices are made (bar ``--lr auto``), in ``run_dir`` or a new one."""
     lr_finder = None
     if config.lr == "auto":
         lr_finder = find_lr(config, splits)
         config.lr = lr_finder.suggestion
         config.resolved_from["lr_finder"] = lr_finder.summary()
     model, spec = model_and_strategy(config, splits)
-    run_dir = create_run_dir(config)
+    run_dir = run_dir or create_run_dir(config)
     if lr_finder is not None:
         lr_finder.plot(run_dir / "lr_find.png")
-    (run_dir / "command.txt").write_text((command or " ".join(sys.argv)) + "\n")
+    with open(run_dir / "command.txt", "a") as f:
+        f.write((command or " ".join(sys.argv)) + "\n")
     write_json(run_dir / "config.json", config.to_dict())  # last: other ranks wait for it
     os.environ[RUN_DIR_ENV] = str(run_dir.resolve())
     return finish_run(fit(run_dir, config, splits, model, spec, callbacks=callbacks), config, splits, started)
@@ -79,6 +92,8 @@ def resume_training(run_dir: str | Path, command: str | None = None, callbacks: 
     quiet_lightning()
     run_dir = Path(run_dir).expanduser()
     last = run_dir / "checkpoints" / "last.ckpt"
+    if not (run_dir / "config.json").is_file() and (run_dir / SEARCH_PROGRESS).is_file():
+        return _resume_search(run_dir, command, callbacks)
     if not (run_dir / "config.json").is_file():
         raise TransferkitError(f"{run_dir} is not a transferkit run directory (no config.json); give the run to resume")
     if (run_dir / "metrics.json").is_file():
@@ -120,11 +135,36 @@ def create_run_dir(config: TrainConfig) -> Path:
     raise TransferkitError(f"could not create a new run directory next to {base}")
 
 
-def _measured_choice(config: TrainConfig, splits: ImageFolderSplits) -> dict[str, Any]:
+SEARCH_PROGRESS = "selection.json"  # an unfinished --strategy auto search: what --resume continues
+
+
+class _SearchProgress:
+    """Saves a search after each trial, in the run directory, made when the first trial is measured.
+
+    Bad input (an unknown model, a budget too small) is refused before that, so it leaves nothing.
+    """
+
+    def __init__(self, config: TrainConfig, command: str | None, run_dir: Path | None = None) -> None:
+        self.config = config.to_dict()  # as given: strategy auto, with its budget and models
+        self.command, self.run_dir = command, run_dir
+
+    def __call__(self, selection: Any) -> None:
+        if self.run_dir is None:
+            self.run_dir = create_run_dir(TrainConfig(**self.config))
+        state = {"config": self.config, "command": self.command, "spent_seconds": selection.used_s,
+                 "trials": [asdict(t) for t in selection.trials]}  # fmt: skip
+        write_json(self.run_dir / SEARCH_PROGRESS, state)
+
+
+def _measured_choice(
+    config: TrainConfig, splits: ImageFolderSplits, progress: _SearchProgress,
+    previous: list[Any] = (), spent_s: float = 0.0,  # type: ignore[assignment]
+) -> dict[str, Any]:  # fmt: skip
     """Resolve ``--strategy auto`` by measurement (:mod:`transferkit.selection`); returns what to record."""
     from .selection import select
 
-    selection = select(config, splits, config.budget, config.models, quiet=config.quiet)
+    selection = select(config, splits, config.budget, config.models, quiet=config.quiet, previous=previous,
+                       spent_s=spent_s, on_trial=progress)  # fmt: skip
     assert selection.winner is not None
     for key, value in selection.winner.options().items():
         setattr(config, key, value)
@@ -135,6 +175,23 @@ def _measured_choice(config: TrainConfig, splits: ImageFolderSplits) -> dict[str
         say(f"{selection.table()}\nchosen: {selection.winner.label} ({selection.used_s:.0f} s of "
             f"{selection.budget_s:.0f} s measuring); reproduce with: {record['command']}")  # fmt: skip
     return record
+
+
+def _resume_search(run_dir: Path, command: str | None, callbacks: list[Callback]) -> TrainResult:
+    """Continue an interrupted ``--strategy auto`` search from its saved trials, then train the winner."""
+    from .selection import Trial
+
+    state = json.loads((run_dir / SEARCH_PROGRESS).read_text())
+    config = TrainConfig(**state["config"])
+    started = time.time()
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    splits = discover(config.data, config.val_split, config.seed)
+    previous = [Trial(**t) for t in state["trials"] if t["status"] == "done"]
+    progress = _SearchProgress(config, state.get("command"), run_dir)
+    with open(run_dir / "command.txt", "a") as f:
+        f.write(f"{state.get('command') or ''}\n")  # the search's own command, then this one (below)
+    config.resolved_from["selection"] = _measured_choice(config, splits, progress, previous, state["spent_seconds"])
+    return _train_resolved(config, splits, run_dir, command, callbacks, started)
 
 
 def finish_run(fitted: Fitted, config: TrainConfig, splits: ImageFolderSplits, started: float) -> TrainResult:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 from collections.abc import Sequence
 
 from .. import TransferkitError
@@ -44,8 +43,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     debug = args.debug or os.environ.get("TRANSFERKIT_DEBUG") == "1"
-    if not debug:
-        warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         code: int = args.handler(args)
         return code

@@ -161,6 +161,14 @@ def checkpoint_run_options() -> argparse.ArgumentParser:
     return parent
 
 
+def precision_option() -> argparse.ArgumentParser:
+    """--precision for commands that run a backbone: auto is the machine's best (bf16 where native)."""
+    parent = _parent()
+    parent.add_argument("--precision", default="auto", choices=ApiChoices("PRECISIONS"), metavar="PRECISION",
+                        help="%(choices)s; auto: bf16 on a GPU or a CPU with native bf16, else fp32")  # fmt: skip
+    return parent
+
+
 def cache_dir_option() -> argparse.ArgumentParser:
     parent = _parent()
     parent.add_argument("--cache-dir", help="feature cache folder (default ~/.cache/transferkit, or $TRANSFERKIT_CACHE_DIR)")

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from .common import Command, backbone_options, batch_size_option
+from .common import Command, backbone_options, batch_size_option, precision_option
 
 
 def _models_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,9 +51,10 @@ def _features(args: argparse.Namespace) -> int:
     from .. import write_features
 
     info = write_features(args.data, args.out, args.model, args.weights, args.layer, args.batch_size,
-                          use_cache=not args.no_cache, preprocessing=_explicit_preprocessing(args))  # fmt: skip
+                          use_cache=not args.no_cache, preprocessing=_explicit_preprocessing(args),
+                          precision=args.precision)  # fmt: skip
     print(f"wrote {info['count']} × {info['dim']} features of {info['layer']} to {info['path']} "
-          f"({info['misses']} computed, {info['hits']} from cache)")  # fmt: skip
+          f"({info['misses']} computed at {info['precision']}, {info['hits']} from cache)")  # fmt: skip
     return 0
 
 
@@ -70,7 +71,7 @@ def _advise(args: argparse.Namespace) -> int:
     from .. import advise, measure_candidates
 
     advice = advise(args.data, args.model, args.weights, per_class=args.per_class,
-                    preprocessing=_explicit_preprocessing(args))  # fmt: skip
+                    preprocessing=_explicit_preprocessing(args), precision=args.precision)  # fmt: skip
     # The fast first stage of --strategy auto's measurement: candidates on cached features.
     measured = measure_candidates(args.data, args.model, args.weights, models=args.models, budget=args.budget,
                                   mean=args.mean, std=args.std)  # fmt: skip
@@ -92,9 +93,9 @@ transferkit models 'timm/convnext*'
     Command("features", "Write pooled CNN features (with labels and paths) for your own tools.", """
 transferkit features data/hymenoptera --model resnet50 --out feats.npz
 transferkit features data/hymenoptera --layer layer3 --out layer3.pt
-""", _features_arguments, _features, parents=(backbone_options, batch_size_option)),
+""", _features_arguments, _features, parents=(backbone_options, batch_size_option, precision_option)),
     Command("advise", "Measure a dataset and recommend a strategy (size x similarity to ImageNet).", """
 transferkit advise data/hymenoptera
 transferkit advise data/xrays --model resnet50 --json
-""", _advise_arguments, _advise, parents=(backbone_options,)),
+""", _advise_arguments, _advise, parents=(backbone_options, precision_option)),
 )  # fmt: skip

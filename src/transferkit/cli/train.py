@@ -14,6 +14,7 @@ from .common import (
     cache_dir_option,
     epochs,
     image_size_option,
+    precision_option,
 )
 
 
@@ -109,7 +110,8 @@ def _lr_find(args: argparse.Namespace) -> int:
 
     config = TrainConfig(data=args.data, model=args.model, weights=args.weights, mean=args.mean, std=args.std,
                          image_size=args.image_size, strategy=args.strategy, unfreeze=args.unfreeze, head=args.head,
-                         batch_size=args.batch_size, optimizer=args.optimizer, quiet=True)  # fmt: skip
+                         batch_size=args.batch_size, optimizer=args.optimizer, precision=args.precision,
+                         quiet=True)  # fmt: skip
     result = find_lr(config)
     plot = result.plot(Path(args.plot))
     print(f"suggested learning rate: {result.suggestion:g} (plot: {plot})")
@@ -127,5 +129,5 @@ transferkit train --resume runs/resnet18-gradual-20260101-120000
     Command("lr-find", "LR range test (Lightning's tuner): saves a plot, prints the suggested LR.", """
 transferkit lr-find data/hymenoptera --strategy fine-tune --unfreeze 2 --plot lr.png
 transferkit train data/hymenoptera --lr auto
-""", _lr_find_arguments, _lr_find, parents=(backbone_options, image_size_option, batch_size_option)),
+""", _lr_find_arguments, _lr_find, parents=(backbone_options, image_size_option, batch_size_option, precision_option)),
 )  # fmt: skip
