@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -57,6 +58,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"transferkit {transferkit.__version__}, {cpu_kind()}, {MODEL}, budget {args.budget:.0f} s per row")
     work = Path(tempfile.mkdtemp(prefix="tk-selection-"))
+    os.environ["TRANSFERKIT_CACHE_DIR"] = str(work / "cache")  # every dataset starts with a cold cache
     summary = []
     for name in args.datasets.split(","):
         data = dataset(name, work)
