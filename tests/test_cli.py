@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 
+# Every test here runs the command line in a new process, as a user does: seconds each, so the quick
+# suite (`make test-fast`) leaves them to `make test`.
+pytestmark = pytest.mark.slow
+
 
 def tk(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run([sys.executable, "-m", "transferkit", *args], capture_output=True, text=True, timeout=600)
@@ -69,7 +73,6 @@ def test_existing_run_directory_is_never_overwritten(trained_run: Path, tiny_dat
     assert (trained_run / "model.pt").stat().st_mtime_ns == before
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -102,7 +105,6 @@ def test_every_command_has_help_with_an_example(command: str) -> None:
     assert "example:" in out and f"transferkit {command}" in out
 
 
-@pytest.mark.slow
 def test_models_lists_and_marks_offline_weights() -> None:
     out = tk("models", "efficientnet_lite*").stdout.splitlines()
     assert "* efficientnet_lite0" in out

@@ -67,6 +67,7 @@ def val_batch(run_dir: Path, tiny_dataset: Path) -> tuple[torch.Tensor, torch.Te
         return x, model(x).softmax(dim=1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["onnx", "pt2"])
 def test_export_runs_in_a_fresh_process_without_transferkit(
     fmt: str, exports: dict[str, Path], val_batch: tuple[torch.Tensor, torch.Tensor], tmp_path: Path
@@ -141,6 +142,7 @@ def test_without_the_runs_data_the_check_uses_random_tensors(run_dir: Path, tmp_
     assert "random tensors" in result.checked_on and "random tensors" in result.summary()
 
 
+@pytest.mark.slow
 def test_predict_onnx_without_onnxruntime_says_how_to_install_it(exports: dict[str, Path], tiny_dataset: Path) -> None:
     # None in sys.modules makes `import onnxruntime` raise ImportError, as on a machine without it.
     code = ("import sys; sys.modules['onnxruntime'] = None; "
