@@ -237,6 +237,7 @@ def write_features(
     assert class_names is not None
     backbone = load_backbone(model_name, weights, preprocessing=preprocessing)
     model = TransferModel(backbone, class_names if len(class_names) > 1 else [*class_names, "_"]).eval()
+    precision = resolve_precision(precision, pick_device())
     result = extract_features(model, samples, layer=layer, batch_size=batch_size, use_cache=use_cache,
                               precision=precision)  # fmt: skip
     kept = set(result.paths)
@@ -251,4 +252,4 @@ def write_features(
         atomic_write(out, lambda tmp: torch.save(tensors, tmp))
     return {"path": str(out), "count": len(result.paths), "dim": int(result.features.shape[1]),
             "layer": resolve_layer(model, layer)[0], "hits": result.hits, "misses": result.misses,
-            "precision": resolve_precision(precision, pick_device())}  # fmt: skip
+            "precision": precision}  # fmt: skip

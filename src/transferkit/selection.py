@@ -25,7 +25,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,96 +34,18 @@ from .backbones import DEFAULT_BACKBONE, SOURCES, source_for
 from .data import ImageFolderSplits, Sample, shuffled_by_class
 from .errors import TransferkitError
 from .features import extract_features
+from .leaderboard import Selection, Trial
 from .model import TransferModel
 from .performance import resolve_precision
 from .probes import fit_linear_probe
-from .training import TrainConfig, build_model, fit, model_and_strategy, quiet_lightning, training_device
+from .strategies import apply_strategy
+from .training import TrainConfig, build_model, fit, quiet_lightning, training_device
 
 HOLDOUT_SHARE = 0.2
 TRAINABLE = ({"strategy": "fine-tune", "unfreeze": 2}, {"strategy": "full"})
 RUNGS = (1, 3)  # epochs of a trainable trial at each rung of successive halving
 # A training step (forward + backward) costs about this many inference passes.
 TRAIN_PASSES = 3.0
-
-
-@dataclass
-class Trial:
-    """One leaderboard row: what was tried, how it scored on the holdout, what it cost."""
-
-    backbone: str
-    strategy: str
-    layer: str | None = None
-    unfreeze: int | None = None
-    epochs: int | None = None
-    score: float | None = None  # accuracy on the holdout (part of the training images)
-    seconds: float = 0.0
-    images_per_s: float | None = None
-    status: str = "done"  # done | skipped | failed
-    note: str = ""
-
-    @property
-    def label(self) -> str:
-        detail = f" {self.layer}" if self.layer else f" --unfreeze {self.unfreeze}" if self.unfreeze else ""
-        return f"{self.backbone} {self.strategy}{detail}"
-
-    def options(self) -> dict[str, Any]:
-        """The TrainConfig fields that reproduce this candidate."""
-        chosen: dict[str, Any] = {"model": self.backbone, "strategy": self.strategy}
-        if self.layer and self.layer != "head-input":  # the penultimate features are linear-probe's default
-            chosen["layer"] = self.layer
-        if self.unfreeze:
-            chosen["unfreeze"] = self.unfreeze
-        return chosen
-
-
-@dataclass
-class Selection:
-    budget_s: float
-    train_images: int
-    holdout_images: int
-    trials: list[Trial] = field(default_factory=list)
-    used_s: float = 0.0
-    winner: Trial | None = None
-    # Estimated seconds of one training epoch over every training image, per backbone (for the final run).
-    epoch_seconds: dict[str, float] = field(default_factory=dict)
-
-    def final_epochs(self, wanted: int) -> int:
-        """Epochs the winner can train in what is left of the budget (at least one), up to ``wanted``."""
-        if self.winner is None or self.winner.strategy not in ("fine-tune", "full", "gradual"):
-            return wanted
-        per_epoch = self.epoch_seconds.get(self.winner.backbone)
-        if not per_epoch:
-            return wanted
-        return max(1, min(wanted, int((self.budget_s - self.used_s) // per_epoch)))
-
-    def ranked(self) -> list[Trial]:
-        done = sorted((t for t in self.trials if t.score is not None), key=lambda t: (-t.score, t.seconds))
-        return [*done, *(t for t in self.trials if t.score is None)]
-
-    def command(self, data: str) -> str:
-        if self.winner is None:
-            return ""
-        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in self.winner.options().items())
-        return f"transferkit train {data} {flags}"
-
-    def table(self) -> str:
-        lines = [f"{'candidate':<58} {'holdout acc':>11} {'seconds':>8} {'img/s':>7}  status"]
-        for t in self.ranked():
-            score = "-" if t.score is None else f"{t.score:.4f}"
-            speed = "-" if t.images_per_s is None else f"{t.images_per_s:.1f}"
-            status = t.status + (f": {t.note}" if t.note else "")
-            lines.append(f"{t.label[:58]:<58} {score:>11} {t.seconds:>8.1f} {speed:>7}  {status}")
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "budget_seconds": round(self.budget_s, 1), "used_seconds": round(self.used_s, 1),
-            "train_images": self.train_images, "holdout_images": self.holdout_images,
-            "measured_on": "a stratified holdout of the training images; the validation split was not used",
-            "leaderboard": [asdict(t) for t in self.ranked()],
-            "winner": asdict(self.winner) if self.winner else None,
-            "epoch_seconds": self.epoch_seconds,
-        }  # fmt: skip
 
 
 # --------------------------------------------------------------------------- budget and candidates
@@ -212,6 +133,12 @@ class Search:
                   f"{trial.seconds:.1f} s)", file=sys.stderr, flush=True)  # fmt: skip
         return trial
 
+    def skip(self, trial: Trial, estimate: float, kept: float = 0.0) -> None:
+        keeping = f", and {kept:.0f} s kept for training the winner" if kept else ""
+        trial.status = "skipped"
+        trial.note = f"would overrun the budget (about {estimate:.0f} s{keeping}; {self.left():.0f} s left)"
+        self.record(trial)
+
     def run(self, backbones: list[str], trainable: bool = True) -> Selection:
         for name in backbones:
             self.cached_candidates(name)
@@ -248,8 +175,7 @@ class Search:
                 f"{math.ceil(estimate * 1.5 + 10)}s or more"
             )
         if estimate > self.left():
-            self.record(Trial(name, "feature-extract", status="skipped", images_per_s=round(speed, 1),
-                              note=f"would overrun the budget (about {estimate:.0f} s, {self.left():.0f} s left)"))  # fmt: skip
+            self.skip(Trial(name, "feature-extract", images_per_s=round(speed, 1)), estimate)
             return
         body = [g.name for g in model.groups if g.name != "head"]
         earlier = body[max(0, round(len(body) * 0.6) - 1)] if body else None
@@ -271,8 +197,7 @@ class Search:
         if self.restored(trial):
             return
         if estimate > self.left() and self.selection.trials:
-            trial.status, trial.note = "skipped", f"would overrun the budget (about {estimate:.0f} s, {self.left():.0f} s left)"
-            self.record(trial)
+            self.skip(trial, estimate)
             return
         try:
             learn, holdout, extraction = self._features(model, layer)
@@ -298,8 +223,7 @@ class Search:
         if self.restored(trial):
             return
         if self.left() <= 0:
-            trial.status, trial.note = "skipped", "the budget is spent"
-            self.record(trial)
+            self.skip(trial, 0.0)
             return
         try:
             learn, holdout, _ = self._features(model, None)
@@ -332,10 +256,7 @@ class Search:
                     continue
                 estimate = epochs * epoch_s
                 if estimate + reserve > self.left():
-                    trial.status = "skipped"
-                    trial.note = (f"would overrun the budget (about {estimate:.0f} s, and {reserve:.0f} s kept for "
-                                  f"training the winner; {self.left():.0f} s left)")  # fmt: skip
-                    self.record(trial)
+                    self.skip(trial, estimate, kept=reserve)
                     continue
                 self._train_trial(trial, options)
                 if trial.score is not None:
@@ -369,9 +290,10 @@ class Search:
         cfg = config or TrainConfig(**{**self.config.to_dict(), "model": name, "resolved_from": {}})
         if cfg.model != self.config.model:
             cfg.weights = "DEFAULT"  # the run's own weights choice belongs to the run's own model
-        if config is None:
-            return build_model(cfg, self.splits.class_names)
-        return model_and_strategy(cfg, ImageFolderSplits(self.splits.root, self.splits.class_names, [], []))[0]
+        model = build_model(cfg, self.splits.class_names)
+        if config is not None:
+            apply_strategy(model, config.strategy_spec())
+        return model
 
 
 def select(

@@ -179,7 +179,7 @@ def _measured_choice(
 
 def _resume_search(run_dir: Path, command: str | None, callbacks: list[Callback]) -> TrainResult:
     """Continue an interrupted ``--strategy auto`` search from its saved trials, then train the winner."""
-    from .selection import Trial
+    from .leaderboard import Trial
 
     state = json.loads((run_dir / SEARCH_PROGRESS).read_text())
     config = TrainConfig(**state["config"])

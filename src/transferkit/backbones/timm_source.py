@@ -40,7 +40,8 @@ class TimmSource:
     def names(self, pattern: str = "*") -> list[str]:
         if not timm_available():
             return []
-        return [PREFIX + n for n in _timm().list_models(pattern.removeprefix(PREFIX), pretrained=True)]
+        timm = _timm()
+        return [PREFIX + n for n in timm.list_models(pattern.removeprefix(PREFIX), pretrained=True)]
 
     def knows(self, name: str) -> bool:
         if not name.startswith(PREFIX):
@@ -65,7 +66,8 @@ class TimmSource:
             return self.architecture(name, kwargs), kwargs
         arch = self.arch(name) + (f".{weights.tag}" if weights.tag else "")
         try:
-            return _timm().create_model(arch, pretrained=True, **kwargs), kwargs
+            timm = _timm()  # timm's own API: pretrained= (torchvision's weights= does not apply)
+            return timm.create_model(arch, pretrained=True, **kwargs), kwargs
         except Exception as exc:  # hub errors come in many types; all mean "weights not reachable"
             raise TransferkitError(
                 f"could not get timm weights for {arch} ({type(exc).__name__}); connect once to fill the "

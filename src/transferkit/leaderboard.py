@@ -1,0 +1,88 @@
+"""The leaderboard of ``--strategy auto``: each candidate tried (:class:`Trial`) and the search's outcome
+(:class:`Selection`), as the run records and the report shows them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class Trial:
+    """One leaderboard row: what was tried, how it scored on the holdout, what it cost."""
+
+    backbone: str
+    strategy: str
+    layer: str | None = None
+    unfreeze: int | None = None
+    epochs: int | None = None
+    score: float | None = None  # accuracy on the holdout (part of the training images)
+    seconds: float = 0.0
+    images_per_s: float | None = None
+    status: str = "done"  # done | skipped | failed
+    note: str = ""
+
+    @property
+    def label(self) -> str:
+        detail = f" {self.layer}" if self.layer else f" --unfreeze {self.unfreeze}" if self.unfreeze else ""
+        return f"{self.backbone} {self.strategy}{detail}"
+
+    def options(self) -> dict[str, Any]:
+        """The TrainConfig fields that reproduce this candidate."""
+        chosen: dict[str, Any] = {"model": self.backbone, "strategy": self.strategy}
+        if self.layer and self.layer != "head-input":  # the penultimate features are linear-probe's default
+            chosen["layer"] = self.layer
+        if self.unfreeze:
+            chosen["unfreeze"] = self.unfreeze
+        return chosen
+
+
+@dataclass
+class Selection:
+    budget_s: float
+    train_images: int
+    holdout_images: int
+    trials: list[Trial] = field(default_factory=list)
+    used_s: float = 0.0
+    winner: Trial | None = None
+    # Estimated seconds of one training epoch over every training image, per backbone (for the final run).
+    epoch_seconds: dict[str, float] = field(default_factory=dict)
+
+    def final_epochs(self, wanted: int) -> int:
+        """Epochs the winner can train in what is left of the budget (at least one), up to ``wanted``."""
+        if self.winner is None or self.winner.strategy not in ("fine-tune", "full", "gradual"):
+            return wanted
+        per_epoch = self.epoch_seconds.get(self.winner.backbone)
+        if not per_epoch:
+            return wanted
+        return max(1, min(wanted, int((self.budget_s - self.used_s) // per_epoch)))
+
+    def ranked(self) -> list[Trial]:
+        done = sorted((t for t in self.trials if t.score is not None), key=lambda t: (-t.score, t.seconds))
+        return [*done, *(t for t in self.trials if t.score is None)]
+
+    def command(self, data: str) -> str:
+        if self.winner is None:
+            return ""
+        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in self.winner.options().items())
+        return f"transferkit train {data} {flags}"
+
+    def table(self) -> str:
+        lines = [f"{'candidate':<58} {'holdout acc':>11} {'seconds':>8} {'img/s':>7}  status"]
+        for t in self.ranked():
+            score = "-" if t.score is None else f"{t.score:.4f}"
+            speed = "-" if t.images_per_s is None else f"{t.images_per_s:.1f}"
+            status = t.status + (f": {t.note}" if t.note else "")
+            lines.append(f"{t.label[:58]:<58} {score:>11} {t.seconds:>8.1f} {speed:>7}  {status}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "budget_seconds": round(self.budget_s, 1), "used_seconds": round(self.used_s, 1),
+            "train_images": self.train_images, "holdout_images": self.holdout_images,
+            "measured_on": "a stratified holdout of the training images; the validation split was not used",
+            "leaderboard": [asdict(t) for t in self.ranked()],
+            "winner": asdict(self.winner) if self.winner else None,
+            "epoch_seconds": self.epoch_seconds,
+        }  # fmt: skip
