@@ -62,3 +62,22 @@ def test_the_switch_reproduces_native_bf16_rounding(monkeypatch: pytest.MonkeyPa
     # bf16 keeps 8 significant bits: the result is the fp32 product of bf16-rounded inputs, rounded once more.
     expected = (x.bfloat16().float() @ layer.weight.bfloat16().float().T + layer.bias.bfloat16().float()).bfloat16()
     assert torch.allclose(out.float(), expected.float(), rtol=2**-7, atol=1e-2)
+
+
+def test_torchvision_is_imported_without_dynamo_which_still_works_when_used() -> None:
+    script = """
+import sys
+import transferkit.data, transferkit.backbones
+assert "torch._dynamo" not in sys.modules, "torchvision's import pulled in torch._dynamo"
+import torch
+from torchvision import tv_tensors
+roi_align = sys.modules["torchvision.ops.roi_align"]
+boxes = tv_tensors.wrap(torch.zeros(1, 4), like=tv_tensors.BoundingBoxes(torch.ones(1, 4), format="XYXY", canvas_size=(4, 4)))
+assert isinstance(boxes, tv_tensors.BoundingBoxes)
+assert roi_align.is_compile_supported("cpu") in (True, False)
+import torch._dynamo
+assert hasattr(torch._dynamo, "optimize"), "the real torch._dynamo was not imported"
+assert torch.compile(lambda x: x * 2, backend="eager")(torch.ones(2)).tolist() == [2.0, 2.0]
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -18,6 +18,8 @@ from typing import Any, NamedTuple, TypeVar
 
 import torch
 from PIL import Image, UnidentifiedImageError
+
+from . import torchvision_import  # noqa: F401  (first: torchvision without dynamo's start-up cost)
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.io import ImageReadMode, decode_jpeg, read_file

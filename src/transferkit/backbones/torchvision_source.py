@@ -8,7 +8,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision import models as tv_models
+
+from .. import torchvision_import  # noqa: F401  (first: torchvision without dynamo's start-up cost)
+from torchvision import models as tv_models  # noqa: E402
 
 from ..errors import TransferkitError
 from .record import LayerGroup, Preprocessing, in_features
