@@ -166,3 +166,27 @@ def test_features_use_the_machines_precision_and_are_cached_apart(
     assert fp32.misses == bf16.misses == 2 and not torch.equal(fp32.features, bf16.features)
     cosine = torch.nn.functional.cosine_similarity(fp32.features, bf16.features)
     assert bool((cosine > 0.99).all())  # the same features, rounded to bf16's 8 significant bits
+
+
+@pytest.mark.precision
+def test_a_frozen_run_is_evaluated_on_its_cached_features_with_the_numbers_of_the_whole_model(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
+    from transferkit import evaluate, train
+
+    result = train(tiny_dataset, model="resnet18", weights="none", image_size=32, strategy="feature-extract",
+                   epochs=2, batch_size=4, cache_dir=str(tmp_path / "cache"), quiet=True, out=str(tmp_path / "run"))  # fmt: skip
+    assert result.metrics["evaluated_on"] == "cached features"
+    # evaluate runs every image through the whole model (backbone and head): the same numbers, exactly.
+    evaluation = evaluate(result.run_dir, tiny_dataset / "val", batch_size=4)
+    assert evaluation.precision == result.metrics["evaluation_precision"]
+    assert evaluation.accuracy == result.metrics["val_accuracy"] and evaluation.loss == result.metrics["val_loss"]
+    # Image by image, not only in aggregate: the head on cached vectors is the whole model's last step.
+    from transferkit import load_checkpoint
+    from transferkit.inference import evaluate_cached_features, evaluate_samples
+
+    model = load_checkpoint(result.run_dir)
+    _, samples, _ = scan_class_folder(tiny_dataset / "val")
+    cached = evaluate_cached_features(model, samples, batch_size=4, cache_dir=tmp_path / "cache")
+    whole = evaluate_samples(model, samples, batch_size=4)
+    assert [p["probability"] for p in cached.predictions] == [p["probability"] for p in whole.predictions]

@@ -81,6 +81,46 @@ def evaluate_samples(
 
     Computed by torchmetrics, as training's validation accuracy is, so the two are one definition.
     """
+    result = predict_samples(EagerRunner(model, device, precision, compile), samples, batch_size, num_workers)
+    decoded_samples = [samples[i] for i in result.positions.tolist()]
+    bad = [(b.path, b.reason) for b in result.bad]
+    return _evaluation(model.class_names, result.probabilities, decoded_samples, result.precision, skipped, bad)
+
+
+def evaluate_cached_features(
+    model: TransferModel,
+    samples: list[Sample],
+    batch_size: int = 32,
+    num_workers: int | None = None,
+    device: torch.device | None = None,
+    precision: str | None = None,
+    cache_dir: Path | None = None,
+) -> Evaluation:
+    """:func:`evaluate_samples` of a model whose backbone was not trained, from its cached features.
+
+    The backbone's pooled features of these images are read from the feature cache (computed and
+    cached where missing) and only the head runs: the same numbers as running every image through
+    the whole model (:func:`~transferkit.prediction.head_probabilities`), without the backbone's cost.
+    """
+    from .features import extract_features
+    from .prediction import head_probabilities
+
+    device = device or pick_device()
+    precision = inference_precision(model, device, precision)
+    found = extract_features(model, samples, cache_dir=cache_dir, batch_size=batch_size, num_workers=num_workers,
+                             device=device, precision=precision)  # fmt: skip
+    probabilities = head_probabilities(model, found.features, device, precision)
+    kept = set(found.paths)
+    decoded_samples = [s for s in samples if s[0] in kept]
+    bad = [(p, "cannot decode image") for p in found.skipped]
+    return _evaluation(model.class_names, probabilities, decoded_samples, precision, 0, bad)
+
+
+def _evaluation(
+    names: list[str], probs: torch.Tensor, decoded_samples: list[Sample], precision: str, skipped: int,
+    bad: list[tuple[str, str]],
+) -> Evaluation:  # fmt: skip
+    """Every metric of one evaluation, from the probabilities of the images that decoded."""
     from torchmetrics.functional.classification import (
         multiclass_accuracy,
         multiclass_confusion_matrix,
@@ -89,14 +129,10 @@ def evaluate_samples(
         multiclass_recall,
     )
 
-    result = predict_samples(EagerRunner(model, device, precision, compile), samples, batch_size, num_workers)
-    probs = result.probabilities
     if len(probs) == 0:
         raise TransferkitError("no image could be decoded for evaluation")
-    decoded_samples = [samples[i] for i in result.positions.tolist()]
     labels = torch.tensor([label for _, label in decoded_samples], dtype=torch.long)
     predicted = probs.argmax(dim=1)
-    names = model.class_names
     per_class = {"average": None, "num_classes": len(names), "zero_division": 0}
     scores = {metric: fn(predicted, labels, **per_class).tolist() for metric, fn in
               (("precision", multiclass_precision), ("recall", multiclass_recall), ("f1", multiclass_f1_score))}  # fmt: skip
@@ -109,9 +145,9 @@ def evaluate_samples(
                    for i, name in enumerate(names)},  # fmt: skip
         confusion_matrix=multiclass_confusion_matrix(predicted, labels, num_classes=len(names)).tolist(),
         loss=float(torch.nn.functional.nll_loss(probs.clamp_min(1e-12).log(), labels)),
-        precision=result.precision,
-        skipped_files=skipped + len(result.bad),
-        skipped=[(b.path, b.reason) for b in result.bad],
+        precision=precision,
+        skipped_files=skipped + len(bad),
+        skipped=bad,
         predictions=[
             {"path": path, "label": names[int(t)], "predicted": names[int(p)],
              "probability": float(probs[i, p]), "true_probability": float(probs[i, t])}

@@ -76,6 +76,24 @@ class EagerRunner:
         return logits.float().softmax(dim=1).cpu()
 
 
+def head_probabilities(
+    model: TransferModel, features: torch.Tensor, device: torch.device | None = None, precision: str | None = None,
+    batch_size: int = 256,
+) -> torch.Tensor:  # fmt: skip
+    """The head alone on pooled backbone features (``extract_features``'s, at the same precision).
+
+    Bit for bit what :class:`EagerRunner` computes after the backbone: the cached vectors are the
+    head's own input (bf16 values kept exactly in float32), and under the same autocast the head's
+    first layer casts them back as it would have.
+    """
+    device = device or pick_device()
+    precision = inference_precision(model, device, precision)
+    head = model.head_module.to(device)
+    with inference_mode(model), autocast(device, precision):
+        logits = [head(batch.to(device)).float().cpu() for batch in features.split(batch_size)]
+    return torch.cat(logits).softmax(dim=1) if logits else torch.empty(0, len(model.class_names))
+
+
 class OnnxRunner:
     """An ONNX export in ONNX Runtime (fp32); class names and preprocessing from its sidecar unless given."""
 

@@ -20,10 +20,11 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint
-from .data import ImageFolderSplits, discover
+from .data import ImageFolderSplits, Sample, discover
 from .errors import TransferkitError
 from .files import write_json
-from .inference import Evaluation, evaluate_samples
+from .model import TransferModel
+from .inference import Evaluation, evaluate_cached_features, evaluate_samples
 from .runs import write_history
 from .training import Fitted, TrainConfig, TrainResult, find_lr, fit, model_and_strategy, quiet_lightning
 from .training.fit import RUN_DIR_ENV, add_skipped, check_sharding, join_as_worker_rank, say
@@ -200,7 +201,7 @@ def finish_run(fitted: Fitted, config: TrainConfig, splits: ImageFolderSplits, s
         return TrainResult(run_dir=fitted.run_dir, metrics={}, history=fitted.history)
     run_dir, history = fitted.run_dir, fitted.history
     model = load_checkpoint(run_dir / CHECKPOINT_NAME)
-    val = evaluate_samples(model, splits.val, config.batch_size, config.num_workers)
+    val = _final_evaluation(model, splits.val, config, fitted.info)
     add_skipped(splits, val.skipped)
     if history and history[-1].get("val_accuracy") is None:  # a linear probe: its one row gets its numbers now
         history[-1].update(val_loss=round(val.loss, 6), val_accuracy=round(val.accuracy, 6))
@@ -209,6 +210,7 @@ def finish_run(fitted: Fitted, config: TrainConfig, splits: ImageFolderSplits, s
         "val_accuracy": val.accuracy,
         "val_loss": val.loss,
         "evaluation_precision": val.precision,  # what produced the val_* and test_* numbers on this machine
+        "evaluated_on": "cached features" if _from_cached_features(fitted.info) else "images",
         "val_per_class": val.per_class,
         "val_confusion_matrix": val.confusion_matrix,
         "model": config.model,
@@ -220,7 +222,7 @@ def finish_run(fitted: Fitted, config: TrainConfig, splits: ImageFolderSplits, s
         **fitted.info,
     }
     if splits.test:
-        test = evaluate_samples(model, splits.test, config.batch_size, config.num_workers)
+        test = _final_evaluation(model, splits.test, config, fitted.info)
         metrics.update(test_accuracy=test.accuracy, test_loss=test.loss, test_per_class=test.per_class)
     metrics["total_seconds"] = round(time.time() - started, 2)
     write_json(run_dir / "metrics.json", metrics)
@@ -228,6 +230,18 @@ def finish_run(fitted: Fitted, config: TrainConfig, splits: ImageFolderSplits, s
     if not config.quiet:
         say(f"val_accuracy {val.accuracy:.4f} (best epoch {fitted.info.get('best_epoch')}) · run directory: {run_dir}")
     return TrainResult(run_dir=run_dir, metrics=metrics, history=history)
+
+
+def _final_evaluation(model: TransferModel, samples: list[Sample], config: TrainConfig, info: dict[str, Any]) -> Evaluation:
+    """The run's evaluation; a head trained on cached features is evaluated on them (same numbers, no backbone)."""
+    if _from_cached_features(info):
+        cache_dir = Path(config.cache_dir) if config.cache_dir else None
+        return evaluate_cached_features(model, samples, config.batch_size, config.num_workers, cache_dir=cache_dir)
+    return evaluate_samples(model, samples, config.batch_size, config.num_workers)
+
+
+def _from_cached_features(info: dict[str, Any]) -> bool:
+    return info.get("strategy") == "feature-extract" and "feature_cache" in info
 
 
 def _report(run_dir: Path, splits: ImageFolderSplits, val: Evaluation) -> None:

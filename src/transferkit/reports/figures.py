@@ -7,6 +7,7 @@ backend is left alone (``matplotlib.use("Agg")`` would switch it for the whole p
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import warnings
@@ -17,6 +18,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -153,31 +155,41 @@ class Tile:
 
 
 def plot_tiles(tiles: Sequence[Tile], path: Path) -> Path:
-    """A grid of images with titles; wrong predictions framed and titled in red, right ones in green."""
+    """A grid of images with titles; wrong predictions framed and titled in red, right ones in green.
+
+    Pasted and lettered with PIL rather than drawn as matplotlib axes: the same picture, but one
+    axes per tile made the image grids most of a short run's report time (1.8 s of 2.3 s measured).
+    """
     if not tiles:
         raise ValueError("plot_tiles needs at least one tile")
     columns = min(len(tiles), GRID_COLUMNS)
     rows = math.ceil(len(tiles) / columns)
-    width, height = columns * TILE_INCHES[0], rows * TILE_INCHES[1]
-    fig = _figure((width, height), layout=None)
-    # Fixed tile geometry instead of a layout engine: every tile is the same size, and constrained
-    # layout would spend most of the drawing time measuring dozens of identical titles.
-    side = TILE_INCHES[0] - 2 * TILE_MARGIN
+    tile_w, tile_h = round(TILE_INCHES[0] * DPI), round(TILE_INCHES[1] * DPI)
+    margin, side = round(TILE_MARGIN * DPI), round((TILE_INCHES[0] - 2 * TILE_MARGIN) * DPI)
+    canvas = Image.new("RGB", (columns * tile_w, rows * tile_h), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = _title_font()
     for i, tile in enumerate(tiles):
         row, column = divmod(i, columns)
-        left = column * TILE_INCHES[0] + TILE_MARGIN
-        bottom = height - (row + 1) * TILE_INCHES[1] + TILE_MARGIN
-        ax = fig.add_axes((left / width, bottom / height, side / width, side / height))
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.imshow(tile.image)
+        left, bottom = column * tile_w + margin, (row + 1) * tile_h - margin
+        box = (left, bottom - side, left + side, bottom)
+        picture = Image.fromarray(tile.image).resize((side, side), Image.Resampling.BILINEAR)
+        canvas.paste(picture, box[:2])
         colour = "black" if tile.correct is None else RIGHT if tile.correct else WRONG
-        ax.set_title(tile.title, fontsize=8, color=colour)
-        for spine in ax.spines.values():
-            spine.set_visible(tile.correct is not None)
-            spine.set_color(colour)
-            spine.set_linewidth(3 if tile.correct is False else 1.5)
-    return _save(fig, path)
+        if tile.correct is not None:
+            draw.rectangle(box, outline=colour, width=3 if tile.correct is False else 2)
+        draw.multiline_text((left + side / 2, box[1] - 3), tile.title, fill=colour, font=font, anchor="md",
+                            align="center", spacing=2)  # fmt: skip
+    atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
+    return path
+
+
+@functools.cache
+def _title_font() -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """matplotlib's own DejaVu Sans (it ships with it: titles read as in the other figures), 8 pt at DPI."""
+    from matplotlib import font_manager
+
+    return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), round(8 * DPI / 72))
 
 
 # --------------------------------------------------------------------------- images as the model sees them
