@@ -143,6 +143,18 @@ def test_concurrent_requests_share_batches_and_get_their_own_answers() -> None:
     assert seen == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9], [10, 11, 12]]  # the job of 3 did not fit beside 8, 9
 
 
+def test_a_lone_request_is_not_kept_waiting_for_company() -> None:
+    async def go() -> list[list[int]]:
+        batcher = Batcher(lambda items: items, max_batch=8, max_wait_s=3600)
+        await batcher.start()
+        try:  # an hour's wait would be spent only after a batch that joined several requests
+            return [await asyncio.wait_for(batcher.submit([i]), 60) for i in range(3)]
+        finally:
+            await batcher.stop()
+
+    assert asyncio.run(go()) == [[0], [1], [2]]
+
+
 def test_without_batching_each_request_is_its_own_batch() -> None:
     jobs = [[i] for i in range(5)]
     seen, answers = run_batcher(jobs, max_batch=32, enabled=False)

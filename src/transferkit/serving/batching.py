@@ -3,8 +3,10 @@
 Requests wait in a queue; one task takes the first, gathers whatever else arrives within
 ``max_wait_s`` (up to ``max_batch`` images), and runs the model once on all of them in a worker
 thread, so the event loop keeps accepting requests meanwhile. Requests that arrive while the model
-runs are the next batch: under load, batches fill without waiting. With batching off each request
-is its own batch (still one at a time: the model is one set of cores either way).
+runs are the next batch: under load, batches fill without waiting. The wait is only spent while
+requests come concurrently (the last batch joined several): a lone client is never kept waiting
+for company that does not come. With batching off each request is its own batch (still one at a
+time: the model is one set of cores either way).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class Batcher(Generic[Item, Result]):
         self._queue: asyncio.Queue[_Job[Item, Result]] | None = None
         self._task: asyncio.Task[None] | None = None
         self._held: _Job[Item, Result] | None = None  # taken from the queue, not yet run
+        self._concurrent = False  # whether the last batch joined several requests: worth waiting for others
 
     async def start(self) -> None:
         self._queue = asyncio.Queue()
@@ -92,6 +95,7 @@ class Batcher(Generic[Item, Result]):
                         job.future.set_exception(exc)
                 continue
             self.stats.record(len(jobs), len(items))
+            self._concurrent = len(jobs) > 1
             start = 0
             for job in jobs:
                 if not job.future.done():  # a client that went away has a cancelled future
@@ -109,7 +113,7 @@ class Batcher(Generic[Item, Result]):
         size = len(jobs[0].items)
         if not self.enabled:
             return jobs
-        for wait in (0.0, self.max_wait_s):
+        for wait in (0.0, self.max_wait_s if self._concurrent else 0.0):
             if wait:
                 await asyncio.sleep(wait)
             while size < self.max_batch and not self._queue.empty():
