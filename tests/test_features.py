@@ -39,6 +39,15 @@ def test_second_extraction_is_all_hits_and_identical(images: list, tmp_path: Pat
 
 
 @pytest.mark.precision
+def test_extraction_leaves_the_callers_random_stream_alone(images: list, tmp_path: Path) -> None:
+    # Computing (its loader draws seeds) or reading from the cache: what the caller draws next is the same.
+    model = _model()
+    for _ in ("computed", "from the cache"):
+        torch.manual_seed(7)
+        extract_features(model, images, cache_dir=tmp_path, num_workers=0)
+        assert torch.equal(torch.rand(3), torch.manual_seed(7) and torch.rand(3))
+
+
 def test_features_equal_the_models_own_penultimate_output(images: list, tmp_path: Path) -> None:
     model = _model()
     feats = extract_features(model, images[:2], cache_dir=tmp_path / "c", num_workers=0, precision="32").features

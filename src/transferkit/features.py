@@ -143,14 +143,17 @@ def extract_features(
         if use_cache:
             root.mkdir(parents=True, exist_ok=True)
             _write_spec(root, spec)
-        loader = _view_loader(todo, prep, augment, batch_size, num_workers, device)
-        for positions, vectors in _run_extractor(model, loader, layer, device, precision):
-            for pos, vec in zip(positions.tolist(), vectors):
-                index, path, view = todo[pos]
-                rows[(index, view)] = vec
-                if use_cache:
-                    target = root / (file_key(path, view) + ".npy")
-                    atomic_write(target, lambda tmp, v=vec: _save_npy(tmp, v))
+        # On a private RNG stream: whether features came from the cache or were computed here (its
+        # loader draws seeds) must not change what the caller draws next (a head's dropout, say).
+        with torch.random.fork_rng(devices=[]):
+            loader = _view_loader(todo, prep, augment, batch_size, num_workers, device)
+            for positions, vectors in _run_extractor(model, loader, layer, device, precision):
+                for pos, vec in zip(positions.tolist(), vectors):
+                    index, path, view = todo[pos]
+                    rows[(index, view)] = vec
+                    if use_cache:
+                        target = root / (file_key(path, view) + ".npy")
+                        atomic_write(target, lambda tmp, v=vec: _save_npy(tmp, v))
     order = [(i, v) for i, _, v in items if (i, v) in rows]
     if not order:
         raise TransferkitError("no image could be decoded for feature extraction")

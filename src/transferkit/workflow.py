@@ -200,6 +200,7 @@ def finish_run(fitted: Fitted, config: TrainConfig, splits: ImageFolderSplits, s
     if not fitted.global_zero:  # metrics, checkpoint and report are rank 0's
         return TrainResult(run_dir=fitted.run_dir, metrics={}, history=fitted.history)
     run_dir, history = fitted.run_dir, fitted.history
+    evaluation_started = time.perf_counter()
     model = load_checkpoint(run_dir / CHECKPOINT_NAME)
     val = _final_evaluation(model, splits.val, config, fitted.info)
     add_skipped(splits, val.skipped)
@@ -224,6 +225,7 @@ def finish_run(fitted: Fitted, config: TrainConfig, splits: ImageFolderSplits, s
     if splits.test:
         test = _final_evaluation(model, splits.test, config, fitted.info)
         metrics.update(test_accuracy=test.accuracy, test_loss=test.loss, test_per_class=test.per_class)
+    metrics["evaluation_seconds"] = round(time.perf_counter() - evaluation_started, 2)
     metrics["total_seconds"] = round(time.time() - started, 2)
     write_json(run_dir / "metrics.json", metrics)
     _report(run_dir, splits, val)

@@ -9,10 +9,13 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from ..errors import TransferkitError
 from ..model import TransferModel
 from ..performance import batch_to, uses_convolutions
 from ..strategies import StrategySpec, param_groups
 from .config import TrainConfig
+
+FROZEN_BACKBONE_KEY = "transferkit_frozen_backbone_digest"
 
 
 class TransferLearner(L.LightningModule):
@@ -53,6 +56,28 @@ class TransferLearner(L.LightningModule):
         self.log(f"{stage}_loss", loss.detach(), prog_bar=stage == "val", **kwargs)
         self.log(f"{stage}_accuracy", metric, prog_bar=True, **kwargs)
         return loss
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Only the head trains on cached features: the rolling checkpoint written every epoch keeps
+        # the head alone (kilobytes instead of the whole backbone) and the frozen backbone's digest.
+        if self.head_only:
+            from ..features import weights_digest
+
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if self._is_head_key(k)}
+            checkpoint[FROZEN_BACKBONE_KEY] = weights_digest(self.model)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if FROZEN_BACKBONE_KEY not in checkpoint:
+            return
+        from ..features import weights_digest
+
+        if checkpoint[FROZEN_BACKBONE_KEY] != weights_digest(self.model):
+            raise TransferkitError("--resume: the backbone built now differs from the one this run's head was trained "
+                                   "on (its weights changed); start a new run instead")  # fmt: skip
+        checkpoint["state_dict"] = {**self.state_dict(), **checkpoint["state_dict"]}
+
+    def _is_head_key(self, key: str) -> bool:
+        return any(key.startswith(f"model.net.{path}.") for path in self.model.record.head_paths)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         return self._step(batch, "train")
