@@ -15,11 +15,15 @@ is usable without transferkit::
 Before an export is moved into place it is loaded back from its file and its probabilities on a
 few validation images of the run (random tensors when the run's data is gone) are compared with
 the checkpoint's; a difference above the tolerance fails the export and leaves no file.
+
+``quantize="int8"`` (``--quantize int8``) writes ``model.int8.onnx``: the verified fp32 export,
+quantized by ONNX Runtime and checked against it on accuracy (see :mod:`transferkit.quantize`).
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +38,10 @@ from .errors import TransferkitError
 from .files import atomic_write, cache_root
 from .model import TransferModel
 from .prediction import SIDECAR_FORMAT, EagerRunner, ExportedProgramRunner, OnnxRunner, sidecar_path
+from .quantize import DEFAULT_MAX_DROP, QUANTIZATIONS, QuantizationCheck
 
 FORMATS = {"onnx": "model.onnx", "pt2": "model.pt2"}
+QUANTIZED_NAME = "model.{}.onnx"  # model.int8.onnx: beside model.onnx, never mistaken for it by predict
 # TorchScript (torch.jit.trace) is deprecated by PyTorch in favour of torch.export, which pt2 is.
 RETIRED_FORMATS = {"torchscript": "pt2"}
 DEFAULT_TOLERANCE = 1e-4  # max abs difference of probabilities; fp32 ONNX Runtime differs by ~1e-7
@@ -67,8 +73,12 @@ class ExportResult:
     checked_on: str  # "8 validation images" or "8 random tensors"
     max_abs_diff: float
     tolerance: float
+    quantization: QuantizationCheck | None = None  # an int8 export's check against its fp32 original
 
     def summary(self) -> str:
+        if self.quantization is not None:
+            kept = "" if self.quantization.passed else " (over the limit, kept by --force)"
+            return f"wrote {self.path} and {self.sidecar.name}; {self.quantization.summary()}{kept}"
         return (
             f"wrote {self.path} and {self.sidecar.name}; checked on {self.checked_on}: max abs probability "
             f"difference from the checkpoint {self.max_abs_diff:.2g} (tolerance {self.tolerance:g})"
@@ -90,22 +100,34 @@ def export(
     out: str | Path | None = None,
     force: bool = False,
     tolerance: float = DEFAULT_TOLERANCE,
+    quantize: str | None = None,
+    max_drop: float = DEFAULT_MAX_DROP,
 ) -> ExportResult:
     """Export a run's model (default ``RUN/model.onnx`` or ``RUN/model.pt2``) with its sidecar.
+
+    ``quantize="int8"``: an int8 ONNX model (default ``RUN/model.int8.onnx``), refused when its
+    accuracy on the run's validation images is more than ``max_drop`` points below fp32's, unless
+    ``force``.
 
     >>> export("runs/my-run", "onnx").path  # doctest: +SKIP
     PosixPath('runs/my-run/model.onnx')
     """
     _check_format(format)
+    if quantize is not None and (quantize not in QUANTIZATIONS or format != "onnx"):
+        raise TransferkitError(f"--quantize {quantize} is not available for --format {format}; "
+                               f"choose --format onnx --quantize {' or '.join(QUANTIZATIONS)}")  # fmt: skip
     checkpoint = resolve_checkpoint_path(run)
     run_dir = checkpoint.parent
     model = load_checkpoint(checkpoint)
-    target = Path(out).expanduser() if out is not None else run_dir / FORMATS[format]
+    default = QUANTIZED_NAME.format(quantize) if quantize else FORMATS[format]
+    target = Path(out).expanduser() if out is not None else run_dir / default
     prep = model.preprocessing
     check = validation_inputs(run_dir, prep)
     if check is None:
         inputs, what = random_inputs(prep)
         check = inputs, f"{what} (the run's validation images were not found)"
+    if quantize is not None:
+        return _export_int8(model, run_dir, target, check, force, tolerance, max_drop, str(checkpoint.resolve()))
     return export_model(model, target, format, check=check, force=force, tolerance=tolerance,
                         source=str(checkpoint.resolve()))  # fmt: skip
 
@@ -127,14 +149,7 @@ def export_model(
     if not tolerance >= 0:
         raise TransferkitError(f"--tolerance must be a number >= 0, got {tolerance}")
     out = Path(out)
-    if format == "onnx" and out.suffix.lower() != ".onnx":
-        raise TransferkitError(f"--out {out} must end in .onnx for an ONNX export (predict recognises it by that)")
-    sidecar = sidecar_path(out)
-    for path in (out, sidecar):
-        if path.is_dir():
-            raise TransferkitError(f"--out {out}: {path} is a folder; give a file name")
-        if path.exists() and not force:
-            raise TransferkitError(f"{path} already exists; pass --force to overwrite it, or choose another --out")
+    _check_outputs(out, format, force)
     prep = model.preprocessing
     inputs, checked_on = check if check is not None else random_inputs(prep)
     net = Probabilities(model).eval().float().to("cpu", memory_format=torch.contiguous_format)
@@ -164,14 +179,63 @@ def export_model(
 
     with torch.no_grad():
         atomic_write(out, write_and_verify)
-    result = ExportResult(out, sidecar, format, checked_on, diff, tolerance)
-    metadata = _sidecar(model, prep, result, inputs.shape[-1], source)
-    try:
-        atomic_write(sidecar, lambda tmp: tmp.write_text(json.dumps(metadata, indent=2) + "\n"))
-    except BaseException:
-        out.unlink(missing_ok=True)  # an export without its sidecar cannot be used
-        raise
+    result = ExportResult(out, sidecar_path(out), format, checked_on, diff, tolerance)
+    _write_sidecar(model, result, source)
     return result
+
+
+def _export_int8(
+    model: TransferModel, run_dir: Path, out: Path, check: tuple[torch.Tensor, str], force: bool, tolerance: float,
+    max_drop: float, source: str,
+) -> ExportResult:  # fmt: skip
+    """The fp32 export (verified as always) in a temporary folder, quantized into ``out`` if accurate enough."""
+    from .quantize import CALIBRATION_IMAGES, calibration_reader, check_int8, quantize_int8, run_samples, spread
+
+    _check_outputs(out, "onnx", force)
+    train, val = run_samples(run_dir)
+    quality: QuantizationCheck | None = None
+    with tempfile.TemporaryDirectory(prefix="transferkit-export-") as tmp:
+        fp32 = export_model(model, Path(tmp) / "fp32.onnx", "onnx", check=check, tolerance=tolerance, source=source)
+
+        def write_and_check(path: Path) -> None:
+            nonlocal quality
+            reader = calibration_reader(spread(train, CALIBRATION_IMAGES), model.preprocessing, INPUT_NAME)
+            try:
+                quantize_int8(fp32.path, path, reader)
+            except Exception as exc:  # ONNX Runtime's quantizer raises many types; all mean "cannot quantize"
+                raise TransferkitError(f"int8 quantization of {model.record.backbone} failed ({type(exc).__name__}: "
+                                       f"{str(exc)[:200]}); export fp32 without --quantize") from None  # fmt: skip
+            quality = check_int8(fp32.path, path, val, model.class_names, model.preprocessing, max_drop, reader.count)
+            if not quality.passed and not force:
+                raise TransferkitError(f"int8 export refused, nothing was written: {quality.summary()}. Pass --force "
+                                       "to keep it anyway, or --max-drop to change the limit")  # fmt: skip
+
+        atomic_write(out, write_and_check)
+    assert quality is not None
+    # "check" stays the fp32 export's check against the checkpoint; the int8 model's is "quantization".
+    result = ExportResult(out, sidecar_path(out), "onnx", fp32.checked_on, fp32.max_abs_diff, tolerance, quality)
+    _write_sidecar(model, result, source)
+    return result
+
+
+def _check_outputs(out: Path, format: str, force: bool) -> None:
+    """An export goes to a file name ``predict`` recognises, never over a folder, over a file only with --force."""
+    if format == "onnx" and out.suffix.lower() != ".onnx":
+        raise TransferkitError(f"--out {out} must end in .onnx for an ONNX export (predict recognises it by that)")
+    for path in (out, sidecar_path(out)):
+        if path.is_dir():
+            raise TransferkitError(f"--out {out}: {path} is a folder; give a file name")
+        if path.exists() and not force:
+            raise TransferkitError(f"{path} already exists; pass --force to overwrite it, or choose another --out")
+
+
+def _write_sidecar(model: TransferModel, result: ExportResult, source: str | None) -> None:
+    metadata = _sidecar(model, model.preprocessing, result, model.preprocessing.image_size, source)
+    try:
+        atomic_write(result.sidecar, lambda tmp: tmp.write_text(json.dumps(metadata, indent=2) + "\n"))
+    except BaseException:
+        result.path.unlink(missing_ok=True)  # an export without its sidecar cannot be used
+        raise
 
 
 def _check_format(format: str) -> None:
@@ -202,6 +266,7 @@ def _sidecar(
         "head": str(record.head),
         "checkpoint": source,
         "check": {"inputs": result.checked_on, "max_abs_diff": result.max_abs_diff, "tolerance": result.tolerance},
+        **({"quantization": result.quantization.to_dict()} if result.quantization else {}),
         "transferkit_version": __version__,
     }
 
