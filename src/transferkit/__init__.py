@@ -24,7 +24,7 @@ _EXPORTS = {
     "TransferkitError": "errors",
     "HeadSpec": "heads", "ModelRecord": "model", "TransferModel": "model",
     "PRECISIONS": "performance",
-    "AUGMENTATIONS": "data",
+    "AUGMENTATIONS": "data", "discover": "data", "BALANCE_MODES": "balance", "LabelColumns": "label_tables",
     "StrategySpec": "strategies", "apply_strategy": "strategies", "param_groups": "strategies",
     "STRATEGIES": "strategies",
     "CLASSIFIERS": "probes",

@@ -1,219 +1,44 @@
-"""Image folders → samples → tensors, with the backbone's own preprocessing.
+"""Samples → tensors: decoding, the backbone's own preprocessing, augmentation, loaders.
 
-Layouts: ``DATA/train/<class>/*`` + ``DATA/val/<class>/*`` (+ optional ``DATA/test``), or plain
-``DATA/<class>/*`` split into train/val by a stratified, seeded split.
+Which images there are, and their labels and splits, is :mod:`transferkit.discovery`'s (its names
+are re-exported here, where the rest of the package has always found them).
 """
 
 from __future__ import annotations
 
 import os
-import random
 import warnings
-from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from . import torchvision_import  # noqa: F401  (first: torchvision without dynamo's start-up cost)
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
 from torchvision.transforms import v2
 
 from .backbones import Preprocessing
+from .discovery import (  # noqa: F401  (re-exported)
+    IMAGE_EXTENSIONS,
+    MAX_IMAGE_PIXELS,
+    VAL_DIR_NAMES,
+    ImageFolderSplits,
+    Sample,
+    discover,
+    discover_for,
+    read_exclude_list,
+    scan_class_folder,
+    shuffled_by_class,
+    stratified_split,
+)
 from .errors import TransferkitError
 from .performance import pick_device
 
-# torchvision's ImageFolder extensions, and GIF (its first frame), which PIL reads and torchvision does not list.
-IMAGE_EXTENSIONS = (*IMG_EXTENSIONS, ".gif")
 JPEG_EXTENSIONS = (".jpg", ".jpeg")
 AUGMENTATIONS = ("none", "light", "strong")
-VAL_DIR_NAMES = ("val", "valid", "validation")
-# Refuse absurd images from their header, before decoding them (decompression bombs). PIL's own guard
-# (its Image.MAX_IMAGE_PIXELS, left as the user has it) may refuse some sooner.
-MAX_IMAGE_PIXELS = 16384 * 16384
-
-Sample = tuple[str, int]
-T = TypeVar("T")
-
-
-@dataclass
-class ImageFolderSplits:
-    root: Path
-    class_names: list[str]
-    train: list[Sample]
-    val: list[Sample]
-    test: list[Sample] | None = None
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    layout: str = "train/val"
-
-    def summary(self) -> dict[str, Any]:
-        def counts(samples: list[Sample] | None) -> dict[str, int] | None:
-            if samples is None:
-                return None
-            c = Counter(label for _, label in samples)
-            return {name: c.get(i, 0) for i, name in enumerate(self.class_names)}
-
-        return {
-            "root": str(self.root),
-            "layout": self.layout,
-            "classes": self.class_names,
-            "train_counts": counts(self.train),
-            "val_counts": counts(self.val),
-            "test_counts": counts(self.test),
-            "skipped_files": len(self.skipped),
-            "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
-        }
-
-
-def _is_hidden(path: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
-
-
-def _class_dirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def _check_image(path: Path) -> str | None:
-    """Why ``path`` cannot be used, from a cheap header read; None if it looks like an image."""
-    try:
-        if path.stat().st_size == 0:
-            return "empty file"
-        with Image.open(path) as im:
-            w, h = im.size
-        if w * h > MAX_IMAGE_PIXELS:
-            return f"too large ({w}x{h} pixels)"
-    except Image.DecompressionBombError:
-        return "too large (decompression bomb guard)"
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        return f"not a readable image ({type(exc).__name__})"
-    return None
-
-
-def scan_class_folder(
-    folder: Path, class_names: list[str] | None = None, check: bool = True
-) -> tuple[list[str], list[Sample], list[tuple[str, str]]]:
-    """(class names, samples, skipped files) of a ``<class>/*`` folder; nested folders are walked."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise TransferkitError(f"data folder {folder} does not exist; give a folder holding one sub-folder per class")
-    dirs = _class_dirs(folder)
-    names = [d.name for d in dirs]
-    if class_names is not None:
-        extra = sorted(set(names) - set(class_names))
-        if extra:
-            raise TransferkitError(
-                f"{folder} has classes the model does not know: {', '.join(extra)}; expected a subset of: "
-                f"{', '.join(class_names)}"
-            )
-    _check_case_clashes(names, folder)
-    known = class_names or names
-    samples: list[Sample] = []
-    skipped: list[tuple[str, str]] = []
-    for d in dirs:
-        found = 0
-        for dirpath, subdirs, files in os.walk(d):
-            subdirs[:] = sorted(s for s in subdirs if not s.startswith("."))
-            for f in sorted(files):
-                path = Path(dirpath) / f
-                if f.startswith(".") or _is_hidden(path, folder):
-                    continue
-                if not f.lower().endswith(IMAGE_EXTENSIONS):
-                    skipped.append((str(path), "not an image file extension"))
-                    continue
-                reason = _check_image(path) if check else None
-                if reason:
-                    skipped.append((str(path), reason))
-                    continue
-                samples.append((str(path), known.index(d.name)))
-                found += 1
-        if found == 0 and class_names is None:
-            raise TransferkitError(f"class folder {d} has no usable images; add images or remove the folder")
-    for path, reason in skipped:
-        warnings.warn(f"skipping {path}: {reason}", stacklevel=2)
-    return known, samples, skipped
-
-
-def _check_case_clashes(names: list[str], folder: Path) -> None:
-    lowered = Counter(n.lower() for n in names)
-    clashes = sorted(n for n in names if lowered[n.lower()] > 1)
-    if clashes:
-        raise TransferkitError(
-            f"class folders in {folder} differ only in case: {', '.join(clashes)}; merge or rename them"
-        )
-
-
-def discover(data_dir: str | Path, val_split: float = 0.2, seed: int = 0) -> ImageFolderSplits:
-    """Find classes and samples in ``data_dir`` (see module docstring for the layouts)."""
-    root = Path(data_dir).expanduser()
-    if not root.is_dir():
-        raise TransferkitError(f"data folder {root} does not exist; pass DATA holding train/ and val/ or class folders")
-    train_dir = root / "train"
-    val_dir = next((root / n for n in VAL_DIR_NAMES if (root / n).is_dir()), None)
-    if train_dir.is_dir():
-        names, train, skipped = scan_class_folder(train_dir)
-        if val_dir is not None:
-            val_names = [d.name for d in _class_dirs(val_dir)]
-            if set(val_names) != set(names):
-                raise TransferkitError(
-                    f"{val_dir} classes ({', '.join(val_names)}) differ from {train_dir} classes "
-                    f"({', '.join(names)}); give both the same class folders"
-                )
-            _, val, more = scan_class_folder(val_dir, names)
-            layout = "train/val"
-        else:
-            train, val = stratified_split(train, val_split, seed)
-            more, layout = [], f"train split {1 - val_split:.0%}/{val_split:.0%}"
-        test = None
-        if (root / "test").is_dir():
-            _, test, test_skipped = scan_class_folder(root / "test", names)
-            more = more + test_skipped
-        splits = ImageFolderSplits(root, names, train, val, test, skipped + more, layout)
-    else:
-        names, samples, skipped = scan_class_folder(root)
-        train, val = stratified_split(samples, val_split, seed)
-        splits = ImageFolderSplits(root, names, train, val, None, skipped, f"split {1 - val_split:.0%}/{val_split:.0%}")
-    if len(splits.class_names) < 2:
-        raise TransferkitError(
-            f"{root} has {len(splits.class_names)} class folder(s); a classifier needs at least 2 (one sub-folder per class)"
-        )
-    if not splits.val:
-        raise TransferkitError(f"no validation images in {root}; add a val/ folder or raise --val-split")
-    return splits
-
-
-def shuffled_by_class(items: Sequence[T], label: Callable[[T], int], seed: int) -> list[list[T]]:
-    """``items`` grouped by class (classes in label order), each group in a seeded random order.
-
-    The one per-class sampler: the train/val split, advise's sample and the report's grids all draw
-    from it, so a seed means the same thing everywhere.
-    """
-    rng = random.Random(seed)
-    groups: dict[int, list[T]] = {}
-    for item in items:
-        groups.setdefault(label(item), []).append(item)
-    ordered = [groups[k] for k in sorted(groups)]
-    for group in ordered:
-        rng.shuffle(group)
-    return ordered
-
-
-def stratified_split(samples: list[Sample], val_split: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """Split each class by ``val_split``, the same way for the same seed."""
-    if not 0 < val_split < 1:
-        raise TransferkitError(f"--val-split must be between 0 and 1, got {val_split}")
-    train: list[Sample] = []
-    val: list[Sample] = []
-    for members in shuffled_by_class(samples, lambda s: s[1], seed):
-        n_val = min(len(members) - 1, max(1, round(len(members) * val_split))) if len(members) > 1 else 0
-        val += members[:n_val]
-        train += members[n_val:]
-    return sorted(train), sorted(val)
 
 
 # --------------------------------------------------------------------------- decoding
@@ -392,14 +217,18 @@ def make_loader(
     num_workers: int | None = None,
     seed: int = 0,
     device_type: str | None = None,
+    sampler: EpochSeededSampler | None = None,
 ) -> DataLoader:
-    """Batches of (images, labels, undecodable images); workers as :func:`default_num_workers` says for the device."""
+    """Batches of (images, labels, undecodable images); workers as :func:`default_num_workers` says for the device.
+
+    ``sampler`` replaces the (seeded, shuffling when ``shuffle``) order, e.g. by a class-balanced one.
+    """
     workers = default_num_workers(device_type) if num_workers is None else num_workers
     return DataLoader(
         ImageDataset(samples, transform),
         batch_size=batch_size,
         # Only shuffled (training) batches carry augmentation seeds; the others transform on threads too.
-        sampler=EpochSeededSampler(len(samples), seed, shuffle, with_aug_seeds=shuffle),
+        sampler=sampler or EpochSeededSampler(len(samples), seed, shuffle, with_aug_seeds=shuffle),
         num_workers=workers,
         collate_fn=collate_skipping_bad,
         persistent_workers=workers > 0,

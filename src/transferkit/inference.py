@@ -31,10 +31,14 @@ class Evaluation:
     skipped_files: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list, repr=False)
     predictions: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    macro_f1: float = 0.0  # the mean of per-class F1: what chooses among runs on imbalanced classes
+    balanced_accuracy: float = 0.0  # the mean of per-class recalls
 
     def to_dict(self, with_predictions: bool = False) -> dict[str, Any]:
         d = {
             "accuracy": self.accuracy,
+            "balanced_accuracy": self.balanced_accuracy,
+            "macro_f1": self.macro_f1,
             "loss": self.loss,
             "precision": self.precision,
             "num_images": self.num_images,
@@ -52,6 +56,7 @@ class Evaluation:
         lines = [
             f"accuracy {self.accuracy:.4f} on {self.num_images} images (loss {self.loss:.4f}; "
             f"precision {PRECISION_NAMES.get(self.precision, self.precision)})",
+            f"balanced accuracy {self.balanced_accuracy:.4f}, macro-F1 {self.macro_f1:.4f}",
             "",
             f"{'class':<{width}}  precision  recall  f1      support",
         ]
@@ -145,6 +150,8 @@ def _evaluation(
                    for i, name in enumerate(names)},  # fmt: skip
         confusion_matrix=multiclass_confusion_matrix(predicted, labels, num_classes=len(names)).tolist(),
         loss=float(torch.nn.functional.nll_loss(probs.clamp_min(1e-12).log(), labels)),
+        macro_f1=float(multiclass_f1_score(predicted, labels, num_classes=len(names), average="macro")),
+        balanced_accuracy=float(multiclass_accuracy(predicted, labels, num_classes=len(names), average="macro")),
         precision=precision,
         skipped_files=skipped + len(bad),
         skipped=bad,

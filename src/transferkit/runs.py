@@ -31,7 +31,7 @@ HISTORY_NAME = "history.csv"
 
 # The columns of history.csv, in order: losses, accuracies, learning rate, what trained, time.
 HISTORY_FIELDS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "trainable_params",
-                  "trainable_groups", "seconds")  # fmt: skip
+                  "trainable_groups", "seconds", "val_macro_f1", "val_balanced_accuracy")  # fmt: skip
 _INTEGER_FIELDS = ("epoch", "trainable_params")
 _TEXT_FIELDS = ("trainable_groups",)
 

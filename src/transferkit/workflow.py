@@ -20,7 +20,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint
-from .data import ImageFolderSplits, Sample, discover
+from .balance import resolve_balance
+from .data import ImageFolderSplits, Sample, discover_for
 from .errors import TransferkitError
 from .files import write_json
 from .model import TransferModel
@@ -54,7 +55,8 @@ def run_training(config: TrainConfig, command: str | None = None, callbacks: lis
         raise TransferkitError("a multi-process launch (torchrun, SLURM) needs --out RUN_DIR, so every rank finds the run")
     check_sharding(config)
     L.seed_everything(config.seed, workers=True, verbose=False)
-    splits = discover(config.data, config.val_split, config.seed)
+    splits = discover_for(config)
+    _resolve_balance(config, splits)
     run_dir = None
     if config.strategy == "auto":
         progress = _SearchProgress(config, command)
@@ -84,6 +86,17 @@ def _train_resolved(
     return finish_run(fit(run_dir, config, splits, model, spec, callbacks=callbacks), config, splits, started)
 
 
+def _resolve_balance(config: TrainConfig, splits: ImageFolderSplits) -> None:
+    """--balance for this data, recorded with the run; an imbalanced run says how it is corrected and chosen."""
+    balance = resolve_balance(config.balance, splits.train, len(splits.class_names), splits.multi_label)
+    config.resolved_from["balance"] = balance.to_dict()
+    if balance.imbalanced and not config.quiet:
+        counts = ", ".join(f"{n} {c}" for n, c in zip(splits.class_names, balance.class_counts))
+        fix = {"loss": "class-weighted loss", "sampler": "class-balanced sampling", "none": "no correction"}
+        say(f"imbalanced classes (training images: {counts}; largest/smallest {balance.ratio:g}): "
+            f"{fix[balance.mode]}, best epoch chosen by macro-F1")  # fmt: skip
+
+
 def resume_training(run_dir: str | Path, command: str | None = None, callbacks: list[Callback] = ()) -> TrainResult:  # type: ignore[assignment]
     """Continue an interrupted run from its last checkpoint, with its own configuration.
 
@@ -106,7 +119,7 @@ def resume_training(run_dir: str | Path, command: str | None = None, callbacks: 
         f.write((command or " ".join(sys.argv)) + "\n")
     started = time.time()
     L.seed_everything(config.seed, workers=True, verbose=False)
-    splits = discover(config.data, config.val_split, config.seed)
+    splits = discover_for(config)
     model, spec = model_and_strategy(config, splits)
     if spec.name == "linear-probe":
         raise TransferkitError("a linear probe has no epochs to resume; start it again")
@@ -186,7 +199,7 @@ def _resume_search(run_dir: Path, command: str | None, callbacks: list[Callback]
     config = TrainConfig(**state["config"])
     started = time.time()
     L.seed_everything(config.seed, workers=True, verbose=False)
-    splits = discover(config.data, config.val_split, config.seed)
+    splits = discover_for(config)
     previous = [Trial(**t) for t in state["trials"] if t["status"] == "done"]
     progress = _SearchProgress(config, state.get("command"), run_dir)
     with open(run_dir / "command.txt", "a") as f:
@@ -210,6 +223,8 @@ def finish_run(fitted: Fitted, config: TrainConfig, splits: ImageFolderSplits, s
     metrics: dict[str, Any] = {
         "val_accuracy": val.accuracy,
         "val_loss": val.loss,
+        "val_balanced_accuracy": val.balanced_accuracy,
+        "val_macro_f1": val.macro_f1,
         "evaluation_precision": val.precision,  # what produced the val_* and test_* numbers on this machine
         "evaluated_on": "cached features" if _from_cached_features(fitted.info) else "images",
         "val_per_class": val.per_class,
@@ -224,7 +239,8 @@ def finish_run(fitted: Fitted, config: TrainConfig, splits: ImageFolderSplits, s
     }
     if splits.test:
         test = _final_evaluation(model, splits.test, config, fitted.info)
-        metrics.update(test_accuracy=test.accuracy, test_loss=test.loss, test_per_class=test.per_class)
+        metrics.update(test_accuracy=test.accuracy, test_loss=test.loss, test_per_class=test.per_class,
+                       test_balanced_accuracy=test.balanced_accuracy, test_macro_f1=test.macro_f1)
     metrics["evaluation_seconds"] = round(time.perf_counter() - evaluation_started, 2)
     metrics["total_seconds"] = round(time.time() - started, 2)
     write_json(run_dir / "metrics.json", metrics)

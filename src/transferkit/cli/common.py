@@ -169,6 +169,23 @@ def precision_option() -> argparse.ArgumentParser:
     return parent
 
 
+def data_options() -> argparse.ArgumentParser:
+    """How DATA's labels are read: a CSV label file and its columns, and files to leave out."""
+    parent = _parent()
+    group = parent.add_argument_group("labels from a CSV file (DATA may itself be the CSV)")
+    group.add_argument("--labels", metavar="FILE", help="a CSV of path,label[,split] rows for the images in DATA")
+    group.add_argument("--path-col", help="the CSV's path column (default: detected: path, file, filename, image, id)")
+    group.add_argument("--label-col", help="the label column (default: detected: label, labels, class, category); "
+                       "without one, 0/1 columns mean one class each (multi-label)")  # fmt: skip
+    group.add_argument("--split-col", help="the train/val/test column (default: detected: split, set, subset)")
+    group.add_argument("--label-sep", help="between several labels in one cell, making the data multi-label "
+                       "(default: | or ; where found)")  # fmt: skip
+    group.add_argument("--image-ext", help="extension of files named by an id without one (default: looked up)")
+    parent.add_argument("--exclude", metavar="FILE", help="leave out the images this file lists, one path a line "
+                        "(e.g. transferkit inspect's suspects.txt)")  # fmt: skip
+    return parent
+
+
 def cache_dir_option() -> argparse.ArgumentParser:
     parent = _parent()
     parent.add_argument("--cache-dir", help="feature cache folder (default ~/.cache/transferkit, or $TRANSFERKIT_CACHE_DIR)")

@@ -12,6 +12,7 @@ from .common import (
     backbone_options,
     batch_size_option,
     cache_dir_option,
+    data_options,
     epochs,
     image_size_option,
     precision_option,
@@ -19,8 +20,8 @@ from .common import (
 
 
 def _train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data", nargs="?", help="DATA/train/<class>/* and DATA/val/<class>/*, or DATA/<class>/* "
-                   "(split by --val-split)")  # fmt: skip
+    p.add_argument("data", nargs="?", help="DATA/train/<class>/* and DATA/val/<class>/*, DATA/<class>/* "
+                   "(split by --val-split), or a CSV label file")  # fmt: skip
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run with its own configuration")
     p.add_argument("--strategy", default="feature-extract", choices=ApiChoices("STRATEGIES", extra=["auto"]),
                    metavar="STRATEGY", help="%(choices)s (auto: measured on a holdout of the training images "
@@ -54,6 +55,9 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--augment", default="light", choices=ApiChoices("AUGMENTATIONS"), metavar="NAME",
                    help="%(choices)s (light: random resized crop + flip)")  # fmt: skip
     p.add_argument("--val-split", type=float, default=0.2, help="validation share when DATA has no val/ folder")
+    p.add_argument("--balance", default="auto", choices=ApiChoices("BALANCE_MODES"), metavar="MODE",
+                   help="imbalanced classes: %(choices)s (auto: class-weighted loss when the largest class has "
+                   "over 3x the images of the smallest; best epoch then chosen by macro-F1)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="random seed (data split, augmentation, initialisation)")
     p.add_argument("--precision", default="auto", choices=ApiChoices("PRECISIONS"), metavar="PRECISION",
                    help="%(choices)s")  # fmt: skip
@@ -125,7 +129,9 @@ transferkit train data/hymenoptera --strategy auto --budget 3m --models efficien
 transferkit train data/hymenoptera --model resnet18 --strategy fine-tune --unfreeze 2 --lr-decay 0.1
 transferkit train data/x --model mobilenet_v2 --weights mobilenet_v2_imagenet.pth --mean 0.5 --std 0.5
 transferkit train --resume runs/resnet18-gradual-20260101-120000
-""", _train_arguments, _train, parents=(backbone_options, image_size_option, batch_size_option, cache_dir_option)),
+transferkit train labels.csv --label-col diagnosis --split-col fold
+""", _train_arguments, _train,
+            parents=(data_options, backbone_options, image_size_option, batch_size_option, cache_dir_option)),
     Command("lr-find", "LR range test (Lightning's tuner): saves a plot, prints the suggested LR.", """
 transferkit lr-find data/hymenoptera --strategy fine-tune --unfreeze 2 --plot lr.png
 transferkit train data/hymenoptera --lr auto

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..backbones import Preprocessing
 from ..checkpoint import CHECKPOINT_NAME, load_checkpoint
-from ..data import ImageFolderSplits, discover
+from ..data import ImageFolderSplits, discover_for
 from ..errors import TransferkitError
 from ..files import atomic_write
 from ..runs import HISTORY_FIELDS, HISTORY_NAME, Run, load_run
@@ -104,7 +104,7 @@ def _image_figures(
     cfg = run.config
     try:
         model = load_checkpoint(run.path / CHECKPOINT_NAME)
-        splits = splits or discover(cfg["data"], cfg.get("val_split", 0.2), cfg.get("seed", 0))
+        splits = splits or discover_for(cfg)
     except TransferkitError as exc:
         return _Images({}, [], f"image grids not drawn: {exc}")
     if splits.class_names != model.class_names:

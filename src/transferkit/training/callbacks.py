@@ -46,11 +46,13 @@ class GradualUnfreezing(Callback):
 
 
 class BestModelCheckpoint(Callback):
-    """Writes the self-contained ``model.pt`` whenever validation accuracy improves (loss breaks ties)."""
+    """Writes the self-contained ``model.pt`` whenever ``metric`` (validation accuracy, or macro-F1 for
+    imbalanced classes) improves; validation loss breaks ties."""
 
-    def __init__(self, path: Path, extra: dict[str, Any]) -> None:
+    def __init__(self, path: Path, extra: dict[str, Any], metric: str = "val_accuracy") -> None:
         self.path = path
         self.extra = extra
+        self.metric = metric
         self.best: tuple[float, float] | None = None
         self.best_epoch = -1
 
@@ -58,7 +60,7 @@ class BestModelCheckpoint(Callback):
         if trainer.sanity_checking:
             return
         metrics = trainer.callback_metrics
-        score = (float(metrics["val_accuracy"]), -float(metrics["val_loss"]))
+        score = (float(metrics[self.metric]), -float(metrics["val_loss"]))
         if self.best is None or score > self.best:
             self.best, self.best_epoch = score, trainer.current_epoch
             # Every rank asks: under FSDP this gathers the full weights (a collective); else it is a plain read.
@@ -106,6 +108,8 @@ class HistoryCSV(Callback):
             "trainable_params": trainable,
             "trainable_groups": " ".join(groups),
             "seconds": round(time.perf_counter() - self._start, 3),
+            "val_macro_f1": _num(m.get("val_macro_f1")),
+            "val_balanced_accuracy": _num(m.get("val_balanced_accuracy")),
         }
         self.rows.append(row)
         if trainer.is_global_zero:

@@ -43,6 +43,14 @@ class TrainConfig:
     batch_size: int = 32
     augment: str = "light"
     val_split: float = 0.2
+    labels: str | None = None  # a CSV of labels for the images in DATA (DATA itself may be the CSV)
+    path_col: str | None = None  # label file columns, detected from common names unless given
+    label_col: str | None = None
+    split_col: str | None = None
+    label_sep: str | None = None  # between several labels in one cell (multi-label); "|" or ";" are detected
+    image_ext: str | None = None  # Kaggle-style ids without an extension: the images' extension
+    exclude: str | None = None  # a file listing images to leave out (transferkit inspect's suspects.txt)
+    balance: str = "auto"  # imbalanced classes: auto, none, loss (class-weighted) or sampler
     seed: int = 0
     precision: str = "auto"
     accelerator: str = "auto"

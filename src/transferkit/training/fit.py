@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from ..backbones import Preprocessing, explicit_preprocessing, load_backbone
+from ..balance import BalancedSampler
 from ..checkpoint import CHECKPOINT_NAME, save_checkpoint
 from ..data import EpochSeededSampler, ImageFolderSplits, build_transform, make_loader
 from ..errors import TransferkitError
@@ -103,7 +104,7 @@ def join_as_worker_rank(config: TrainConfig, callbacks: list[Callback] = ()) -> 
     """A non-zero rank: train in rank 0's run directory, with its resolved configuration; write nothing."""
     import json
 
-    from ..data import discover
+    from ..data import discover_for
 
     run_dir = Path(os.environ.get(RUN_DIR_ENV) or config.out or "")
     if not str(run_dir):
@@ -111,7 +112,7 @@ def join_as_worker_rank(config: TrainConfig, callbacks: list[Callback] = ()) -> 
     wait_for_file(run_dir / "config.json")
     resolved = TrainConfig(**json.loads((run_dir / "config.json").read_text()))
     L.seed_everything(resolved.seed, workers=True, verbose=False)
-    splits = discover(resolved.data, resolved.val_split, resolved.seed)
+    splits = discover_for(resolved)
     model, spec = model_and_strategy(resolved, splits)
     return fit(run_dir, resolved, splits, model, spec, callbacks=callbacks)
 
@@ -144,13 +145,14 @@ def fit(
     if feature_info:
         precision = "32"  # the head alone is tiny; its features were computed at inference precision
     history = HistoryCSV(run_dir / "history.csv")
-    best = BestModelCheckpoint(run_dir / CHECKPOINT_NAME, extra)
+    selection_metric = (config.resolved_from.get("balance") or {}).get("selection_metric", "val_accuracy")
+    best = BestModelCheckpoint(run_dir / CHECKPOINT_NAME, extra, selection_metric)
     # One rolling checkpoint, rewritten (atomically) at every epoch end: what --resume continues from.
     last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False)
     gradual = GradualUnfreezing(spec) if spec.name == "gradual" else None
     own: list[Callback] = [history, best, last, ResumableState(train_loader.sampler), *([gradual] if gradual else [])]
     if config.patience:
-        own.append(EarlyStopping("val_accuracy", mode="max", patience=config.patience))
+        own.append(EarlyStopping(selection_metric, mode="max", patience=config.patience))
     trainer = L.Trainer(
         max_epochs=config.epochs,
         accelerator=device.type if config.accelerator == "auto" else config.accelerator,
@@ -206,7 +208,8 @@ def learner_and_loaders(
     prep = model.preprocessing
     loading = {"num_workers": config.num_workers, "device_type": device.type}
     train_loader = make_loader(splits.train, build_transform(prep, config.augment), config.batch_size,
-                               shuffle=True, seed=config.seed, **loading)  # fmt: skip
+                               shuffle=True, seed=config.seed, sampler=_balanced_sampler(splits.train, config),
+                               **loading)  # fmt: skip
     val_loader = make_loader(splits.val, build_transform(prep, "none"), config.batch_size, **loading)
     if config.compile:
         compile_in_place(model, device)
@@ -236,7 +239,9 @@ def _feature_loaders(
     if ready is not None and rank_zero_only.rank == 0 and config.cache:
         ready.touch()
     add_skipped(splits, [(p, "cannot decode") for p in train.skipped + val.skipped])
-    sampler = EpochSeededSampler(len(train.labels), config.seed, with_aug_seeds=False)
+    labelled = list(zip(train.paths, train.labels.tolist()))
+    sampler = _balanced_sampler(labelled, config, with_aug_seeds=False) or EpochSeededSampler(
+        len(train.labels), config.seed, with_aug_seeds=False)
     train_loader = DataLoader(TensorDataset(train.features, train.labels), batch_size=config.batch_size, sampler=sampler)
     val_loader = DataLoader(TensorDataset(val.features, val.labels), batch_size=max(256, config.batch_size))
     info = {
@@ -248,6 +253,13 @@ def _feature_loaders(
         say(f"features: {info['feature_cache']['misses']} computed, {info['feature_cache']['hits']} from cache "
                f"in {info['feature_seconds']} s")  # fmt: skip
     return train_loader, val_loader, info
+
+
+def _balanced_sampler(train: list[Any], config: TrainConfig, with_aug_seeds: bool = True) -> BalancedSampler | None:
+    """``--balance sampler``'s class-balanced order, else None (the plain seeded shuffle)."""
+    if (config.resolved_from.get("balance") or {}).get("mode") != "sampler":
+        return None
+    return BalancedSampler([label for _, label in train], config.seed, with_aug_seeds)
 
 
 def fit_linear_probe_run(

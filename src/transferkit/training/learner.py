@@ -7,8 +7,9 @@ from typing import Any
 import lightning as L
 import torch
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from ..balance import Balance
 from ..errors import TransferkitError
 from ..model import TransferModel
 from ..performance import batch_to, uses_convolutions
@@ -31,6 +32,12 @@ class TransferLearner(L.LightningModule):
         n = len(model.class_names)
         self.train_accuracy = MulticlassAccuracy(num_classes=n, average="micro")
         self.val_accuracy = MulticlassAccuracy(num_classes=n, average="micro")
+        # For imbalanced classes (balance.py): the numbers that choose the best epoch there.
+        self.val_macro_f1 = MulticlassF1Score(num_classes=n, average="macro")
+        self.val_balanced_accuracy = MulticlassAccuracy(num_classes=n, average="macro")
+        balance = config.resolved_from.get("balance")
+        weights = Balance.from_dict(balance).class_weights() if balance else None
+        self.register_buffer("class_weights", weights, persistent=False)
         self.channels_last = uses_convolutions(model) and not head_only
         self.skipped_files: set[tuple[str, str]] = set()
 
@@ -46,16 +53,25 @@ class TransferLearner(L.LightningModule):
         out = self(batch_to(x, self.device, self.channels_last))
         if isinstance(out, tuple):  # Inception v3 in training: (logits, aux_logits)
             logits, aux = out
-            loss = nn.functional.cross_entropy(logits, y) + self.spec.aux_weight * nn.functional.cross_entropy(aux, y)
+            loss = self._loss(logits, y, stage) + self.spec.aux_weight * self._loss(aux, y, stage)
         else:
             logits = out
-            loss = nn.functional.cross_entropy(logits, y)
+            loss = self._loss(logits, y, stage)
         metric = self.train_accuracy if stage == "train" else self.val_accuracy
         metric(logits.detach(), y)
         kwargs = {"on_step": False, "on_epoch": True, "batch_size": len(y), "sync_dist": True}
         self.log(f"{stage}_loss", loss.detach(), prog_bar=stage == "val", **kwargs)
         self.log(f"{stage}_accuracy", metric, prog_bar=True, **kwargs)
+        if stage == "val":
+            for name in ("val_macro_f1", "val_balanced_accuracy"):
+                getattr(self, name)(logits.detach(), y)
+                self.log(name, getattr(self, name), **kwargs)
         return loss
+
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor, stage: str) -> torch.Tensor:
+        # Class weights correct training only: the validation loss stays the plain, comparable one.
+        weight = self.class_weights if stage == "train" else None
+        return nn.functional.cross_entropy(logits, y, weight=weight)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Only the head trains on cached features: the rolling checkpoint written every epoch keeps

@@ -11,7 +11,7 @@ from typing import Any
 
 import lightning as L
 
-from ..data import discover
+from ..data import discover_for
 from ..errors import TransferkitError
 from ..files import atomic_write
 from ..performance import resolve_precision, to_fast_layout
@@ -53,7 +53,7 @@ def find_lr(config: TrainConfig, splits: Any = None, num_training: int = 100) ->
 
     quiet_lightning()
     L.seed_everything(config.seed, workers=True, verbose=False)
-    splits = splits or discover(config.data, config.val_split, config.seed)
+    splits = splits or discover_for(config)
     probe = TrainConfig(**{**config.to_dict(), "lr": 1e-3, "scheduler": "none"})
     if probe.strategy in ("auto", "linear-probe"):
         raise TransferkitError("the LR finder needs a gradient-trained strategy: feature-extract, fine-tune, full or gradual")

@@ -1,0 +1,288 @@
+"""Where the images are and what they are labelled: class folders or a label file, split train/val/test.
+
+Layouts: ``DATA/train/<class>/*`` + ``DATA/val/<class>/*`` (+ optional ``DATA/test``), plain
+``DATA/<class>/*`` split into train/val by a stratified, seeded split, or a CSV label file
+(:mod:`transferkit.label_tables`). An exclude list leaves confirmed bad files out of any of them.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import warnings
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar, Union
+
+from PIL import Image, UnidentifiedImageError
+
+from . import torchvision_import  # noqa: F401  (first: torchvision without dynamo's start-up cost)
+from torchvision.datasets.folder import IMG_EXTENSIONS  # noqa: E402
+
+from .errors import TransferkitError  # noqa: E402
+from .label_tables import LabelColumns, LabelRow, read_label_table  # noqa: E402
+
+# torchvision's ImageFolder extensions, and GIF (its first frame), which PIL reads and torchvision does not list.
+IMAGE_EXTENSIONS = (*IMG_EXTENSIONS, ".gif")
+VAL_DIR_NAMES = ("val", "valid", "validation")
+# Refuse absurd images from their header, before decoding them (decompression bombs). PIL's own guard
+# (its Image.MAX_IMAGE_PIXELS, left as the user has it) may refuse some sooner.
+MAX_IMAGE_PIXELS = 16384 * 16384
+
+# (path, class index), or (path, class indices) for multi-label data.
+Sample = tuple[str, Union[int, tuple[int, ...]]]
+T = TypeVar("T")
+
+
+@dataclass
+class ImageFolderSplits:
+    root: Path
+    class_names: list[str]
+    train: list[Sample]
+    val: list[Sample]
+    test: list[Sample] | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    layout: str = "train/val"
+    multi_label: bool = False  # then a sample's label is a tuple of class indices
+    excluded: int = 0  # images left out by --exclude
+    repeated_rows: int = 0  # a label file's repeated rows, read once
+
+    def summary(self) -> dict[str, Any]:
+        def counts(samples: list[Sample] | None) -> dict[str, int] | None:
+            if samples is None:
+                return None
+            c = Counter(i for _, label in samples for i in (label if isinstance(label, tuple) else (label,)))
+            return {name: c.get(i, 0) for i, name in enumerate(self.class_names)}
+
+        return {
+            "root": str(self.root),
+            "layout": self.layout,
+            "classes": self.class_names,
+            "train_counts": counts(self.train),
+            "val_counts": counts(self.val),
+            "test_counts": counts(self.test),
+            "multi_label": self.multi_label,
+            "skipped_files": len(self.skipped),
+            "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
+            "excluded_files": self.excluded,
+            "repeated_rows": self.repeated_rows,
+        }
+
+
+def _is_hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _class_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _check_image(path: Path) -> str | None:
+    """Why ``path`` cannot be used, from a cheap header read; None if it looks like an image."""
+    try:
+        if path.stat().st_size == 0:
+            return "empty file"
+        with Image.open(path) as im:
+            w, h = im.size
+        if w * h > MAX_IMAGE_PIXELS:
+            return f"too large ({w}x{h} pixels)"
+    except Image.DecompressionBombError:
+        return "too large (decompression bomb guard)"
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        return f"not a readable image ({type(exc).__name__})"
+    return None
+
+
+def scan_class_folder(
+    folder: Path, class_names: list[str] | None = None, check: bool = True
+) -> tuple[list[str], list[Sample], list[tuple[str, str]]]:
+    """(class names, samples, skipped files) of a ``<class>/*`` folder; nested folders are walked."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise TransferkitError(f"data folder {folder} does not exist; give a folder holding one sub-folder per class")
+    dirs = _class_dirs(folder)
+    names = [d.name for d in dirs]
+    if class_names is not None:
+        extra = sorted(set(names) - set(class_names))
+        if extra:
+            raise TransferkitError(
+                f"{folder} has classes the model does not know: {', '.join(extra)}; expected a subset of: "
+                f"{', '.join(class_names)}"
+            )
+    _check_case_clashes(names, folder)
+    known = class_names or names
+    samples: list[Sample] = []
+    skipped: list[tuple[str, str]] = []
+    for d in dirs:
+        found = 0
+        for dirpath, subdirs, files in os.walk(d):
+            subdirs[:] = sorted(s for s in subdirs if not s.startswith("."))
+            for f in sorted(files):
+                path = Path(dirpath) / f
+                if f.startswith(".") or _is_hidden(path, folder):
+                    continue
+                if not f.lower().endswith(IMAGE_EXTENSIONS):
+                    skipped.append((str(path), "not an image file extension"))
+                    continue
+                reason = _check_image(path) if check else None
+                if reason:
+                    skipped.append((str(path), reason))
+                    continue
+                samples.append((str(path), known.index(d.name)))
+                found += 1
+        if found == 0 and class_names is None:
+            raise TransferkitError(f"class folder {d} has no usable images; add images or remove the folder")
+    for path, reason in skipped:
+        warnings.warn(f"skipping {path}: {reason}", stacklevel=2)
+    return known, samples, skipped
+
+
+def _check_case_clashes(names: list[str], folder: Path) -> None:
+    lowered = Counter(n.lower() for n in names)
+    clashes = sorted(n for n in names if lowered[n.lower()] > 1)
+    if clashes:
+        raise TransferkitError(
+            f"class folders in {folder} differ only in case: {', '.join(clashes)}; merge or rename them"
+        )
+
+
+def discover(
+    data_dir: str | Path, val_split: float = 0.2, seed: int = 0, labels: str | Path | None = None,
+    columns: LabelColumns = LabelColumns(), image_ext: str | None = None, exclude: str | Path | None = None,
+) -> ImageFolderSplits:  # fmt: skip
+    """Find classes and samples in ``data_dir``: class folders (see the module docstring), a CSV label
+    file, or an image folder with the CSV ``labels`` (:mod:`transferkit.label_tables`); the files
+    listed in ``exclude`` (one path a line, ``#`` comments) are left out."""
+    root = Path(data_dir).expanduser()
+    if labels is not None or (root.suffix.lower() == ".csv" and root.is_file()):
+        splits = _discover_table(root, labels, columns, image_ext, val_split, seed)
+    else:
+        splits = _discover_folders(root, val_split, seed)
+    if exclude is not None:
+        _exclude(splits, read_exclude_list(exclude))
+    if len(splits.class_names) < 2 and not splits.multi_label:
+        raise TransferkitError(
+            f"{root} has {len(splits.class_names)} class folder(s); a classifier needs at least 2 (one sub-folder per class)"
+        )
+    if not splits.val:
+        raise TransferkitError(f"no validation images in {root}; add a val/ folder or raise --val-split")
+    return splits
+
+
+def discover_for(config: Any) -> ImageFolderSplits:
+    """:func:`discover` with a run's data options (a ``TrainConfig`` or its saved dict)."""
+    get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
+    columns = LabelColumns(get("path_col"), get("label_col"), get("split_col"), get("label_sep"))
+    return discover(get("data"), get("val_split", 0.2), get("seed", 0), get("labels"), columns, get("image_ext"),
+                    get("exclude"))  # fmt: skip
+
+
+def _discover_folders(root: Path, val_split: float, seed: int) -> ImageFolderSplits:
+    if not root.is_dir():
+        raise TransferkitError(f"data folder {root} does not exist; pass DATA holding train/ and val/ or class folders")
+    train_dir = root / "train"
+    val_dir = next((root / n for n in VAL_DIR_NAMES if (root / n).is_dir()), None)
+    if not train_dir.is_dir():
+        names, samples, skipped = scan_class_folder(root)
+        train, val = stratified_split(samples, val_split, seed)
+        return ImageFolderSplits(root, names, train, val, None, skipped, f"split {1 - val_split:.0%}/{val_split:.0%}")
+    names, train, skipped = scan_class_folder(train_dir)
+    if val_dir is not None:
+        val_names = [d.name for d in _class_dirs(val_dir)]
+        if set(val_names) != set(names):
+            raise TransferkitError(
+                f"{val_dir} classes ({', '.join(val_names)}) differ from {train_dir} classes "
+                f"({', '.join(names)}); give both the same class folders"
+            )
+        _, val, more = scan_class_folder(val_dir, names)
+        layout = "train/val"
+    else:
+        train, val = stratified_split(train, val_split, seed)
+        more, layout = [], f"train split {1 - val_split:.0%}/{val_split:.0%}"
+    test = None
+    if (root / "test").is_dir():
+        _, test, test_skipped = scan_class_folder(root / "test", names)
+        more = more + test_skipped
+    return ImageFolderSplits(root, names, train, val, test, skipped + more, layout)
+
+
+def _discover_table(
+    data: Path, labels: str | Path | None, columns: LabelColumns, image_ext: str | None, val_split: float, seed: int
+) -> ImageFolderSplits:
+    if labels is not None and not data.is_dir():
+        raise TransferkitError(f"--labels {labels}: DATA ({data}) must be the image folder the label file's paths "
+                               f"are relative to")  # fmt: skip
+    table = read_label_table(labels or data, data if labels is not None else None, columns, image_ext, _check_image,
+                             IMAGE_EXTENSIONS)  # fmt: skip
+    index = {name: i for i, name in enumerate(table.class_names)}
+
+    def sample(row: LabelRow) -> Sample:
+        ids = tuple(index[label] for label in row.labels)
+        return (row.path, ids if table.multi_label else ids[0])
+
+    by_split: dict[str | None, list[Sample]] = {}
+    for row in table.rows:
+        by_split.setdefault(row.split, []).append(sample(row))
+    unsplit = by_split.pop(None, [])
+    train, val = by_split.get("train", []), by_split.get("val", [])
+    if unsplit or not val:
+        more_train, more_val = stratified_split(unsplit + (train if not val else []), val_split, seed)
+        train, val = (train if val else []) + more_train, val + more_val
+    layout = "label file" + ("" if by_split.get("val") else f", split {1 - val_split:.0%}/{val_split:.0%}")
+    return ImageFolderSplits(table.source, table.class_names, sorted(train), sorted(val), by_split.get("test"),
+                             list(table.skipped), layout, table.multi_label, repeated_rows=table.duplicates)  # fmt: skip
+
+
+def read_exclude_list(path: str | Path) -> set[str]:
+    """The files named in an exclude list (``transferkit inspect``'s suspects.txt): one path a line,
+    absolute or relative to the list's folder; blank lines and ``#`` comments ignored."""
+    source = Path(path).expanduser()
+    if not source.is_file():
+        raise TransferkitError(f"--exclude {source} does not exist; give a file listing one image path per line")
+    lines = [line.strip() for line in source.read_text(encoding="utf-8").splitlines()]
+    return {str((source.parent / line).resolve()) for line in lines if line and not line.startswith("#")}
+
+
+def _exclude(splits: ImageFolderSplits, excluded: set[str]) -> None:
+    def kept(samples: list[Sample] | None) -> list[Sample] | None:
+        return None if samples is None else [s for s in samples if str(Path(s[0]).resolve()) not in excluded]
+
+    before = len(splits.train) + len(splits.val) + len(splits.test or [])
+    splits.train, splits.val, splits.test = kept(splits.train), kept(splits.val), kept(splits.test)  # type: ignore[assignment]
+    splits.excluded = before - len(splits.train) - len(splits.val) - len(splits.test or [])
+
+
+def shuffled_by_class(items: Sequence[T], label: Callable[[T], int], seed: int) -> list[list[T]]:
+    """``items`` grouped by class (classes in label order), each group in a seeded random order.
+
+    The one per-class sampler: the train/val split, advise's sample and the report's grids all draw
+    from it, so a seed means the same thing everywhere.
+    """
+    rng = random.Random(seed)
+    groups: dict[int, list[T]] = {}
+    for item in items:
+        groups.setdefault(label(item), []).append(item)
+    ordered = [groups[k] for k in sorted(groups)]
+    for group in ordered:
+        rng.shuffle(group)
+    return ordered
+
+
+def stratified_split(samples: list[Sample], val_split: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Split each class by ``val_split``, the same way for the same seed (multi-label: by first label)."""
+    if not 0 < val_split < 1:
+        raise TransferkitError(f"--val-split must be between 0 and 1, got {val_split}")
+    train: list[Sample] = []
+    val: list[Sample] = []
+    for members in shuffled_by_class(samples, _first_label, seed):
+        n_val = min(len(members) - 1, max(1, round(len(members) * val_split))) if len(members) > 1 else 0
+        val += members[:n_val]
+        train += members[n_val:]
+    return sorted(train), sorted(val)
+
+
+def _first_label(sample: Sample) -> int:
+    label = sample[1]
+    return label[0] if isinstance(label, tuple) else label

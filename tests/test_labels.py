@@ -1,0 +1,159 @@
+"""Data as users have it: CSV label files, exclude lists, imbalanced classes."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from helpers import make_colour_folder
+
+from transferkit import TransferkitError
+from transferkit.balance import BalancedSampler, resolve_balance
+from transferkit.data import discover, read_exclude_list
+from transferkit.label_tables import LabelColumns
+
+TINY = {"model": "resnet18", "weights": "none", "image_size": 32, "epochs": 2, "batch_size": 4, "quiet": True}
+
+
+@pytest.fixture
+def flat(tmp_path: Path) -> Path:
+    """images/red/*.{jpg,png} and images/blue/*: 6 each, listed by a CSV instead of read from folders."""
+    return make_colour_folder(tmp_path / "images", 6)
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+    return path
+
+
+def rows_of(images: Path, relative_to: Path) -> list[list[str]]:
+    return [[str(p.relative_to(relative_to)), p.parent.name] for p in sorted(images.rglob("*.*"))]
+
+
+def test_a_csv_with_paths_and_labels_is_the_same_data_as_the_folders(flat: Path, tmp_path: Path) -> None:
+    table = write_csv(tmp_path / "labels.csv", ["filename", "class"], rows_of(flat, tmp_path))
+    from_csv, from_folders = discover(table), discover(flat)
+    assert from_csv.class_names == from_folders.class_names == ["blue", "red"]
+    assert sorted(from_csv.train + from_csv.val) == sorted(from_folders.train + from_folders.val)
+    assert from_csv.layout.startswith("label file") and not from_csv.multi_label
+
+
+def test_a_split_column_decides_the_splits(flat: Path, tmp_path: Path) -> None:
+    rows = [[*row, "val" if i % 3 == 0 else "train"] for i, row in enumerate(rows_of(flat, tmp_path))]
+    table = write_csv(tmp_path / "labels.csv", ["path", "label", "subset"], rows)
+    splits = discover(table)
+    val = {str((tmp_path / r[0]).resolve()) for r in rows if r[2] == "val"}
+    assert {p for p, _ in splits.val} == val and not val & {p for p, _ in splits.train}
+
+
+def test_kaggle_ids_beside_an_image_folder_with_labels(tmp_path: Path) -> None:
+    images = tmp_path / "train_images"
+    make_colour_folder(tmp_path / "by_class", 4)
+    images.mkdir()
+    rows = []
+    for i, p in enumerate(sorted((tmp_path / "by_class").rglob("*.jpg"))):
+        p.rename(images / f"img{i}.jpg")
+        rows.append([f"img{i}", p.parent.name])
+    table = write_csv(tmp_path / "train.csv", ["id", "label"], rows)
+    splits = discover(images, labels=table)  # the extension is found by looking
+    assert len(splits.train) + len(splits.val) == len(rows)
+    assert discover(images, labels=table, image_ext="jpg").train == splits.train
+    with pytest.raises(TransferkitError, match="--path-col"):
+        discover(images, labels=table, columns=LabelColumns(path="file"))
+
+
+def test_missing_files_are_skipped_and_counted_and_repeated_rows_read_once(flat: Path, tmp_path: Path) -> None:
+    rows = rows_of(flat, tmp_path)
+    table = write_csv(tmp_path / "labels.csv", ["path", "label"], [*rows, rows[0], ["images/red/gone.jpg", "red"]])
+    with pytest.warns(UserWarning, match="gone.jpg"):
+        splits = discover(table)
+    assert splits.skipped == [(str((tmp_path / "images/red/gone.jpg").resolve()), "file not found")]
+    assert splits.repeated_rows == 1 and splits.summary()["repeated_rows"] == 1
+    assert len(splits.train) + len(splits.val) == len(rows)
+
+
+@pytest.mark.parametrize(
+    "header, extra_row, message",
+    [
+        (["path", "label"], ["images/red/0.png", ""], "row .* has no label"),
+        (["path", "label"], ["../outside.png", "red"], "outside"),
+        (["path", "label"], ["images/red/1.jpg", "blue"], "same file with different labels"),
+        (["image", "tag"], None, "no label column"),
+        (["path", "label", "split"], ["images/red/0.png", "red", "holdout"], "not one of train, val, test"),
+    ],
+)
+def test_bad_tables_are_one_line_errors_naming_the_row_and_the_fix(
+    flat: Path, tmp_path: Path, header: list[str], extra_row: list[str] | None, message: str
+) -> None:
+    rows = [r + (["train"] if len(header) == 3 else []) for r in rows_of(flat, tmp_path)]
+    table = write_csv(tmp_path / "labels.csv", header, rows + ([extra_row] if extra_row else []))
+    with pytest.raises(TransferkitError, match=message) as error:
+        discover(table)
+    assert "\n" not in str(error.value) and "labels.csv" in str(error.value)
+
+
+def test_a_class_with_one_image_or_only_in_val_is_refused(flat: Path, tmp_path: Path) -> None:
+    rows = rows_of(flat, tmp_path)
+    table = write_csv(tmp_path / "one.csv", ["path", "label"], [*rows, ["images/red/0.png.copy", "green"]])
+    (flat / "red" / "0.png.copy").write_bytes((flat / "red" / "0.png").read_bytes())
+    with pytest.raises(TransferkitError, match="class 'green' has 1 image"):
+        discover(table)
+    split_rows = [[*r, "train"] for r in rows] + [["images/red/0.png.copy", "green", "val"]]
+    with pytest.raises(TransferkitError, match="label 'green' .* has no training image"):
+        discover(write_csv(tmp_path / "val_only.csv", ["path", "label", "split"], split_rows))
+
+
+def test_an_exclude_list_leaves_its_files_out(flat: Path, tmp_path: Path) -> None:
+    everything = discover(flat)
+    dropped = [everything.train[0][0], everything.val[0][0]]
+    listing = tmp_path / "suspects.txt"
+    listing.write_text("# confirmed mislabelled\n" + "\n".join(dropped) + "\n\n")
+    assert read_exclude_list(listing) == {str(Path(p).resolve()) for p in dropped}
+    kept = discover(flat, exclude=listing)
+    assert kept.excluded == 2 and not {p for p, _ in kept.train + kept.val} & set(dropped)
+    with pytest.raises(TransferkitError, match="--exclude"):
+        discover(flat, exclude=tmp_path / "missing.txt")
+
+
+def test_balance_auto_weights_the_loss_only_past_the_ratio() -> None:
+    balanced = [("a", 0)] * 10 + [("b", 1)] * 8
+    skewed = [("a", 0)] * 40 + [("b", 1)] * 5
+    assert resolve_balance("auto", balanced, 2).mode == "none"
+    b = resolve_balance("auto", skewed, 2)
+    assert (b.mode, b.ratio, b.selection_metric) == ("loss", 8.0, "val_macro_f1")
+    weights = b.class_weights()
+    assert weights is not None and weights[1] / weights[0] == pytest.approx(8.0)  # each class weighs the same
+    assert resolve_balance("none", skewed, 2).class_weights() is None
+    with pytest.raises(TransferkitError, match="--balance loss is for single-label"):
+        resolve_balance("loss", [("a", (0, 1))], 2, multi_label=True)
+
+
+def test_the_balanced_sampler_draws_classes_evenly_and_the_same_on_resume() -> None:
+    labels = [0] * 90 + [1] * 10
+    sampler = BalancedSampler(labels, seed=3, with_aug_seeds=False)
+    epochs = [list(sampler) for _ in range(20)]
+    share = sum(labels[i] for e in epochs for i in e) / (20 * len(labels))
+    assert 0.4 < share < 0.6  # 10 % of the images, half of the draws
+    again = BalancedSampler(labels, seed=3, with_aug_seeds=False)
+    again.epoch = 5  # as ResumableState restores it
+    assert list(again) == epochs[5]
+
+
+def test_an_imbalanced_run_weights_its_loss_and_is_chosen_by_macro_f1(tmp_path: Path) -> None:
+    from transferkit import evaluate, train
+
+    make_colour_folder(tmp_path / "data" / "train", 16, classes=("red",), seed=1)
+    make_colour_folder(tmp_path / "data" / "train", 4, classes=("blue",), seed=2)
+    make_colour_folder(tmp_path / "data" / "val", 4, seed=3)
+    result = train(tmp_path / "data", **TINY, out=str(tmp_path / "run"))
+    balance = result.metrics["balance"]
+    assert (balance["mode"], balance["class_counts"], balance["selection_metric"]) == ("loss", [4, 16], "val_macro_f1")
+    history = (result.run_dir / "history.csv").read_text().splitlines()
+    assert "val_macro_f1" in history[0] and "val_balanced_accuracy" in history[0]
+    evaluation = evaluate(result.run_dir, tmp_path / "data" / "val")
+    assert evaluation.macro_f1 == result.metrics["val_macro_f1"]
+    assert evaluation.balanced_accuracy == result.metrics["val_balanced_accuracy"]
+    assert json.loads((result.run_dir / "config.json").read_text())["resolved_from"]["balance"]["mode"] == "loss"
