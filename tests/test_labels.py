@@ -157,3 +157,14 @@ def test_an_imbalanced_run_weights_its_loss_and_is_chosen_by_macro_f1(tmp_path: 
     assert evaluation.macro_f1 == result.metrics["val_macro_f1"]
     assert evaluation.balanced_accuracy == result.metrics["val_balanced_accuracy"]
     assert json.loads((result.run_dir / "config.json").read_text())["resolved_from"]["balance"]["mode"] == "loss"
+
+
+def test_measured_selection_scores_imbalanced_classes_by_macro_f1(tmp_path: Path) -> None:
+    from transferkit import measure_candidates
+
+    make_colour_folder(tmp_path / "data", 20, classes=("red",), seed=1)
+    make_colour_folder(tmp_path / "data", 5, classes=("blue",), seed=2)
+    selection = measure_candidates(tmp_path / "data", model="resnet18", weights="none", models="resnet18", budget=60)
+    assert selection.metric == "macro_f1" and selection.class_counts == {"blue": 4, "red": 16}
+    assert "scored by macro-F1" in selection.table() and "holdout F1" in selection.table()
+    assert selection.to_dict()["metric"] == "macro_f1"

@@ -17,7 +17,7 @@ class Trial:
     layer: str | None = None
     unfreeze: int | None = None
     epochs: int | None = None
-    score: float | None = None  # accuracy on the holdout (part of the training images)
+    score: float | None = None  # accuracy (or macro-F1, imbalanced) on the holdout (part of the training images)
     seconds: float = 0.0
     images_per_s: float | None = None
     status: str = "done"  # done | skipped | failed
@@ -48,6 +48,8 @@ class Selection:
     winner: Trial | None = None
     # Estimated seconds of one training epoch over every training image, per backbone (for the final run).
     epoch_seconds: dict[str, float] = field(default_factory=dict)
+    metric: str = "accuracy"  # what scores the holdout: macro_f1 for imbalanced classes
+    class_counts: dict[str, int] = field(default_factory=dict)  # training images per class
 
     def final_epochs(self, wanted: int) -> int:
         """Epochs the winner can train in what is left of the budget (at least one), up to ``wanted``."""
@@ -69,7 +71,13 @@ class Selection:
         return f"transferkit train {data} {flags}"
 
     def table(self) -> str:
-        lines = [f"{'candidate':<58} {'holdout acc':>11} {'seconds':>8} {'img/s':>7}  status"]
+        heading = "holdout acc" if self.metric == "accuracy" else "holdout F1"
+        lines = []
+        if self.class_counts:
+            counts = ", ".join(f"{n} {c}" for n, c in self.class_counts.items())
+            scored = "accuracy" if self.metric == "accuracy" else "macro-F1 (the classes are imbalanced)"
+            lines.append(f"training images per class: {counts}; scored by {scored}")
+        lines.append(f"{'candidate':<58} {heading:>11} {'seconds':>8} {'img/s':>7}  status")
         for t in self.ranked():
             score = "-" if t.score is None else f"{t.score:.4f}"
             speed = "-" if t.images_per_s is None else f"{t.images_per_s:.1f}"
@@ -85,4 +93,5 @@ class Selection:
             "leaderboard": [asdict(t) for t in self.ranked()],
             "winner": asdict(self.winner) if self.winner else None,
             "epoch_seconds": self.epoch_seconds,
+            "metric": self.metric, "class_counts": self.class_counts,
         }  # fmt: skip

@@ -24,6 +24,7 @@ import re
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 
 from .backbones import DEFAULT_BACKBONE, SOURCES, source_for
+from .balance import Balance, resolve_balance
 from .data import ImageFolderSplits, Sample, shuffled_by_class
 from .errors import TransferkitError
 from .features import extract_features
@@ -105,7 +107,12 @@ class Search:
         self.precision = resolve_precision(config.precision, self.device)
         self.cache_dir = Path(config.cache_dir) if config.cache_dir else None
         self.started = time.perf_counter() - spent_s
-        self.selection = Selection(budget_s, len(self.learn), len(self.holdout))
+        balance = config.resolved_from.get("balance") or {}
+        # Imbalanced classes are scored by macro-F1 (balance.py), on the holdout as on validation.
+        self.metric = "macro_f1" if balance.get("selection_metric") == "val_macro_f1" else "accuracy"
+        counts = Counter(label for _, label in splits.train)
+        self.selection = Selection(budget_s, len(self.learn), len(self.holdout), metric=self.metric,
+                                   class_counts={n: counts.get(i, 0) for i, n in enumerate(splits.class_names)})
         self.speed: dict[str, float] = {}  # backbone → inference images/s, measured
         self.fit_seconds = 0.0  # the longest probe fit so far: part of the next probe's estimate
         # Measured extraction speed over the pure forward speed: decoding and resizing, learnt as it goes.
@@ -128,7 +135,7 @@ class Search:
         if self.on_trial is not None:
             self.on_trial(self.selection)
         if not self.quiet:
-            score = "" if trial.score is None else f" holdout accuracy {trial.score:.4f}"
+            score = "" if trial.score is None else f" holdout {self.metric.replace('_', '-')} {trial.score:.4f}"
             print(f"  {trial.label}:{score} ({trial.status}{': ' + trial.note if trial.note else ''}, "
                   f"{trial.seconds:.1f} s)", file=sys.stderr, flush=True)  # fmt: skip
         return trial
@@ -206,7 +213,7 @@ class Search:
                                       self.config.seed, c_grid=(1.0,), max_folds=0)  # fmt: skip
             self.fit_seconds = max(self.fit_seconds, time.perf_counter() - t0 - extraction)
             with torch.no_grad():
-                trial.score = _accuracy(fitted.probe(holdout.features), holdout.labels)
+                trial.score = _score(fitted.probe(holdout.features), holdout.labels, self.metric)
             computed = learn.misses + holdout.misses
             trial.images_per_s = round(computed / extraction, 1) if computed and extraction > 0 else None
             if layer is None and trial.images_per_s and name in self.speed:
@@ -227,7 +234,7 @@ class Search:
             return
         try:
             learn, holdout, _ = self._features(model, None)
-            trial.score = _train_head(model, learn, holdout, self.config)
+            trial.score = _train_head(model, learn, holdout, self.config, self.metric)
         except Exception as exc:
             trial.status, trial.note = "failed", _reason(exc)
         trial.seconds = round(time.perf_counter() - t0, 2)
@@ -272,14 +279,15 @@ class Search:
         lr = self.config.lr if self.config.lr != "auto" else 1e-3  # the LR finder runs for the winner only
         cfg = TrainConfig(**{**self.config.to_dict(), **options, "model": trial.backbone, "epochs": trial.epochs,
                              "lr": lr, "budget": None, "models": None, "quiet": True, "out": None,
-                             "resolved_from": {}})  # fmt: skip
+                             "resolved_from": {k: v for k, v in self.config.resolved_from.items() if k == "balance"}})  # fmt: skip
         trial_splits = ImageFolderSplits(self.splits.root, self.splits.class_names, self.learn, self.holdout)
         try:
             model = self._model(trial.backbone, cfg)
             spec = cfg.strategy_spec()
             with tempfile.TemporaryDirectory(prefix="transferkit-trial-") as tmp:
                 fitted = fit(Path(tmp), cfg, trial_splits, model, spec)
-            trial.score = max(r["val_accuracy"] for r in fitted.history if r.get("val_accuracy") is not None)
+            column = f"val_{self.metric}"
+            trial.score = max(r[column] for r in fitted.history if r.get(column) is not None)
         except Exception as exc:
             trial.status, trial.note = "failed", _reason(exc)
         trial.seconds = round(time.perf_counter() - t0, 2)
@@ -334,7 +342,7 @@ def _inference_speed(model: TransferModel, device: torch.device, precision: str)
     return 8 / max(time.perf_counter() - t0, 1e-6)
 
 
-def _train_head(model: TransferModel, learn: Any, holdout: Any, config: TrainConfig) -> float:
+def _train_head(model: TransferModel, learn: Any, holdout: Any, config: TrainConfig, metric: str = "accuracy") -> float:
     """A copy of the new head trained on cached features as training would (AdamW, cosine, the run's epochs)."""
     import copy
 
@@ -348,15 +356,17 @@ def _train_head(model: TransferModel, learn: Any, holdout: Any, config: TrainCon
     optimizer = torch.optim.AdamW(groups, lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     x, y = learn.features, learn.labels
+    balance = config.resolved_from.get("balance")
+    weight = Balance.from_dict(balance).class_weights() if balance else None
     best = 0.0
     for _ in range(config.epochs):
         for batch in torch.randperm(len(y), generator=generator).split(config.batch_size):
             optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(head(x[batch]), y[batch]).backward()
+            torch.nn.functional.cross_entropy(head(x[batch]), y[batch], weight=weight).backward()
             optimizer.step()
         schedule.step()
         with torch.no_grad():
-            best = max(best, _accuracy(head.eval()(holdout.features), holdout.labels))  # the best epoch is kept
+            best = max(best, _score(head.eval()(holdout.features), holdout.labels, metric))  # the best epoch is kept
         head.train()
     return best
 
@@ -365,8 +375,14 @@ def _key(trial: Trial) -> tuple[Any, ...]:
     return (trial.backbone, trial.strategy, trial.layer, trial.unfreeze, trial.epochs)
 
 
-def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return float((logits.argmax(dim=1) == labels).float().mean())
+def _score(logits: torch.Tensor, labels: torch.Tensor, metric: str) -> float:
+    """Holdout accuracy, or macro-F1 (torchmetrics', as training's) for imbalanced classes."""
+    from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
+
+    n = logits.shape[1]
+    if metric == "macro_f1":
+        return float(multiclass_f1_score(logits.argmax(dim=1), labels, num_classes=n, average="macro"))
+    return float(multiclass_accuracy(logits.argmax(dim=1), labels, num_classes=n, average="micro"))
 
 
 def _reason(exc: Exception) -> str:
@@ -384,4 +400,6 @@ def measure_candidates(
     config = TrainConfig(data=str(data), model=model, weights=weights, strategy="auto", budget=budget,
                          models=models, seed=seed, val_split=val_split, mean=mean, std=std, quiet=True)  # fmt: skip
     splits = discover(config.data, val_split, seed)
+    config.resolved_from["balance"] = resolve_balance("auto", splits.train, len(splits.class_names),
+                                                      splits.multi_label).to_dict()  # fmt: skip
     return select(config, splits, budget, config.models, quiet=True, trainable=False)

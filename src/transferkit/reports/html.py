@@ -210,14 +210,21 @@ def _summary_html(run: Run, images: _Images) -> str:
     cards = [
         ("validation accuracy", _number(m.get("val_accuracy"))),
         ("validation loss", _number(m.get("val_loss"))),
+        ("balanced accuracy · macro-F1", f"{_number(m.get('val_balanced_accuracy'))} · {_number(m.get('val_macro_f1'))}")
+        if "val_macro_f1" in m else None,
         ("test accuracy", _number(m.get("test_accuracy"))) if "test_accuracy" in m else None,
-        ("best epoch", f"{_number(m.get('best_epoch'))} of {_number(m.get('epochs_run', len(run.history)))} run"),
+        ("best epoch", f"{_number(m.get('best_epoch'))} of {_number(m.get('epochs_run', len(run.history)))} run"
+                       + (" (by macro-F1: imbalanced classes)" if _chosen_by_f1(m) else "")),
         ("total time", _seconds(m.get("total_seconds"))),
     ]
     return '<div class="cards">' + "".join(
         f'<div class="card"><div class="label">{_e(k)}</div><div class="value">{v}</div></div>'
         for k, v in filter(None, cards)
     ) + "</div>"  # fmt: skip
+
+
+def _chosen_by_f1(metrics: dict[str, Any]) -> bool:
+    return (metrics.get("balance") or {}).get("selection_metric") == "val_macro_f1"
 
 
 def _data_html(run: Run, images: _Images) -> str:
