@@ -191,6 +191,9 @@ def _export_int8(
     """The fp32 export (verified as always) in a temporary folder, quantized into ``out`` if accurate enough."""
     from .quantize import CALIBRATION_IMAGES, calibration_reader, check_int8, quantize_int8, run_samples, spread
 
+    if model.record.extra.get("multi_label"):
+        raise TransferkitError("--quantize int8 is checked by top-1 accuracy, which a multi-label model does not "
+                               "have; export it in fp32 (without --quantize)")  # fmt: skip
     _check_outputs(out, "onnx", force)
     train, val = run_samples(run_dir)
     quality: QuantizationCheck | None = None

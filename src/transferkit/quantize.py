@@ -140,17 +140,21 @@ def quantize_int8(fp32: Path, out: Path, reader: Any) -> None:
 
 
 def _last_linear(model: Path) -> list[str]:
-    """The nodes that compute the softmax's input: the classifier's Gemm, or its MatMul and bias Add."""
+    """The nodes computing the logits that the output's softmax (or sigmoid) turns into probabilities.
+
+    The classifier's Gemm, or its MatMul and bias Add; found from the graph's output, so that the
+    MatMuls feeding a transformer's attention softmax are still quantized.
+    """
     import onnx
 
     graph = onnx.load(str(model)).graph
     producer = {output: node for node in graph.node for output in node.output}
     names: list[str] = []
-    for softmax in (n for n in graph.node if n.op_type == "Softmax"):
-        node = producer.get(softmax.input[0])
-        while node is not None and node.op_type in ("Gemm", "MatMul", "Add"):
-            names.append(node.name)
-            node = producer.get(node.input[0]) if node.op_type == "Add" else None
+    last = producer.get(graph.output[0].name)
+    node = producer.get(last.input[0]) if last is not None and last.op_type in ("Softmax", "Sigmoid") else None
+    while node is not None and node.op_type in ("Gemm", "MatMul", "Add"):
+        names.append(node.name)
+        node = producer.get(node.input[0]) if node.op_type == "Add" else None
     return names
 
 

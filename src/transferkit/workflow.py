@@ -29,6 +29,7 @@ from .inference import Evaluation, evaluate_cached_features, evaluate_samples
 from .runs import write_history
 from .training import Fitted, TrainConfig, TrainResult, find_lr, fit, model_and_strategy, quiet_lightning
 from .training.fit import RUN_DIR_ENV, add_skipped, check_sharding, join_as_worker_rank, say
+from .training.loggers import log_run_files
 
 
 def train(data: str | Path, callbacks: list[Callback] = (), **options: Any) -> TrainResult:  # type: ignore[assignment]
@@ -245,6 +246,7 @@ def finish_run(fitted: Fitted, config: TrainConfig, splits: ImageFolderSplits, s
     metrics["total_seconds"] = round(time.time() - started, 2)
     write_json(run_dir / "metrics.json", metrics)
     _report(run_dir, splits, val)
+    log_run_files(fitted.loggers, run_dir, metrics)  # --logger: final metrics, config, metrics and report
     if not config.quiet:
         say(f"val_accuracy {val.accuracy:.4f} (best epoch {fitted.info.get('best_epoch')}) · run directory: {run_dir}")
     return TrainResult(run_dir=run_dir, metrics=metrics, history=history)

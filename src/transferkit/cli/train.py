@@ -76,6 +76,9 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                    "(1 = the plain evaluation view, no augmentation)")  # fmt: skip
     p.add_argument("--out", help="run directory (default runs/<model>-<strategy>-<time>); never overwritten")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--logger", dest="loggers", action="append", metavar="NAME",
+                   help="tensorboard, csv, mlflow or wandb; repeat or comma-separate for several, none for none "
+                   "(default: tensorboard where installed; mlflow: RUNS/mlflow.db; wandb: offline without a key)")
 
 
 def _train(args: argparse.Namespace) -> int:

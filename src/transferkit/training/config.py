@@ -9,6 +9,7 @@ from typing import Any
 from ..backbones import DEFAULT_BACKBONE
 from ..errors import TransferkitError
 from ..strategies import STRATEGIES, StrategySpec, parse_group_lrs, parse_unfreeze
+from .loggers import check_loggers
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("none", "step", "cosine", "onecycle")
@@ -74,6 +75,7 @@ class TrainConfig:
     budget: str | None = None  # --strategy auto: wall-clock budget of the search and the final training
     models: list[str] | None = None  # --strategy auto: candidate backbones (default: those available offline)
     resolved_from: dict[str, Any] = field(default_factory=dict)  # the selection / LR finder behind auto choices
+    loggers: tuple[str, ...] = ()  # --logger: tensorboard, csv, mlflow, wandb; () = TensorBoard where installed
 
     def __post_init__(self) -> None:
         # Strategy options are parsed and checked by StrategySpec alone; the config keeps their JSON form.
@@ -96,6 +98,7 @@ class TrainConfig:
             raise TransferkitError("--budget and --models apply to --strategy auto (the measured choice)")
         if self.layer and self.strategy not in ("linear-probe", "auto"):
             raise TransferkitError("--layer applies to --strategy linear-probe (the other strategies train a head on the last layer)")
+        self.loggers = check_loggers(self.loggers)
         if self.epochs < 1:
             raise TransferkitError("--epochs must be at least 1")
         if self.batch_size < 1:

@@ -10,7 +10,7 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from ..runs import write_history
 from ..strategies import StrategySpec, apply_strategy, param_groups
 from .callbacks import AtomicCheckpointIO, BestModelCheckpoint, GradualUnfreezing, HistoryCSV, ResumableState
 from .config import LIGHTNING_PRECISION, TrainConfig
+from .loggers import build_loggers
 from .learner import TransferLearner
 
 # Ranks that Lightning spawns re-run the command; this tells them which run directory to join.
@@ -46,6 +47,7 @@ class Fitted:
     history: list[dict[str, Any]]
     info: dict[str, Any]  # strategy, parameters, precision, best epoch, feature cache, seconds: for metrics.json
     global_zero: bool = True  # False on the other ranks of a multi-process run, which write nothing
+    loggers: list[Any] = field(default_factory=list)  # --logger's, for the final metrics and files
 
 
 def quiet_lightning() -> None:
@@ -139,8 +141,11 @@ def fit(
         **config.resolved_from,
     }
     model.record = model.record.with_extra(**extra)
+    loggers = build_loggers(config.loggers, run_dir, config.to_dict(), global_zero=rank_zero_only.rank == 0)
     if spec.name == "linear-probe":
-        return fit_linear_probe_run(model, splits, config, run_dir, device, extra)
+        probed = fit_linear_probe_run(model, splits, config, run_dir, device, extra)
+        probed.loggers = loggers
+        return probed
     learner, train_loader, val_loader, feature_info = learner_and_loaders(model, spec, splits, config, device, run_dir)
     if feature_info:
         precision = "32"  # the head alone is tiny; its features were computed at inference precision
@@ -162,7 +167,7 @@ def fit(
         precision=LIGHTNING_PRECISION[precision],
         callbacks=[*own, *callbacks],
         plugins=[AtomicCheckpointIO()],
-        logger=_tensorboard_logger(run_dir),
+        logger=loggers or False,
         default_root_dir=str(run_dir),
         enable_progress_bar=not config.quiet,
         enable_model_summary=False,
@@ -188,7 +193,7 @@ def fit(
         **config.resolved_from,
         "train_seconds": round(time.time() - started, 2),
     }
-    return Fitted(run_dir, history.rows, info, global_zero=trainer.is_global_zero)
+    return Fitted(run_dir, history.rows, info, global_zero=trainer.is_global_zero, loggers=loggers)
 
 
 def learner_and_loaders(
@@ -313,16 +318,6 @@ def add_skipped(splits: Any, found: Any) -> None:
         if path not in known:
             splits.skipped.append((path, reason))
             known.add(path)
-
-
-def _tensorboard_logger(run_dir: Path) -> Any:
-    import importlib.util
-
-    if importlib.util.find_spec("tensorboard") is None:
-        return False
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    return TensorBoardLogger(str(run_dir), name="tensorboard", version="")
 
 
 def say(message: str) -> None:
