@@ -168,3 +168,48 @@ def test_measured_selection_scores_imbalanced_classes_by_macro_f1(tmp_path: Path
     assert selection.metric == "macro_f1" and selection.class_counts == {"blue": 4, "red": 16}
     assert "scored by macro-F1" in selection.table() and "holdout F1" in selection.table()
     assert selection.to_dict()["metric"] == "macro_f1"
+
+
+def _multi_label_images(root: Path, count: int, seed: int) -> list[list[str]]:
+    """Images whose red, green and blue channels are each high or not: their labels, "red|blue" and so on."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(count):
+        on = [c for c in range(3) if rng.random() < 0.5] or [int(rng.integers(0, 3))]
+        pixels = rng.integers(0, 60, (32, 32, 3)).astype(np.uint8)
+        pixels[..., on] += 180
+        Image.fromarray(pixels).save(root / f"{i}.png")
+        rows.append([f"{root.name}/{i}.png", "|".join(("red", "green", "blue")[c] for c in on)])
+    return rows
+
+
+def test_multi_label_csv_trains_a_sigmoid_head_with_tuned_thresholds(tmp_path: Path) -> None:
+    from transferkit import evaluate, predict, train
+
+    rows = [[*r, "train"] for r in _multi_label_images(tmp_path / "train", 48, 1)]
+    rows += [[*r, "val"] for r in _multi_label_images(tmp_path / "val", 16, 2)]
+    table = write_csv(tmp_path / "labels.csv", ["path", "labels", "split"], rows)
+    splits = discover(table)
+    assert splits.multi_label and splits.class_names == ["blue", "green", "red"]
+    assert all(len(label) == 3 and set(label) <= {0, 1} and any(label) for _, label in splits.train)
+
+    result = train(table, **{**TINY, "epochs": 8, "lr": 0.01}, out=str(tmp_path / "run"))
+    m = result.metrics
+    assert m["multi_label"] and len(m["thresholds"]) == 3 and all(0 < t < 1 for t in m["thresholds"])
+    assert m["balance"]["selection_metric"] == "val_macro_f1" and m["val_confusion_matrix"] == []
+    assert set(m["val_per_class"]["red"]) >= {"precision", "recall", "f1", "average_precision", "threshold"}
+    assert m["val_mean_average_precision"] > 0.8  # the colours are plain to see
+    evaluation = evaluate(result.run_dir, table)
+    assert evaluation.multi_label and evaluation.mean_average_precision == m["val_mean_average_precision"]
+    assert evaluation.accuracy == m["val_accuracy"] and evaluation.macro_f1 == m["val_macro_f1"]
+    # predict answers every class over its threshold, however many
+    out = predict(result.run_dir, [tmp_path / "val"], top_k=1)
+    assert len(out) == 16 and any(len(r["predictions"]) > 1 for r in out)
+    for r in out:
+        assert all(p["probability"] >= p["threshold"] for p in r["predictions"])
+    with pytest.raises(TransferkitError, match="linear-probe"):
+        train(table, **{**TINY, "strategy": "linear-probe"}, out=str(tmp_path / "probe"))

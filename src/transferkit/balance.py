@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .data import EpochSeededSampler, Sample
+from .data import EpochSeededSampler, Sample, label_indices
 from .errors import TransferkitError
 
 BALANCE_MODES = ("auto", "none", "loss", "sampler")
@@ -69,7 +69,7 @@ def resolve_balance(requested: str, train: Sequence[Sample], num_classes: int, m
 
 
 def _counts(train: Sequence[Sample], num_classes: int) -> list[int]:
-    c = Counter(i for _, label in train for i in (label if isinstance(label, tuple) else (label,)))
+    c = Counter(i for _, label in train for i in label_indices(label))
     return [c.get(i, 0) for i in range(num_classes)]
 
 

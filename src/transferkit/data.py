@@ -29,6 +29,7 @@ from .discovery import (  # noqa: F401  (re-exported)
     Sample,
     discover,
     discover_for,
+    label_indices,
     read_exclude_list,
     scan_class_folder,
     shuffled_by_class,

@@ -31,7 +31,7 @@ VAL_DIR_NAMES = ("val", "valid", "validation")
 # (its Image.MAX_IMAGE_PIXELS, left as the user has it) may refuse some sooner.
 MAX_IMAGE_PIXELS = 16384 * 16384
 
-# (path, class index), or (path, class indices) for multi-label data.
+# (path, class index), or (path, 0/1 per class) for multi-label data.
 Sample = tuple[str, Union[int, tuple[int, ...]]]
 T = TypeVar("T")
 
@@ -45,7 +45,7 @@ class ImageFolderSplits:
     test: list[Sample] | None = None
     skipped: list[tuple[str, str]] = field(default_factory=list)
     layout: str = "train/val"
-    multi_label: bool = False  # then a sample's label is a tuple of class indices
+    multi_label: bool = False  # then a sample's label is a 0/1 tuple, one entry per class
     excluded: int = 0  # images left out by --exclude
     repeated_rows: int = 0  # a label file's repeated rows, read once
 
@@ -53,7 +53,7 @@ class ImageFolderSplits:
         def counts(samples: list[Sample] | None) -> dict[str, int] | None:
             if samples is None:
                 return None
-            c = Counter(i for _, label in samples for i in (label if isinstance(label, tuple) else (label,)))
+            c = Counter(i for _, label in samples for i in label_indices(label))
             return {name: c.get(i, 0) for i, name in enumerate(self.class_names)}
 
         return {
@@ -219,8 +219,8 @@ def _discover_table(
     index = {name: i for i, name in enumerate(table.class_names)}
 
     def sample(row: LabelRow) -> Sample:
-        ids = tuple(index[label] for label in row.labels)
-        return (row.path, ids if table.multi_label else ids[0])
+        ids = {index[label] for label in row.labels}
+        return (row.path, tuple(int(i in ids) for i in range(len(index))) if table.multi_label else min(ids))
 
     by_split: dict[str | None, list[Sample]] = {}
     for row in table.rows:
@@ -283,6 +283,10 @@ def stratified_split(samples: list[Sample], val_split: float, seed: int) -> tupl
     return sorted(train), sorted(val)
 
 
+def label_indices(label: int | tuple[int, ...]) -> tuple[int, ...]:
+    """The classes a sample belongs to: its class index, or the 1s of a multi-label sample's 0/1 tuple."""
+    return tuple(i for i, v in enumerate(label) if v) if isinstance(label, tuple) else (label,)
+
+
 def _first_label(sample: Sample) -> int:
-    label = sample[1]
-    return label[0] if isinstance(label, tuple) else label
+    return label_indices(sample[1])[0]

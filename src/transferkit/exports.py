@@ -62,7 +62,7 @@ class Probabilities(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x).softmax(dim=1)
+        return self.model.probabilities(self.model(x))  # softmax, or per-class sigmoids (multi-label)
 
 
 @dataclass
@@ -262,7 +262,10 @@ def _sidecar(
         "file": result.path.name,
         "class_names": list(record.class_names),
         "input": {"name": INPUT_NAME, "shape": ["batch", 3, size, size], "dtype": "float32"},
-        "output": {"name": OUTPUT_NAME, "shape": ["batch", len(record.class_names)], "softmax": True},
+        "output": {"name": OUTPUT_NAME, "shape": ["batch", len(record.class_names)],
+                   "softmax": not record.extra.get("multi_label"),  # multi-label: a sigmoid per class, and
+                   **({"thresholds": list(record.extra.get("thresholds") or [0.5] * len(record.class_names))}
+                      if record.extra.get("multi_label") else {})},  # its classes' decision thresholds
         "preprocessing": {**prep.to_dict(), "crop": "center", "steps": PREPROCESSING_STEPS},
         "backbone": record.backbone,
         "weights": record.weights,

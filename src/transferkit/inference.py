@@ -32,13 +32,19 @@ class Evaluation:
     skipped: list[tuple[str, str]] = field(default_factory=list, repr=False)
     predictions: list[dict[str, Any]] = field(default_factory=list, repr=False)
     macro_f1: float = 0.0  # the mean of per-class F1: what chooses among runs on imbalanced classes
-    balanced_accuracy: float = 0.0  # the mean of per-class recalls
+    balanced_accuracy: float = 0.0  # the mean of per-class recalls (multi-label: of per-class accuracies)
+    multi_label: bool = False  # then accuracy is exact match, and per_class holds thresholds and AP
+    mean_average_precision: float | None = None  # multi-label
+    micro_f1: float | None = None  # multi-label
+    probabilities: torch.Tensor | None = field(default=None, repr=False)  # (N, classes), the decoded images'
 
     def to_dict(self, with_predictions: bool = False) -> dict[str, Any]:
         d = {
             "accuracy": self.accuracy,
             "balanced_accuracy": self.balanced_accuracy,
             "macro_f1": self.macro_f1,
+            **({"multi_label": True, "mean_average_precision": self.mean_average_precision,
+                "micro_f1": self.micro_f1} if self.multi_label else {}),
             "loss": self.loss,
             "precision": self.precision,
             "num_images": self.num_images,
@@ -53,17 +59,22 @@ class Evaluation:
 
     def table(self) -> str:
         width = max(12, *(len(c) for c in self.class_names))
+        accuracy = "exact-match accuracy" if self.multi_label else "accuracy"
         lines = [
-            f"accuracy {self.accuracy:.4f} on {self.num_images} images (loss {self.loss:.4f}; "
+            f"{accuracy} {self.accuracy:.4f} on {self.num_images} images (loss {self.loss:.4f}; "
             f"precision {PRECISION_NAMES.get(self.precision, self.precision)})",
-            f"balanced accuracy {self.balanced_accuracy:.4f}, macro-F1 {self.macro_f1:.4f}",
+            f"balanced accuracy {self.balanced_accuracy:.4f}, macro-F1 {self.macro_f1:.4f}"
+            + (f", micro-F1 {self.micro_f1:.4f}, mAP {self.mean_average_precision:.4f}" if self.multi_label else ""),
             "",
-            f"{'class':<{width}}  precision  recall  f1      support",
+            f"{'class':<{width}}  precision  recall  f1      support" + ("  threshold  AP" if self.multi_label else ""),
         ]
         for name, m in self.per_class.items():
             lines.append(
                 f"{name:<{width}}  {m['precision']:9.3f}  {m['recall']:6.3f}  {m['f1']:6.3f}  {int(m['support']):7d}"
+                + (f"  {m['threshold']:9.2f}  {m['average_precision']:.3f}" if self.multi_label else "")
             )
+        if self.multi_label:
+            return "\n".join(lines)
         lines += ["", "confusion matrix (rows: true, columns: predicted)"]
         short = [c[:8] for c in self.class_names]
         lines.append(" " * (width + 2) + " ".join(f"{s:>8}" for s in short))
@@ -89,7 +100,7 @@ def evaluate_samples(
     result = predict_samples(EagerRunner(model, device, precision, compile), samples, batch_size, num_workers)
     decoded_samples = [samples[i] for i in result.positions.tolist()]
     bad = [(b.path, b.reason) for b in result.bad]
-    return _evaluation(model.class_names, result.probabilities, decoded_samples, result.precision, skipped, bad)
+    return _evaluation(model, result.probabilities, decoded_samples, result.precision, skipped, bad)
 
 
 def evaluate_cached_features(
@@ -118,14 +129,17 @@ def evaluate_cached_features(
     kept = set(found.paths)
     decoded_samples = [s for s in samples if s[0] in kept]
     bad = [(p, "cannot decode image") for p in found.skipped]
-    return _evaluation(model.class_names, probabilities, decoded_samples, precision, 0, bad)
+    return _evaluation(model, probabilities, decoded_samples, precision, 0, bad)
 
 
 def _evaluation(
-    names: list[str], probs: torch.Tensor, decoded_samples: list[Sample], precision: str, skipped: int,
+    model: TransferModel, probs: torch.Tensor, decoded_samples: list[Sample], precision: str, skipped: int,
     bad: list[tuple[str, str]],
 ) -> Evaluation:  # fmt: skip
     """Every metric of one evaluation, from the probabilities of the images that decoded."""
+    names = model.class_names
+    if model.multi_label:
+        return _multilabel_evaluation(model, probs, decoded_samples, precision, skipped, bad)
     from torchmetrics.functional.classification import (
         multiclass_accuracy,
         multiclass_confusion_matrix,
@@ -155,11 +169,32 @@ def _evaluation(
         precision=precision,
         skipped_files=skipped + len(bad),
         skipped=bad,
+        probabilities=probs,
         predictions=[
             {"path": path, "label": names[int(t)], "predicted": names[int(p)],
              "probability": float(probs[i, p]), "true_probability": float(probs[i, t])}
             for i, ((path, _), t, p) in enumerate(zip(decoded_samples, labels, predicted))
         ],
+    )  # fmt: skip
+
+
+def _multilabel_evaluation(
+    model: TransferModel, probs: torch.Tensor, decoded_samples: list[Sample], precision: str, skipped: int,
+    bad: list[tuple[str, str]],
+) -> Evaluation:  # fmt: skip
+    from .multilabel import labels_over_threshold, multilabel_metrics, targets_of
+
+    names, thresholds = model.class_names, model.thresholds
+    targets = targets_of(decoded_samples)
+    m = multilabel_metrics(names, probs, targets, thresholds)
+    return Evaluation(
+        accuracy=m["accuracy"], num_images=len(targets), class_names=names, per_class=m["per_class"],
+        confusion_matrix=[], loss=m["loss"], precision=precision, skipped_files=skipped + len(bad), skipped=bad,
+        macro_f1=m["macro_f1"], balanced_accuracy=m["balanced_accuracy"], multi_label=True,
+        mean_average_precision=m["mean_average_precision"], micro_f1=m["micro_f1"], probabilities=probs,
+        predictions=[{"path": path, "labels": [names[i] for i, v in enumerate(label) if v],
+                      "predicted": [p["label"] for p in labels_over_threshold(probs[j], names, thresholds)]}
+                     for j, (path, label) in enumerate(decoded_samples)],
     )  # fmt: skip
 
 
@@ -187,6 +222,8 @@ def evaluate(
     >>> result.accuracy
     """
     model = run if isinstance(run, TransferModel) else load_checkpoint(run)
+    if Path(data_dir).suffix.lower() == ".csv":
+        return _evaluate_table(model, Path(data_dir).expanduser(), batch_size, num_workers, precision, compile)
     folder = _evaluation_folder(Path(data_dir).expanduser())
     _, samples, skipped = scan_class_folder(folder, model.class_names)
     if not samples:
@@ -194,6 +231,28 @@ def evaluate(
     return evaluate_samples(
         model, samples, batch_size, num_workers, precision=precision, skipped=len(skipped), compile=compile
     )
+
+
+def _evaluate_table(
+    model: TransferModel, table: Path, batch_size: int, num_workers: int | None, precision: str | None, compile: bool
+) -> Evaluation:
+    """Evaluate on a label file's test rows (else its val rows), its labels mapped to the model's classes."""
+    from .data import discover, label_indices
+
+    splits = discover(table)
+    unknown = sorted(set(splits.class_names) - set(model.class_names))
+    if unknown:
+        raise TransferkitError(f"{table} has labels the model does not know: {', '.join(unknown)}")
+    position = [model.class_names.index(name) for name in splits.class_names]
+    n = len(model.class_names)
+
+    def mapped(label: int | tuple[int, ...]) -> int | tuple[int, ...]:
+        ids = {position[i] for i in label_indices(label)}
+        return tuple(int(i in ids) for i in range(n)) if model.multi_label else min(ids)
+
+    samples = [(path, mapped(label)) for path, label in (splits.test or splits.val)]
+    return evaluate_samples(model, samples, batch_size, num_workers, precision=precision,
+                            skipped=len(splits.skipped), compile=compile)  # fmt: skip
 
 
 def collect_images(paths: list[str | Path]) -> list[str]:
@@ -252,7 +311,7 @@ def predict(
         runner = EagerRunner(run if isinstance(run, TransferModel) else load_checkpoint(run), pick_device(),
                              precision, compile)  # fmt: skip
     result = predict_samples(runner, files, batch_size, num_workers)
-    return top_k_results(files, result.by_position(), runner.class_names, top_k)
+    return top_k_results(files, result.by_position(), runner.class_names, top_k, runner.thresholds)
 
 
 def _onnx_model_for(run: Any, runtime: str, images: int, precision: str | None, compile: bool) -> Path | None:

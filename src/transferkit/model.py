@@ -173,6 +173,20 @@ class TransferModel(nn.Module):
     def head_module(self) -> nn.Module:
         return get_module(self.net, self.record.classifier_path)
 
+    @property
+    def multi_label(self) -> bool:
+        """One yes/no output per class (sigmoid), not one class among all (softmax)."""
+        return bool(self.record.extra.get("multi_label"))
+
+    @property
+    def thresholds(self) -> list[float]:
+        """Multi-label: each class's decision threshold on its probability (tuned on validation; 0.5 before)."""
+        return list(self.record.extra.get("thresholds") or [0.5] * len(self.class_names))
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Class probabilities from this model's logits: softmax, or a sigmoid per class for multi-label."""
+        return logits.float().sigmoid() if self.multi_label else logits.float().softmax(dim=1)
+
     def forward(self, x: torch.Tensor) -> Any:
         if self.probe is not None:
             return self.probe(self.features(x, self.probe_layer))

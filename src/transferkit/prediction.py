@@ -39,6 +39,7 @@ class Runner(Protocol):
     preprocessing: Preprocessing
     precision: str  # "32", "bf16" or "16": what the numbers were computed at
     device_type: str
+    thresholds: list[float] | None  # a multi-label model's per-class decision thresholds
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor: ...
 
@@ -67,13 +68,14 @@ class EagerRunner:
             compile_in_place(model, self.device)
         self.precision = inference_precision(model, self.device, precision)
         self.class_names = model.class_names
+        self.thresholds = model.thresholds if model.multi_label else None
         self.preprocessing = model.preprocessing
         self.device_type = self.device.type
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         with inference_mode(self.model), autocast(self.device, self.precision):
             logits = self.model(batch_to(images, self.device, channels_last=True))
-        return logits.float().softmax(dim=1).cpu()
+        return self.model.probabilities(logits).cpu()
 
 
 def head_probabilities(
@@ -91,7 +93,7 @@ def head_probabilities(
     head = model.head_module.to(device)
     with inference_mode(model), autocast(device, precision):
         logits = [head(batch.to(device)).float().cpu() for batch in features.split(batch_size)]
-    return torch.cat(logits).softmax(dim=1) if logits else torch.empty(0, len(model.class_names))
+    return model.probabilities(torch.cat(logits)) if logits else torch.empty(0, len(model.class_names))
 
 
 class OnnxRunner:
@@ -109,6 +111,7 @@ class OnnxRunner:
         meta = read_sidecar(path) if class_names is None or preprocessing is None else {}
         self.class_names = list(class_names or meta["class_names"])
         self.preprocessing = preprocessing or Preprocessing.from_dict(meta["preprocessing"])
+        self.thresholds = meta.get("output", {}).get("thresholds")  # multi-label exports only
         self.session = onnx_session(path)
         self.input_name = self.session.get_inputs()[0].name
 
@@ -121,6 +124,7 @@ class ExportedProgramRunner:
 
     precision = "32"
     device_type = "cpu"
+    thresholds = None
 
     def __init__(self, path: str | Path, class_names: list[str], preprocessing: Preprocessing) -> None:
         self.module = torch.export.load(str(path)).module()
@@ -168,14 +172,23 @@ def predict_samples(
 
 
 def top_k_results(
-    files: list[str], by_position: dict[int, torch.Tensor], class_names: list[str], top_k: int
-) -> list[dict[str, Any]]:
-    """predict's result structure; a file missing from ``by_position`` could not be decoded."""
+    files: list[str], by_position: dict[int, torch.Tensor], class_names: list[str], top_k: int,
+    thresholds: list[float] | None = None,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """predict's result structure; a file missing from ``by_position`` could not be decoded.
+
+    With ``thresholds`` (a multi-label model's), every class at or over its threshold, however many.
+    """
+    from .multilabel import labels_over_threshold
+
     k = max(1, min(top_k, len(class_names)))
     results: list[dict[str, Any]] = []
     for i, file in enumerate(files):
         if i not in by_position:
             results.append({"path": file, "error": "cannot decode image", "predictions": []})
+            continue
+        if thresholds is not None:
+            results.append({"path": file, "predictions": labels_over_threshold(by_position[i], class_names, thresholds)})
             continue
         values, top = by_position[i].topk(k)
         results.append({

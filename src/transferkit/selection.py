@@ -33,7 +33,7 @@ import torch
 
 from .backbones import DEFAULT_BACKBONE, SOURCES, source_for
 from .balance import Balance, resolve_balance
-from .data import ImageFolderSplits, Sample, shuffled_by_class
+from .data import ImageFolderSplits, Sample, label_indices, shuffled_by_class
 from .errors import TransferkitError
 from .features import extract_features
 from .leaderboard import Selection, Trial
@@ -110,7 +110,7 @@ class Search:
         balance = config.resolved_from.get("balance") or {}
         # Imbalanced classes are scored by macro-F1 (balance.py), on the holdout as on validation.
         self.metric = "macro_f1" if balance.get("selection_metric") == "val_macro_f1" else "accuracy"
-        counts = Counter(label for _, label in splits.train)
+        counts = Counter(i for _, label in splits.train for i in label_indices(label))
         self.selection = Selection(budget_s, len(self.learn), len(self.holdout), metric=self.metric,
                                    class_counts={n: counts.get(i, 0) for i, n in enumerate(splits.class_names)})
         self.speed: dict[str, float] = {}  # backbone → inference images/s, measured

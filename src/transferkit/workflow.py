@@ -19,12 +19,13 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from .checkpoint import CHECKPOINT_NAME, load_checkpoint
+from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from .balance import resolve_balance
 from .data import ImageFolderSplits, Sample, discover_for
 from .errors import TransferkitError
 from .files import write_json
 from .model import TransferModel
+from .multilabel import targets_of, tune_thresholds
 from .inference import Evaluation, evaluate_cached_features, evaluate_samples
 from .runs import write_history
 from .training import Fitted, TrainConfig, TrainResult, find_lr, fit, model_and_strategy, quiet_lightning
@@ -217,6 +218,12 @@ def finish_run(fitted: Fitted, config: TrainConfig, splits: ImageFolderSplits, s
     evaluation_started = time.perf_counter()
     model = load_checkpoint(run_dir / CHECKPOINT_NAME)
     val = _final_evaluation(model, splits.val, config, fitted.info)
+    if model.multi_label:  # each class's threshold tuned on validation, kept with the model, then applied
+        decoded = {p["path"] for p in val.predictions}
+        thresholds = tune_thresholds(val.probabilities, targets_of([s for s in splits.val if s[0] in decoded]))
+        model.record = model.record.with_extra(thresholds=thresholds)
+        save_checkpoint(model, run_dir / CHECKPOINT_NAME)
+        val = _final_evaluation(model, splits.val, config, fitted.info)
     add_skipped(splits, val.skipped)
     if history and history[-1].get("val_accuracy") is None:  # a linear probe: its one row gets its numbers now
         history[-1].update(val_loss=round(val.loss, 6), val_accuracy=round(val.accuracy, 6))
@@ -226,6 +233,8 @@ def finish_run(fitted: Fitted, config: TrainConfig, splits: ImageFolderSplits, s
         "val_loss": val.loss,
         "val_balanced_accuracy": val.balanced_accuracy,
         "val_macro_f1": val.macro_f1,
+        **({"multi_label": True, "val_mean_average_precision": val.mean_average_precision,
+            "val_micro_f1": val.micro_f1, "thresholds": model.thresholds} if val.multi_label else {}),
         "evaluation_precision": val.precision,  # what produced the val_* and test_* numbers on this machine
         "evaluated_on": "cached features" if _from_cached_features(fitted.info) else "images",
         "val_per_class": val.per_class,

@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from ..backbones import Preprocessing
-from ..data import Sample, build_transform, load_image, shuffled_by_class
+from ..data import Sample, build_transform, label_indices, load_image, shuffled_by_class
 from ..errors import TransferkitError
 from ..files import atomic_write
 from ..inference import Evaluation, evaluate_samples
@@ -233,10 +233,10 @@ def training_tiles(
     # A private RNG stream: the same run shows the same crops, and the caller's torch RNG is untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for path, label in _spread(samples, lambda s: s[1], count, seed):
+        for path, label in _spread(samples, lambda s: label_indices(s[1])[0], count, seed):
             image = _view(path, transform, prep)
             if image is not None:
-                tiles.append(Tile(image, _short(class_names[label], 22)))
+                tiles.append(Tile(image, _short(", ".join(class_names[i] for i in label_indices(label)), 22)))
     return tiles
 
 
@@ -270,6 +270,8 @@ def predict_samples(model: TransferModel, samples: Sequence[Sample], batch_size:
 
 def predictions_of(evaluation: Evaluation) -> list[Prediction]:
     """:class:`Prediction` records from an evaluation (no second pass over the images)."""
+    if evaluation.multi_label:  # several labels an image: the grids (one verdict an image) do not apply
+        return []
     index = {name: i for i, name in enumerate(evaluation.class_names)}
     return [Prediction(p["path"], index[p["label"]], index[p["predicted"]], p["probability"], p["true_probability"])
             for p in evaluation.predictions]  # fmt: skip

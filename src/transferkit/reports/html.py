@@ -310,12 +310,18 @@ def _metrics_html(run: Run, images: _Images) -> str:
         per_class = m.get(f"{split}_per_class")
         if not per_class:
             continue
+        # Multi-label: each class's own threshold and average precision stand in for a confusion matrix.
+        extra = ("threshold", "average_precision") if m.get("multi_label") else ()
         rows = [[_e(name), _number(v["precision"], 3), _number(v["recall"], 3), _number(v["f1"], 3),
-                 _number(int(v["support"]))] for name, v in per_class.items()]  # fmt: skip
+                 _number(int(v["support"]))] + [_number(v.get(k), 3) for k in extra]
+                for name, v in per_class.items()]  # fmt: skip
         title = "validation" if split == "val" else "test"
         at = f", network run at {m['evaluation_precision']}" if m.get("evaluation_precision") else ""
-        parts.append(f"<h3>Per class, {title} (accuracy {_number(m.get(f'{split}_accuracy'))}{_e(at)})</h3>"
-                     + _table(["class", "precision", "recall", "F1", "support"], rows))  # fmt: skip
+        headline = (f"exact-match accuracy {_number(m.get(f'{split}_accuracy'))}, mAP "
+                    f"{_number(m.get(f'{split}_mean_average_precision'))}" if m.get("multi_label")
+                    else f"accuracy {_number(m.get(f'{split}_accuracy'))}")  # fmt: skip
+        parts.append(f"<h3>Per class, {title} ({headline}{_e(at)})</h3>"
+                     + _table(["class", "precision", "recall", "F1", "support", *extra], rows))  # fmt: skip
     parts.append(_figure_html(run, "confusion", "confusion matrix",
                               "Validation confusion matrix: rows are true classes, columns predicted."))  # fmt: skip
     return "".join(parts)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MultilabelAccuracy, MultilabelF1Score
 
 from ..balance import Balance
 from ..errors import TransferkitError
@@ -30,11 +31,18 @@ class TransferLearner(L.LightningModule):
         self.spec = spec
         self.config = config
         n = len(model.class_names)
-        self.train_accuracy = MulticlassAccuracy(num_classes=n, average="micro")
-        self.val_accuracy = MulticlassAccuracy(num_classes=n, average="micro")
-        # For imbalanced classes (balance.py): the numbers that choose the best epoch there.
-        self.val_macro_f1 = MulticlassF1Score(num_classes=n, average="macro")
-        self.val_balanced_accuracy = MulticlassAccuracy(num_classes=n, average="macro")
+        self.multi_label = model.multi_label
+        if self.multi_label:  # accuracy: the share of right yes/no answers, over every image and class
+            accuracy = functools.partial(MultilabelAccuracy, num_labels=n)
+            f1 = functools.partial(MultilabelF1Score, num_labels=n)
+        else:
+            accuracy = functools.partial(MulticlassAccuracy, num_classes=n)
+            f1 = functools.partial(MulticlassF1Score, num_classes=n)
+        self.train_accuracy = accuracy(average="micro")
+        self.val_accuracy = accuracy(average="micro")
+        # For imbalanced classes (balance.py) and multi-label data: the numbers that choose the best epoch there.
+        self.val_macro_f1 = f1(average="macro")
+        self.val_balanced_accuracy = accuracy(average="macro")
         balance = config.resolved_from.get("balance")
         weights = Balance.from_dict(balance).class_weights() if balance else None
         self.register_buffer("class_weights", weights, persistent=False)
@@ -69,6 +77,8 @@ class TransferLearner(L.LightningModule):
         return loss
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor, stage: str) -> torch.Tensor:
+        if self.multi_label:  # one yes/no per class
+            return nn.functional.binary_cross_entropy_with_logits(logits.float(), y.float())
         # Class weights correct training only: the validation loss stays the plain, comparable one.
         weight = self.class_weights if stage == "train" else None
         return nn.functional.cross_entropy(logits, y, weight=weight)
