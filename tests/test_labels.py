@@ -213,3 +213,5 @@ def test_multi_label_csv_trains_a_sigmoid_head_with_tuned_thresholds(tmp_path: P
         assert all(p["probability"] >= p["threshold"] for p in r["predictions"])
     with pytest.raises(TransferkitError, match="linear-probe"):
         train(table, **{**TINY, "strategy": "linear-probe"}, out=str(tmp_path / "probe"))
+    with pytest.raises(TransferkitError, match="--strategy auto"):
+        train(table, **{**TINY, "strategy": "auto"}, out=str(tmp_path / "auto"))

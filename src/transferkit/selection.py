@@ -317,6 +317,9 @@ def select(
     continue a search from what it saved.
     """
     quiet_lightning()
+    if splits.multi_label:
+        raise TransferkitError("--strategy auto (and advise's measured leaderboard) scores single-label candidates; "
+                               "for multi-label data give --strategy feature-extract, fine-tune or gradual")  # fmt: skip
     search = Search(config, splits, parse_budget(budget, len(splits.train)), quiet, previous, spent_s, on_trial)
     backbones = candidate_backbones(config, models)
     if not quiet:
