@@ -36,6 +36,7 @@ _EXPORTS = {
     "advise": "advice", "measure_candidates": "selection", "select": "selection", "extract_features": "features", "write_features": "features",
     "export": "exports", "FORMATS": "exports", "DEFAULT_TOLERANCE": "exports",
     "QUANTIZATIONS": "quantize", "DEFAULT_MAX_DROP": "quantize",
+    "inspect_data": "inspection", "Inspection": "inspection",
     "cache_root": "files", "clear_cache": "files",
     "write_report": "reports", "load_run": "reports", "format_comparison": "reports", "write_comparison": "reports",
     "run_demo": "demo",

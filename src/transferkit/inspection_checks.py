@@ -1,0 +1,204 @@
+"""The checks of ``transferkit inspect`` on plain arrays: label issues, neighbours, similar pairs, outliers, digests.
+
+Each is a small function of a feature matrix (or of file paths), testable without a backbone;
+:mod:`transferkit.inspection` feeds them the cached features and turns their indices into records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import TransferkitError
+
+FOLDS = 5
+NEIGHBOURS = 5
+# C of the logistic regression on standardised features (scikit-learn's default). Out-of-fold accuracy
+# on hymenoptera (efficientnet_lite0 features) was the same for C from 0.01 to 1, but C = 0.1 gave
+# probabilities too timid for cleanlab's per-class thresholds: flipped labels of a clear-cut
+# multi-label set went unfound (3 of 5, against 5 of 5 at C = 1).
+PROBE_C = 1.0
+
+
+@dataclass
+class LabelIssues:
+    """cleanlab's label issues, most likely first: (row, suggested label, p(given label), p(suggested))."""
+
+    issues: list[tuple[int, Any, float, float]]
+    folds: int
+    note: str | None = None
+
+
+def label_issues(
+    features: np.ndarray, labels: Sequence[Any], num_classes: int, folds: int = FOLDS, seed: int = 0,
+    multi_label: bool = False,
+) -> LabelIssues:  # fmt: skip
+    """Out-of-fold probabilities of a linear probe on ``features``, ranked by cleanlab's ``find_label_issues``.
+
+    Every probability is predicted by a probe that never saw that image, which is what cleanlab's
+    confident learning needs. Single-label: multinomial logistic regression, stratified folds (no more
+    than the smallest class has images; classes of one image sit out). Multi-label: one-vs-rest.
+    """
+    x = np.asarray(features, dtype=np.float64)
+    if multi_label:
+        return _multi_label_issues(x, labels, num_classes, folds, seed)
+    y = np.asarray(labels, dtype=np.int64)
+    counts = np.bincount(y, minlength=num_classes)
+    rows = np.flatnonzero(counts[y] >= 2)
+    classes, y_rows = np.unique(y[rows], return_inverse=True)
+    if len(classes) < 2:
+        return LabelIssues([], 0, "label issues not sought: fewer than 2 classes have 2 or more images")
+    note = None
+    if len(rows) < len(y):
+        note = f"label issues not sought for {len(y) - len(rows)} image(s) of classes with a single image"
+    n_folds = min(folds, int(np.bincount(y_rows).min()))
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+
+    probe = _standardised(LogisticRegression(C=PROBE_C, max_iter=1000))
+    probs = _out_of_fold(probe, x[rows], y_rows, StratifiedKFold(n_folds, shuffle=True, random_state=seed))
+    ranked = _find_label_issues()(y_rows, probs, return_indices_ranked_by="self_confidence", n_jobs=1)
+    issues = []
+    for i in ranked:
+        other = probs[i].copy()
+        other[y_rows[i]] = -1  # the suggestion is the likeliest *other* class
+        best = int(other.argmax())
+        issues.append((int(rows[i]), int(classes[best]), float(probs[i, y_rows[i]]), float(probs[i, best])))
+    return LabelIssues(issues, n_folds, note)
+
+
+def _multi_label_issues(x: np.ndarray, labels: Sequence[Any], num_classes: int, folds: int, seed: int) -> LabelIssues:
+    """One-vs-rest probes; a suggestion is the set of classes at p >= 0.5."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import KFold
+    from sklearn.multiclass import OneVsRestClassifier
+
+    targets = np.zeros((len(labels), num_classes), dtype=np.int64)
+    for row, label in enumerate(labels):
+        targets[row, list(label)] = 1
+    n_folds = min(folds, len(labels))
+    if n_folds < 2:
+        return LabelIssues([], 0, "label issues not sought: fewer than 2 images")
+    probe = OneVsRestClassifier(_standardised(LogisticRegression(C=PROBE_C, max_iter=1000)))
+    probs = _out_of_fold(probe, x, targets, KFold(n_folds, shuffle=True, random_state=seed))
+    ranked = _find_label_issues(multi_label=True)([list(label) for label in labels], probs,
+                                                  return_indices_ranked_by="self_confidence", n_jobs=1)  # fmt: skip
+    issues = []
+    for i in ranked:
+        suggested = probs[i] >= 0.5
+        issues.append((int(i), tuple(int(c) for c in np.flatnonzero(suggested)), _set_probability(probs[i], targets[i]),
+                       _set_probability(probs[i], suggested)))  # fmt: skip
+    return LabelIssues(issues, n_folds)
+
+
+def _set_probability(probs: np.ndarray, members: np.ndarray) -> float:
+    """The one-vs-rest probes' probability of exactly this set of labels (each class independently)."""
+    return float(np.prod(np.where(members.astype(bool), probs, 1.0 - probs)))
+
+
+def _find_label_issues(multi_label: bool = False) -> Any:
+    try:
+        if multi_label:
+            from cleanlab.multilabel_classification.filter import find_label_issues
+        else:
+            from cleanlab.filter import find_label_issues
+    except ImportError:
+        raise TransferkitError("finding label issues needs cleanlab: pip install 'transferkit[inspect]'") from None
+    return find_label_issues
+
+
+def _standardised(model: Any) -> Any:
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), model)
+
+
+def _out_of_fold(model: Any, x: np.ndarray, y: np.ndarray, cv: Any) -> np.ndarray:
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.model_selection import cross_val_predict
+
+    with warnings.catch_warnings():
+        # Near-separable features: lbfgs stops at max_iter with probabilities that rank as well.
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        warnings.filterwarnings("ignore", message="Label not .* is present in all training examples")
+        return np.asarray(cross_val_predict(model, x, y, cv=cv, method="predict_proba"))
+
+
+def nearest_neighbours(features: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's ``k`` nearest other rows by cosine similarity, most alike first: (indices, similarities)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    n = len(features)
+    k = min(k, n - 1)
+    if k < 1:
+        return np.zeros((n, 0), dtype=np.int64), np.zeros((n, 0))
+    dist, idx = NearestNeighbors(n_neighbors=k + 1, metric="cosine", algorithm="brute").fit(features).kneighbors(features)
+    # A row is not its own neighbour; an exact copy can tie with it, so it goes by index, not by column.
+    own = idx == np.arange(n)[:, None]
+    own[~own.any(axis=1), -1] = True
+    return idx[~own].reshape(n, k), (1.0 - dist[~own]).reshape(n, k)
+
+
+def keep_order(
+    paths: Sequence[str], splits: Sequence[str], split_names: Sequence[str], suspected: Mapping[int, float] = {}
+) -> np.ndarray:
+    """Each image's rank as the copy to keep (lowest kept): later splits first (test, val, train), then
+    by the probability of its label where it is ``suspected`` (1 where not), then by path.
+
+    Keeping the evaluation copy leaves validation and test sets as they are; the training copy goes.
+    Of a mislabelled copy and its original, both suspected, the one the probe believes less goes.
+    """
+    order = sorted(range(len(paths)), key=lambda i: (-list(split_names).index(splits[i]), -suspected.get(i, 1.0),
+                                                     paths[i]))  # fmt: skip
+    rank = np.empty(len(paths), dtype=np.int64)
+    rank[order] = np.arange(len(paths))
+    return rank
+
+
+def similar_pairs(
+    neighbours: np.ndarray, similarity: np.ndarray, threshold: float, rank: np.ndarray
+) -> list[tuple[int, int, float]]:
+    """(drop, keep, similarity) of each neighbour pair at least ``threshold`` alike, most alike first."""
+    found: dict[tuple[int, int], float] = {}
+    for i, column in zip(*np.nonzero(similarity >= threshold)):
+        j = int(neighbours[i, column])
+        keep, drop = (int(i), j) if rank[i] < rank[j] else (j, int(i))
+        found[(drop, keep)] = max(found.get((drop, keep), -2.0), float(similarity[i, column]))
+    return sorted(((drop, keep, sim) for (drop, keep), sim in found.items()), key=lambda t: (-t[2], t[0], t[1]))
+
+
+def outlier_scores(similarity: np.ndarray, k: int) -> np.ndarray:
+    """Mean cosine distance to the ``k`` nearest other images: high where the feature space is empty."""
+    if similarity.shape[1] == 0:
+        return np.zeros(len(similarity))
+    return 1.0 - similarity[:, :k].mean(axis=1)
+
+
+def file_digests(paths: Sequence[str]) -> dict[str, str]:
+    """SHA-256 of each file that shares its size with another: only those can be byte-identical."""
+    by_size: dict[int, list[str]] = {}
+    for path in paths:
+        try:
+            by_size.setdefault(os.stat(path).st_size, []).append(path)
+        except OSError:
+            continue  # gone since the scan: nothing to compare
+    digests = {}
+    for same in by_size.values():
+        for path in same if len(same) > 1 else ():
+            digests[path] = _sha256(path)
+    return digests
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
