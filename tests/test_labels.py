@@ -211,7 +211,25 @@ def test_multi_label_csv_trains_a_sigmoid_head_with_tuned_thresholds(tmp_path: P
     assert len(out) == 16 and any(len(r["predictions"]) > 1 for r in out)
     for r in out:
         assert all(p["probability"] >= p["threshold"] for p in r["predictions"])
-    with pytest.raises(TransferkitError, match="linear-probe"):
-        train(table, **{**TINY, "strategy": "linear-probe"}, out=str(tmp_path / "probe"))
+    # A linear probe is one-vs-rest: a logistic regression per class on the same cached features.
+    probe = train(table, **{**TINY, "strategy": "linear-probe"}, out=str(tmp_path / "probe"))
+    assert probe.metrics["multi_label"] and probe.metrics["val_mean_average_precision"] > 0.8
+    assert evaluate(probe.run_dir, table).macro_f1 == probe.metrics["val_macro_f1"]
     with pytest.raises(TransferkitError, match="--strategy auto"):
         train(table, **{**TINY, "strategy": "auto"}, out=str(tmp_path / "auto"))
+
+
+@pytest.mark.slow
+def test_a_multi_label_export_answers_like_the_checkpoint(tmp_path: Path) -> None:
+    from transferkit import export, predict, train
+
+    rows = [[*r, "train"] for r in _multi_label_images(tmp_path / "train", 24, 1)]
+    rows += [[*r, "val"] for r in _multi_label_images(tmp_path / "val", 8, 2)]
+    table = write_csv(tmp_path / "labels.csv", ["path", "labels", "split"], rows)
+    run = train(table, **{**TINY, "precision": "32"}, out=str(tmp_path / "run")).run_dir
+    onnx = export(run, out=tmp_path / "model.onnx")  # verified against the checkpoint (sigmoids inside)
+    sidecar = json.loads(Path(str(onnx.path) + ".json").read_text())
+    assert sidecar["output"]["softmax"] is False and len(sidecar["output"]["thresholds"]) == 3
+    eager = predict(run, [tmp_path / "val"], runtime="torch")
+    exported = predict(onnx.path, [tmp_path / "val"], runtime="onnx")
+    assert [[p["label"] for p in r["predictions"]] for r in eager] == [[p["label"] for p in r["predictions"]] for r in exported]

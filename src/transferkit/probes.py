@@ -24,7 +24,7 @@ class ProbeFit:
     probe: LinearProbe
     classifier: str
     C: float
-    cv_accuracy: float
+    cv_accuracy: float  # multi-label: cross-validated macro-F1
     folds: int
 
 
@@ -55,6 +55,8 @@ def fit_linear_probe(
         raise TransferkitError(f"unknown --classifier {classifier!r}; choose one of: {', '.join(CLASSIFIERS)}")
     x = features.double().numpy()
     y = labels.numpy()
+    if y.ndim == 2:  # multi-label (0/1 per class): one binary classifier per class
+        return _fit_one_vs_rest(x, y, classifier, seed, c_grid, max_folds)
     model = LogisticRegression(max_iter=2000) if classifier == "logreg" else LinearSVC(max_iter=10000)
     pipeline = make_pipeline(StandardScaler(), model)
     if max_folds == 0:  # a measurement, not a tuned classifier: one C, one fit
@@ -74,6 +76,44 @@ def fit_linear_probe(
         torch.from_numpy(scaler.mean_).float(), torch.from_numpy(scale).float(), weight.float(), bias.float()
     )
     return ProbeFit(probe, classifier, float(best_c), cv_accuracy, folds)
+
+
+def _fit_one_vs_rest(
+    x: np.ndarray, y: np.ndarray, classifier: str, seed: int, c_grid: tuple[float, ...], max_folds: int
+) -> ProbeFit:
+    """scikit-learn's one-vs-rest over the classes, C chosen by K-fold macro-F1; rows of weights for sigmoids."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV, KFold
+    from sklearn.multiclass import OneVsRestClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import LinearSVC
+
+    base = LogisticRegression(max_iter=2000) if classifier == "logreg" else LinearSVC(max_iter=10000)
+    pipeline = make_pipeline(StandardScaler(), OneVsRestClassifier(base))
+    grid = {"onevsrestclassifier__estimator__C": list(c_grid)}
+    if max_folds == 0:
+        fitted_pipeline = pipeline.set_params(**{k: v[0] for k, v in grid.items()}).fit(x, y)
+        best_c, score, folds = c_grid[0], float("nan"), 0
+    else:
+        folds = max(2, min(max_folds, len(y) // 2))
+        search = GridSearchCV(pipeline, grid, scoring="f1_macro", cv=KFold(folds, shuffle=True, random_state=seed),
+                              n_jobs=1)  # fmt: skip
+        search.fit(x, y)
+        fitted_pipeline, score = search.best_estimator_, float(search.best_score_)
+        best_c = float(next(iter(search.best_params_.values())))
+    scaler, ovr = fitted_pipeline[0], fitted_pipeline[1]
+    weight = torch.zeros(y.shape[1], x.shape[1], dtype=torch.float64)
+    bias = torch.zeros(y.shape[1], dtype=torch.float64)
+    for c, estimator in enumerate(ovr.estimators_):
+        if hasattr(estimator, "coef_"):
+            weight[c], bias[c] = torch.from_numpy(estimator.coef_[0]), float(estimator.intercept_[0])
+        else:  # a class every (or no) training image has: always (never) predicted
+            bias[c] = 1e4 if y[0, c] else -1e4
+    scale = np.where(scaler.scale_ == 0, 1.0, scaler.scale_)
+    probe = LinearProbe(torch.from_numpy(scaler.mean_).float(), torch.from_numpy(scale).float(), weight.float(),
+                        bias.float())  # fmt: skip
+    return ProbeFit(probe, classifier, float(best_c), score, folds)
 
 
 def _as_multiclass(

@@ -71,9 +71,6 @@ def build_model(config: TrainConfig, class_names: list[str]) -> TransferModel:
 def model_and_strategy(config: TrainConfig, splits: ImageFolderSplits) -> tuple[TransferModel, StrategySpec]:
     model = build_model(config, splits.class_names)
     if splits.multi_label:
-        if config.strategy == "linear-probe":
-            raise TransferkitError("--strategy linear-probe fits one class per image; for multi-label data use "
-                                   "--strategy feature-extract (a sigmoid head on the same cached features)")  # fmt: skip
         model.record = model.record.with_extra(multi_label=True)
     spec = config.strategy_spec()
     apply_strategy(model, spec, epoch=0)
