@@ -27,7 +27,7 @@ from transferkit.prediction import inference_precision
 
 requests = pytest.importorskip("requests", reason="the service tests talk HTTP with requests (the dev extra)")
 pytest.importorskip("fastapi", reason='serve needs FastAPI and uvicorn: pip install -e ".[serve]"')
-pytest.importorskip("multipart", reason='serve needs python-multipart: pip install -e ".[serve]"')
+pytest.importorskip("python_multipart", reason='serve needs python-multipart: pip install -e ".[serve]"')
 
 from transferkit.serving import Batcher  # noqa: E402  (after the skip: it imports FastAPI's app module)
 from transferkit.serving.service import RequestProblem, check_image  # noqa: E402
@@ -299,6 +299,16 @@ def test_serve_an_int8_export_and_refuse_a_busy_port(run_dir: Path, images: list
         assert busy.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in busy.stderr
     finally:
         assert stop_service(proc) == 0
+
+
+def test_without_fastapi_serve_says_what_to_install(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in [m for m in sys.modules if m.startswith("transferkit.serving")]:
+        monkeypatch.delitem(sys.modules, name)  # imported again, as in a fresh process
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # as on a machine without it
+    assert main(["serve", str(tmp_path)]) == 2
+    assert 'fastapi is missing): pip install "transferkit[serve]"' in capsys.readouterr().err
 
 
 def test_serve_a_missing_run_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -24,7 +24,13 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from ..serving import serve
+    from .. import TransferkitError
+
+    try:
+        from ..serving import serve
+    except ImportError as exc:
+        raise TransferkitError(f"transferkit serve needs FastAPI, uvicorn and python-multipart ({exc.name} is "
+                               'missing): pip install "transferkit[serve]"') from None  # fmt: skip
 
     serve(args.run, args.host, args.port, runtime=args.runtime, top_k=args.top_k, batching=not args.no_batching,
           max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_upload_mb=args.max_upload_mb,

@@ -34,9 +34,10 @@ def serve(
     """Serve ``run`` (a run directory, its model.pt, or an ONNX export) until interrupted."""
     try:
         import uvicorn
-    except ImportError:
-        raise TransferkitError('transferkit serve needs FastAPI and uvicorn: pip install "transferkit[serve]"') \
-            from None
+        import python_multipart  # noqa: F401  (Starlette's form parser: without it every upload would fail)
+    except ImportError as exc:
+        raise TransferkitError(f"transferkit serve needs FastAPI, uvicorn and python-multipart ({exc.name} is "
+                               'missing): pip install "transferkit[serve]"') from None  # fmt: skip
     for name, value, low in (("--max-batch", max_batch, 1), ("--top-k", top_k, 1), ("--port", port, 0)):
         if value < low:
             raise TransferkitError(f"{name} must be at least {low}, got {value}")
