@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,17 @@ from .errors import TransferkitError
 from .files import atomic_write, cache_root
 from .model import TransferModel
 from .prediction import SIDECAR_FORMAT, EagerRunner, ExportedProgramRunner, OnnxRunner, sidecar_path
-from .quantize import DEFAULT_MAX_DROP, QUANTIZATIONS, QuantizationCheck
+from .quantize import (
+    CALIBRATION_IMAGES,
+    DEFAULT_MAX_DROP,
+    QUANTIZATIONS,
+    QuantizationCheck,
+    calibration_reader,
+    check_int8,
+    quantize_int8,
+    run_samples,
+    spread,
+)
 
 FORMATS = {"onnx": "model.onnx", "pt2": "model.pt2"}
 QUANTIZED_NAME = "model.{}.onnx"  # model.int8.onnx: beside model.onnx, never mistaken for it by predict
@@ -189,8 +198,6 @@ def _export_int8(
     max_drop: float, source: str,
 ) -> ExportResult:  # fmt: skip
     """The fp32 export (verified as always) in a temporary folder, quantized into ``out`` if accurate enough."""
-    from .quantize import CALIBRATION_IMAGES, calibration_reader, check_int8, quantize_int8, run_samples, spread
-
     if model.record.extra.get("multi_label"):
         raise TransferkitError("--quantize int8 is checked by top-1 accuracy, which a multi-label model does not "
                                "have; export it in fp32 (without --quantize)")  # fmt: skip
@@ -282,14 +289,11 @@ def _sidecar(
 
 def validation_inputs(run_dir: Path, prep: Preprocessing, count: int = CHECK_IMAGES) -> tuple[torch.Tensor, str] | None:
     """Up to ``count`` of the run's validation images, preprocessed; None when its data is unavailable."""
-    from .data import build_transform, discover, load_image
+    from .data import build_transform, load_image
 
     try:
-        config = json.loads((run_dir / "config.json").read_text())
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # skipped files were reported at training time
-            val = discover(config["data"], config["val_split"], config["seed"]).val
-    except (OSError, ValueError, KeyError, TypeError, TransferkitError):
+        val = run_samples(run_dir)[1]
+    except TransferkitError:
         return None
     transform = build_transform(prep, "none")
     step = max(1, len(val) // count)  # spread over the sorted list, so over the classes

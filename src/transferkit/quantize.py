@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from .backbones import Preprocessing
-from .data import Sample, build_transform, discover, make_loader, shuffled_by_class
+from .data import build_transform, make_loader
+from .discovery import Sample, discover_for, shuffled_by_class
 from .errors import TransferkitError
 from .prediction import OnnxRunner, predict_samples
 
@@ -69,12 +70,12 @@ class QuantizationCheck:
 
 
 def run_samples(run_dir: Path) -> tuple[list[Sample], list[Sample]]:
-    """The run's training and validation images, as it was trained on them."""
+    """The run's training and validation images, found as training found them (folders or a label file)."""
     try:
         config = json.loads((run_dir / "config.json").read_text())
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # skipped files were reported at training time
-            splits = discover(config["data"], config["val_split"], config["seed"])
+            splits = discover_for(config)
     except (OSError, ValueError, KeyError, TypeError, TransferkitError) as exc:
         raise TransferkitError(
             f"--quantize int8 calibrates on the run's training images and checks on its validation images, "
