@@ -143,8 +143,9 @@ def quantize_int8(fp32: Path, out: Path, reader: Any) -> None:
 def _last_linear(model: Path) -> list[str]:
     """The nodes computing the logits that the output's softmax (or sigmoid) turns into probabilities.
 
-    The classifier's Gemm, or its MatMul and bias Add; found from the graph's output, so that the
-    MatMuls feeding a transformer's attention softmax are still quantized.
+    The classifier's Gemm, or its MatMul and bias Add, and any scaling after it (a temperature's
+    Div); found from the graph's output, so that the MatMuls feeding a transformer's attention
+    softmax are still quantized.
     """
     import onnx
 
@@ -153,9 +154,9 @@ def _last_linear(model: Path) -> list[str]:
     names: list[str] = []
     last = producer.get(graph.output[0].name)
     node = producer.get(last.input[0]) if last is not None and last.op_type in ("Softmax", "Sigmoid") else None
-    while node is not None and node.op_type in ("Gemm", "MatMul", "Add"):
+    while node is not None and node.op_type in ("Gemm", "MatMul", "Add", "Div", "Mul"):
         names.append(node.name)
-        node = producer.get(node.input[0]) if node.op_type == "Add" else None
+        node = None if node.op_type in ("Gemm", "MatMul") else producer.get(node.input[0])
     return names
 
 
