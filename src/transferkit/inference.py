@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,15 @@ from .data import IMAGE_EXTENSIONS, VAL_DIR_NAMES, Sample, scan_class_folder
 from .errors import TransferkitError
 from .model import TransferModel
 from .performance import PRECISION_NAMES, pick_device
-from .prediction import EagerRunner, OnnxRunner, inference_precision, predict_samples, top_k_results
+from .prediction import (
+    TTA_VIEWS,
+    AugmentedRunner,
+    EagerRunner,
+    OnnxRunner,
+    inference_precision,
+    predict_samples,
+    top_k_results,
+)
 
 
 @dataclass
@@ -37,6 +46,7 @@ class Evaluation:
     mean_average_precision: float | None = None  # multi-label
     micro_f1: float | None = None  # multi-label
     probabilities: torch.Tensor | None = field(default=None, repr=False)  # (N, classes), the decoded images'
+    tta: dict[str, Any] | None = None  # with test-time augmentation: its views, the plain numbers, the gain and cost
 
     def to_dict(self, with_predictions: bool = False) -> dict[str, Any]:
         d = {
@@ -45,6 +55,7 @@ class Evaluation:
             "macro_f1": self.macro_f1,
             **({"multi_label": True, "mean_average_precision": self.mean_average_precision,
                 "micro_f1": self.micro_f1} if self.multi_label else {}),
+            **({"tta": self.tta} if self.tta else {}),
             "loss": self.loss,
             "precision": self.precision,
             "num_images": self.num_images,
@@ -92,12 +103,17 @@ def evaluate_samples(
     precision: str | None = None,
     skipped: int = 0,
     compile: bool = False,
+    calibrated: bool = True,
+    tta_views: tuple[str, ...] | None = None,
 ) -> Evaluation:
     """Metrics of ``model`` on ``samples``; ``skipped`` counts files already left out by the scan.
 
     Computed by torchmetrics, as training's validation accuracy is, so the two are one definition.
     """
-    result = predict_samples(EagerRunner(model, device, precision, compile), samples, batch_size, num_workers)
+    runner: Any = EagerRunner(model, device, precision, compile, calibrated)
+    if tta_views:
+        runner = AugmentedRunner(runner, tta_views)
+    result = predict_samples(runner, samples, batch_size, num_workers)
     decoded_samples = [samples[i] for i in result.positions.tolist()]
     bad = [(b.path, b.reason) for b in result.bad]
     return _evaluation(model, result.probabilities, decoded_samples, result.precision, skipped, bad)
@@ -111,6 +127,7 @@ def evaluate_cached_features(
     device: torch.device | None = None,
     precision: str | None = None,
     cache_dir: Path | None = None,
+    calibrated: bool = True,
 ) -> Evaluation:
     """:func:`evaluate_samples` of a model whose backbone was not trained, from its cached features.
 
@@ -125,7 +142,7 @@ def evaluate_cached_features(
     precision = inference_precision(model, device, precision)
     found = extract_features(model, samples, cache_dir=cache_dir, batch_size=batch_size, num_workers=num_workers,
                              device=device, precision=precision)  # fmt: skip
-    probabilities = head_probabilities(model, found.features, device, precision)
+    probabilities = head_probabilities(model, found.features, device, precision, calibrated=calibrated)
     kept = set(found.paths)
     decoded_samples = [s for s in samples if s[0] in kept]
     bad = [(p, "cannot decode image") for p in found.skipped]
@@ -215,28 +232,44 @@ def evaluate(
     num_workers: int | None = None,
     precision: str | None = None,
     compile: bool = False,
+    tta: bool = False,
+    calibrated: bool = True,
 ) -> Evaluation:
-    """Accuracy, per-class precision/recall/F1 and confusion matrix of a trained model on a folder.
+    """Accuracy, per-class precision/recall/F1 and confusion matrix of a trained model on a folder
+    (or a label file's test rows, else its val rows).
+
+    ``tta``: average each image's probabilities over :data:`~transferkit.prediction.TTA_VIEWS`, and
+    measure the plain evaluation too: the result's ``tta`` holds both accuracies, the gain and the
+    time each took. ``calibrated=False`` leaves out the temperature fitted after training.
 
     >>> result = evaluate("runs/my-run", "data/val")  # doctest: +SKIP
     >>> result.accuracy
     """
     model = run if isinstance(run, TransferModel) else load_checkpoint(run)
     if Path(data_dir).suffix.lower() == ".csv":
-        return _evaluate_table(model, Path(data_dir).expanduser(), batch_size, num_workers, precision, compile)
-    folder = _evaluation_folder(Path(data_dir).expanduser())
-    _, samples, skipped = scan_class_folder(folder, model.class_names)
-    if not samples:
-        raise TransferkitError(f"no images found in {folder}; give a folder with one sub-folder per class")
-    return evaluate_samples(
-        model, samples, batch_size, num_workers, precision=precision, skipped=len(skipped), compile=compile
-    )
+        samples, skipped = _table_samples(model, Path(data_dir).expanduser())
+    else:
+        folder = _evaluation_folder(Path(data_dir).expanduser())
+        _, samples, bad = scan_class_folder(folder, model.class_names)
+        if not samples:
+            raise TransferkitError(f"no images found in {folder}; give a folder with one sub-folder per class")
+        skipped = len(bad)
+    options = {"precision": precision, "skipped": skipped, "compile": compile, "calibrated": calibrated}
+    started = time.perf_counter()
+    plain = evaluate_samples(model, samples, batch_size, num_workers, **options)
+    if not tta:
+        return plain
+    plain_seconds, started = time.perf_counter() - started, time.perf_counter()
+    augmented = evaluate_samples(model, samples, batch_size, num_workers, tta_views=TTA_VIEWS, **options)
+    seconds = time.perf_counter() - started
+    augmented.tta = {"views": list(TTA_VIEWS), "accuracy_without": plain.accuracy, "loss_without": plain.loss,
+                     "accuracy_gain": augmented.accuracy - plain.accuracy, "seconds_without": round(plain_seconds, 2),
+                     "seconds_with": round(seconds, 2), "cost": round(seconds / max(plain_seconds, 1e-9), 2)}  # fmt: skip
+    return augmented
 
 
-def _evaluate_table(
-    model: TransferModel, table: Path, batch_size: int, num_workers: int | None, precision: str | None, compile: bool
-) -> Evaluation:
-    """Evaluate on a label file's test rows (else its val rows), its labels mapped to the model's classes."""
+def _table_samples(model: TransferModel, table: Path) -> tuple[list[Sample], int]:
+    """A label file's test rows (else its val rows), their labels mapped to the model's classes."""
     from .data import discover, label_indices
 
     splits = discover(table)
@@ -250,9 +283,7 @@ def _evaluate_table(
         ids = {position[i] for i in label_indices(label)}
         return tuple(int(i in ids) for i in range(n)) if model.multi_label else min(ids)
 
-    samples = [(path, mapped(label)) for path, label in (splits.test or splits.val)]
-    return evaluate_samples(model, samples, batch_size, num_workers, precision=precision,
-                            skipped=len(splits.skipped), compile=compile)  # fmt: skip
+    return [(path, mapped(label)) for path, label in (splits.test or splits.val)], len(splits.skipped)
 
 
 def collect_images(paths: list[str | Path]) -> list[str]:
@@ -291,6 +322,8 @@ def predict(
     precision: str | None = None,
     compile: bool = False,
     runtime: str = "auto",
+    tta: bool = False,
+    calibrated: bool = True,
 ) -> list[dict[str, Any]]:
     """Top-k labels with probabilities for each image: ``[{"path", "predictions": [{"label", "probability"}]}]``.
 
@@ -304,12 +337,16 @@ def predict(
     if runtime not in RUNTIMES:
         raise TransferkitError(f"unknown --runtime {runtime!r}; choose one of: {', '.join(RUNTIMES)}")
     files = collect_images([paths] if isinstance(paths, (str, Path)) else list(paths))
-    onnx = _onnx_model_for(run, runtime, len(files), precision, compile)
+    if not calibrated and runtime == "onnx":
+        raise TransferkitError("--calibration none needs --runtime torch (an export has the temperature inside)")
+    onnx = _onnx_model_for(run, runtime if calibrated else "torch", len(files), precision, compile)
     if onnx is not None:
         runner: Any = OnnxRunner(onnx)
     else:
         runner = EagerRunner(run if isinstance(run, TransferModel) else load_checkpoint(run), pick_device(),
-                             precision, compile)  # fmt: skip
+                             precision, compile, calibrated)  # fmt: skip
+    if tta:
+        runner = AugmentedRunner(runner)
     result = predict_samples(runner, files, batch_size, num_workers)
     return top_k_results(files, result.by_position(), runner.class_names, top_k, runner.thresholds)
 

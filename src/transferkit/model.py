@@ -183,9 +183,18 @@ class TransferModel(nn.Module):
         """Multi-label: each class's decision threshold on its probability (tuned on validation; 0.5 before)."""
         return list(self.record.extra.get("thresholds") or [0.5] * len(self.class_names))
 
-    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """Class probabilities from this model's logits: softmax, or a sigmoid per class for multi-label."""
-        return logits.float().sigmoid() if self.multi_label else logits.float().softmax(dim=1)
+    @property
+    def temperature(self) -> float:
+        """The calibration temperature fitted after training (calibration.py); 1 when there is none."""
+        return float(self.record.extra.get("temperature") or 1.0)
+
+    def probabilities(self, logits: torch.Tensor, calibrated: bool = True) -> torch.Tensor:
+        """Class probabilities from this model's logits: softmax (of logits / T when calibrated), or a
+        sigmoid per class for multi-label."""
+        if self.multi_label:
+            return logits.float().sigmoid()
+        t = self.temperature if calibrated else 1.0
+        return (logits.float() / t).softmax(dim=1) if t != 1.0 else logits.float().softmax(dim=1)
 
     def forward(self, x: torch.Tensor) -> Any:
         if self.probe is not None:

@@ -60,8 +60,9 @@ class EagerRunner:
 
     def __init__(
         self, model: TransferModel, device: torch.device | None = None, precision: str | None = None,
-        compile: bool = False,
+        compile: bool = False, calibrated: bool = True,
     ) -> None:  # fmt: skip
+        self.calibrated = calibrated  # False: the network's own softmax, without the fitted temperature
         self.device = device or pick_device()
         self.model = to_fast_layout(model.to(self.device))
         if compile:
@@ -75,12 +76,12 @@ class EagerRunner:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         with inference_mode(self.model), autocast(self.device, self.precision):
             logits = self.model(batch_to(images, self.device, channels_last=True))
-        return self.model.probabilities(logits).cpu()
+        return self.model.probabilities(logits, self.calibrated).cpu()
 
 
 def head_probabilities(
     model: TransferModel, features: torch.Tensor, device: torch.device | None = None, precision: str | None = None,
-    batch_size: int = 256,
+    batch_size: int = 256, calibrated: bool = True,
 ) -> torch.Tensor:  # fmt: skip
     """The head alone on pooled backbone features (``extract_features``'s, at the same precision).
 
@@ -93,7 +94,7 @@ def head_probabilities(
     head = model.head_module.to(device)
     with inference_mode(model), autocast(device, precision):
         logits = [head(batch.to(device)).float().cpu() for batch in features.split(batch_size)]
-    return model.probabilities(torch.cat(logits)) if logits else torch.empty(0, len(model.class_names))
+    return model.probabilities(torch.cat(logits), calibrated) if logits else torch.empty(0, len(model.class_names))
 
 
 class OnnxRunner:
@@ -133,6 +134,40 @@ class ExportedProgramRunner:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.module(images.float()).detach()
+
+
+# Test-time augmentation: the plain view, its mirror image, and four corner crops of 7/8 of it scaled
+# back to the input size (each runs the whole network: six views cost about six times the time).
+TTA_VIEWS = ("identity", "hflip", "crop-top-left", "crop-top-right", "crop-bottom-left", "crop-bottom-right")
+TTA_CROP = 0.875
+
+
+def tta_view(images: torch.Tensor, view: str) -> torch.Tensor:
+    """One test-time view of a preprocessed ``N × 3 × H × W`` batch."""
+    if view == "identity":
+        return images
+    if view == "hflip":
+        return images.flip(-1)
+    if view.startswith("crop-"):
+        h, w = images.shape[-2:]
+        ch, cw = round(h * TTA_CROP), round(w * TTA_CROP)
+        top = 0 if "top" in view else h - ch
+        left = 0 if "left" in view else w - cw
+        crop = images[..., top : top + ch, left : left + cw]
+        return torch.nn.functional.interpolate(crop, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+    raise TransferkitError(f"unknown test-time view {view!r}; choose from: {', '.join(TTA_VIEWS)}")
+
+
+class AugmentedRunner:
+    """Any runner over several views of each batch, its probabilities averaged (test-time augmentation)."""
+
+    def __init__(self, runner: Runner, views: tuple[str, ...] = TTA_VIEWS) -> None:
+        self.runner, self.views = runner, views
+        self.class_names, self.preprocessing = runner.class_names, runner.preprocessing
+        self.precision, self.device_type, self.thresholds = runner.precision, runner.device_type, runner.thresholds
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.runner(tta_view(images, view)) for view in self.views]).mean(dim=0)
 
 
 @dataclass

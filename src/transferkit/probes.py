@@ -78,6 +78,25 @@ def fit_linear_probe(
     return ProbeFit(probe, classifier, float(best_c), cv_accuracy, folds)
 
 
+def out_of_fold_logits(
+    features: torch.Tensor, labels: torch.Tensor, classifier: str, C: float, folds: int, seed: int = 0
+) -> torch.Tensor:
+    """Each training image's probe logits from a probe that did not see it (scikit-learn's
+    ``cross_val_predict``): held-out predictions to calibrate a probe on without a validation split."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import LinearSVC
+
+    model = LogisticRegression(C=C, max_iter=2000) if classifier == "logreg" else LinearSVC(C=C, max_iter=10000)
+    x, y = features.double().numpy(), labels.numpy()
+    cv = StratifiedKFold(max(2, min(folds or 5, int(np.bincount(y).min()))), shuffle=True, random_state=seed)
+    scores = torch.from_numpy(cross_val_predict(make_pipeline(StandardScaler(), model), x, y, cv=cv,
+                                                method="decision_function"))  # fmt: skip
+    return torch.stack([torch.zeros_like(scores), scores], dim=1) if scores.ndim == 1 else scores
+
+
 def _fit_one_vs_rest(
     x: np.ndarray, y: np.ndarray, classifier: str, seed: int, c_grid: tuple[float, ...], max_folds: int
 ) -> ProbeFit:

@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from .calibration import calibration_summary, fit_temperature, logits_of
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from .balance import resolve_balance
 from .data import ImageFolderSplits, Sample, discover_for
@@ -217,13 +219,7 @@ def finish_run(fitted: Fitted, config: TrainConfig, splits: ImageFolderSplits, s
     run_dir, history = fitted.run_dir, fitted.history
     evaluation_started = time.perf_counter()
     model = load_checkpoint(run_dir / CHECKPOINT_NAME)
-    val = _final_evaluation(model, splits.val, config, fitted.info)
-    if model.multi_label:  # each class's threshold tuned on validation, kept with the model, then applied
-        decoded = {p["path"] for p in val.predictions}
-        thresholds = tune_thresholds(val.probabilities, targets_of([s for s in splits.val if s[0] in decoded]))
-        model.record = model.record.with_extra(thresholds=thresholds)
-        save_checkpoint(model, run_dir / CHECKPOINT_NAME)
-        val = _final_evaluation(model, splits.val, config, fitted.info)
+    val, calibration = _evaluate_and_fit_decisions(model, run_dir, splits.val, config, fitted.info)
     add_skipped(splits, val.skipped)
     if history and history[-1].get("val_accuracy") is None:  # a linear probe: its one row gets its numbers now
         history[-1].update(val_loss=round(val.loss, 6), val_accuracy=round(val.accuracy, 6))
@@ -235,6 +231,7 @@ def finish_run(fitted: Fitted, config: TrainConfig, splits: ImageFolderSplits, s
         "val_macro_f1": val.macro_f1,
         **({"multi_label": True, "val_mean_average_precision": val.mean_average_precision,
             "val_micro_f1": val.micro_f1, "thresholds": model.thresholds} if val.multi_label else {}),
+        **({"calibration": calibration} if calibration else {}),
         "evaluation_precision": val.precision,  # what produced the val_* and test_* numbers on this machine
         "evaluated_on": "cached features" if _from_cached_features(fitted.info) else "images",
         "val_per_class": val.per_class,
@@ -261,12 +258,43 @@ def finish_run(fitted: Fitted, config: TrainConfig, splits: ImageFolderSplits, s
     return TrainResult(run_dir=run_dir, metrics=metrics, history=history)
 
 
-def _final_evaluation(model: TransferModel, samples: list[Sample], config: TrainConfig, info: dict[str, Any]) -> Evaluation:
+def _evaluate_and_fit_decisions(
+    model: TransferModel, run_dir: Path, val: list[Sample], config: TrainConfig, info: dict[str, Any]
+) -> tuple[Evaluation, dict[str, Any] | None]:
+    """The validation evaluation, after fitting on it what decides answers: a multi-label model's
+    per-class thresholds, or a single-label model's calibration temperature (unless a linear probe
+    brought its own, fitted out of fold). Both are saved with the model, then the model is evaluated
+    as ``transferkit evaluate`` will run it."""
+    calibrate = config.calibration == "temperature" and not model.multi_label
+    raw = _final_evaluation(model, val, config, info, calibrated=False)
+    if not calibrate and not model.multi_label:
+        return raw, None
+    decoded = {p["path"] for p in raw.predictions}
+    kept = [s for s in val if s[0] in decoded]
+    if model.multi_label:
+        model.record = model.record.with_extra(thresholds=tune_thresholds(raw.probabilities, targets_of(kept)))
+    elif "temperature" not in model.record.extra:
+        labels = torch.tensor([label for _, label in kept])
+        temperature = fit_temperature(logits_of(raw.probabilities), labels)
+        model.record = model.record.with_extra(temperature=temperature, calibration_fitted_on="validation")
+    save_checkpoint(model, run_dir / CHECKPOINT_NAME)
+    final = _final_evaluation(model, val, config, info)
+    if not calibrate:
+        return final, None
+    labels = torch.tensor([label for _, label in kept])
+    fitted_on = model.record.extra.get("calibration_fitted_on", "validation")
+    return final, calibration_summary(raw.probabilities, final.probabilities, labels, model.temperature, fitted_on)
+
+
+def _final_evaluation(
+    model: TransferModel, samples: list[Sample], config: TrainConfig, info: dict[str, Any], calibrated: bool = True
+) -> Evaluation:
     """The run's evaluation; a head trained on cached features is evaluated on them (same numbers, no backbone)."""
     if _from_cached_features(info):
         cache_dir = Path(config.cache_dir) if config.cache_dir else None
-        return evaluate_cached_features(model, samples, config.batch_size, config.num_workers, cache_dir=cache_dir)
-    return evaluate_samples(model, samples, config.batch_size, config.num_workers)
+        return evaluate_cached_features(model, samples, config.batch_size, config.num_workers, cache_dir=cache_dir,
+                                        calibrated=calibrated)  # fmt: skip
+    return evaluate_samples(model, samples, config.batch_size, config.num_workers, calibrated=calibrated)
 
 
 def _from_cached_features(info: dict[str, Any]) -> bool:

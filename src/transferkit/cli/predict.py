@@ -12,13 +12,27 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run directory (or its model.pt)")
     p.add_argument("data", help="folder with one sub-folder per class (a DATA root means its test/ or val/)")
     p.add_argument("--json", action="store_true", help="print a JSON object (with 'accuracy') instead of a table")
+    _trust_options(p)
+
+
+def _trust_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tta", action="store_true", help="test-time augmentation: average each image over 6 views "
+                   "(itself, its mirror, 4 corner crops): about 6x the time")  # fmt: skip
+    p.add_argument("--calibration", default="temperature", choices=("temperature", "none"),
+                   help="temperature: the probabilities calibrated after training; none: the network's own softmax")
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from .. import evaluate
 
-    result = evaluate(args.run, args.data, batch_size=args.batch_size, precision=args.precision, compile=args.compile)
+    result = evaluate(args.run, args.data, batch_size=args.batch_size, precision=args.precision, compile=args.compile,
+                      tta=args.tta, calibrated=args.calibration != "none")  # fmt: skip
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
+    if result.tta and not args.json:
+        t = result.tta
+        print(f"\ntest-time augmentation ({len(t['views'])} views): accuracy {t['accuracy_without']:.4f} -> "
+              f"{result.accuracy:.4f} ({t['accuracy_gain']:+.4f}), {t['seconds_without']:.1f} s -> "
+              f"{t['seconds_with']:.1f} s ({t['cost']:.1f}x)")  # fmt: skip
     return 0
 
 
@@ -30,13 +44,15 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
                    help="%(choices)s. auto: ONNX Runtime (when installed, on a CPU) if the run has an export or there "
                    "are 256+ images (exported once, verified, cached); else PyTorch")  # fmt: skip
     p.add_argument("--json", action="store_true", help='print [{"path", "predictions": [{"label", "probability"}]}]')
+    _trust_options(p)
 
 
 def _predict(args: argparse.Namespace) -> int:
     from .. import format_predictions, predict
 
     results = predict(args.run, args.paths, top_k=args.top_k, batch_size=args.batch_size, precision=args.precision,
-                      compile=args.compile, runtime=args.runtime)  # fmt: skip
+                      compile=args.compile, runtime=args.runtime, tta=args.tta,
+                      calibrated=args.calibration != "none")  # fmt: skip
     print(json.dumps(results, indent=2) if args.json else format_predictions(results))
     return 0 if all(not r.get("error") for r in results) else 1
 

@@ -55,6 +55,9 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--augment", default="light", choices=ApiChoices("AUGMENTATIONS"), metavar="NAME",
                    help="%(choices)s (light: random resized crop + flip)")  # fmt: skip
     p.add_argument("--val-split", type=float, default=0.2, help="validation share when DATA has no val/ folder")
+    p.add_argument("--calibration", default="temperature", choices=("temperature", "none"),
+                   help="after training, fit a temperature on held-out predictions so probabilities mean what they "
+                   "say (out-of-fold for linear probes), or none")  # fmt: skip
     p.add_argument("--balance", default="auto", choices=ApiChoices("BALANCE_MODES"), metavar="MODE",
                    help="imbalanced classes: %(choices)s (auto: class-weighted loss when the largest class has "
                    "over 3x the images of the smallest; best epoch then chosen by macro-F1)")  # fmt: skip

@@ -52,6 +52,7 @@ class TrainConfig:
     image_ext: str | None = None  # Kaggle-style ids without an extension: the images' extension
     exclude: str | None = None  # a file listing images to leave out (transferkit inspect's suspects.txt)
     balance: str = "auto"  # imbalanced classes: auto, none, loss (class-weighted) or sampler
+    calibration: str = "temperature"  # fit a temperature on held-out predictions after training, or none
     seed: int = 0
     precision: str = "auto"
     accelerator: str = "auto"
@@ -78,6 +79,8 @@ class TrainConfig:
     loggers: tuple[str, ...] = ()  # --logger: tensorboard, csv, mlflow, wandb; () = TensorBoard where installed
 
     def __post_init__(self) -> None:
+        if self.calibration not in ("temperature", "none"):
+            raise TransferkitError(f"unknown --calibration {self.calibration!r}; choose temperature or none")
         # Strategy options are parsed and checked by StrategySpec alone; the config keeps their JSON form.
         if isinstance(self.unfreeze, str):
             parsed = parse_unfreeze(self.unfreeze)

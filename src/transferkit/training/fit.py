@@ -281,7 +281,8 @@ def fit_linear_probe_run(
 
     Its one history row has no validation numbers yet: the caller's final evaluation supplies them.
     """
-    from ..probes import fit_linear_probe
+    from ..calibration import fit_temperature
+    from ..probes import fit_linear_probe, out_of_fold_logits
 
     started = time.time()
     precision = resolve_precision(config.precision, device)
@@ -293,6 +294,10 @@ def fit_linear_probe_run(
     feature_seconds = time.perf_counter() - t0
     fit = fit_linear_probe(train.features, train.labels, len(splits.class_names), config.classifier, config.seed)
     model.attach_probe(fit.probe, config.layer)
+    if config.calibration == "temperature" and not model.multi_label:  # calibrated on out-of-fold predictions
+        oof = out_of_fold_logits(train.features, train.labels, fit.classifier, fit.C, fit.folds, config.seed)
+        model.record = model.record.with_extra(temperature=fit_temperature(oof, train.labels),
+                                               calibration_fitted_on="out-of-fold (training images)")  # fmt: skip
     probe_info = {"classifier": fit.classifier, "C": fit.C, "cv_accuracy": fit.cv_accuracy, "folds": fit.folds,
                   "layer": config.layer or "head-input"}  # fmt: skip
     save_checkpoint(model, run_dir / CHECKPOINT_NAME, epoch=0, linear_probe=probe_info, **extra)

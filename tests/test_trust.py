@@ -1,0 +1,89 @@
+"""Predictions a person can trust: calibrated probabilities, test-time augmentation, k-fold estimates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from transferkit.calibration import (
+    expected_calibration_error,
+    fit_temperature,
+    negative_log_likelihood,
+    reliability_curve,
+)
+
+TINY = {"model": "resnet18", "weights": "none", "image_size": 32, "epochs": 3, "batch_size": 4, "quiet": True}
+
+
+def test_temperature_scaling_lowers_the_nll_of_an_over_confident_model() -> None:
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (400,), generator=g)
+    # A fair classifier (right ~70 % of the time, scores to match) made ten times too sure of itself.
+    logits = torch.randn(400, 4, generator=g) + 1.5 * torch.nn.functional.one_hot(labels, 4)
+    over_confident = 10 * logits
+    temperature = fit_temperature(over_confident, labels)
+    before = over_confident.softmax(dim=1)
+    after = (over_confident / temperature).softmax(dim=1)
+    assert temperature > 3  # it finds (about) the factor that was put in
+    assert negative_log_likelihood(after, labels) < 0.5 * negative_log_likelihood(before, labels)
+    assert expected_calibration_error(after, labels) < expected_calibration_error(before, labels)
+    assert torch.equal(after.argmax(dim=1), before.argmax(dim=1))  # no answer changes, only how sure it is
+    curve = reliability_curve(after, labels)
+    assert len(curve["confidence"]) == len(curve["accuracy"]) > 2
+
+
+def test_a_run_is_calibrated_on_validation_and_evaluate_uses_the_temperature(tiny_dataset: Path, tmp_path: Path) -> None:
+    from transferkit import evaluate, load_checkpoint, train
+
+    result = train(tiny_dataset, **TINY, out=str(tmp_path / "run"))
+    calibration = result.metrics["calibration"]
+    assert calibration["fitted_on"] == "validation" and calibration["temperature"] > 0
+    assert calibration["nll_after"] <= calibration["nll_before"] + 1e-9  # fitted to minimise it there
+    assert load_checkpoint(result.run_dir).temperature == calibration["temperature"]
+    calibrated = evaluate(result.run_dir, tiny_dataset / "val")
+    assert calibrated.loss == result.metrics["val_loss"]
+    raw = evaluate(result.run_dir, tiny_dataset / "val", calibrated=False)
+    assert raw.loss == pytest.approx(calibration["nll_before"], rel=1e-5)
+    assert raw.accuracy == calibrated.accuracy
+
+    off = train(tiny_dataset, **TINY, calibration="none", out=str(tmp_path / "off"))
+    assert "calibration" not in off.metrics and load_checkpoint(off.run_dir).temperature == 1.0
+
+
+def test_a_linear_probe_is_calibrated_out_of_fold(tiny_dataset: Path, tmp_path: Path) -> None:
+    from transferkit import train
+
+    result = train(tiny_dataset, **{**TINY, "strategy": "linear-probe"}, out=str(tmp_path / "probe"))
+    assert result.metrics["calibration"]["fitted_on"].startswith("out-of-fold")
+
+
+def test_tta_of_the_identity_view_is_plain_prediction(tiny_dataset: Path) -> None:
+    from transferkit import TransferModel, load_backbone
+    from transferkit.data import scan_class_folder
+    from transferkit.prediction import AugmentedRunner, EagerRunner, predict_samples, tta_view
+
+    model = TransferModel(load_backbone("resnet18", "none"), ["blue", "red"]).eval()
+    _, samples, _ = scan_class_folder(tiny_dataset / "val")
+    runner = EagerRunner(model, precision="32")
+    plain = predict_samples(runner, samples, batch_size=4).probabilities
+    assert torch.equal(predict_samples(AugmentedRunner(runner, ("identity",)), samples, 4).probabilities, plain)
+    both = predict_samples(AugmentedRunner(runner, ("identity", "hflip")), samples, 4).probabilities
+    flipped = predict_samples(AugmentedRunner(runner, ("hflip",)), samples, 4).probabilities
+    assert torch.allclose(both, (plain + flipped) / 2, atol=1e-6)
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    assert torch.equal(tta_view(x, "hflip"), x.flip(-1)) and tta_view(x, "crop-top-left").shape == x.shape
+
+
+def test_evaluate_with_tta_reports_its_gain_and_cost(tiny_dataset: Path, tmp_path: Path) -> None:
+    from transferkit import evaluate, predict, train
+
+    run = train(tiny_dataset, **TINY, out=str(tmp_path / "run")).run_dir
+    result = evaluate(run, tiny_dataset / "val", tta=True)
+    t = result.tta
+    assert t is not None and len(t["views"]) == 6 and t["cost"] > 0
+    assert t["accuracy_gain"] == pytest.approx(result.accuracy - t["accuracy_without"])
+    assert t["accuracy_without"] == evaluate(run, tiny_dataset / "val").accuracy
+    out = predict(run, [tiny_dataset / "val"], tta=True, runtime="torch")
+    assert all(abs(sum(p["probability"] for p in r["predictions"]) - 1) < 1e-4 for r in out)
