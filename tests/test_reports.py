@@ -216,7 +216,8 @@ def test_report_without_the_data_still_shows_the_run(runs: dict[str, Path], tmp_
     assert "<li>1,800 images per class</li><li>far from ImageNet</li>" in page and "0.4100" in page
     assert not stale.exists()
     images = references(report).images
-    assert sorted(images) == [f"{REPORT_DIR}/{FIGURES['confusion']}", f"{REPORT_DIR}/{FIGURES['curves']}"]
+    # What metrics.json alone draws: the curves, the confusion matrix, the calibration's reliability diagram.
+    assert sorted(images) == [f"{REPORT_DIR}/{FIGURES[k]}" for k in ("confusion", "curves", "reliability")]
     assert all((moved / src).is_file() for src in images)
 
 

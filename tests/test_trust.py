@@ -47,6 +47,9 @@ def test_a_run_is_calibrated_on_validation_and_evaluate_uses_the_temperature(tin
     raw = evaluate(result.run_dir, tiny_dataset / "val", calibrated=False)
     assert raw.loss == pytest.approx(calibration["nll_before"], rel=1e-5)
     assert raw.accuracy == calibrated.accuracy
+    page = (result.run_dir / "report.html").read_text(encoding="utf-8")
+    assert "Calibration (temperature" in page and "report/reliability.png" in page
+    assert (result.run_dir / "report" / "reliability.png").is_file()
 
     off = train(tiny_dataset, **TINY, calibration="none", out=str(tmp_path / "off"))
     assert "calibration" not in off.metrics and load_checkpoint(off.run_dir).temperature == 1.0

@@ -18,7 +18,9 @@ from matplotlib.ticker import MaxNLocator
 from ..files import atomic_write
 from ..runs import Run
 from .figures import _figure, _save, _series
-from .html import CSS, _e, _table
+from .markup import CSS
+from .markup import escape as _e
+from .markup import table as _table
 
 COMPARE_INCHES = (15.0, 5.0)
 

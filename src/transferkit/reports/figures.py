@@ -114,6 +114,22 @@ def plot_selection(leaderboard: Sequence[dict[str, Any]], path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_reliability(calibration: dict[str, Any], path: Path) -> Path:
+    """Reliability diagram: accuracy of the top answer against its confidence, before and after calibration."""
+    fig = _figure((5.5, 4.5))
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfectly calibrated")
+    for key, label in (("before", "network's softmax"), ("after", f"T = {calibration['temperature']:.3g}")):
+        curve = calibration["reliability"][key]
+        ece = calibration[f"ece_{key}"]
+        ax.plot(curve["confidence"], curve["accuracy"], marker="o", label=f"{label} (ECE {ece:.3f})")
+    ax.set(xlim=(0, 1.02), ylim=(0, 1.02), xlabel="confidence of the top answer", ylabel="share right",
+           title=f"calibration on {calibration['fitted_on']} predictions")  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    return _save(fig, path)
+
+
 def plot_confusion_matrix(class_names: Sequence[str], matrix: Sequence[Sequence[int]], path: Path) -> Path:
     """Counts and row-normalised (each true class sums to 1; recall on the diagonal), side by side."""
     counts = np.asarray(matrix, dtype=float)

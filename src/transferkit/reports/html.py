@@ -7,8 +7,7 @@ entry where it should appear; the section's id is the first word of its title, l
 
 from __future__ import annotations
 
-import html
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -21,12 +20,20 @@ from ..errors import TransferkitError
 from ..files import atomic_write
 from ..runs import HISTORY_FIELDS, HISTORY_NAME, Run, load_run
 from ..strategies import DEFAULT_LR_DECAY
+from .markup import CSS
+from .markup import definitions as _definitions
+from .markup import escape as _e
+from .markup import json_html as _json_html
+from .markup import number as _number
+from .markup import seconds as _seconds
+from .markup import table as _table
 from .figures import (
     PREDICTION_SAMPLES,
     Prediction,
     _spread,
     plot_confusion_matrix,
     plot_curves,
+    plot_reliability,
     plot_selection,
     plot_tiles,
     predict_samples,
@@ -45,6 +52,7 @@ FIGURES = {
     "predictions": "val_predictions.png",
     "top_losses": "top_losses.png",
     "selection": "selection.png",
+    "reliability": "reliability.png",
 }
 # What each strategy trains and when it fits (README's table): the "why" when no advice was recorded.
 STRATEGY_NOTES = {
@@ -91,6 +99,8 @@ def write_report(
                               figures / FIGURES["confusion"])  # fmt: skip
     if (run.metrics.get("selection") or {}).get("leaderboard"):
         plot_selection(run.metrics["selection"]["leaderboard"], figures / FIGURES["selection"])
+    if run.metrics.get("calibration"):
+        plot_reliability(run.metrics["calibration"], figures / FIGURES["reliability"])
     images = _image_figures(run, figures, splits, val_predictions)
     page = _render_report(run, images)
     path = run.path / REPORT_NAME
@@ -153,48 +163,6 @@ def _augmentation_caption(run: Run, augment: str, prep: Preprocessing) -> str:
     std = ", ".join(f"{v:.3f}" for v in prep.std)
     return (f"Training images as the model sees them: {prep.image_size} px after {source}, normalised with "
             f"the backbone's mean ({mean}) and std ({std}) and de-normalised with the same values for display.")
-
-
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _number(value: Any, digits: int = 4) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return f"{value:,}" if isinstance(value, int) else _e(value)
-
-
-def _seconds(value: Any) -> str:
-    if value is None:
-        return "—"
-    minutes, seconds = divmod(float(value), 60)
-    return f"{int(minutes)} min {seconds:.1f} s" if minutes else f"{seconds:.1f} s"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], numeric_from: int = 1) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    body = "".join(
-        "<tr>" + "".join(f"<td class={'num' if i >= numeric_from else 'txt'}>{cell}</td>"
-                         for i, cell in enumerate(row)) + "</tr>"
-        for row in rows
-    )  # fmt: skip
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _definitions(items: Sequence[tuple[str, str]]) -> str:
-    return "<dl>" + "".join(f"<dt>{_e(k)}</dt><dd>{v}</dd>" for k, v in items) + "</dl>"
-
-
-def _json_html(value: Any) -> str:
-    """Any JSON value as nested lists: the advice entry's shape is not fixed, so none is assumed."""
-    if isinstance(value, dict):
-        return _definitions([(str(k).replace("_", " "), _json_html(v)) for k, v in value.items()])
-    if isinstance(value, list):
-        return "<ul>" + "".join(f"<li>{_json_html(v)}</li>" for v in value) + "</ul>"
-    return _number(value)
 
 
 def _figure_html(run: Run, key: str, alt: str, caption: str = "") -> str:
@@ -324,6 +292,15 @@ def _metrics_html(run: Run, images: _Images) -> str:
                      + _table(["class", "precision", "recall", "F1", "support", *extra], rows))  # fmt: skip
     parts.append(_figure_html(run, "confusion", "confusion matrix",
                               "Validation confusion matrix: rows are true classes, columns predicted."))  # fmt: skip
+    c = m.get("calibration")
+    if c:
+        parts.append(f"<h3>Calibration (temperature {_number(c['temperature'], 3)}, fitted on {_e(c['fitted_on'])} "
+                     f"predictions)</h3>" + _table(["", "expected calibration error", "negative log-likelihood"], [
+                         ["the network's softmax", _number(c["ece_before"]), _number(c["nll_before"])],
+                         ["calibrated", _number(c["ece_after"]), _number(c["nll_after"])]])
+                     + _figure_html(run, "reliability", "reliability diagram", "Of the answers given at each "
+                                    "confidence, the share that is right: on the diagonal, a probability means what "
+                                    "it says."))  # fmt: skip
     return "".join(parts)
 
 
@@ -415,23 +392,4 @@ def _render_report(run: Run, images: _Images) -> str:
 <footer>Generated {generated} by transferkit. Regenerate with <code>transferkit report {_e(run.path)}</code>.</footer>
 </body>
 </html>
-"""
-
-
-CSS = """
-body{font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1f2328;max-width:1560px;
-margin:0 auto;padding:0 24px 40px}
-header{border-bottom:1px solid #d0d7de;margin-bottom:8px}h1{margin:16px 0 4px;font-size:26px}
-h2{border-bottom:1px solid #d0d7de;padding-bottom:4px;margin-top:32px}h3{margin:20px 0 8px}
-table{border-collapse:collapse;margin:8px 0}th,td{border:1px solid #d0d7de;padding:3px 10px}
-th{background:#f6f8fa}td.num{text-align:right;font-variant-numeric:tabular-nums}
-dl{display:grid;grid-template-columns:max-content auto;gap:4px 16px}dt{font-weight:600}dd{margin:0}
-dd ul,li ul{margin:0;padding-left:18px}
-img{max-width:100%;height:auto;border:1px solid #eaeef2}figure{margin:8px 0}
-figcaption{color:#59636e;font-size:13px;max-width:900px}
-.cards{display:flex;flex-wrap:wrap;gap:12px}.card{border:1px solid #d0d7de;border-radius:6px;padding:8px 14px}
-.card .label{color:#59636e;font-size:12px}.card .value{font-size:20px;font-weight:600}
-.advice{background:#ddf4ff;border-radius:6px;padding:4px 14px}.note{background:#fff8c5;padding:8px 12px}
-code{font-size:13px;background:#f6f8fa;padding:1px 4px;border-radius:4px}
-footer{margin-top:40px;color:#59636e;font-size:13px}
 """
