@@ -90,3 +90,46 @@ def test_evaluate_with_tta_reports_its_gain_and_cost(tiny_dataset: Path, tmp_pat
     assert t["accuracy_without"] == evaluate(run, tiny_dataset / "val").accuracy
     out = predict(run, [tiny_dataset / "val"], tta=True, runtime="torch")
     assert all(abs(sum(p["probability"] for p in r["predictions"]) - 1) < 1e-4 for r in out)
+
+
+def test_folds_validate_every_image_once_and_never_train_on_it() -> None:
+    from transferkit.folds import stratified_folds
+
+    samples = [(f"{c}{i}.png", c) for c in range(3) for i in range(10)]
+    folds = stratified_folds(samples, 5, seed=1)
+    assert len(folds) == 5
+    for train, val in folds:
+        assert not set(train) & set(val) and len(train) + len(val) == 30
+        assert sorted(label for _, label in val) == [0, 0, 1, 1, 2, 2]  # stratified
+    assert sorted(s for _, val in folds for s in val) == sorted(samples)
+    with pytest.raises(Exception, match="--folds 11"):
+        stratified_folds(samples, 11)
+
+
+def test_k_fold_training_reports_mean_and_std_and_predicts_with_the_ensemble(tiny_dataset: Path, tmp_path: Path) -> None:
+    import json
+
+    from transferkit import evaluate, predict, train
+
+    result = train(tiny_dataset, **TINY, folds=3, out=str(tmp_path / "folds"))
+    m = result.metrics
+    assert m["folds"] == 3 and 0 <= m["val_accuracy"] <= 1 and m["val_accuracy_std"] >= 0
+    assert m["val_accuracy"] == pytest.approx(sum(f["val_accuracy"] for f in m["fold_metrics"]) / 3)
+    runs = [result.run_dir / name for name in m["fold_runs"]]
+    fold_metrics = [json.loads((r / "metrics.json").read_text()) for r in runs]
+    # 28 images pooled from train/ and val/: each fold validates on its third, and trains on the rest.
+    assert sum(sum(f["data"]["val_counts"].values()) for f in fold_metrics) == 28
+    assert all(sum(f["data"]["train_counts"].values()) + sum(f["data"]["val_counts"].values()) == 28
+               for f in fold_metrics)  # fmt: skip
+    # Frozen features: computed by the first fold, read from the cache by the others.
+    assert [f["feature_cache"]["misses"] for f in fold_metrics] == [28, 0, 0]
+    assert (result.run_dir / "compare.html").is_file()
+
+    ensemble = predict(result.run_dir, [tiny_dataset / "val"], top_k=2)
+    members = [predict(r, [tiny_dataset / "val"], top_k=2, runtime="torch") for r in runs]
+    for i, answer in enumerate(ensemble):
+        for p in answer["predictions"]:
+            mean = sum(next(q["probability"] for q in m_[i]["predictions"] if q["label"] == p["label"])
+                       for m_ in members) / 3  # fmt: skip
+            assert p["probability"] == pytest.approx(mean, abs=1e-5)
+    assert evaluate(result.run_dir, tiny_dataset / "val").num_images == 8

@@ -105,12 +105,14 @@ def evaluate_samples(
     compile: bool = False,
     calibrated: bool = True,
     tta_views: tuple[str, ...] | None = None,
+    runner: Any = None,
 ) -> Evaluation:
     """Metrics of ``model`` on ``samples``; ``skipped`` counts files already left out by the scan.
 
     Computed by torchmetrics, as training's validation accuracy is, so the two are one definition.
+    ``runner`` replaces ``model``'s own (a k-fold ensemble); ``model`` then says what the classes are.
     """
-    runner: Any = EagerRunner(model, device, precision, compile, calibrated)
+    runner = runner or EagerRunner(model, device, precision, compile, calibrated)
     if tta_views:
         runner = AugmentedRunner(runner, tta_views)
     result = predict_samples(runner, samples, batch_size, num_workers)
@@ -245,7 +247,8 @@ def evaluate(
     >>> result = evaluate("runs/my-run", "data/val")  # doctest: +SKIP
     >>> result.accuracy
     """
-    model = run if isinstance(run, TransferModel) else load_checkpoint(run)
+    members = _fold_models(run)
+    model = members[0] if members else run if isinstance(run, TransferModel) else load_checkpoint(run)
     if Path(data_dir).suffix.lower() == ".csv":
         samples, skipped = _table_samples(model, Path(data_dir).expanduser())
     else:
@@ -254,7 +257,9 @@ def evaluate(
         if not samples:
             raise TransferkitError(f"no images found in {folder}; give a folder with one sub-folder per class")
         skipped = len(bad)
-    options = {"precision": precision, "skipped": skipped, "compile": compile, "calibrated": calibrated}
+    options: dict[str, Any] = {"precision": precision, "skipped": skipped, "compile": compile, "calibrated": calibrated}
+    if members:  # a k-fold run: the folds' models averaged
+        options["runner"] = _ensemble(members, precision, compile, calibrated)
     started = time.perf_counter()
     plain = evaluate_samples(model, samples, batch_size, num_workers, **options)
     if not tta:
@@ -339,9 +344,12 @@ def predict(
     files = collect_images([paths] if isinstance(paths, (str, Path)) else list(paths))
     if not calibrated and runtime == "onnx":
         raise TransferkitError("--calibration none needs --runtime torch (an export has the temperature inside)")
-    onnx = _onnx_model_for(run, runtime if calibrated else "torch", len(files), precision, compile)
-    if onnx is not None:
-        runner: Any = OnnxRunner(onnx)
+    members = _fold_models(run)
+    onnx = None if members else _onnx_model_for(run, runtime if calibrated else "torch", len(files), precision, compile)
+    if members:  # a k-fold run: the folds' models averaged
+        runner: Any = _ensemble(members, precision, compile, calibrated)
+    elif onnx is not None:
+        runner = OnnxRunner(onnx)
     else:
         runner = EagerRunner(run if isinstance(run, TransferModel) else load_checkpoint(run), pick_device(),
                              precision, compile, calibrated)  # fmt: skip
@@ -349,6 +357,19 @@ def predict(
         runner = AugmentedRunner(runner)
     result = predict_samples(runner, files, batch_size, num_workers)
     return top_k_results(files, result.by_position(), runner.class_names, top_k, runner.thresholds)
+
+
+def _fold_models(run: Any) -> list[TransferModel]:
+    from .folds import fold_dirs
+
+    return [load_checkpoint(d) for d in fold_dirs(run) or []]
+
+
+def _ensemble(members: list[TransferModel], precision: str | None, compile: bool, calibrated: bool) -> Any:
+    from .prediction import EnsembleRunner
+
+    device = pick_device()
+    return EnsembleRunner([EagerRunner(m, device, precision, compile, calibrated) for m in members])
 
 
 def _onnx_model_for(run: Any, runtime: str, images: int, precision: str | None, compile: bool) -> Path | None:

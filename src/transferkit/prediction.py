@@ -170,6 +170,22 @@ class AugmentedRunner:
         return torch.stack([self.runner(tta_view(images, view)) for view in self.views]).mean(dim=0)
 
 
+class EnsembleRunner:
+    """Several runners of the same classes, their probabilities averaged (a k-fold run's models)."""
+
+    def __init__(self, runners: list[Runner]) -> None:
+        first = runners[0]
+        self.runners = runners
+        self.class_names, self.preprocessing = first.class_names, first.preprocessing
+        self.precision, self.device_type = first.precision, first.device_type
+        # Multi-label: each class's threshold averaged over the members, as their probabilities are.
+        self.thresholds = (None if first.thresholds is None else
+                           [sum(t) / len(t) for t in zip(*(r.thresholds or [] for r in runners))])  # fmt: skip
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.stack([runner(images) for runner in self.runners]).mean(dim=0)
+
+
 @dataclass
 class Predictions:
     """Probabilities of the images that decoded, by their position in the list given."""

@@ -6,6 +6,7 @@ This is the one module that joins training to the stages after it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -60,6 +61,8 @@ def run_training(config: TrainConfig, command: str | None = None, callbacks: lis
     check_sharding(config)
     L.seed_everything(config.seed, workers=True, verbose=False)
     splits = discover_for(config)
+    if config.folds:
+        return _train_folds(config, splits, command, callbacks)
     _resolve_balance(config, splits)
     run_dir = None
     if config.strategy == "auto":
@@ -88,6 +91,48 @@ def _train_resolved(
     write_json(run_dir / "config.json", config.to_dict())  # last: other ranks wait for it
     os.environ[RUN_DIR_ENV] = str(run_dir.resolve())
     return finish_run(fit(run_dir, config, splits, model, spec, callbacks=callbacks), config, splits, started)
+
+
+def _train_folds(
+    config: TrainConfig, splits: ImageFolderSplits, command: str | None, callbacks: list[Callback]
+) -> TrainResult:  # fmt: skip
+    """``--folds K``: K runs on K stratified splits of the training and validation images pooled (a test
+    split stays the test split of every fold), then each metric's mean and standard deviation."""
+    from .folds import FOLDS_NAME, stratified_folds, summarize_folds
+    from .reports import load_run, write_comparison
+
+    if config.strategy == "auto":
+        raise TransferkitError("--folds with --strategy auto would repeat the search in every fold; measure once "
+                               "with --strategy auto, then give its choice with --folds")  # fmt: skip
+    folds = stratified_folds(splits.train + splits.val, int(config.folds or 0), config.seed)
+    parent = create_run_dir(config)
+    write_json(parent / "config.json", config.to_dict())
+    with open(parent / "command.txt", "a") as f:
+        f.write((command or " ".join(sys.argv)) + "\n")
+    results = []
+    for k, (train, val) in enumerate(folds, 1):
+        fold_config = TrainConfig(**{**config.to_dict(), "folds": None, "out": str(parent / f"fold-{k}"),
+                                     "resolved_from": {}})  # fmt: skip
+        fold_splits = dataclasses.replace(splits, train=sorted(train), val=sorted(val),
+                                          layout=f"fold {k} of {len(folds)}", skipped=list(splits.skipped))  # fmt: skip
+        _resolve_balance(fold_config, fold_splits)
+        L.seed_everything(config.seed, workers=True, verbose=False)  # every fold starts from the same model
+        if not config.quiet:
+            say(f"fold {k} of {len(folds)}: {len(train)} training, {len(val)} validation images")
+        results.append(_train_resolved(fold_config, fold_splits, None, command, callbacks, time.time()))
+    runs = [r.run_dir.name for r in results]
+    write_json(parent / FOLDS_NAME, {"folds": len(folds), "runs": runs, "seed": config.seed})
+    metrics = {**summarize_folds([r.metrics for r in results]), "folds": len(folds), "fold_runs": runs,
+               "fold_metrics": [{k: r.metrics.get(k) for k in ("val_accuracy", "val_loss", "val_macro_f1")}
+                                for r in results],
+               "model": config.model, "strategy": results[0].metrics.get("strategy"),
+               "class_names": splits.class_names}  # fmt: skip
+    write_json(parent / "metrics.json", metrics)
+    write_comparison([load_run(r.run_dir) for r in results], parent / "compare.html")
+    if not config.quiet:
+        say(f"{len(folds)} folds: val_accuracy {metrics['val_accuracy']:.4f} ± {metrics['val_accuracy_std']:.4f} "
+            f"· run directory: {parent}")  # fmt: skip
+    return TrainResult(run_dir=parent, metrics=metrics, history=[])
 
 
 def _resolve_balance(config: TrainConfig, splits: ImageFolderSplits) -> None:
@@ -119,6 +164,11 @@ def resume_training(run_dir: str | Path, command: str | None = None, callbacks: 
     if not last.is_file():
         raise TransferkitError(f"run {run_dir} has no checkpoints/last.ckpt yet (killed in its first epoch); start it again")
     config = TrainConfig(**json.loads((run_dir / "config.json").read_text()))
+    if config.folds:
+        unfinished = sorted(p.parent.name for p in run_dir.glob("fold-*/config.json")
+                            if not (p.parent / "metrics.json").exists())  # fmt: skip
+        raise TransferkitError(f"{run_dir} is a k-fold run: resume its unfinished fold instead, e.g. transferkit train "
+                               f"--resume {run_dir / (unfinished[0] if unfinished else 'fold-1')}")  # fmt: skip
     with open(run_dir / "command.txt", "a") as f:
         f.write((command or " ".join(sys.argv)) + "\n")
     started = time.time()

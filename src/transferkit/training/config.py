@@ -53,6 +53,7 @@ class TrainConfig:
     exclude: str | None = None  # a file listing images to leave out (transferkit inspect's suspects.txt)
     balance: str = "auto"  # imbalanced classes: auto, none, loss (class-weighted) or sampler
     calibration: str = "temperature"  # fit a temperature on held-out predictions after training, or none
+    folds: int | None = None  # k-fold: K runs on K stratified splits, reported as mean ± std (folds.py)
     seed: int = 0
     precision: str = "auto"
     accelerator: str = "auto"
