@@ -339,13 +339,25 @@ def predict(
     asked for, provided an export exists or there are at least 256 images; its forward is 1.3-1.8x
     eager PyTorch's on a CPU (benchmarks/throughput.py).
     """
+    files = collect_images([paths] if isinstance(paths, (str, Path)) else list(paths))
+    runner = runner_for(run, runtime, len(files), precision, compile, calibrated, tta)
+    result = predict_samples(runner, files, batch_size, num_workers)
+    return top_k_results(files, result.by_position(), runner.class_names, top_k, runner.thresholds)
+
+
+def runner_for(
+    run: str | Path | TransferModel, runtime: str = "auto", images: int = 1, precision: str | None = None,
+    compile: bool = False, calibrated: bool = True, tta: bool = False,
+) -> Any:  # fmt: skip
+    """The runner ``predict`` uses for ``images`` images of ``run`` (``serve`` asks as for many): a k-fold
+    run's ensemble, ONNX Runtime on an export (see :func:`predict`'s ``runtime``), or eager PyTorch;
+    wrapped for test-time augmentation with ``tta``."""
     if runtime not in RUNTIMES:
         raise TransferkitError(f"unknown --runtime {runtime!r}; choose one of: {', '.join(RUNTIMES)}")
-    files = collect_images([paths] if isinstance(paths, (str, Path)) else list(paths))
     if not calibrated and runtime == "onnx":
         raise TransferkitError("--calibration none needs --runtime torch (an export has the temperature inside)")
     members = _fold_models(run)
-    onnx = None if members else _onnx_model_for(run, runtime if calibrated else "torch", len(files), precision, compile)
+    onnx = None if members else _onnx_model_for(run, runtime if calibrated else "torch", images, precision, compile)
     if members:  # a k-fold run: the folds' models averaged
         runner: Any = _ensemble(members, precision, compile, calibrated)
     elif onnx is not None:
@@ -353,10 +365,7 @@ def predict(
     else:
         runner = EagerRunner(run if isinstance(run, TransferModel) else load_checkpoint(run), pick_device(),
                              precision, compile, calibrated)  # fmt: skip
-    if tta:
-        runner = AugmentedRunner(runner)
-    result = predict_samples(runner, files, batch_size, num_workers)
-    return top_k_results(files, result.by_position(), runner.class_names, top_k, runner.thresholds)
+    return AugmentedRunner(runner) if tta else runner
 
 
 def _fold_models(run: Any) -> list[TransferModel]:

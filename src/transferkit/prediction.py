@@ -109,6 +109,7 @@ class OnnxRunner:
         path = Path(path).expanduser()
         if not path.is_file():
             raise TransferkitError(f"{path} does not exist; give an ONNX export (transferkit export) or a run directory")
+        self.path = path
         meta = read_sidecar(path) if class_names is None or preprocessing is None else {}
         self.class_names = list(class_names or meta["class_names"])
         self.preprocessing = preprocessing or Preprocessing.from_dict(meta["preprocessing"])

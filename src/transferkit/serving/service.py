@@ -18,12 +18,10 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..checkpoint import load_checkpoint
 from ..data import MAX_IMAGE_PIXELS
 from ..errors import TransferkitError
-from ..inference import AUTO_EXPORT_FROM, RUNTIMES, _onnx_model_for
-from ..performance import pick_device
-from ..prediction import EagerRunner, OnnxRunner, Runner, predict_samples, read_sidecar, top_k_results
+from ..inference import AUTO_EXPORT_FROM, runner_for
+from ..prediction import EagerRunner, EnsembleRunner, Runner, predict_samples, read_sidecar, top_k_results
 
 
 class RequestProblem(TransferkitError):
@@ -70,12 +68,8 @@ def choose_runner(run: str | Path, runtime: str = "auto") -> tuple[Runner, Path 
     run's precision is fp32 on this machine (exporting once into the cache if the run has no export),
     eager PyTorch where it resolves to bf16. An ``.onnx`` file (fp32 or int8) is served by ONNX Runtime.
     """
-    if runtime not in RUNTIMES:
-        raise TransferkitError(f"unknown --runtime {runtime!r}; choose one of: {', '.join(RUNTIMES)}")
-    onnx = _onnx_model_for(run, runtime, AUTO_EXPORT_FROM, None, False)
-    if onnx is not None:
-        return OnnxRunner(onnx), onnx
-    return EagerRunner(load_checkpoint(run), pick_device()), None
+    runner = runner_for(run, runtime, images=AUTO_EXPORT_FROM)
+    return runner, getattr(runner, "path", None)
 
 
 class ImageService:
@@ -101,7 +95,8 @@ class ImageService:
                 by_position = predict_samples(self.runner, paths, self.batch_size).by_position()
         names = self.runner.class_names
         return [
-            top_k_results([u.name], {0: by_position[i]} if i in by_position else {}, names, u.top_k)[0]
+            top_k_results([u.name], {0: by_position[i]} if i in by_position else {}, names, u.top_k,
+                          self.runner.thresholds)[0]
             for i, u in enumerate(uploads)
         ]
 
@@ -121,8 +116,9 @@ def describe(runner: Runner, onnx: Path | None = None) -> dict[str, Any]:
             model["quantization"] = meta["quantization"]
         runtime = "onnxruntime"
     else:
-        assert isinstance(runner, EagerRunner)
-        record = runner.model.record
+        first = runner.runners[0] if isinstance(runner, EnsembleRunner) else runner  # a k-fold run: its first fold
+        assert isinstance(first, EagerRunner)
+        record = first.model.record
         model = {"backbone": record.backbone, "weights": record.weights, "head": str(record.head),
                  "strategy": record.strategy}  # fmt: skip
         runtime = "torch"
