@@ -36,7 +36,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
     with torch.enable_grad():
         optimizer.step(closure)
-    return round(float(log_t.exp()), 6)
+    return round(float(log_t.detach().exp()), 6)
 
 
 def logits_of(probabilities: torch.Tensor) -> torch.Tensor:
