@@ -233,3 +233,22 @@ def test_a_multi_label_export_answers_like_the_checkpoint(tmp_path: Path) -> Non
     eager = predict(run, [tmp_path / "val"], runtime="torch")
     exported = predict(onnx.path, [tmp_path / "val"], runtime="onnx")
     assert [[p["label"] for p in r["predictions"]] for r in eager] == [[p["label"] for p in r["predictions"]] for r in exported]
+
+
+@pytest.mark.slow
+def test_the_command_line_reads_a_label_file_with_named_columns(flat: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    rows = [[r[1], r[0], "val" if i % 3 == 0 else "train"] for i, r in enumerate(rows_of(flat, tmp_path))]
+    table = write_csv(tmp_path / "scans.csv", ["finding", "file", "fold"], rows)
+    args = ["train", str(table), "--path-col", "file", "--label-col", "finding", "--split-col", "fold",
+            "--balance", "none", "--model", "resnet18", "--weights", "none", "--image-size", "32", "--epochs", "1",
+            "--out", str(tmp_path / "run"), "--quiet"]  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "transferkit", *args], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["balance"]["requested"] == "none" and sum(metrics["data"]["val_counts"].values()) == 4
+    bad = subprocess.run([sys.executable, "-m", "transferkit", *args[:2], "--label-col", "diagnosis"],
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "--label-col diagnosis" in bad.stderr
