@@ -212,10 +212,18 @@ def test_two_processes_sharing_the_cache_do_not_corrupt_it(tmp_path: Path) -> No
     assert all(p.wait(timeout=300) == 0 for p in procs)
     a, b = (torch.load(tmp_path / f"{i}.pt", weights_only=True) for i in range(2))
     assert torch.equal(a, b)
-    files = list(cache.rglob("*.npy"))
-    assert len(files) == 80 and not list(cache.rglob("*.tmp"))
-    for f in files:
-        assert np.load(f, allow_pickle=False).shape == (512,)
+    # The feature store: each process appended a shard of its own (80 rows: it missed all 80 images, or
+    # none if the other had finished first); no temporary file is left, and every vector reads back.
+    from transferkit.feature_store import FeatureStore
+    from transferkit.features import file_key
+
+    assert not list(cache.rglob("*.tmp"))
+    (root,) = [p.parent for p in cache.glob("*/spec.json")]
+    store = FeatureStore(root)
+    assert 1 <= len(store.names) <= 2 and len(store) == 80 * len(store.names)
+    paths = [str(p) for p in sorted(images.rglob("*")) if p.is_file()]
+    where = store.locate([bytes.fromhex(file_key(p, 0)) for p in paths])
+    assert len(paths) == 80 and (where >= 0).all() and torch.equal(torch.from_numpy(store.read(where)), a)
 
 
 def test_evaluation_lists_each_decoded_image_under_its_own_name(tiny_dataset: Path, tmp_path: Path) -> None:

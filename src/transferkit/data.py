@@ -6,6 +6,7 @@ are re-exported here, where the rest of the package has always found them).
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from collections.abc import Iterator
@@ -37,6 +38,7 @@ from .discovery import (  # noqa: F401  (re-exported)
 )
 from .errors import TransferkitError
 from .performance import pick_device
+from .shards import read_packed
 
 JPEG_EXTENSIONS = (".jpg", ".jpeg")
 AUGMENTATIONS = ("none", "light", "strong")
@@ -46,14 +48,19 @@ AUGMENTATIONS = ("none", "light", "strong")
 
 
 def load_image(path: str) -> torch.Tensor:
-    """Decode ``path`` to an RGB uint8 tensor (3, H, W); greyscale, palette, RGBA and CMYK included."""
+    """Decode ``path`` to an RGB uint8 tensor (3, H, W); greyscale, palette, RGBA and CMYK included.
+
+    ``path`` may also name an image packed in shards (:mod:`transferkit.shards`).
+    """
+    packed = read_packed(path)
     if path.lower().endswith(JPEG_EXTENSIONS):
         try:
             # libjpeg-turbo straight to a tensor: ~2x PIL on typical photos, no PIL→numpy copy.
-            return decode_jpeg(read_file(path), mode=ImageReadMode.RGB)
+            data = read_file(path) if packed is None else torch.frombuffer(bytearray(packed), dtype=torch.uint8)
+            return decode_jpeg(data, mode=ImageReadMode.RGB)
         except RuntimeError:
             pass  # CMYK, progressive oddities, mislabelled files: PIL below knows them all
-    with Image.open(path) as im:
+    with Image.open(path if packed is None else io.BytesIO(packed)) as im:
         im.seek(0)  # first frame of an animated GIF
         return v2.functional.pil_to_tensor(_to_rgb(im))
 

@@ -23,6 +23,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS  # noqa: E402
 
 from .errors import TransferkitError  # noqa: E402
 from .label_tables import LabelColumns, LabelRow, read_label_table  # noqa: E402
+from .shards import is_packed_source, packed_samples, packed_split  # noqa: E402
 
 # torchvision's ImageFolder extensions, and GIF (its first frame), which PIL reads and torchvision does not list.
 IMAGE_EXTENSIONS = (*IMG_EXTENSIONS, ".gif")
@@ -98,7 +99,13 @@ def _check_image(path: Path) -> str | None:
 def scan_class_folder(
     folder: Path, class_names: list[str] | None = None, check: bool = True
 ) -> tuple[list[str], list[Sample], list[tuple[str, str]]]:
-    """(class names, samples, skipped files) of a ``<class>/*`` folder; nested folders are walked."""
+    """(class names, samples, skipped files) of a ``<class>/*`` folder; nested folders are walked.
+
+    One split of a packed folder (``SHARDS/val``) reads as the class folder it was packed from.
+    """
+    packed = packed_split(folder)
+    if packed is not None:
+        return _packed_split(*packed, class_names)
     folder = Path(folder)
     if not folder.is_dir():
         raise TransferkitError(f"data folder {folder} does not exist; give a folder holding one sub-folder per class")
@@ -156,7 +163,9 @@ def discover(
     file, or an image folder with the CSV ``labels`` (:mod:`transferkit.label_tables`); the files
     listed in ``exclude`` (one path a line, ``#`` comments) are left out."""
     root = Path(data_dir).expanduser()
-    if labels is not None or (root.suffix.lower() == ".csv" and root.is_file()):
+    if labels is None and is_packed_source(data_dir):  # transferkit pack's shards, a folder or a URL
+        splits = _discover_packed(str(data_dir))
+    elif labels is not None or (root.suffix.lower() == ".csv" and root.is_file()):
         splits = _discover_table(root, labels, columns, image_ext, val_split, seed)
     else:
         splits = _discover_folders(root, val_split, seed)
@@ -206,6 +215,37 @@ def _discover_folders(root: Path, val_split: float, seed: int) -> ImageFolderSpl
         _, test, test_skipped = scan_class_folder(root / "test", names)
         more = more + test_skipped
     return ImageFolderSplits(root, names, train, val, test, skipped + more, layout)
+
+
+def _discover_packed(source: str) -> ImageFolderSplits:
+    """The splits as they were packed (a split made at packing time stays that split)."""
+    manifest, samples = packed_samples(source)
+    return ImageFolderSplits(Path(source), manifest["class_names"], samples.get("train", []), samples.get("val", []),
+                             samples.get("test"), [], "packed shards (litdata)", manifest["multi_label"])  # fmt: skip
+
+
+def _packed_split(
+    source: str, split: str, class_names: list[str] | None
+) -> tuple[list[str], list[Sample], list[tuple[str, str]]]:
+    manifest, samples = packed_samples(source)
+    if split not in samples:
+        raise TransferkitError(f"{source} has no packed {split} images; it has: {', '.join(samples)}")
+    names: list[str] = manifest["class_names"]
+    if class_names is None or class_names == names:
+        return names, samples[split], []
+    extra = sorted(set(names) - set(class_names))
+    if extra:
+        raise TransferkitError(f"{source} has classes the model does not know: {', '.join(extra)}; expected a subset "
+                               f"of: {', '.join(class_names)}")  # fmt: skip
+    position = [class_names.index(name) for name in names]
+
+    def mapped(label: int | tuple[int, ...]) -> int | tuple[int, ...]:
+        if isinstance(label, tuple):
+            ids = {position[i] for i in label_indices(label)}
+            return tuple(int(i in ids) for i in range(len(class_names)))
+        return position[label]
+
+    return class_names, [(path, mapped(label)) for path, label in samples[split]], []
 
 
 def _discover_table(

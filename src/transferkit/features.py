@@ -25,8 +25,10 @@ from torch.utils.data import DataLoader
 
 from .backbones import Preprocessing
 from .files import atomic_write, cache_root
+from .shards import packed_identity
 from .data import ImageDataset, Sample, build_transform, collate_skipping_bad, default_num_workers
 from .errors import TransferkitError
+from .feature_store import FeatureStore, StoredRows
 from .layers import StopForward, capture, resolve_layer
 from .model import TransferModel
 from .performance import autocast, batch_to, inference_mode, pick_device, resolve_precision, to_fast_layout
@@ -64,9 +66,12 @@ class FeatureSpec:
 
 
 def file_key(path: str, view: int) -> str:
-    st = os.stat(path)
-    raw = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{view}"
-    return hashlib.sha1(raw.encode()).hexdigest()
+    """The cache key of one view of one image: its file's identity (path, size, mtime), or a packed image's content."""
+    identity = packed_identity(path)
+    if identity is None:
+        st = os.stat(path)
+        identity = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
+    return hashlib.sha1(f"{identity}|{view}".encode()).hexdigest()
 
 
 def _view_loader(
@@ -101,6 +106,27 @@ class FeatureSet:
     skipped: list[str]  # files that could not be decoded
 
 
+@dataclass
+class StoredFeatures:
+    """Where the features of ``samples`` are in a :class:`FeatureStore`: one (shard, row) per decoded view."""
+
+    store: FeatureStore
+    locations: np.ndarray  # (N, 2)
+    labels: torch.Tensor  # (N,)
+    paths: list[str]
+    hits: int
+    misses: int
+    skipped: list[str]
+
+    def dataset(self) -> StoredRows:
+        """(vector, label) pairs read from the memory-mapped shards a batch at a time."""
+        return StoredRows(self.store, self.locations, self.labels)
+
+    def to_feature_set(self) -> FeatureSet:
+        features = torch.from_numpy(self.store.read(self.locations))
+        return FeatureSet(features, self.labels, self.paths, self.hits, self.misses, self.skipped)
+
+
 def extract_features(
     model: TransferModel,
     samples: list[Sample],
@@ -116,57 +142,99 @@ def extract_features(
 ) -> FeatureSet:
     """Pooled features of ``samples`` (``views`` augmented copies each when ``augment`` is set).
 
-    Cached vectors are read back; the rest are computed in batches and written one file each as
-    soon as computed, so memory does not grow with the dataset beyond the returned matrix.
+    Stored vectors are read back; the rest are computed in batches and appended to the store
+    (:func:`store_features`); the result is one (N, D) matrix in memory. Without the cache
+    (``use_cache=False``) nothing is read or written.
+    """
+    options = {"layer": layer, "augment": augment, "views": views, "batch_size": batch_size,
+               "num_workers": num_workers, "device": device, "precision": precision}  # fmt: skip
+    if use_cache:
+        return store_features(model, samples, cache_dir=cache_dir, **options).to_feature_set()
+    return _features_in_memory(model, samples, **options)
+
+
+def store_features(
+    model: TransferModel,
+    samples: list[Sample],
+    layer: str | None = None,
+    augment: str = "none",
+    views: int = 1,
+    cache_dir: Path | None = None,
+    batch_size: int = 32,
+    num_workers: int | None = None,
+    device: torch.device | None = None,
+    precision: str = "auto",
+    writer_tag: str = "",
+) -> StoredFeatures:
+    """Make sure the store has the features of ``samples``; say where they are, without reading them.
+
+    Only the views the store lacks are computed, written in shards as they come (memory stays
+    bounded by one shard). ``writer_tag`` goes into the new shards' names (a rank, say).
     """
     device = device or pick_device()
     precision = resolve_precision(precision, device)  # the machine's best unless asked; part of the cache key
-    canonical_layer, _, _ = resolve_layer(model, layer)
-    prep = model.preprocessing
-    view_count = views if augment != "none" else 1
-    spec = FeatureSpec(model.record.backbone, weights_digest(model), canonical_layer, prep.to_dict(), augment, precision)
-    root = Path(cache_dir or default_cache_dir()) / spec.key()
-    items = [(i, path, v) for i, (path, _) in enumerate(samples) for v in range(view_count)]
-    rows: dict[tuple[int, int], np.ndarray] = {}
-    todo: list[tuple[int, str, int]] = []
-    for index, path, view in items:
-        cached = root / (file_key(path, view) + ".npy") if use_cache else None
-        if cached is not None and cached.is_file():
-            try:
-                rows[(index, view)] = np.load(cached, allow_pickle=False)
-                continue
-            except (OSError, ValueError):
-                pass  # unreadable entry: recompute it
-        todo.append((index, path, view))
-    hits = len(rows)
+    spec = _spec(model, layer, augment, precision)
+    store = FeatureStore(Path(cache_dir or default_cache_dir()) / spec.key())
+    items = _items(samples, views if augment != "none" else 1)
+    keys = [bytes.fromhex(file_key(path, view)) for _, path, view in items]
+    where = store.locate(keys)
+    todo = [(item, key) for item, key, (shard, _) in zip(items, keys, where) if shard < 0]
     if todo:
-        if use_cache:
-            root.mkdir(parents=True, exist_ok=True)
-            _write_spec(root, spec)
-        # On a private RNG stream: whether features came from the cache or were computed here (its
-        # loader draws seeds) must not change what the caller draws next (a head's dropout, say).
-        with torch.random.fork_rng(devices=[]):
-            loader = _view_loader(todo, prep, augment, batch_size, num_workers, device)
-            for positions, vectors in _run_extractor(model, loader, layer, device, precision):
-                for pos, vec in zip(positions.tolist(), vectors):
-                    index, path, view = todo[pos]
-                    rows[(index, view)] = vec
-                    if use_cache:
-                        target = root / (file_key(path, view) + ".npy")
-                        atomic_write(target, lambda tmp, v=vec: _save_npy(tmp, v))
-    order = [(i, v) for i, _, v in items if (i, v) in rows]
+        _write_spec(store.root, spec)
+        with store.writer(writer_tag) as writer:
+            for pos, vector in _computed(model, [item for item, _ in todo], layer, augment, batch_size, num_workers,
+                                         device, precision):  # fmt: skip
+                writer.add(todo[pos][1], vector)
+        where = store.locate(keys)
+    found = where[:, 0] >= 0
+    if not found.any():
+        raise TransferkitError("no image could be decoded for feature extraction")
+    kept = [item for item, ok in zip(items, found.tolist()) if ok]
+    decoded = {index for index, _, _ in kept}
+    return StoredFeatures(store, where[found], torch.tensor([samples[i][1] for i, _, _ in kept]),
+                          [path for _, path, _ in kept], len(items) - len(todo), len(todo),
+                          [path for i, (path, _) in enumerate(samples) if i not in decoded])  # fmt: skip
+
+
+def _spec(model: TransferModel, layer: str | None, augment: str, precision: str) -> FeatureSpec:
+    canonical_layer, _, _ = resolve_layer(model, layer)
+    prep = model.preprocessing.to_dict()
+    return FeatureSpec(model.record.backbone, weights_digest(model), canonical_layer, prep, augment, precision)
+
+
+def _items(samples: list[Sample], view_count: int) -> list[tuple[int, str, int]]:
+    return [(i, path, v) for i, (path, _) in enumerate(samples) for v in range(view_count)]
+
+
+def _features_in_memory(
+    model: TransferModel, samples: list[Sample], layer: str | None, augment: str, views: int, batch_size: int,
+    num_workers: int | None, device: torch.device | None, precision: str,
+) -> FeatureSet:  # fmt: skip
+    device = device or pick_device()
+    precision = resolve_precision(precision, device)
+    resolve_layer(model, layer)  # a clear error for an unknown layer before any image is decoded
+    items = _items(samples, views if augment != "none" else 1)
+    rows = dict(_computed(model, items, layer, augment, batch_size, num_workers, device, precision))
+    order = [pos for pos in range(len(items)) if pos in rows]
     if not order:
         raise TransferkitError("no image could be decoded for feature extraction")
-    features = torch.from_numpy(np.stack([rows[k] for k in order]))
-    labels = torch.tensor([samples[i][1] for i, _ in order])
-    decoded = {i for i, _ in order}
-    skipped = [path for i, (path, _) in enumerate(samples) if i not in decoded]
-    return FeatureSet(features, labels, [samples[i][0] for i, _ in order], hits, len(todo), skipped)
+    decoded = {items[pos][0] for pos in order}
+    return FeatureSet(torch.from_numpy(np.stack([rows[pos] for pos in order])),
+                      torch.tensor([samples[items[pos][0]][1] for pos in order]), [items[pos][1] for pos in order],
+                      0, len(items), [path for i, (path, _) in enumerate(samples) if i not in decoded])  # fmt: skip
 
 
-def _save_npy(tmp: Path, vector: np.ndarray) -> None:
-    with open(tmp, "wb") as f:
-        np.save(f, vector, allow_pickle=False)
+def _computed(
+    model: TransferModel, todo: list[tuple[int, str, int]], layer: str | None, augment: str, batch_size: int,
+    num_workers: int | None, device: torch.device, precision: str,
+) -> Iterator[tuple[int, np.ndarray]]:  # fmt: skip
+    """(position in ``todo``, vector) of each view that decoded, batch by batch."""
+    # On a private RNG stream: whether features came from the cache or were computed here (its
+    # loader draws seeds) must not change what the caller draws next (a head's dropout, say).
+    with torch.random.fork_rng(devices=[]):
+        loader = _view_loader(todo, model.preprocessing, augment, batch_size, num_workers, device)
+        for positions, vectors in _run_extractor(model, loader, layer, device, precision):
+            yield from zip(positions.tolist(), vectors)
 
 
 def _save_npz(tmp: Path, arrays: dict[str, np.ndarray]) -> None:

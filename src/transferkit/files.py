@@ -61,5 +61,8 @@ def clear_cache(cache_dir: str | Path | None = None) -> dict[str, int]:
     for folder, pattern in (("features", "*.npy"), ("exports", "*.onnx")):
         path = root / folder
         removed[folder] = sum(1 for _ in path.rglob(pattern)) if path.is_dir() else 0
+        if folder == "features" and path.is_dir():  # the feature store's shards: 20 bytes of key per vector
+            shards = list(path.rglob("*.rows.npy"))
+            removed[folder] += sum(p.stat().st_size // 20 for p in path.rglob("*.keys")) - len(shards)
         shutil.rmtree(path, ignore_errors=True)
     return removed

@@ -1,0 +1,228 @@
+"""Images packed as shards, read as a folder is: ``transferkit pack DATA --out SHARDS``.
+
+The format is Lightning's litdata (``litdata.StreamingDataset``), one dataset per split:
+
+``SHARDS/transferkit-pack.json``
+    classes, multi-label or not, and each split's images in order: [name, label, SHA-1 of the bytes].
+``SHARDS/train/``, ``SHARDS/val/`` (, ``SHARDS/test/``)
+    litdata's ``index.json`` and ``chunk-*.bin`` files (64 MB each by default), items
+    ``{"name", "image" (the file's bytes, not re-encoded), "labels" (class names, ";"-joined)}``.
+
+Why litdata rather than WebDataset tar shards: training here draws a new global order every epoch
+from (seed, epoch) and gives each image its own augmentation seed (``EpochSeededSampler``), which
+is what makes a resumed run see exactly what an uninterrupted one would. That needs reading image
+*i* of the dataset by index; litdata reads any item by index, from a local folder or, through its
+chunk cache, from object storage (``s3://``, ``gs://``, ``azure://``, ``hf://``, ``r2://``),
+while WebDataset streams tar files in order and shuffles in a buffer. It is also the Lightning
+ecosystem the trainer already uses.
+
+Wherever transferkit expects an image path, a packed image is named ``SHARDS::split/index/name``:
+:func:`read_packed` gives its bytes (``data.load_image`` decodes them), :func:`packed_identity` its
+content digest (the feature store's key), so loaders, samplers and caches need no other change.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+from .errors import TransferkitError
+from .files import atomic_write, cache_root
+
+MANIFEST = "transferkit-pack.json"
+FORMAT = "transferkit-pack/1"
+SPLITS = ("train", "val", "test")
+SEPARATOR = "::"
+DEFAULT_CHUNK_BYTES = "64MB"
+# Object stores litdata streams from; "local:PATH" streams a local folder through the same chunk cache.
+URL_PREFIXES = ("s3://", "gs://", "azure://", "hf://", "r2://", "local:")
+
+
+def is_url(source: str) -> bool:
+    return str(source).startswith(URL_PREFIXES)
+
+
+def is_packed_source(source: str | Path) -> bool:
+    """Whether ``source`` is a folder or URL written by :func:`pack` (a URL is checked by reading its manifest)."""
+    text = str(source)
+    if is_url(text):
+        _manifest(text.rstrip("/"))  # a clear error when it is not one
+        return True
+    return (Path(text).expanduser() / MANIFEST).is_file()
+
+
+def packed_split(folder: str | Path) -> tuple[str, str] | None:
+    """(SHARDS, split) when ``folder`` is one split of a packed folder (SHARDS/val, say), else None."""
+    path = Path(folder).expanduser()
+    if path.name in SPLITS and (path.parent / MANIFEST).is_file():
+        return str(path.parent), path.name
+    return None
+
+
+def packed_samples(source: str | Path) -> tuple[dict[str, Any], dict[str, list[tuple[str, Any]]]]:
+    """The manifest of a packed folder or URL, and each split's samples (name, label) as named here."""
+    root = _source(source)
+    manifest = _manifest(root)
+    samples = {split: [(f"{root}{SEPARATOR}{split}/{i}/{name}", _label(label)) for i, (name, label, _) in enumerate(rows)]
+               for split, rows in manifest["splits"].items()}  # fmt: skip
+    return manifest, samples
+
+
+def packed_images(source: str | Path) -> list[str]:
+    """Every packed image of ``source`` (all splits), as image paths for ``predict``."""
+    return [path for samples in packed_samples(source)[1].values() for path, _ in samples]
+
+
+def _label(label: Any) -> Any:
+    return tuple(label) if isinstance(label, list) else label
+
+
+def _source(source: str | Path) -> str:
+    text = str(source)
+    return text.rstrip("/") if is_url(text) else str(Path(text).expanduser().resolve())
+
+
+def _parse(path: str) -> tuple[str, str, int, str] | None:
+    if SEPARATOR not in path:
+        return None
+    root, rest = path.split(SEPARATOR, 1)
+    parts = rest.split("/", 2)
+    if len(parts) != 3 or parts[0] not in SPLITS or not parts[1].isdigit():
+        return None
+    if not is_url(root) and not _is_local_pack(root):
+        return None
+    return root, parts[0], int(parts[1]), parts[2]
+
+
+@functools.lru_cache(maxsize=64)
+def _is_local_pack(root: str) -> bool:
+    return (Path(root) / MANIFEST).is_file()
+
+
+def packed_identity(path: str) -> str | None:
+    """What identifies a packed image's content (its SHA-1), or None when ``path`` is a plain file."""
+    parsed = _parse(path)
+    if parsed is None:
+        return None
+    root, split, index, _ = parsed
+    return f"packed|{_manifest(root)['splits'][split][index][2]}"
+
+
+def read_packed(path: str) -> bytes | None:
+    """The bytes of a packed image, or None when ``path`` is a plain file."""
+    parsed = _parse(path)
+    if parsed is None:
+        return None
+    root, split, index, name = parsed
+    dataset, lock = _dataset(root, split, os.getpid())
+    with lock:  # batches decode on threads; litdata's reader is not made for concurrent calls
+        item = dataset[index]
+    if item["name"] != name:
+        raise TransferkitError(f"{root}: item {index} of {split} is {item['name']}, not {name}; the shards changed "
+                               f"after they were read (pack again, or start a new process)")  # fmt: skip
+    return bytes(item["image"])
+
+
+@functools.lru_cache(maxsize=64)
+def _manifest(root: str) -> dict[str, Any]:
+    local = Path(_fetched(root, MANIFEST)) if is_url(root) else Path(root) / MANIFEST
+    try:
+        manifest = json.loads(local.read_text())
+    except (OSError, ValueError) as exc:
+        raise TransferkitError(f"{root} is not a packed dataset ({MANIFEST}: {exc}); write one with "
+                               f"transferkit pack DATA --out SHARDS") from None  # fmt: skip
+    if manifest.get("format") != FORMAT:
+        raise TransferkitError(f"{root}: {MANIFEST} is not a {FORMAT} manifest; pack the data again")
+    return manifest
+
+
+def _url_cache(root: str) -> Path:
+    return cache_root() / "shards" / hashlib.sha1(root.encode()).hexdigest()[:16]
+
+
+def _fetched(root: str, name: str) -> str:
+    """A file of a packed URL, downloaded into the cache through litdata's own downloaders."""
+    from litdata.streaming.downloader import get_downloader
+
+    target = _url_cache(root) / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        get_downloader(root, str(target.parent), []).download_file(f"{root}/{name}", str(target))
+    except Exception as exc:  # each object store fails in its own words
+        raise TransferkitError(f"cannot read {root}/{name} ({type(exc).__name__}: {exc}); is it a folder "
+                               f"written by transferkit pack, and are the store's credentials set?") from None  # fmt: skip
+    return str(target)
+
+
+@functools.lru_cache(maxsize=16)
+def _dataset(root: str, split: str, pid: int) -> tuple[Any, threading.Lock]:
+    """litdata's dataset of one split, per process (DataLoader workers open their own)."""
+    from litdata import StreamingDataset
+
+    cache = str(_url_cache(root) / split) if is_url(root) else None
+    return StreamingDataset(f"{root}/{split}", cache_dir=cache), threading.Lock()
+
+
+def pack(splits: Any, out: str | Path, chunk_bytes: str = DEFAULT_CHUNK_BYTES) -> dict[str, Any]:
+    """Write the images of ``splits`` (a :class:`~transferkit.discovery.ImageFolderSplits`) as litdata shards.
+
+    Files are copied byte for byte (no re-encoding). All or nothing: the shards are written into a
+    hidden folder beside ``out`` and renamed to it at the end. Returns what was written.
+    """
+    from litdata.streaming.writer import BinaryWriter
+
+    target = Path(out).expanduser()
+    if is_url(str(out)):
+        raise TransferkitError(f"--out {out}: pack writes a local folder; copy it to the object store afterwards "
+                               f"(e.g. aws s3 sync) and give the URL to train")  # fmt: skip
+    if target.exists():
+        raise TransferkitError(f"{target} already exists; choose another --out or remove it")
+    work = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
+    names = splits.class_names
+    manifest: dict[str, Any] = {"format": FORMAT, "class_names": names, "multi_label": splits.multi_label,
+                                "source": str(splits.root), "layout": splits.layout, "splits": {}}  # fmt: skip
+    try:
+        for split, samples in zip(SPLITS, (splits.train, splits.val, splits.test)):
+            if not samples:
+                continue
+            writer = BinaryWriter(str(work / split), chunk_bytes=chunk_bytes)
+            rows = []
+            for index, (path, label) in enumerate(samples):
+                data = Path(path).read_bytes()
+                name = _relative_name(path, splits.root)
+                writer[index] = {"name": name, "image": data, "labels": ";".join(_class_names(label, names))}
+                rows.append([name, list(label) if isinstance(label, tuple) else label, hashlib.sha1(data).hexdigest()])
+            writer.done()
+            writer.merge()
+            manifest["splits"][split] = rows
+        atomic_write(work / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest)))
+        os.rename(work, target)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    counts = {split: len(rows) for split, rows in manifest["splits"].items()}
+    size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
+    return {"path": str(target), "images": counts, "classes": names, "bytes": size,
+            "chunks": sum(1 for _ in target.rglob("chunk-*.bin"))}  # fmt: skip
+
+
+def _class_names(label: Any, names: list[str]) -> list[str]:
+    return [names[i] for i, v in enumerate(label) if v] if isinstance(label, tuple) else [names[label]]
+
+
+def _relative_name(path: str, root: Path) -> str:
+    """The image's name under the data folder (class/file.jpg), kept so packed images read as the files did."""
+    try:
+        name = Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        name = Path(path).name
+    name = re.sub(r"^(train|val|valid|validation|test)/", "", name)
+    return name.replace(SEPARATOR, "_")
