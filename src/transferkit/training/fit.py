@@ -32,6 +32,7 @@ from ..runs import write_history
 from ..strategies import StrategySpec, apply_strategy, param_groups
 from .callbacks import AtomicCheckpointIO, BestModelCheckpoint, GradualUnfreezing, HistoryCSV, ResumableState
 from .config import LIGHTNING_PRECISION, TrainConfig
+from .feature_data import FeatureData
 from .loggers import build_loggers
 from .learner import TransferLearner
 
@@ -148,16 +149,20 @@ def fit(
         probed = fit_linear_probe_run(model, splits, config, run_dir, device, extra)
         probed.loggers = loggers
         return probed
-    learner, train_loader, val_loader, feature_info = learner_and_loaders(model, spec, splits, config, device, run_dir)
-    if feature_info:
+    data = feature_data(model, spec, splits, config, device)
+    if data is not None:  # each rank extracts its share of the features in the data's setup
+        learner, loaders, sampler = TransferLearner(model, spec, config, head_only=True), {"datamodule": data}, data
         precision = "32"  # the head alone is tiny; its features were computed at inference precision
+    else:
+        learner, train_loader, val_loader, _ = learner_and_loaders(model, spec, splits, config, device, run_dir)
+        loaders, sampler = {"train_dataloaders": train_loader, "val_dataloaders": val_loader}, train_loader.sampler
     history = HistoryCSV(run_dir / "history.csv")
     selection_metric = (config.resolved_from.get("balance") or {}).get("selection_metric", "val_accuracy")
     best = BestModelCheckpoint(run_dir / CHECKPOINT_NAME, extra, selection_metric)
     # One rolling checkpoint, rewritten (atomically) at every epoch end: what --resume continues from.
     last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False)
     gradual = GradualUnfreezing(spec) if spec.name == "gradual" else None
-    own: list[Callback] = [history, best, last, ResumableState(train_loader.sampler), *([gradual] if gradual else [])]
+    own: list[Callback] = [history, best, last, ResumableState(sampler), *([gradual] if gradual else [])]
     if config.patience:
         own.append(EarlyStopping(selection_metric, mode="max", patience=config.patience))
     trainer = L.Trainer(
@@ -181,8 +186,8 @@ def fit(
             f"{len(splits.train)} train / {len(splits.val)} val images · trainable {trainable:,} of {total:,} "
             f"parameters · precision {precision}" + (f" · resuming from {ckpt_path}" if ckpt_path else ""))  # fmt: skip
     to_fast_layout(model)
-    trainer.fit(learner, train_loader, val_loader, ckpt_path=str(ckpt_path) if ckpt_path else None)
-    add_skipped(splits, learner.skipped_files)
+    trainer.fit(learner, **loaders, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    add_skipped(splits, learner.skipped_files | set(data.skipped if data else []))
     info = {
         "strategy": spec.name,
         "trainable_params": trainable,
@@ -191,7 +196,7 @@ def fit(
         "best_epoch": best.best_epoch,
         "unfreeze_events": gradual.events if gradual else [],
         "world_size": trainer.world_size,
-        **feature_info,
+        **(data.info if data else {}),
         **config.resolved_from,
         "train_seconds": round(time.time() - started, 2),
     }
@@ -208,8 +213,6 @@ def learner_and_loaders(
 ) -> tuple[TransferLearner, Any, Any, dict[str, Any]]:
     """The learner and its loaders: over cached features when only the head trains, else over images."""
     if spec.name == "feature-extract" and config.cache and cache_supported(model):
-        if config.compile:
-            warnings.warn("--compile: not applied, only the head trains (on cached features)", stacklevel=2)
         train_loader, val_loader, feature_info = _feature_loaders(model, splits, config, device, run_dir)
         return TransferLearner(model, spec, config, head_only=True), train_loader, val_loader, feature_info
     prep = model.preprocessing
@@ -223,43 +226,27 @@ def learner_and_loaders(
     return TransferLearner(model, spec, config), train_loader, val_loader, {}
 
 
+def feature_data(
+    model: TransferModel, spec: StrategySpec, splits: ImageFolderSplits, config: TrainConfig, device: torch.device
+) -> FeatureData | None:
+    """The head's data when only the head trains on stored features, else None (it trains on images)."""
+    if not (spec.name == "feature-extract" and config.cache and cache_supported(model)):
+        return None
+    if config.compile:
+        warnings.warn("--compile: not applied, only the head trains (on cached features)", stacklevel=2)
+    return FeatureData(model, splits, config, device, lambda labelled: _balanced_sampler(
+        labelled, config, with_aug_seeds=False) or EpochSeededSampler(len(labelled), config.seed, with_aug_seeds=False))
+
+
 def _feature_loaders(
     model: TransferModel, splits: Any, config: TrainConfig, device: torch.device, run_dir: Path | None = None
 ) -> tuple[Any, Any, dict[str, Any]]:
-    """Loaders over cached backbone features: the backbone runs once per image (and view), not per epoch.
-
-    In a multi-process run, rank 0 computes and caches the features; the other ranks wait for it and
-    read them back, so nothing is computed or written twice.
-    """
-    from torch.utils.data import DataLoader, TensorDataset
-
-    ready = run_dir / ".features-ready" if run_dir is not None else None
-    if ready is not None and rank_zero_only.rank > 0:
-        wait_for_file(ready)
-    started = time.perf_counter()
-    precision = resolve_precision(config.precision, device)
-    common = {"cache_dir": Path(config.cache_dir) if config.cache_dir else None, "batch_size": config.batch_size,
-              "num_workers": config.num_workers, "device": device, "precision": precision}  # fmt: skip
-    augment = config.augment if config.feature_views > 1 else "none"
-    train = extract_features(model, splits.train, augment=augment, views=config.feature_views, **common)
-    val = extract_features(model, splits.val, **common)
-    if ready is not None and rank_zero_only.rank == 0 and config.cache:
-        ready.touch()
-    add_skipped(splits, [(p, "cannot decode") for p in train.skipped + val.skipped])
-    labelled = list(zip(train.paths, train.labels.tolist()))
-    sampler = _balanced_sampler(labelled, config, with_aug_seeds=False) or EpochSeededSampler(
-        len(train.labels), config.seed, with_aug_seeds=False)
-    train_loader = DataLoader(TensorDataset(train.features, train.labels), batch_size=config.batch_size, sampler=sampler)
-    val_loader = DataLoader(TensorDataset(val.features, val.labels), batch_size=max(256, config.batch_size))
-    info = {
-        "feature_cache": {"hits": train.hits + val.hits, "misses": train.misses + val.misses,
-                          "views": config.feature_views, "augment": augment, "precision": precision},
-        "feature_seconds": round(time.perf_counter() - started, 2),
-    }  # fmt: skip
-    if not config.quiet:
-        say(f"features: {info['feature_cache']['misses']} computed, {info['feature_cache']['hits']} from cache "
-               f"in {info['feature_seconds']} s")  # fmt: skip
-    return train_loader, val_loader, info
+    """Loaders over stored backbone features, in this process alone (the LR finder's, a benchmark's)."""
+    data = feature_data(model, StrategySpec("feature-extract"), splits, config, device)
+    assert data is not None
+    data.prepare()
+    add_skipped(splits, data.skipped)
+    return data.train_dataloader(), data.val_dataloader(), data.info
 
 
 def _balanced_sampler(train: list[Any], config: TrainConfig, with_aug_seeds: bool = True) -> BalancedSampler | None:
