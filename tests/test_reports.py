@@ -91,6 +91,8 @@ def test_report_figures_decode_with_their_sizes(report: Path) -> None:
         "augmented": (1440, 440),  # 16 of the 20 training images: 2 rows of 8 tiles of 180 x 220
         "predictions": (1440, 220),  # all 8 validation images
         "top_losses": (1440, 220),  # the 8 highest losses
+        "explained_predictions": (1440, 220),  # the same two grids under their Grad-CAM heatmaps
+        "explained_top_losses": (1440, 220),
     }
     for key, size in expected.items():
         with Image.open(figures / FIGURES[key]) as im:
@@ -134,7 +136,8 @@ def test_report_sections_follow_the_section_list(report: Path) -> None:
     page = report.read_text(encoding="utf-8")
     found = re.findall(r'<section id="([^"]+)"><h2>([^<]*)</h2>', page)
     assert found == [(title.lower().split()[0], html.escape(title)) for title, _ in SECTIONS]
-    assert [i for i, _ in found] == ["summary", "data", "backbone", "selection", "training", "metrics", "images", "time"]
+    assert [i for i, _ in found] == ["summary", "data", "backbone", "selection", "training", "metrics", "images", "where",
+                                  "time"]
 
 
 def test_history_written_by_a_run_reads_back_with_its_types(runs: dict[str, Path], tmp_path: Path) -> None:

@@ -37,6 +37,7 @@ _EXPORTS = {
     "export": "exports", "FORMATS": "exports", "DEFAULT_TOLERANCE": "exports",
     "QUANTIZATIONS": "quantize", "DEFAULT_MAX_DROP": "quantize",
     "inspect_data": "inspection", "Inspection": "inspection",
+    "explain": "gradcam", "Explanation": "gradcam",
     "cache_root": "files", "clear_cache": "files",
     "write_report": "reports", "load_run": "reports", "format_comparison": "reports", "write_comparison": "reports",
     "run_demo": "demo",

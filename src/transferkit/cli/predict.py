@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from .common import ApiChoices, Command, batch_size_option, checkpoint_run_options
 
@@ -44,16 +45,24 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
                    help="%(choices)s. auto: ONNX Runtime (when installed, on a CPU) if the run has an export or there "
                    "are 256+ images (exported once, verified, cached); else PyTorch")  # fmt: skip
     p.add_argument("--json", action="store_true", help='print [{"path", "predictions": [{"label", "probability"}]}]')
+    p.add_argument("--explain", metavar="DIR", help="also write DIR/<image>_gradcam.png: Grad-CAM of the predicted "
+                   "class over the image as the model saw it (its input size); DIR must be new or empty")  # fmt: skip
     _trust_options(p)
 
 
 def _predict(args: argparse.Namespace) -> int:
     from .. import format_predictions, predict
+    from ..gradcam import check_explain_target, write_overlays
 
+    if args.explain:
+        check_explain_target(args.run, args.explain)  # before predicting: a refusal costs nothing
     results = predict(args.run, args.paths, top_k=args.top_k, batch_size=args.batch_size, precision=args.precision,
                       compile=args.compile, runtime=args.runtime, tta=args.tta,
                       calibrated=args.calibration != "none")  # fmt: skip
     print(json.dumps(results, indent=2) if args.json else format_predictions(results))
+    if args.explain:
+        written = write_overlays(args.run, [r["path"] for r in results if not r.get("error")], args.explain)
+        print(f"wrote {len(written)} Grad-CAM overlays to {args.explain}", file=sys.stderr)
     return 0 if all(not r.get("error") for r in results) else 1
 
 

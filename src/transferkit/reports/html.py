@@ -20,6 +20,7 @@ from ..errors import TransferkitError
 from ..files import atomic_write
 from ..runs import HISTORY_FIELDS, HISTORY_NAME, Run, load_run
 from ..strategies import DEFAULT_LR_DECAY
+from .explanations import EXPLANATION_FIGURES, explanations_html
 from .markup import CSS
 from .markup import definitions as _definitions
 from .markup import escape as _e
@@ -53,6 +54,7 @@ FIGURES = {
     "top_losses": "top_losses.png",
     "selection": "selection.png",
     "reliability": "reliability.png",
+    **EXPLANATION_FIGURES,
 }
 # What each strategy trains and when it fits (README's table): the "why" when no advice was recorded.
 STRATEGY_NOTES = {
@@ -366,6 +368,7 @@ SECTIONS: list[tuple[str, Callable[[Run, _Images], str]]] = [
     ("Training curves", _curves_html),
     ("Metrics", _metrics_html),
     ("Images", _images_html),
+    ("Where the model looked (Grad-CAM)", explanations_html),
     ("Time taken", _time_html),
 ]
 

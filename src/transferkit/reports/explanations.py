@@ -1,0 +1,90 @@
+"""The report's "Where the model looked" section: Grad-CAM over the validation predictions and top losses.
+
+The same images as the Images section's two grids, in the same order and with the same titles,
+each under the heatmap of the class the model predicted (:func:`transferkit.gradcam.explain`,
+one batch for both grids). Where Grad-CAM cannot be drawn, the section says why instead.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+from ..checkpoint import CHECKPOINT_NAME, load_checkpoint
+from ..errors import TransferkitError
+from ..gradcam import explain, overlay
+from ..model import TransferModel
+from ..runs import Run
+from .figures import PREDICTION_SAMPLES, Prediction, _spread, plot_tiles, prediction_tiles, top_losses
+
+REPORT_DIR = "report"  # html.REPORT_DIR, which imports this module
+# The figures this section draws, by key; html.FIGURES lists them so that a new report removes them first.
+EXPLANATION_FIGURES = {
+    "explained_predictions": "gradcam_predictions.png",
+    "explained_top_losses": "gradcam_top_losses.png",
+}
+
+
+class _ImageSections(Protocol):
+    """What the Images section found (html._Images): the validation predictions, or why there are none."""
+
+    predictions: list[Prediction]
+    note: str | None
+
+
+def explanations_html(run: Run, images: _ImageSections) -> str:
+    """Draw the two Grad-CAM grids into ``RUN/report/`` and return the section's HTML (or a note)."""
+    for name in EXPLANATION_FIGURES.values():  # never an earlier report's grid beside this one's note
+        (run.path / REPORT_DIR / name).unlink(missing_ok=True)
+    if images.note:
+        return _note(f"Grad-CAM not drawn: {images.note.removeprefix('image grids not drawn: ')}")
+    if not images.predictions:
+        return _note("Grad-CAM not drawn: no validation image has a single predicted class to explain "
+                     "(a multi-label run's images can be explained with transferkit.explain).")  # fmt: skip
+    shown = _spread(images.predictions, lambda p: p.label, PREDICTION_SAMPLES, run.config.get("seed", 0))
+    grids = {"explained_predictions": (shown, False), "explained_top_losses": (top_losses(images.predictions), True)}
+    try:
+        model = load_checkpoint(run.path / CHECKPOINT_NAME)
+        drawn, layer = _draw(run.path / REPORT_DIR, model, grids)
+    except TransferkitError as exc:
+        return _note(f"Grad-CAM not drawn: {exc}")
+    captions = {
+        "explained_predictions": "The validation predictions above, each under the Grad-CAM heatmap of its predicted "
+        "class: red where the evidence for that class is strongest, blue where there is none.",
+        "explained_top_losses": "The top losses above, each under the heatmap of the class it was given: for a wrong "
+        "answer, where the model found its evidence (a background, a watermark or a neighbouring object there is a "
+        "shortcut worth fixing in the data).",
+    }
+    titles = {"explained_predictions": "Validation predictions", "explained_top_losses": "Top losses"}
+    parts = [f"<p>Grad-CAM (<code>grad-cam</code> package) at layer <code>{html.escape(layer)}</code>, "
+             f"normalised per image: the heatmaps show where the model looked, not how sure it was.</p>"]  # fmt: skip
+    for key in drawn:
+        src = html.escape(f"{REPORT_DIR}/{EXPLANATION_FIGURES[key]}")
+        parts.append(f"<h3>{titles[key]}</h3><figure><img src=\"{src}\" alt=\"Grad-CAM: {titles[key].lower()}\">"
+                     f"<figcaption>{html.escape(captions[key])}</figcaption></figure>")  # fmt: skip
+    return "".join(parts)
+
+
+def _draw(
+    figures: Path, model: TransferModel, grids: dict[str, tuple[Sequence[Prediction], bool]]
+) -> tuple[list[str], str]:
+    """Explain every image of the grids once (one batch), then draw each grid; (keys drawn, layer)."""
+    paths = list(dict.fromkeys(p.path for chosen, _ in grids.values() for p in chosen))
+    predicted = {p.path: p.predicted for chosen, _ in grids.values() for p in chosen}
+    # The class the grids' titles name: evaluate's answer, whatever precision it ran at.
+    found = {e.path: e for e in explain(model, paths, target=[predicted[p] for p in paths], batch_size=32)}
+    drawn = []
+    for key, (chosen, with_loss) in grids.items():
+        tiles = prediction_tiles(chosen, model.class_names, model.preprocessing, with_loss)
+        if tiles and len(tiles) == len(chosen):  # a file that no longer decodes would shift the titles
+            for tile, p in zip(tiles, chosen):
+                tile.image = overlay(found[p.path].image, found[p.path].heatmap)
+            plot_tiles(tiles, figures / EXPLANATION_FIGURES[key])
+            drawn.append(key)
+    return drawn, next(iter(found.values())).layer
+
+
+def _note(text: str) -> str:
+    return f'<p class="note">{html.escape(text)}</p>'
