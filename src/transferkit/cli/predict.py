@@ -74,5 +74,6 @@ transferkit evaluate runs/my-run data/test --json > metrics.json
     Command("predict", "Predict labels of image files or folders.", """
 transferkit predict runs/my-run photo.jpg more_photos/ --top-k 3
 transferkit predict runs/my-run photos/ --json
+transferkit predict runs/my-run photos/ --explain heatmaps/
 """, _predict_arguments, _predict, parents=(batch_size_option, checkpoint_run_options)),
 )  # fmt: skip
