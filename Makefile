@@ -13,7 +13,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e ".[dev,lite,onnx,serve,loggers,inspect]" $(TORCH)
+	$(PY) -m pip install --quiet -e ".[dev,lite,onnx,serve,loggers,inspect,shards]" $(TORCH)
 	touch $@
 
 demo: setup

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from .backbones import Preprocessing
 from .files import atomic_write, cache_root
-from .shards import packed_identity
+from .shards import is_packed_source, packed_identity, packed_samples
 from .data import ImageDataset, Sample, build_transform, collate_skipping_bad, default_num_workers
 from .errors import TransferkitError
 from .feature_store import FeatureStore, StoredRows
@@ -301,6 +301,11 @@ def write_features(
     class_names: list[str] | None = None
     samples: list[Sample] = []
     splits: list[str] = []
+    if is_packed_source(data_dir):  # transferkit pack's shards, a local folder or an object-store URL
+        manifest, packed = packed_samples(data_dir)
+        class_names, folders = manifest["class_names"], []
+        for split, found in packed.items():
+            samples, splits = samples + found, splits + [split] * len(found)
     for split, folder in folders:
         class_names, found, _ = scan_class_folder(folder, class_names)
         samples += found

@@ -196,7 +196,7 @@ def pack(splits: Any, out: str | Path, chunk_bytes: str = DEFAULT_CHUNK_BYTES) -
             writer = BinaryWriter(str(work / split), chunk_bytes=chunk_bytes)
             rows = []
             for index, (path, label) in enumerate(samples):
-                data = Path(path).read_bytes()
+                data = _read(path)
                 name = _relative_name(path, splits.root)
                 writer[index] = {"name": name, "image": data, "labels": ";".join(_class_names(label, names))}
                 rows.append([name, list(label) if isinstance(label, tuple) else label, hashlib.sha1(data).hexdigest()])
@@ -212,6 +212,13 @@ def pack(splits: Any, out: str | Path, chunk_bytes: str = DEFAULT_CHUNK_BYTES) -
     size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
     return {"path": str(target), "images": counts, "classes": names, "bytes": size,
             "chunks": sum(1 for _ in target.rglob("chunk-*.bin"))}  # fmt: skip
+
+
+def _read(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise TransferkitError(f"cannot read {path} ({exc.strerror or exc}); nothing was packed") from None
 
 
 def _class_names(label: Any, names: list[str]) -> list[str]:

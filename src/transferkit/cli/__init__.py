@@ -13,10 +13,10 @@ import sys
 from collections.abc import Sequence
 
 from .. import TransferkitError
-from . import explore, export, inspect, maintenance, predict, reports, serve, train
+from . import explore, export, inspect, maintenance, pack, predict, reports, serve, train
 from .common import Command, HelpFormatter, Parser
 
-COMMAND_MODULES = (train, predict, explore, inspect, export, serve, reports, maintenance)
+COMMAND_MODULES = (train, predict, explore, inspect, pack, export, serve, reports, maintenance)
 COMMANDS: tuple[Command, ...] = tuple(command for module in COMMAND_MODULES for command in module.COMMANDS)
 
 

@@ -1,0 +1,42 @@
+"""``pack``: write a dataset's images and labels as litdata shards that ``train``/``features`` read as a folder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from .common import Command, data_options
+
+
+def _pack_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", help="DATA as for train: train/val(/test) class folders, DATA/<class>/*, or a CSV label file")
+    p.add_argument("--out", required=True, metavar="SHARDS", help="a new local folder for the shards")
+    p.add_argument("--val-split", type=float, default=0.2, help="validation share when DATA has no val/ split "
+                   "(the split is made now and kept in the shards)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="seed of that split")
+    p.add_argument("--chunk-bytes", default="64MB", help="size of each shard file (litdata's chunk_bytes)")
+    p.add_argument("--json", action="store_true", help="print what was written as JSON")
+
+
+def _pack(args: argparse.Namespace) -> int:
+    from ..discovery import discover_for
+    from ..shards import pack
+
+    splits = discover_for(vars(args))
+    written = pack(splits, args.out, chunk_bytes=args.chunk_bytes)
+    if args.json:
+        print(json.dumps(written, indent=2))
+    else:
+        counts = ", ".join(f"{n} {split}" for split, n in written["images"].items())
+        print(f"packed {counts} images of {len(written['classes'])} classes into {written['chunks']} shard files "
+              f"({written['bytes'] / 1e6:.1f} MB) in {written['path']}")  # fmt: skip
+    return 0
+
+
+COMMANDS = (
+    Command("pack", "Write images and labels as litdata shards (a few large files) for train, features, evaluate.", """
+transferkit pack data/hymenoptera --out shards/hymenoptera
+transferkit train shards/hymenoptera --out runs/from-shards
+aws s3 sync shards/hymenoptera s3://bucket/hymenoptera && transferkit train s3://bucket/hymenoptera
+""", _pack_arguments, _pack, parents=(data_options,)),
+)  # fmt: skip

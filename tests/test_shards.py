@@ -1,0 +1,133 @@
+"""transferkit pack: images and labels as litdata shards, read by discovery, loaders, features and training as a folder is."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from transferkit import TransferkitError, evaluate, train
+from transferkit.cli import main
+from transferkit.data import EpochSeededSampler, ImageDataset, build_transform, discover, load_image
+from transferkit.features import extract_features
+from transferkit.shards import pack
+
+pytest.importorskip("litdata")
+
+TINY = {"model": "resnet18", "weights": "none", "image_size": 32, "batch_size": 4, "quiet": True, "num_workers": 0}
+
+
+@pytest.fixture(scope="module")
+def shards(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("packed") / "shards"
+    written = pack(discover(tiny_dataset), out)
+    assert written["images"] == {"train": 20, "val": 8}
+    return out
+
+
+def test_pack_writes_a_few_files_and_refuses_an_existing_folder(shards: Path, tiny_dataset: Path) -> None:
+    files = sorted(p.relative_to(shards).as_posix() for p in shards.rglob("*") if p.is_file())
+    assert files == ["train/chunk-0-0.bin", "train/index.json", "transferkit-pack.json", "val/chunk-0-0.bin",
+                     "val/index.json"]  # fmt: skip
+    with pytest.raises(TransferkitError, match="already exists"):
+        pack(discover(tiny_dataset), shards)
+
+
+def test_a_failed_pack_leaves_nothing(tiny_dataset: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    splits = discover(data)
+    Path(splits.train[3][0]).unlink()  # gone between discovery and packing
+    with pytest.raises(TransferkitError, match="cannot read .*nothing was packed"):
+        pack(splits, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_packed_data_is_discovered_as_the_folder_was(shards: Path, tiny_dataset: Path) -> None:
+    folder, packed = discover(tiny_dataset), discover(shards)
+    assert packed.class_names == folder.class_names and packed.layout == "packed shards (litdata)"
+    assert [label for _, label in packed.train] == [label for _, label in folder.train]
+    assert [label for _, label in packed.val] == [label for _, label in folder.val]
+    # Each packed image decodes to the file's pixels, and keeps the file's name under its class.
+    for (key, _), (path, _) in zip(packed.train + packed.val, folder.train + folder.val):
+        assert Path(key).name == Path(path).name and Path(key).parent.name == Path(path).parent.name
+        assert torch.equal(load_image(key), load_image(path))
+
+
+def test_augmented_batches_from_shards_equal_those_from_the_folder(shards: Path, tiny_dataset: Path) -> None:
+    """Same order by (seed, epoch) and same crops per image: what makes resumed runs exact carries over."""
+    from transferkit.backbones import Preprocessing
+
+    transform = build_transform(Preprocessing(32, 36, (0.5,) * 3, (0.5,) * 3), "strong")
+    folder, packed = discover(tiny_dataset).train, discover(shards).train
+    for epoch in (0, 3):
+        sampler = EpochSeededSampler(len(folder), seed=5)
+        sampler.epoch = epoch
+        keys = list(sampler)
+        a = ImageDataset(folder, transform).__getitems__(keys)
+        b = ImageDataset(packed, transform).__getitems__(keys)
+        assert all(torch.equal(x[0], y[0]) and x[1] == y[1] for x, y in zip(a, b))
+
+
+def test_features_of_packed_images_are_keyed_by_content(shards: Path, tiny_dataset: Path, tmp_path: Path) -> None:
+    from transferkit import Preprocessing, TransferModel, load_backbone
+
+    torch.manual_seed(0)
+    prep = Preprocessing(32, 36, (0.5,) * 3, (0.5,) * 3)
+    model = TransferModel(load_backbone("resnet18", weights="none", preprocessing=prep), ["blue", "red"]).eval()
+    packed = discover(shards).val
+    first = extract_features(model, packed, cache_dir=tmp_path, num_workers=0)
+    again = extract_features(model, packed, cache_dir=tmp_path, num_workers=0)
+    from_files = extract_features(model, discover(tiny_dataset).val, use_cache=False, num_workers=0)
+    assert (first.misses, again.hits) == (8, 8)
+    assert torch.equal(first.features, from_files.features) and torch.equal(again.features, from_files.features)
+    # The same shards elsewhere (copied, or at a URL) are the same images: the store already has them.
+    moved = tmp_path / "moved"
+    shutil.copytree(shards, moved)
+    assert extract_features(model, discover(moved).val, cache_dir=tmp_path, num_workers=0).hits == 8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["feature-extract", "fine-tune"])
+def test_training_from_shards_equals_training_from_the_folder(
+    shards: Path, tiny_dataset: Path, tmp_path: Path, strategy: str
+) -> None:
+    options = {**TINY, "strategy": strategy, "epochs": 2, "cache_dir": str(tmp_path / "cache"), "seed": 3}
+    if strategy == "fine-tune":
+        options.update(unfreeze=1, augment="strong")
+    from_folder = train(tiny_dataset, out=str(tmp_path / "folder"), **options)
+    from_shards = train(str(shards), out=str(tmp_path / "shards"), **options)
+    losses = [[row["train_loss"], row["val_loss"]] for row in from_folder.history]
+    assert [[row["train_loss"], row["val_loss"]] for row in from_shards.history] == losses
+    assert from_shards.val_accuracy == from_folder.val_accuracy
+    # evaluate reads the shards' val split as it reads DATA/val.
+    assert evaluate(from_shards.run_dir, shards).accuracy == evaluate(from_folder.run_dir, tiny_dataset).accuracy
+
+
+@pytest.mark.slow
+def test_a_url_streams_through_litdatas_chunk_cache(shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``local:PATH`` is litdata's stand-in for an object store: chunks are copied into a cache first."""
+    monkeypatch.setenv("TRANSFERKIT_CACHE_DIR", str(tmp_path / "cache"))
+    url = f"local:{shards}"
+    result = train(url, **{**TINY, "epochs": 1}, out=str(tmp_path / "run"))
+    assert result.metrics["feature_cache"]["misses"] == 28
+    assert list((tmp_path / "cache" / "shards").rglob("chunk-0-0.bin"))  # streamed into the cache
+    with pytest.raises(TransferkitError, match="cannot read local:/nowhere/transferkit-pack.json"):
+        discover("local:/nowhere")
+
+
+def test_the_pack_and_features_commands(tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "shards"
+    assert main(["pack", str(tiny_dataset), "--out", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == {"train": 20, "val": 8}
+    assert main(["pack", str(tiny_dataset), "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["features", str(out), "--model", "resnet18", "--weights", "none",
+                 "--out", str(tmp_path / "f.npz")]) == 0  # fmt: skip
+    import numpy as np
+
+    saved = np.load(tmp_path / "f.npz")
+    assert saved["features"].shape == (28, 512) and sorted(set(saved["splits"])) == ["train", "val"]
