@@ -199,3 +199,14 @@ def test_a_frozen_run_is_evaluated_on_its_cached_features_with_the_numbers_of_th
     cached = evaluate_cached_features(model, samples, batch_size=4, cache_dir=tmp_path / "cache")
     whole = evaluate_samples(model, samples, batch_size=4)
     assert [p["probability"] for p in cached.predictions] == [p["probability"] for p in whole.predictions]
+
+
+def test_a_transformer_stage_is_read_at_its_own_last_block(images: list, tmp_path: Path) -> None:
+    from transferkit.layers import resolve_layer
+
+    model = TransferModel(load_backbone("timm/vit_tiny_patch16_224", "none"), ["blue", "red"]).eval()
+    first = resolve_layer(model, "blocks.0-2")[1]
+    assert first is dict(model.net.named_modules())["blocks.2"]
+    early = extract_features(model, images[:2], layer="blocks.0-2", cache_dir=tmp_path, num_workers=0).features
+    late = extract_features(model, images[:2], layer="blocks.9-10", cache_dir=tmp_path, num_workers=0).features
+    assert not torch.allclose(early, late)

@@ -67,8 +67,9 @@ def _module_of_group(model: HasLayers, prefixes: tuple[str, ...]) -> str:
         common.append(items[0])
     while common and ".".join(common) not in modules:
         common.pop()
-    if common and isinstance(modules[".".join(common)], (nn.ModuleList, nn.ModuleDict)):
-        # Several blocks of one list (a transformer stage): the list itself never runs, its last block does.
+    if common and isinstance(modules[".".join(common)], (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+        # Several blocks of one container (a transformer stage, MobileNet's features.3-5): the group ends at
+        # its last block (a list never runs itself; a Sequential would run on past the group).
         return ".".join(parts[-1][: len(common) + 1])
     if common:
         return ".".join(common)
