@@ -215,8 +215,7 @@ def test_multi_label_csv_trains_a_sigmoid_head_with_tuned_thresholds(tmp_path: P
     probe = train(table, **{**TINY, "strategy": "linear-probe"}, out=str(tmp_path / "probe"))
     assert probe.metrics["multi_label"] and probe.metrics["val_mean_average_precision"] > 0.8
     assert evaluate(probe.run_dir, table).macro_f1 == probe.metrics["val_macro_f1"]
-    with pytest.raises(TransferkitError, match="--strategy auto"):
-        train(table, **{**TINY, "strategy": "auto"}, out=str(tmp_path / "auto"))
+
 
 
 @pytest.mark.slow
@@ -252,3 +251,17 @@ def test_the_command_line_reads_a_label_file_with_named_columns(flat: Path, tmp_
     bad = subprocess.run([sys.executable, "-m", "transferkit", *args[:2], "--label-col", "diagnosis"],
                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "--label-col diagnosis" in bad.stderr
+
+
+@pytest.mark.slow
+def test_measured_selection_on_multi_label_data_scores_by_macro_f1(tmp_path: Path) -> None:
+    from transferkit import train
+
+    rows = [[*r, "train"] for r in _multi_label_images(tmp_path / "train", 32, 1)]
+    rows += [[*r, "val"] for r in _multi_label_images(tmp_path / "val", 8, 2)]
+    table = write_csv(tmp_path / "labels.csv", ["path", "labels", "split"], rows)
+    auto = train(table, **{**TINY, "strategy": "auto", "models": ["resnet18"], "budget": "60s"},
+                 out=str(tmp_path / "auto"))  # fmt: skip
+    assert auto.metrics["selection"]["metric"] == "macro_f1" and auto.metrics["multi_label"]
+    scored = [t for t in auto.metrics["selection"]["leaderboard"] if t["score"] is not None]
+    assert scored and all(0 <= t["score"] <= 1 for t in scored)

@@ -79,7 +79,7 @@ def holdout_split(samples: list[Sample], seed: int) -> tuple[list[Sample], list[
     """A stratified, seeded holdout of the training images (at least one image per class stays in training)."""
     learn: list[Sample] = []
     holdout: list[Sample] = []
-    for members in shuffled_by_class(samples, lambda s: s[1], seed + 1):
+    for members in shuffled_by_class(samples, lambda s: label_indices(s[1])[0], seed + 1):
         n = min(len(members) - 1, max(1, round(len(members) * HOLDOUT_SHARE))) if len(members) > 1 else 0
         holdout += members[:n]
         learn += members[n:]
@@ -299,6 +299,8 @@ class Search:
         if cfg.model != self.config.model:
             cfg.weights = "DEFAULT"  # the run's own weights choice belongs to the run's own model
         model = build_model(cfg, self.splits.class_names)
+        if self.splits.multi_label:
+            model.record = model.record.with_extra(multi_label=True)
         if config is not None:
             apply_strategy(model, config.strategy_spec())
         return model
@@ -317,9 +319,6 @@ def select(
     continue a search from what it saved.
     """
     quiet_lightning()
-    if splits.multi_label:
-        raise TransferkitError("--strategy auto (and advise's measured leaderboard) scores single-label candidates; "
-                               "for multi-label data give --strategy feature-extract, fine-tune or gradual")  # fmt: skip
     search = Search(config, splits, parse_budget(budget, len(splits.train)), quiet, previous, spent_s, on_trial)
     backbones = candidate_backbones(config, models)
     if not quiet:
@@ -365,7 +364,10 @@ def _train_head(model: TransferModel, learn: Any, holdout: Any, config: TrainCon
     for _ in range(config.epochs):
         for batch in torch.randperm(len(y), generator=generator).split(config.batch_size):
             optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(head(x[batch]), y[batch], weight=weight).backward()
+            out = head(x[batch])
+            loss = (torch.nn.functional.binary_cross_entropy_with_logits(out, y[batch].float()) if y.ndim == 2
+                    else torch.nn.functional.cross_entropy(out, y[batch], weight=weight))  # fmt: skip
+            loss.backward()
             optimizer.step()
         schedule.step()
         with torch.no_grad():
@@ -379,10 +381,12 @@ def _key(trial: Trial) -> tuple[Any, ...]:
 
 
 def _score(logits: torch.Tensor, labels: torch.Tensor, metric: str) -> float:
-    """Holdout accuracy, or macro-F1 (torchmetrics', as training's) for imbalanced classes."""
-    from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
+    """Holdout accuracy, or macro-F1 (torchmetrics', as training's) for imbalanced classes and multi-label data."""
+    from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score, multilabel_f1_score
 
     n = logits.shape[1]
+    if labels.ndim == 2:  # multi-label: each class's yes/no at 0.5, as training's validation scores it
+        return float(multilabel_f1_score(logits.sigmoid(), labels, num_labels=n, average="macro"))
     if metric == "macro_f1":
         return float(multiclass_f1_score(logits.argmax(dim=1), labels, num_classes=n, average="macro"))
     return float(multiclass_accuracy(logits.argmax(dim=1), labels, num_classes=n, average="micro"))
