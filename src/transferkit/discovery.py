@@ -3,6 +3,8 @@
 Layouts: ``DATA/train/<class>/*`` + ``DATA/val/<class>/*`` (+ optional ``DATA/test``), plain
 ``DATA/<class>/*`` split into train/val by a stratified, seeded split, or a CSV label file
 (:mod:`transferkit.label_tables`). An exclude list leaves confirmed bad files out of any of them.
+A folder or URL written by ``transferkit pack`` (:mod:`transferkit.shards`) reads as the data it was
+packed from.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 A frozen backbone gives the same output for the same image every epoch, so recomputing it is
 ~90 % of a naive feature-extraction loop. Here each image's feature vector is stored under a key
 covering the backbone, a digest of its weights, the layer, the preprocessing, the augmentation
-view and the file (path, size, mtime); any change is a miss. Writes are atomic renames, so
-concurrent runs sharing the cache cannot corrupt it.
+view and the file (path, size, mtime; a packed image's content); any change is a miss. The vectors
+live in a :class:`~transferkit.feature_store.FeatureStore` (a few large shard files, appended by
+atomic renames, so concurrent runs and ranks sharing it cannot corrupt it).
 """
 
 from __future__ import annotations
