@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from transferkit.calibration import (
+    MIN_TEMPERATURE,
     expected_calibration_error,
     fit_temperature,
     negative_log_likelihood,
@@ -32,6 +33,9 @@ def test_temperature_scaling_lowers_the_nll_of_an_over_confident_model() -> None
     assert torch.equal(after.argmax(dim=1), before.argmax(dim=1))  # no answer changes, only how sure it is
     curve = reliability_curve(after, labels)
     assert len(curve["confidence"]) == len(curve["accuracy"]) > 2
+    # Every held-out answer right: the NLL falls as T shrinks, and the fit stops at its bound, not at 0.
+    separable = 5 * torch.nn.functional.one_hot(labels, 4).double()
+    assert fit_temperature(separable, labels) == pytest.approx(MIN_TEMPERATURE, rel=1e-3)
 
 
 def test_a_run_is_calibrated_on_validation_and_evaluate_uses_the_temperature(tiny_dataset: Path, tmp_path: Path) -> None:

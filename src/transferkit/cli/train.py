@@ -83,7 +83,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--logger", dest="loggers", action="append", metavar="NAME",
                    help="tensorboard, csv, mlflow or wandb; repeat or comma-separate for several, none for none "
-                   "(default: tensorboard where installed; mlflow: RUNS/mlflow.db; wandb: offline without a key)")
+                   "(default: none; mlflow: RUNS/mlflow.db; wandb: offline without a key)")
 
 
 def _train(args: argparse.Namespace) -> int:

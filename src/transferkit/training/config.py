@@ -77,7 +77,7 @@ class TrainConfig:
     budget: str | None = None  # --strategy auto: wall-clock budget of the search and the final training
     models: list[str] | None = None  # --strategy auto: candidate backbones (default: those available offline)
     resolved_from: dict[str, Any] = field(default_factory=dict)  # the selection / LR finder behind auto choices
-    loggers: tuple[str, ...] = ()  # --logger: tensorboard, csv, mlflow, wandb; () = TensorBoard where installed
+    loggers: tuple[str, ...] = ()  # --logger: tensorboard, csv, mlflow, wandb; () = none
 
     def __post_init__(self) -> None:
         if self.calibration not in ("temperature", "none"):

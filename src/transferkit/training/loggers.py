@@ -1,6 +1,6 @@
 """Experiment loggers for ``train --logger``: Lightning's own, each writing somewhere that works offline.
 
-- ``tensorboard``: ``RUN/tensorboard/`` (the default when the tensorboard package is installed);
+- ``tensorboard``: ``RUN/tensorboard/``;
 - ``csv``: ``RUN/csv/metrics.csv``;
 - ``mlflow``: the store ``MLFLOW_TRACKING_URI`` names, else a SQLite database beside the run
   directories, ``RUNS/mlflow.db`` with artifacts in ``RUNS/mlartifacts/`` (``RUNS`` is the run
@@ -59,10 +59,8 @@ def check_loggers(names: str | Sequence[str] | None) -> tuple[str, ...]:
 
 
 def build_loggers(names: Sequence[str], run_dir: Path, config: dict[str, Any], global_zero: bool = True) -> list[Any]:
-    """Lightning loggers for ``names``; ``()``: TensorBoard where installed (as before ``--logger``)."""
-    if not names:
-        names = ("tensorboard",) if _installed("tensorboard") else ()
-    if tuple(names) == ("none",):
+    """Lightning loggers for ``names``; none unless asked for (history.csv and the report hold every epoch)."""
+    if not names or tuple(names) == ("none",):
         return []
     ids_path = run_dir / IDS_NAME
     ids = json.loads(ids_path.read_text()) if ids_path.is_file() else {}
