@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -100,7 +101,12 @@ def test_wandb_runs_offline_without_a_key(
                                quiet=True, out=str(tmp_path / "run"), loggers=("wandb",))  # fmt: skip
     run_id = json.loads((result.run_dir / "loggers.json").read_text())["wandb"]
     (offline,) = (result.run_dir / "wandb").glob(f"offline-run-*-{run_id}")
-    log = (offline / f"run-{run_id}.wandb").read_bytes()
+    # W&B's own service process writes the log; on a loaded machine it may still be flushing when
+    # finish() has returned (seen once in a full CI run), so wait for it, within a minute.
+    deadline, log = time.monotonic() + 60, b""
+    while b"report.html" not in log and time.monotonic() < deadline:
+        log = (offline / f"run-{run_id}.wandb").read_bytes()
+        time.sleep(0.5)
     # The run's own log (protobuf records): every epoch's and the final metrics, and the run's files as an artifact.
     for text in (b"val_accuracy", b"final/val_accuracy", b"metrics.json", b"report.html"):
         assert text in log, text

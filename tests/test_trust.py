@@ -115,7 +115,7 @@ def test_k_fold_training_reports_mean_and_std_and_predicts_with_the_ensemble(tin
 
     from transferkit import evaluate, predict, train
 
-    result = train(tiny_dataset, **TINY, folds=3, out=str(tmp_path / "folds"))
+    result = train(tiny_dataset, **TINY, folds=3, cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "folds"))
     m = result.metrics
     assert m["folds"] == 3 and 0 <= m["val_accuracy"] <= 1 and m["val_accuracy_std"] >= 0
     assert m["val_accuracy"] == pytest.approx(sum(f["val_accuracy"] for f in m["fold_metrics"]) / 3)
