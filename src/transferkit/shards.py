@@ -167,8 +167,14 @@ def _dataset(root: str, split: str, pid: int) -> tuple[Any, threading.Lock]:
     """litdata's dataset of one split, per process (DataLoader workers open their own)."""
     from litdata import StreamingDataset
 
-    cache = str(_url_cache(root) / split) if is_url(root) else None
-    return StreamingDataset(f"{root}/{split}", cache_dir=cache), threading.Lock()
+    if not is_url(root):
+        return StreamingDataset(f"{root}/{split}"), threading.Lock()
+    dataset = StreamingDataset(f"{root}/{split}", cache_dir=str(_url_cache(root) / split))
+    dataset[0]  # opens litdata's reader (its cache), which the switch below needs
+    # Whole chunks into the cache, each fetched once, rather than litdata's default for reads by
+    # index (one ranged request per image, again every epoch).
+    dataset.on_demand_bytes = False
+    return dataset, threading.Lock()
 
 
 def pack(splits: Any, out: str | Path, chunk_bytes: str = DEFAULT_CHUNK_BYTES) -> dict[str, Any]:
