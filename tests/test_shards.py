@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from transferkit import TransferkitError, evaluate, train
+from transferkit import TransferkitError, evaluate, predict, train
 from transferkit.cli import main
 from transferkit.data import EpochSeededSampler, ImageDataset, build_transform, discover, load_image
 from transferkit.features import extract_features
@@ -105,6 +105,12 @@ def test_training_from_shards_equals_training_from_the_folder(
     assert from_shards.val_accuracy == from_folder.val_accuracy
     # evaluate reads the shards' val split as it reads DATA/val.
     assert evaluate(from_shards.run_dir, shards).accuracy == evaluate(from_folder.run_dir, tiny_dataset).accuracy
+    # predict takes the packed folder as it takes image folders: every packed image, the same answers.
+    packed = predict(from_shards.run_dir, [shards], runtime="torch")
+    files = predict(from_shards.run_dir, [tiny_dataset / "train", tiny_dataset / "val"], runtime="torch")
+    assert len(packed) == len(files) == 28 and all("::" in r["path"] for r in packed)
+    assert sorted(r["predictions"][0]["probability"] for r in packed) == pytest.approx(
+        sorted(r["predictions"][0]["probability"] for r in files), abs=1e-6)
 
 
 @pytest.mark.slow

@@ -292,11 +292,16 @@ def _table_samples(model: TransferModel, table: Path) -> tuple[list[Sample], int
 
 
 def collect_images(paths: list[str | Path]) -> list[str]:
-    """Image files among ``paths``; folders are searched recursively, hidden files ignored."""
+    """Image files among ``paths``; folders are searched recursively, hidden files ignored; a packed
+    folder or URL (``transferkit pack``) gives its images, every split's."""
+    from .shards import is_packed_source, is_url, packed_images
+
     found: list[str] = []
     for raw in paths:
         p = Path(raw).expanduser()
-        if p.is_dir():
+        if is_url(str(raw)) or is_packed_source(p):  # a folder (or URL) of `transferkit pack`: its images
+            found += packed_images(raw)
+        elif p.is_dir():
             for dirpath, subdirs, files in os.walk(p):
                 subdirs[:] = sorted(s for s in subdirs if not s.startswith("."))
                 found += [
