@@ -119,7 +119,7 @@ def test_a_url_streams_through_litdatas_chunk_cache(shards: Path, tmp_path: Path
     monkeypatch.setenv("TRANSFERKIT_CACHE_DIR", str(tmp_path / "cache"))
     url = f"local:{shards}"
     result = train(url, **{**TINY, "epochs": 1}, out=str(tmp_path / "run"))
-    assert result.metrics["feature_cache"]["misses"] == 28 and result.metrics["skipped_files"] == 0
+    assert result.metrics["feature_cache"]["misses"] == 28 and result.metrics["skipped_files"] == 0, result.metrics["data"]["skipped"]
     assert list((tmp_path / "cache" / "shards").rglob("chunk-0-0.bin"))  # streamed into the cache
     with pytest.raises(TransferkitError, match="cannot read local:/nowhere/transferkit-pack.json"):
         discover("local:/nowhere")

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .data import EpochSeededSampler, Sample, label_indices
+from .data import EpochSeededSampler, Sample, class_counts
 from .errors import TransferkitError
 
 BALANCE_MODES = ("auto", "none", "loss", "sampler")
@@ -69,8 +69,7 @@ def resolve_balance(requested: str, train: Sequence[Sample], num_classes: int, m
 
 
 def _counts(train: Sequence[Sample], num_classes: int) -> list[int]:
-    c = Counter(i for _, label in train for i in label_indices(label))
-    return [c.get(i, 0) for i in range(num_classes)]
+    return class_counts(train, num_classes)
 
 
 class BalancedSampler(EpochSeededSampler):

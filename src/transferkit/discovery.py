@@ -56,8 +56,7 @@ class ImageFolderSplits:
         def counts(samples: list[Sample] | None) -> dict[str, int] | None:
             if samples is None:
                 return None
-            c = Counter(i for _, label in samples for i in label_indices(label))
-            return {name: c.get(i, 0) for i, name in enumerate(self.class_names)}
+            return dict(zip(self.class_names, class_counts(samples, len(self.class_names))))
 
         return {
             "root": str(self.root),
@@ -233,21 +232,9 @@ def _packed_split(
     if split not in samples:
         raise TransferkitError(f"{source} has no packed {split} images; it has: {', '.join(samples)}")
     names: list[str] = manifest["class_names"]
-    if class_names is None or class_names == names:
+    if class_names is None:
         return names, samples[split], []
-    extra = sorted(set(names) - set(class_names))
-    if extra:
-        raise TransferkitError(f"{source} has classes the model does not know: {', '.join(extra)}; expected a subset "
-                               f"of: {', '.join(class_names)}")  # fmt: skip
-    position = [class_names.index(name) for name in names]
-
-    def mapped(label: int | tuple[int, ...]) -> int | tuple[int, ...]:
-        if isinstance(label, tuple):
-            ids = {position[i] for i in label_indices(label)}
-            return tuple(int(i in ids) for i in range(len(class_names)))
-        return position[label]
-
-    return class_names, [(path, mapped(label)) for path, label in samples[split]], []
+    return class_names, relabelled(samples[split], names, class_names, source), []
 
 
 def _discover_table(
@@ -318,7 +305,7 @@ def stratified_split(samples: list[Sample], val_split: float, seed: int) -> tupl
         raise TransferkitError(f"--val-split must be between 0 and 1, got {val_split}")
     train: list[Sample] = []
     val: list[Sample] = []
-    for members in shuffled_by_class(samples, _first_label, seed):
+    for members in shuffled_by_class(samples, first_label, seed):
         n_val = min(len(members) - 1, max(1, round(len(members) * val_split))) if len(members) > 1 else 0
         val += members[:n_val]
         train += members[n_val:]
@@ -330,5 +317,29 @@ def label_indices(label: int | tuple[int, ...]) -> tuple[int, ...]:
     return tuple(i for i, v in enumerate(label) if v) if isinstance(label, tuple) else (label,)
 
 
-def _first_label(sample: Sample) -> int:
+def first_label(sample: Sample) -> int:
+    """A sample's class, or its first class (multi-label): what stratified splits go by."""
     return label_indices(sample[1])[0]
+
+
+def class_counts(samples: Sequence[Sample], num_classes: int) -> list[int]:
+    """Images per class (a multi-label image counts for each of its classes)."""
+    counts = Counter(i for _, label in samples for i in label_indices(label))
+    return [counts.get(i, 0) for i in range(num_classes)]
+
+
+def relabelled(samples: Sequence[Sample], names: list[str], target: list[str], source: object) -> list[Sample]:
+    """``samples`` labelled by the classes ``names``, relabelled by ``target`` (a model's classes)."""
+    if names == target:
+        return list(samples)
+    unknown = sorted(set(names) - set(target))
+    if unknown:
+        raise TransferkitError(f"{source} has classes the model does not know: {', '.join(unknown)}; expected a "
+                               f"subset of: {', '.join(target)}")  # fmt: skip
+    position = [target.index(name) for name in names]
+
+    def mapped(label: int | tuple[int, ...]) -> int | tuple[int, ...]:
+        ids = {position[i] for i in label_indices(label)}
+        return tuple(int(i in ids) for i in range(len(target))) if isinstance(label, tuple) else min(ids)
+
+    return [(path, mapped(label)) for path, label in samples]

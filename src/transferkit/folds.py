@@ -14,7 +14,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .discovery import Sample, label_indices
+from .discovery import Sample, first_label
 from .errors import TransferkitError
 
 FOLDS_NAME = "folds.json"
@@ -30,7 +30,7 @@ def stratified_folds(samples: list[Sample], k: int, seed: int = 0) -> list[tuple
 
     if k < 2:
         raise TransferkitError(f"--folds {k}: give at least 2 (5 is usual)")
-    strata = [label_indices(label)[0] for _, label in samples]
+    strata = [first_label(s) for s in samples]
     smallest = min(strata.count(c) for c in set(strata))
     if smallest < k:
         raise TransferkitError(f"--folds {k}: the smallest class has {smallest} image(s), fewer than the folds; "

@@ -275,20 +275,11 @@ def evaluate(
 
 def _table_samples(model: TransferModel, table: Path) -> tuple[list[Sample], int]:
     """A label file's test rows (else its val rows), their labels mapped to the model's classes."""
-    from .data import discover, label_indices
+    from .data import discover, relabelled
 
     splits = discover(table)
-    unknown = sorted(set(splits.class_names) - set(model.class_names))
-    if unknown:
-        raise TransferkitError(f"{table} has labels the model does not know: {', '.join(unknown)}")
-    position = [model.class_names.index(name) for name in splits.class_names]
-    n = len(model.class_names)
-
-    def mapped(label: int | tuple[int, ...]) -> int | tuple[int, ...]:
-        ids = {position[i] for i in label_indices(label)}
-        return tuple(int(i in ids) for i in range(n)) if model.multi_label else min(ids)
-
-    return [(path, mapped(label)) for path, label in (splits.test or splits.val)], len(splits.skipped)
+    samples = relabelled(splits.test or splits.val, splits.class_names, model.class_names, table)
+    return samples, len(splits.skipped)
 
 
 def collect_images(paths: list[str | Path]) -> list[str]:

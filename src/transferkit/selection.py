@@ -24,7 +24,6 @@ import re
 import sys
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ import torch
 
 from .backbones import DEFAULT_BACKBONE, SOURCES, source_for
 from .balance import Balance, resolve_balance
-from .data import ImageFolderSplits, Sample, label_indices, shuffled_by_class
+from .data import ImageFolderSplits, Sample, class_counts, first_label, shuffled_by_class
 from .errors import TransferkitError
 from .features import extract_features
 from .leaderboard import Selection, Trial
@@ -79,7 +78,7 @@ def holdout_split(samples: list[Sample], seed: int) -> tuple[list[Sample], list[
     """A stratified, seeded holdout of the training images (at least one image per class stays in training)."""
     learn: list[Sample] = []
     holdout: list[Sample] = []
-    for members in shuffled_by_class(samples, lambda s: label_indices(s[1])[0], seed + 1):
+    for members in shuffled_by_class(samples, first_label, seed + 1):
         n = min(len(members) - 1, max(1, round(len(members) * HOLDOUT_SHARE))) if len(members) > 1 else 0
         holdout += members[:n]
         learn += members[n:]
@@ -110,9 +109,9 @@ class Search:
         balance = config.resolved_from.get("balance") or {}
         # Imbalanced classes are scored by macro-F1 (balance.py), on the holdout as on validation.
         self.metric = "macro_f1" if balance.get("selection_metric") == "val_macro_f1" else "accuracy"
-        counts = Counter(i for _, label in splits.train for i in label_indices(label))
+        counts = class_counts(splits.train, len(splits.class_names))
         self.selection = Selection(budget_s, len(self.learn), len(self.holdout), metric=self.metric,
-                                   class_counts={n: counts.get(i, 0) for i, n in enumerate(splits.class_names)})
+                                   class_counts=dict(zip(splits.class_names, counts)))
         self.speed: dict[str, float] = {}  # backbone → inference images/s, measured
         self.fit_seconds = 0.0  # the longest probe fit so far: part of the next probe's estimate
         # Measured extraction speed over the pure forward speed: decoding and resizing, learnt as it goes.

@@ -21,15 +21,15 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from .balance import resolve_balance
 from .calibration import calibration_summary, fit_temperature, logits_of
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from .balance import resolve_balance
 from .data import ImageFolderSplits, Sample, discover_for
 from .errors import TransferkitError
 from .files import write_json
+from .inference import Evaluation, evaluate_cached_features, evaluate_samples
 from .model import TransferModel
 from .multilabel import targets_of, tune_thresholds
-from .inference import Evaluation, evaluate_cached_features, evaluate_samples
 from .runs import write_history
 from .training import Fitted, TrainConfig, TrainResult, find_lr, fit, model_and_strategy, quiet_lightning
 from .training.fit import RUN_DIR_ENV, add_skipped, check_sharding, join_as_worker_rank, say
@@ -321,17 +321,16 @@ def _evaluate_and_fit_decisions(
         return raw, None
     decoded = {p["path"] for p in raw.predictions}
     kept = [s for s in val if s[0] in decoded]
+    labels = targets_of(kept) if model.multi_label else torch.tensor([label for _, label in kept])
     if model.multi_label:
-        model.record = model.record.with_extra(thresholds=tune_thresholds(raw.probabilities, targets_of(kept)))
+        model.record = model.record.with_extra(thresholds=tune_thresholds(raw.probabilities, labels))
     elif "temperature" not in model.record.extra:
-        labels = torch.tensor([label for _, label in kept])
         temperature = fit_temperature(logits_of(raw.probabilities), labels)
         model.record = model.record.with_extra(temperature=temperature, calibration_fitted_on="validation")
     save_checkpoint(model, run_dir / CHECKPOINT_NAME)
     final = _final_evaluation(model, val, config, info)
     if not calibrate:
         return final, None
-    labels = torch.tensor([label for _, label in kept])
     fitted_on = model.record.extra.get("calibration_fitted_on", "validation")
     return final, calibration_summary(raw.probabilities, final.probabilities, labels, model.temperature, fitted_on)
 

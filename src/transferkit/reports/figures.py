@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from ..backbones import Preprocessing
-from ..data import Sample, build_transform, label_indices, load_image, shuffled_by_class
+from ..data import Sample, build_transform, first_label, label_indices, load_image, shuffled_by_class
 from ..errors import TransferkitError
 from ..files import atomic_write
 from ..inference import Evaluation, evaluate_samples
@@ -249,7 +249,7 @@ def training_tiles(
     # A private RNG stream: the same run shows the same crops, and the caller's torch RNG is untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for path, label in _spread(samples, lambda s: label_indices(s[1])[0], count, seed):
+        for path, label in _spread(samples, first_label, count, seed):
             image = _view(path, transform, prep)
             if image is not None:
                 tiles.append(Tile(image, _short(", ".join(class_names[i] for i in label_indices(label)), 22)))

@@ -48,6 +48,7 @@ class TransferLearner(L.LightningModule):
         self.register_buffer("class_weights", weights, persistent=False)
         self.channels_last = uses_convolutions(model) and not head_only
         self.skipped_files: set[tuple[str, str]] = set()
+        self._frozen_digest: str | None = None
 
     def forward(self, x: torch.Tensor) -> Any:
         return self.model.head_module(x) if self.head_only else self.model(x)
@@ -90,7 +91,9 @@ class TransferLearner(L.LightningModule):
             from ..features import weights_digest
 
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if self._is_head_key(k)}
-            checkpoint[FROZEN_BACKBONE_KEY] = weights_digest(self.model)
+            if self._frozen_digest is None:  # the backbone is frozen: hashing it once is enough
+                self._frozen_digest = weights_digest(self.model)
+            checkpoint[FROZEN_BACKBONE_KEY] = self._frozen_digest
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if FROZEN_BACKBONE_KEY not in checkpoint:
