@@ -114,7 +114,7 @@ def test_training_from_shards_equals_training_from_the_folder(
 
 
 @pytest.mark.slow
-def test_a_url_streams_through_litdatas_chunk_cache(shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_url_is_read_through_a_cache_of_whole_chunks(shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``local:PATH`` is litdata's stand-in for an object store: chunks are copied into a cache first."""
     monkeypatch.setenv("TRANSFERKIT_CACHE_DIR", str(tmp_path / "cache"))
     url = f"local:{shards}"

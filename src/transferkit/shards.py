@@ -11,8 +11,8 @@ The format is Lightning's litdata (``litdata.StreamingDataset``), one dataset pe
 Why litdata rather than WebDataset tar shards: training here draws a new global order every epoch
 from (seed, epoch) and gives each image its own augmentation seed (``EpochSeededSampler``), which
 is what makes a resumed run see exactly what an uninterrupted one would. That needs reading image
-*i* of the dataset by index; litdata reads any item by index, from a local folder or, through its
-chunk cache, from object storage (``s3://``, ``gs://``, ``azure://``, ``hf://``, ``r2://``),
+*i* of the dataset by index; litdata reads any item by index, from a local folder or (its
+downloaders fetching whole chunks into a cache first) from object storage (``s3://``, ``gs://``, ``azure://``, ``hf://``, ``r2://``),
 while WebDataset streams tar files in order and shuffles in a buffer. It is also the Lightning
 ecosystem the trainer already uses.
 
@@ -23,6 +23,7 @@ content digest (the feature store's key), so loaders, samplers and caches need n
 
 from __future__ import annotations
 
+import bisect
 import functools
 import hashlib
 import json
@@ -42,7 +43,7 @@ FORMAT = "transferkit-pack/1"
 SPLITS = ("train", "val", "test")
 SEPARATOR = "::"
 DEFAULT_CHUNK_BYTES = "64MB"
-# Object stores litdata streams from; "local:PATH" streams a local folder through the same chunk cache.
+# Object stores litdata streams from; "local:PATH" reads a local folder through the same cache.
 URL_PREFIXES = ("s3://", "gs://", "azure://", "hf://", "r2://", "local:")
 
 
@@ -124,6 +125,8 @@ def read_packed(path: str) -> bytes | None:
     root, split, index, name = parsed
     dataset, lock = _dataset(root, split, os.getpid())
     with lock:  # batches decode on threads; litdata's reader is not made for concurrent calls
+        if is_url(root):
+            _fetch_chunk(root, split, index)
         item = dataset[index]
     if item["name"] != name:
         raise TransferkitError(f"{root}: item {index} of {split} is {item['name']}, not {name}; the shards changed "
@@ -149,32 +152,66 @@ def _url_cache(root: str) -> Path:
 
 
 def _fetched(root: str, name: str) -> str:
-    """A file of a packed URL, downloaded into the cache through litdata's own downloaders."""
+    """A file of a packed URL, downloaded whole into the cache through litdata's own downloaders.
+
+    Each process downloads into a name of its own and renames it into place, so concurrent readers
+    (ranks, DataLoader workers) never see half a file. litdata's downloader alone is not enough
+    here: while another process holds its lock on a file it returns at once, before the file exists.
+    """
     from litdata.streaming.downloader import get_downloader
 
     target = _url_cache(root) / name
+    if target.is_file():
+        return str(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(f"{target.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
     try:
-        get_downloader(root, str(target.parent), []).download_file(f"{root}/{name}", str(target))
+        get_downloader(root, str(target.parent), []).download_file(f"{root}/{name}", str(part))
+        os.replace(part, target)
     except Exception as exc:  # each object store fails in its own words
         raise TransferkitError(f"cannot read {root}/{name} ({type(exc).__name__}: {exc}); is it a folder "
                                f"written by transferkit pack, and are the store's credentials set?") from None  # fmt: skip
+    finally:
+        part.unlink(missing_ok=True)
+        Path(f"{part}.lock").unlink(missing_ok=True)
     return str(target)
+
+
+@functools.lru_cache(maxsize=64)
+def _chunk_ends(root: str, split: str) -> tuple[tuple[int, str], ...]:
+    """(index one past the chunk's last item, chunk file name) for each chunk of a split, in order."""
+    chunks = json.loads(Path(_fetched(root, f"{split}/index.json")).read_text())["chunks"]
+    ends, end = [], 0
+    for chunk in chunks:
+        end += chunk["chunk_size"]
+        ends.append((end, chunk["filename"]))
+    return tuple(ends)
+
+
+def _fetch_chunk(root: str, split: str, index: int) -> None:
+    """Bring the whole chunk holding item ``index`` into the cache, once (later reads are local)."""
+    ends = _chunk_ends(root, split)
+    position = bisect.bisect_right([end for end, _ in ends], index)
+    if position >= len(ends):
+        raise TransferkitError(f"{root}: {split} has {ends[-1][0] if ends else 0} images, not {index + 1}; "
+                               f"the shards changed after they were read (pack again, or start a new process)")  # fmt: skip
+    _fetched(root, f"{split}/{ends[position][1]}")
 
 
 @functools.lru_cache(maxsize=16)
 def _dataset(root: str, split: str, pid: int) -> tuple[Any, threading.Lock]:
-    """litdata's dataset of one split, per process (DataLoader workers open their own)."""
+    """litdata's dataset of one split, per process (DataLoader workers open their own).
+
+    A URL's split is read from the cache folder its chunks are fetched into (:func:`_fetch_chunk`):
+    whole chunks, each fetched once, rather than litdata's default for reads by index (one ranged
+    request per image, again every epoch), and no background download thread racing the reads.
+    """
     from litdata import StreamingDataset
 
     if not is_url(root):
         return StreamingDataset(f"{root}/{split}"), threading.Lock()
-    dataset = StreamingDataset(f"{root}/{split}", cache_dir=str(_url_cache(root) / split))
-    dataset[0]  # opens litdata's reader (its cache), which the switch below needs
-    # Whole chunks into the cache, each fetched once, rather than litdata's default for reads by
-    # index (one ranged request per image, again every epoch).
-    dataset.on_demand_bytes = False
-    return dataset, threading.Lock()
+    _chunk_ends(root, split)  # the split's index.json, which the local dataset reads
+    return StreamingDataset(str(_url_cache(root) / split)), threading.Lock()
 
 
 def pack(splits: Any, out: str | Path, chunk_bytes: str = DEFAULT_CHUNK_BYTES) -> dict[str, Any]:
