@@ -137,3 +137,34 @@ def test_the_pack_and_features_commands(tiny_dataset: Path, tmp_path: Path, caps
 
     saved = np.load(tmp_path / "f.npz")
     assert saved["features"].shape == (28, 512) and sorted(set(saved["splits"])) == ["train", "val"]
+
+
+def _read_every_packed_image(url: str, seed: int) -> list[str]:
+    """Every image of ``url`` in a shuffled order, as SHA-1s (run in a fresh process)."""
+    import hashlib
+    import random
+
+    from transferkit.shards import packed_images, read_packed
+
+    paths = packed_images(url)
+    random.Random(seed).shuffle(paths)
+    return sorted(f"{path} {hashlib.sha1(read_packed(path)).hexdigest()}" for path in paths)
+
+
+def test_processes_reading_a_url_at_once_each_get_every_image_whole(tiny_dataset: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Ranks and DataLoader workers fetch the same chunks into one cache, in random order, at the same time."""
+    import multiprocessing
+
+    out = tmp_path / "shards"
+    pack(discover(tiny_dataset), out, chunk_bytes="1KB")  # a chunk every few images
+    assert len(list(out.rglob("chunk-*.bin"))) > 6
+    monkeypatch.setenv("TRANSFERKIT_CACHE_DIR", str(tmp_path / "cache"))
+    with multiprocessing.get_context("spawn").Pool(3) as pool:
+        seen = pool.starmap(_read_every_packed_image, [(f"local:{out}", seed) for seed in range(3)])
+    manifest = json.loads((out / "transferkit-pack.json").read_text())
+    expected = sorted(f"local:{out}::{split}/{i}/{name} {digest}"
+                      for split, rows in manifest["splits"].items() for i, (name, _, digest) in enumerate(rows))  # fmt: skip
+    assert seen == [expected] * 3
+    leftovers = [p.name for p in (tmp_path / "cache").rglob("*") if p.name.endswith((".part", ".lock"))]
+    assert leftovers == []
