@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +28,25 @@ def test_command_environment_preloads_a_memory_keeping_allocator() -> None:
     assert fast_env({"TRANSFERKIT_ALLOCATOR": "default"}) is None
     assert fast_env(env) is None
     assert fast_env({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}) is None
+
+
+EXITING = """
+import atexit, sys, threading, time
+from pathlib import Path
+from transferkit.launch import exit_now
+out = Path(sys.argv[1])
+atexit.register(lambda: (out / "atexit").write_text("ran"))
+threading.Thread(target=lambda: (time.sleep(0.3), (out / "thread").write_text("done"))).start()
+sys.stdout.write("no newline, still buffered")
+exit_now(3)
+"""
+
+
+def test_the_command_skips_module_teardown_but_not_what_teardown_would_finish(tmp_path: Path) -> None:
+    """``exit_now`` ends the ``transferkit`` command: threads finish, exit handlers run, output is flushed."""
+    proc = subprocess.run([sys.executable, "-c", EXITING, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3 and proc.stdout == "no newline, still buffered"
+    assert (tmp_path / "atexit").read_text() == "ran" and (tmp_path / "thread").read_text() == "done"
 
 
 def test_precision_rules(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -67,6 +87,7 @@ def test_the_switch_reproduces_native_bf16_rounding(monkeypatch: pytest.MonkeyPa
 def test_torchvision_is_imported_without_dynamo_which_still_works_when_used() -> None:
     script = """
 import sys
+from pathlib import Path
 import transferkit.data, transferkit.backbones
 assert "torch._dynamo" not in sys.modules, "torchvision's import pulled in torch._dynamo"
 import torch

@@ -52,4 +52,27 @@ def main() -> None:
         os.execve(sys.executable, [sys.executable, "-m", "transferkit", *sys.argv[1:]], env)
     from .cli import main as cli_main
 
-    sys.exit(cli_main())
+    exit_now(cli_main())
+
+
+def exit_now(code: int) -> None:
+    """End the command without Python's module teardown, which takes 0.5-0.7 s once torch is loaded.
+
+    Everything that teardown would still do for us is done first: other threads finish, exit
+    handlers run (loggers, multiprocessing's worker clean-up, temporary folders), and stdout and
+    stderr are flushed. Files are written and closed before commands return, never left to
+    finalizers. Only the normal return takes this way; an uncaught error exits the usual way.
+    """
+    import atexit
+    import threading
+
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (| head): nothing more can be said
+            pass
+    os._exit(code or 0)
