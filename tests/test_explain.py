@@ -63,6 +63,16 @@ def test_heatmaps_lie_on_the_evaluation_view_at_the_models_input_size(tiny_datas
     assert picture.shape == (64, 64, 3) and picture.dtype == np.uint8
 
 
+def test_bf16_heatmaps_are_fp32_ones_within_a_few_hundredths(tiny_dataset: Path) -> None:
+    """The report explains at the machine's precision (bf16 where native): the same maps, faster."""
+    model, files = _resnet(), _images(tiny_dataset / "val")
+    fp32, bf16 = (explain(model, files, target=0, precision=p) for p in ("32", "bf16"))
+    assert all(e.heatmap.dtype == np.float32 and e.heatmap.shape == (64, 64) for e in bf16)
+    differences = [float(np.abs(a.heatmap - b.heatmap).max()) for a, b in zip(fp32, bf16)]
+    assert max(differences) < 0.1, differences
+    assert [a.probability for a in fp32] == pytest.approx([b.probability for b in bf16], abs=0.02)
+
+
 def test_explain_refuses_bad_targets_and_undecodable_files(tmp_path: Path) -> None:
     model = _resnet()
     broken = tmp_path / "broken.jpg"

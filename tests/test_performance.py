@@ -84,6 +84,22 @@ def test_the_switch_reproduces_native_bf16_rounding(monkeypatch: pytest.MonkeyPa
     assert torch.allclose(out.float(), expected.float(), rtol=2**-7, atol=1e-2)
 
 
+def test_torchmetrics_is_imported_without_scipy_signal_which_still_works_when_used() -> None:
+    script = """
+import sys
+import transferkit, lightning.pytorch, torchmetrics, torch
+assert "scipy.signal" not in sys.modules, "torchmetrics' import pulled in scipy.signal"
+from torchmetrics.functional.classification import multiclass_accuracy
+assert multiclass_accuracy(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0]), num_classes=2, average="micro") == 2 / 3
+import scipy, scipy.signal
+assert scipy.signal is sys.modules["scipy.signal"] and scipy.signal.__file__.endswith("__init__.py")
+assert scipy.signal.windows.hamming(5).tolist()[2] == 1.0
+assert not any(type(f).__module__ == "transferkit.lean_imports" for f in sys.meta_path), "the finder outlived its use"
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_torchvision_is_imported_without_dynamo_which_still_works_when_used() -> None:
     script = """
 import sys

@@ -33,6 +33,12 @@ def test_temperature_scaling_lowers_the_nll_of_an_over_confident_model() -> None
     assert torch.equal(after.argmax(dim=1), before.argmax(dim=1))  # no answer changes, only how sure it is
     curve = reliability_curve(after, labels)
     assert len(curve["confidence"]) == len(curve["accuracy"]) > 2
+    from sklearn.calibration import calibration_curve  # what the curve must equal
+
+    confidence, predicted = after.max(dim=1)
+    accuracy, mean_confidence = calibration_curve((predicted == labels).int().numpy(), confidence.numpy(), n_bins=10)
+    assert curve == {"confidence": [round(float(c), 4) for c in mean_confidence],
+                     "accuracy": [round(float(a), 4) for a in accuracy]}  # fmt: skip
     # Every held-out answer right: the NLL falls as T shrinks, and the fit stops at its bound, not at 0.
     separable = 5 * torch.nn.functional.one_hot(labels, 4).double()
     assert fit_temperature(separable, labels) == pytest.approx(MIN_TEMPERATURE, rel=1e-3)

@@ -16,7 +16,9 @@ from typing import Any, NamedTuple
 import torch
 from PIL import Image
 
-from . import torchvision_import  # noqa: F401  (first: torchvision without dynamo's start-up cost)
+from .lean_imports import import_torchvision
+
+import_torchvision()  # first: torchvision without dynamo's start-up cost
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
 from torchvision.transforms import v2

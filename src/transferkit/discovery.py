@@ -20,7 +20,9 @@ from typing import Any, TypeVar, Union
 
 from PIL import Image, UnidentifiedImageError
 
-from . import torchvision_import  # noqa: F401  (first: torchvision without dynamo's start-up cost)
+from .lean_imports import import_torchvision
+
+import_torchvision()  # first: torchvision without dynamo's start-up cost
 from torchvision.datasets.folder import IMG_EXTENSIONS  # noqa: E402
 
 from .errors import TransferkitError  # noqa: E402

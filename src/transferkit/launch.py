@@ -61,10 +61,15 @@ def exit_now(code: int) -> None:
     Everything that teardown would still do for us is done first: other threads finish, exit
     handlers run (loggers, multiprocessing's worker clean-up, temporary folders), and stdout and
     stderr are flushed. Files are written and closed before commands return, never left to
-    finalizers. Only the normal return takes this way; an uncaught error exits the usual way.
+    finalizers. Only the normal return takes this way; an uncaught error exits the usual way, and
+    so does a command run under a profiler or tracer (``python -m cProfile``, a debugger), which
+    write their results after the command returns.
     """
     import atexit
     import threading
+
+    if sys.getprofile() is not None or sys.gettrace() is not None:
+        sys.exit(code)
 
     for thread in threading.enumerate():
         if thread is not threading.main_thread() and not thread.daemon:

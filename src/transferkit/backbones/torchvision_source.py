@@ -9,7 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import torchvision_import  # noqa: F401  (first: torchvision without dynamo's start-up cost)
+from ..lean_imports import import_torchvision
+
+import_torchvision()  # first: torchvision without dynamo's start-up cost
 from torchvision import models as tv_models  # noqa: E402
 
 from ..errors import TransferkitError

@@ -1,0 +1,142 @@
+"""Third-party imports without the parts of their start-up that transferkit never uses.
+
+Measured here, two imports cost a run seconds of start-up for code it never calls:
+
+torchvision 0.29 imports ``torch._dynamo`` (1.2-1.7 s) for two names: ``is_compile_supported``,
+which ``roi_align`` calls only on accelerators, and ``disable``, which marks one helper of
+``tv_tensors`` as never compiled. :func:`import_torchvision` imports torchvision (and its v2
+transforms) with a stand-in for those two names, each of which fetches the real one on first call;
+the stand-in is removed before anything else can see it, so a later ``torch.compile``,
+``torch.export``, ``import timm`` or optimizer step imports the real ``torch._dynamo`` as usual.
+
+torchmetrics 1.9 imports ``scipy.signal`` (0.8 s, with ``scipy.stats``) only to give it back a
+``hamming`` function for an audio metric's dependency; Lightning imports torchmetrics at start-up to
+read its version. :func:`defer_scipy_signal_for_torchmetrics` (installed when transferkit is
+imported; it imports nothing itself) lets torchmetrics' first import see a stand-in ``scipy.signal``
+that has ``hamming``; the stand-in is removed afterwards, so ``scipy.signal`` imports as usual when
+something uses it.
+
+Where a stand-in does not suffice (a version that needs more), the package is imported the
+ordinary way.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import sys
+import types
+from collections.abc import Callable, Sequence
+from typing import Any
+
+_DYNAMO = "torch._dynamo"
+_DYNAMO_UTILS = "torch._dynamo.utils"
+
+
+def is_compile_supported(device_type: Any) -> Any:
+    from torch._dynamo.utils import is_compile_supported as real
+
+    return real(device_type)
+
+
+def disable(fn: Callable[..., Any] | None = None, recursive: bool = True, reason: str | None = None) -> Any:
+    if fn is None:
+        return functools.partial(disable, recursive=recursive, reason=reason)
+    disabled: Callable[..., Any] | None = None
+
+    @functools.wraps(fn)
+    def lazily_disabled(*args: Any, **kwargs: Any) -> Any:
+        nonlocal disabled
+        if disabled is None:
+            import torch._dynamo
+
+            disabled = torch._dynamo.disable(fn, recursive, reason=reason)
+        return disabled(*args, **kwargs)
+
+    return lazily_disabled
+
+
+def _forget(prefix: str) -> None:
+    for name in [n for n in sys.modules if n == prefix or n.startswith(prefix + ".")]:
+        del sys.modules[name]
+
+
+def import_torchvision() -> None:
+    """Import torchvision, with dynamo's import deferred to its first real use."""
+    if "torchvision" in sys.modules or _DYNAMO in sys.modules:
+        return
+    import torch
+
+    dynamo, utils = types.ModuleType(_DYNAMO), types.ModuleType(_DYNAMO_UTILS)
+    dynamo.disable = disable  # type: ignore[attr-defined]
+    utils.is_compile_supported = is_compile_supported  # type: ignore[attr-defined]
+    sys.modules[_DYNAMO], sys.modules[_DYNAMO_UTILS] = dynamo, utils
+    try:
+        import torchvision.transforms.v2  # noqa: F401
+    except (ImportError, AttributeError):
+        _forget("torchvision")
+    finally:
+        del sys.modules[_DYNAMO], sys.modules[_DYNAMO_UTILS]
+        torch.__dict__.pop("_dynamo", None)
+    import torchvision  # noqa: F401, F811  (a no-op when the first import succeeded)
+
+
+def hamming(*args: Any, **kwargs: Any) -> Any:
+    from scipy.signal.windows import hamming as real
+
+    return real(*args, **kwargs)
+
+
+class _StandInWhileImporting(importlib.abc.Loader):
+    """Runs a module's real loader with ``stand_ins`` in ``sys.modules``, then removes them."""
+
+    def __init__(self, loader: importlib.abc.Loader, stand_ins: dict[str, types.ModuleType]) -> None:
+        self.loader, self.stand_ins = loader, stand_ins
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        added = {name: m for name, m in self.stand_ins.items() if name not in sys.modules}
+        sys.modules.update(added)
+        try:
+            self.loader.exec_module(module)
+        finally:
+            for name, stand_in in added.items():
+                if sys.modules.get(name) is stand_in:
+                    del sys.modules[name]
+                parent, _, child = name.rpartition(".")
+                if vars(sys.modules.get(parent, types)).get(child) is stand_in:  # not getattr: scipy's
+                    delattr(sys.modules[parent], child)  # __getattr__ would import the real one now
+
+
+class _FirstImportOf(importlib.abc.MetaPathFinder):
+    """Finds ``name`` the usual way, once, and has it loaded with stand-ins in place."""
+
+    def __init__(self, name: str, stand_ins: Callable[[], dict[str, types.ModuleType]]) -> None:
+        self.name, self.stand_ins = name, stand_ins
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None, target: Any = None) -> Any:
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        spec.loader = _StandInWhileImporting(spec.loader, self.stand_ins())
+        return spec
+
+
+def _scipy_signal_stand_in() -> dict[str, types.ModuleType]:
+    signal = types.ModuleType("scipy.signal")
+    signal.hamming = hamming  # type: ignore[attr-defined]
+    return {"scipy.signal": signal}
+
+
+def defer_scipy_signal_for_torchmetrics() -> None:
+    """Have torchmetrics' first import (whoever makes it) skip importing ``scipy.signal``."""
+    if "torchmetrics" in sys.modules or any(isinstance(f, _FirstImportOf) for f in sys.meta_path):
+        return
+    sys.meta_path.insert(0, _FirstImportOf("torchmetrics", _scipy_signal_stand_in))
