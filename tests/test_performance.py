@@ -84,17 +84,24 @@ def test_the_switch_reproduces_native_bf16_rounding(monkeypatch: pytest.MonkeyPa
     assert torch.allclose(out.float(), expected.float(), rtol=2**-7, atol=1e-2)
 
 
-def test_torchmetrics_is_imported_without_scipy_signal_which_still_works_when_used() -> None:
+def test_torchmetrics_and_grad_cam_skip_modules_they_never_need_which_still_work_when_used() -> None:
     script = """
 import sys
-import transferkit, lightning.pytorch, torchmetrics, torch
-assert "scipy.signal" not in sys.modules, "torchmetrics' import pulled in scipy.signal"
+import numpy as np
+import transferkit, lightning.pytorch, torchmetrics, pytorch_grad_cam, torch
+for unused in ("scipy.signal", "sklearn", "scipy.ndimage"):
+    assert unused not in sys.modules, f"{unused} was imported"
+assert not any(type(f).__module__ == "transferkit.lean_imports" for f in sys.meta_path), "the finder outlived its use"
 from torchmetrics.functional.classification import multiclass_accuracy
 assert multiclass_accuracy(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0]), num_classes=2, average="micro") == 2 / 3
-import scipy, scipy.signal
+# grad-cam's uses of the deferred names reach the real ones.
+from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection_kernel
+assert get_2d_projection_kernel(np.random.rand(1, 4, 3, 3).astype(np.float32)).shape == (1, 3, 3)
+from pytorch_grad_cam.utils.image import scale_cam_image
+assert scale_cam_image(np.random.rand(1, 2, 2, 2).astype(np.float32), target_size=(4, 4, 4)).shape == (1, 4, 4, 4)
+import scipy, scipy.signal, sklearn.decomposition
 assert scipy.signal is sys.modules["scipy.signal"] and scipy.signal.__file__.endswith("__init__.py")
-assert scipy.signal.windows.hamming(5).tolist()[2] == 1.0
-assert not any(type(f).__module__ == "transferkit.lean_imports" for f in sys.meta_path), "the finder outlived its use"
+assert scipy.signal.windows.hamming(5).tolist()[2] == 1.0 and sklearn.decomposition.PCA.__module__.startswith("sklearn")
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

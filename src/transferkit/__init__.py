@@ -14,11 +14,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .lean_imports import defer_scipy_signal_for_torchmetrics
+from .lean_imports import defer_unused_imports
 
 __version__ = "0.1.0"
 
-defer_scipy_signal_for_torchmetrics()
+defer_unused_imports()
 
 _EXPORTS = {
     "Backbone": "backbones", "LayerGroup": "backbones", "Preprocessing": "backbones",

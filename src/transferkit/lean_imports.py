@@ -10,11 +10,12 @@ the stand-in is removed before anything else can see it, so a later ``torch.comp
 ``torch.export``, ``import timm`` or optimizer step imports the real ``torch._dynamo`` as usual.
 
 torchmetrics 1.9 imports ``scipy.signal`` (0.8 s, with ``scipy.stats``) only to give it back a
-``hamming`` function for an audio metric's dependency; Lightning imports torchmetrics at start-up to
-read its version. :func:`defer_scipy_signal_for_torchmetrics` (installed when transferkit is
-imported; it imports nothing itself) lets torchmetrics' first import see a stand-in ``scipy.signal``
-that has ``hamming``; the stand-in is removed afterwards, so ``scipy.signal`` imports as usual when
-something uses it.
+``hamming`` function for an audio metric's dependency, and Lightning imports torchmetrics at
+start-up to read its version; grad-cam 1.5 imports ``sklearn.decomposition`` (0.8 s) for two CAM
+methods transferkit does not use. :func:`defer_unused_imports` (installed when transferkit is
+imported; it imports nothing itself) lets each package's first import see stand-ins for those
+modules (:data:`DEFERRED`): their names, which fetch the real ones when called. The stand-ins are
+removed once the package is imported, so the real modules import as usual when something uses them.
 
 Where a stand-in does not suffice (a version that needs more), the package is imported the
 ordinary way.
@@ -83,10 +84,32 @@ def import_torchvision() -> None:
     import torchvision  # noqa: F401, F811  (a no-op when the first import succeeded)
 
 
-def hamming(*args: Any, **kwargs: Any) -> Any:
-    from scipy.signal.windows import hamming as real
+# What a package's first import is given instead of a module it imports but (for transferkit)
+# never uses: {package: {module: (names its importer binds at import time)}}. Each name is a
+# function that imports the real module and calls the real name when it is called.
+DEFERRED = {
+    "torchmetrics": {"scipy.signal": ("hamming",)},  # 0.8 s: a patch for an audio metric's dependency
+    "pytorch_grad_cam": {"sklearn.decomposition": ("KernelPCA", "NMF"),  # 0.8 s: KPCA-CAM and factorisation
+                         "scipy.ndimage": ("zoom",)},  # 0.15 s: 3-D volumes  # fmt: skip
+}
 
-    return real(*args, **kwargs)
+
+def _forwarder(module: str, name: str) -> Callable[..., Any]:
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    forward.__name__ = forward.__qualname__ = name
+    return forward
+
+
+def _stand_ins(deferred: dict[str, tuple[str, ...]]) -> dict[str, types.ModuleType]:
+    modules = {}
+    for module, names in deferred.items():
+        stand_in = types.ModuleType(module)
+        for name in names:
+            setattr(stand_in, name, _forwarder(module, name))
+        modules[module] = stand_in
+    return modules
 
 
 class _StandInWhileImporting(importlib.abc.Loader):
@@ -113,30 +136,27 @@ class _StandInWhileImporting(importlib.abc.Loader):
 
 
 class _FirstImportOf(importlib.abc.MetaPathFinder):
-    """Finds ``name`` the usual way, once, and has it loaded with stand-ins in place."""
+    """Finds each package of :data:`DEFERRED` the usual way, once, and has it loaded with its stand-ins."""
 
-    def __init__(self, name: str, stand_ins: Callable[[], dict[str, types.ModuleType]]) -> None:
-        self.name, self.stand_ins = name, stand_ins
+    def __init__(self) -> None:
+        self.waiting = {name for name in DEFERRED if name not in sys.modules}
 
     def find_spec(self, fullname: str, path: Sequence[str] | None, target: Any = None) -> Any:
-        if fullname != self.name:
+        if fullname not in self.waiting:
             return None
-        sys.meta_path.remove(self)
+        self.waiting.discard(fullname)  # also makes the search below pass this finder by
+        if not self.waiting:
+            sys.meta_path.remove(self)
         spec = importlib.util.find_spec(fullname)
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
-        spec.loader = _StandInWhileImporting(spec.loader, self.stand_ins())
+        spec.loader = _StandInWhileImporting(spec.loader, _stand_ins(DEFERRED[fullname]))
         return spec
 
 
-def _scipy_signal_stand_in() -> dict[str, types.ModuleType]:
-    signal = types.ModuleType("scipy.signal")
-    signal.hamming = hamming  # type: ignore[attr-defined]
-    return {"scipy.signal": signal}
-
-
-def defer_scipy_signal_for_torchmetrics() -> None:
-    """Have torchmetrics' first import (whoever makes it) skip importing ``scipy.signal``."""
-    if "torchmetrics" in sys.modules or any(isinstance(f, _FirstImportOf) for f in sys.meta_path):
-        return
-    sys.meta_path.insert(0, _FirstImportOf("torchmetrics", _scipy_signal_stand_in))
+def defer_unused_imports() -> None:
+    """Have the first import of each package in :data:`DEFERRED` (whoever makes it) skip what it never needs."""
+    if not any(isinstance(f, _FirstImportOf) for f in sys.meta_path):
+        finder = _FirstImportOf()
+        if finder.waiting:
+            sys.meta_path.insert(0, finder)
