@@ -196,7 +196,9 @@ def plot_tiles(tiles: Sequence[Tile], path: Path) -> Path:
             draw.rectangle(box, outline=colour, width=3 if tile.correct is False else 2)
         draw.multiline_text((left + side / 2, box[1] - 3), tile.title, fill=colour, font=font, anchor="md",
                             align="center", spacing=2)  # fmt: skip
-    atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
+    # zlib's fastest level: photos barely compress further (13 % smaller at the default level 6,
+    # measured on a report's grid), and the default took 3.5x as long to write.
+    atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG", compress_level=1))
     return path
 
 
