@@ -168,3 +168,23 @@ def test_processes_reading_a_url_at_once_each_get_every_image_whole(tiny_dataset
     assert seen == [expected] * 3
     leftovers = [p.name for p in (tmp_path / "cache").rglob("*") if p.name.endswith((".part", ".lock"))]
     assert leftovers == []
+
+
+def test_inspect_reads_shards_and_its_suspects_list_excludes_packed_images(tiny_dataset: Path, tmp_path: Path) -> None:
+    """A byte-identical leak planted before packing is found in the shards, shown, listed and left out."""
+    from transferkit import inspect_data
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    shutil.copy(data / "train/blue/2.png", data / "val/blue/leak_2.png")
+    out = pack(discover(data), tmp_path / "shards")["path"]
+    result = inspect_data(out, model="resnet18", weights="none", out=tmp_path / "inspected", precision="32")
+    leak = next(p for p in result.leaks if "leak_2.png" in p.path + p.match)
+    assert leak.identical and {Path(leak.path).name, Path(leak.match).name} == {"2.png", "leak_2.png"}
+    page = (tmp_path / "inspected" / "inspection.html").read_text()
+    assert page.count("<img ") >= 2 and "no preview" not in page  # thumbnails decoded from the shards
+    suspects = tmp_path / "inspected" / "suspects.txt"
+    listed = [line for line in suspects.read_text().splitlines() if line and not line.startswith("#")]
+    assert leak.path in listed and all("::" in line for line in listed)
+    kept = discover(out, exclude=suspects)
+    assert kept.excluded == len(listed) and leak.path not in {path for path, _ in kept.train + kept.val}

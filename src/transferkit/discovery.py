@@ -27,7 +27,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS  # noqa: E402
 
 from .errors import TransferkitError  # noqa: E402
 from .label_tables import LabelColumns, LabelRow, read_label_table  # noqa: E402
-from .shards import is_packed_source, packed_samples, packed_split  # noqa: E402
+from .shards import is_packed_image, is_packed_source, is_url, packed_samples, packed_split  # noqa: E402
 
 # torchvision's ImageFolder extensions, and GIF (its first frame), which PIL reads and torchvision does not list.
 IMAGE_EXTENSIONS = (*IMG_EXTENSIONS, ".gif")
@@ -273,12 +273,17 @@ def read_exclude_list(path: str | Path) -> set[str]:
     if not source.is_file():
         raise TransferkitError(f"--exclude {source} does not exist; give a file listing one image path per line")
     lines = [line.strip() for line in source.read_text(encoding="utf-8").splitlines()]
-    return {str((source.parent / line).resolve()) for line in lines if line and not line.startswith("#")}
+    return {_exclude_key(line, source.parent) for line in lines if line and not line.startswith("#")}
+
+
+def _exclude_key(path: str, folder: Path = Path()) -> str:
+    """How an image is matched against an exclude list: a packed image by its name, a file by its resolved path."""
+    return path if is_packed_image(path) or is_url(path) else str((folder / path).resolve())
 
 
 def _exclude(splits: ImageFolderSplits, excluded: set[str]) -> None:
     def kept(samples: list[Sample] | None) -> list[Sample] | None:
-        return None if samples is None else [s for s in samples if str(Path(s[0]).resolve()) not in excluded]
+        return None if samples is None else [s for s in samples if _exclude_key(s[0]) not in excluded]
 
     before = len(splits.train) + len(splits.val) + len(splits.test or [])
     splits.train, splits.val, splits.test = kept(splits.train), kept(splits.val), kept(splits.test)  # type: ignore[assignment]

@@ -28,6 +28,7 @@ import numpy as np
 from .backbones import DEFAULT_BACKBONE, Preprocessing, load_backbone
 from .checkpoint import load_checkpoint
 from .data import ImageFolderSplits, discover_for, load_image
+from .shards import is_url
 from .errors import TransferkitError
 from .features import extract_features
 from .files import write_json
@@ -339,9 +340,11 @@ def _discover(data: str | Path | None, config: dict[str, Any], options: dict[str
         if not config.get("data"):
             raise TransferkitError("give DATA (an image folder or label file) to inspect, or a --run that names its data")
         return discover_for({**config, **options})
+    if is_url(str(data)):  # packed shards in an object store
+        return discover_for({"seed": seed, **options, "data": str(data)})
     source = Path(data).expanduser()
     if not source.exists():
-        raise TransferkitError(f"DATA {source} does not exist; give an image folder or a CSV label file")
+        raise TransferkitError(f"DATA {source} does not exist; give an image folder, a CSV label file or packed shards")
     return discover_for({"seed": seed, **options, "data": str(source.absolute())})
 
 

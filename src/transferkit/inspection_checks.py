@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from .errors import TransferkitError
+from .shards import image_bytes, is_packed_image
 
 FOLDS = 5
 NEIGHBOURS = 5
@@ -189,23 +190,16 @@ def outlier_scores(similarity: np.ndarray, k: int) -> np.ndarray:
 
 
 def file_digests(paths: Sequence[str]) -> dict[str, str]:
-    """SHA-256 of each file that shares its size with another: only those can be byte-identical."""
+    """SHA-256 of each file that shares its size with another: only those can be byte-identical.
+
+    A packed image's size is not on disk; its bytes are read from the shard (cheaply: no decoding).
+    """
     by_size: dict[int, list[str]] = {}
     for path in paths:
         try:
-            by_size.setdefault(os.stat(path).st_size, []).append(path)
+            size = len(image_bytes(path)) if is_packed_image(path) else os.stat(path).st_size
         except OSError:
             continue  # gone since the scan: nothing to compare
-    digests = {}
-    for same in by_size.values():
-        for path in same if len(same) > 1 else ():
-            digests[path] = _sha256(path)
-    return digests
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        by_size.setdefault(size, []).append(path)
+    return {path: hashlib.sha256(image_bytes(path)).hexdigest()
+            for same in by_size.values() if len(same) > 1 for path in same}  # fmt: skip

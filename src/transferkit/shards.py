@@ -134,6 +134,17 @@ def read_packed(path: str) -> bytes | None:
     return bytes(item["image"])
 
 
+def image_bytes(path: str) -> bytes:
+    """The bytes of an image: a packed one's from its shard, a file's from disk."""
+    packed = read_packed(path)
+    return Path(path).read_bytes() if packed is None else packed
+
+
+def is_packed_image(path: str) -> bool:
+    """Whether ``path`` names an image in shards (``SHARDS::split/index/name``) rather than a file."""
+    return _parse(path) is not None
+
+
 @functools.lru_cache(maxsize=64)
 def _manifest(root: str) -> dict[str, Any]:
     local = Path(_fetched(root, MANIFEST)) if is_url(root) else Path(root) / MANIFEST

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import html
+import io
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 from PIL import Image
 
 from ..files import atomic_write
+from ..shards import image_bytes, is_packed_image
 from .html import CSS
 
 THUMB_PX = 160  # the longer side of a thumbnail
@@ -46,15 +48,17 @@ class _Thumbnails:
         if path not in self.made:
             self.made[path] = self._make(path)
         name = self.made[path]
+        picture = ('<div class="missing">no preview</div>' if name is None else
+                   f'<img src="{THUMBS_DIR}/{name}" alt="{html.escape(Path(path).name)}" loading="lazy">')  # fmt: skip
+        if is_packed_image(path):  # no file to open: the thumbnail is all there is (its name in the title)
+            return f'<span title="{html.escape(path)}">{picture}</span>'
         link = html.escape(Path(path).as_uri() if Path(path).is_absolute() else path)
-        if name is None:
-            return f'<a href="{link}"><div class="missing">no preview</div></a>'
-        return f'<a href="{link}"><img src="{THUMBS_DIR}/{name}" alt="{html.escape(Path(path).name)}" loading="lazy"></a>'
+        return f'<a href="{link}">{picture}</a>'
 
     def _make(self, path: str) -> str | None:
         name = hashlib.sha1(path.encode()).hexdigest()[:16] + ".jpg"
         try:
-            with Image.open(path) as im:
+            with Image.open(io.BytesIO(image_bytes(path)) if is_packed_image(path) else path) as im:
                 im.draft("RGB", (THUMB_PX, THUMB_PX))  # JPEG: decode at 1/2..1/8 scale, much faster
                 im.thumbnail((THUMB_PX, THUMB_PX))
                 rgb = _rgb(im)
