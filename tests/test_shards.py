@@ -188,3 +188,49 @@ def test_inspect_reads_shards_and_its_suspects_list_excludes_packed_images(tiny_
     assert leak.path in listed and all("::" in line for line in listed)
     kept = discover(out, exclude=suspects)
     assert kept.excluded == len(listed) and leak.path not in {path for path, _ in kept.train + kept.val}
+
+
+@pytest.fixture
+def s3_server(monkeypatch: pytest.MonkeyPatch) -> str:
+    """A local S3 API (moto's server on a free port), with credentials and endpoint in the environment."""
+    server_module = pytest.importorskip("moto.server", reason="moto[server] (a dev dependency) is not installed")
+    import socket
+
+    import litdata.streaming.downloader as downloader
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    # litdata fetches chunks with obstore where it is installed, and builds obstore's client without
+    # allow_http, so only an https endpoint reaches it; a local server is http, so litdata takes
+    # its other path (boto3, also its path for every index.json).
+    monkeypatch.setattr(downloader, "_OBSTORE_AVAILABLE", False)
+    yield endpoint
+    server.stop()
+
+
+def test_train_and_predict_read_shards_from_an_s3_bucket(shards: Path, tmp_path: Path, s3_server: str,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """s3://bucket/prefix through litdata's S3 downloader against a real S3 API: every image, once."""
+    import boto3
+
+    monkeypatch.setenv("TRANSFERKIT_CACHE_DIR", str(tmp_path / "cache"))
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    s3.create_bucket(Bucket="photos")
+    for f in (p for p in shards.rglob("*") if p.is_file()):
+        s3.upload_file(str(f), "photos", f"packed/{f.relative_to(shards).as_posix()}")
+    url = "s3://photos/packed"
+    result = train(url, **{**TINY, "epochs": 1}, out=str(tmp_path / "run"))
+    assert result.metrics["feature_cache"]["misses"] == 28 and result.metrics["skipped_files"] == 0
+    fetched = sorted(p.relative_to(tmp_path / "cache").parts[-2:] for p in (tmp_path / "cache").rglob("*.bin"))
+    assert fetched == [("train", "chunk-0-0.bin"), ("val", "chunk-0-0.bin")]  # whole chunks, each once
+    answers = predict(result.run_dir, [url])
+    assert len(answers) == 28 and all(a["path"].startswith(f"{url}::") and a["predictions"] for a in answers)
+    with pytest.raises(TransferkitError, match="cannot read s3://photos/nowhere/transferkit-pack.json"):
+        discover("s3://photos/nowhere")
