@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -191,7 +192,7 @@ def test_inspect_reads_shards_and_its_suspects_list_excludes_packed_images(tiny_
 
 
 @pytest.fixture
-def s3_server(monkeypatch: pytest.MonkeyPatch) -> str:
+def s3_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A local S3 API (moto's server on a free port), with credentials and endpoint in the environment."""
     server_module = pytest.importorskip("moto.server", reason="moto[server] (a dev dependency) is not installed")
     import socket
@@ -215,6 +216,7 @@ def s3_server(monkeypatch: pytest.MonkeyPatch) -> str:
     server.stop()
 
 
+@pytest.mark.slow
 def test_train_and_predict_read_shards_from_an_s3_bucket(shards: Path, tmp_path: Path, s3_server: str,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     """s3://bucket/prefix through litdata's S3 downloader against a real S3 API: every image, once."""
