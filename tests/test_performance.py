@@ -107,6 +107,22 @@ assert scipy.signal.windows.hamming(5).tolist()[2] == 1.0 and sklearn.decomposit
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+def test_a_package_that_needs_more_than_its_stand_ins_is_imported_the_ordinary_way(tmp_path: Path) -> None:
+    (tmp_path / "needs_more").mkdir()
+    (tmp_path / "needs_more" / "__init__.py").write_text("import scipy.signal\nWINDOW = scipy.signal.windows.hann(3)\n")
+    script = f"""
+import sys
+sys.path.insert(0, {str(tmp_path)!r})
+from transferkit import lean_imports
+lean_imports.DEFERRED["needs_more"] = {{"scipy.signal": ("hamming",)}}
+sys.meta_path.insert(0, lean_imports._FirstImportOf())
+import needs_more
+assert needs_more.WINDOW.tolist() == [0.0, 1.0, 0.0] and sys.modules["scipy.signal"].__file__.endswith("__init__.py")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_torchvision_is_imported_without_dynamo_which_still_works_when_used() -> None:
     script = """
 import sys

@@ -60,8 +60,8 @@ def disable(fn: Callable[..., Any] | None = None, recursive: bool = True, reason
 
 
 def _forget(prefix: str) -> None:
-    for name in [n for n in sys.modules if n == prefix or n.startswith(prefix + ".")]:
-        del sys.modules[name]
+    sys.modules.pop(prefix, None)
+    _forget_submodules(prefix)
 
 
 def import_torchvision() -> None:
@@ -126,13 +126,26 @@ class _StandInWhileImporting(importlib.abc.Loader):
         sys.modules.update(added)
         try:
             self.loader.exec_module(module)
+        except (ImportError, AttributeError):  # a version that needs more than the stand-ins give
+            self._remove(added)
+            _forget_submodules(module.__name__)
+            self.loader.exec_module(module)  # the ordinary import, now with the real modules
         finally:
-            for name, stand_in in added.items():
-                if sys.modules.get(name) is stand_in:
-                    del sys.modules[name]
-                parent, _, child = name.rpartition(".")
-                if vars(sys.modules.get(parent, types)).get(child) is stand_in:  # not getattr: scipy's
-                    delattr(sys.modules[parent], child)  # __getattr__ would import the real one now
+            self._remove(added)
+
+    @staticmethod
+    def _remove(added: dict[str, types.ModuleType]) -> None:
+        for name, stand_in in added.items():
+            if sys.modules.get(name) is stand_in:
+                del sys.modules[name]
+            parent, _, child = name.rpartition(".")
+            if vars(sys.modules.get(parent, types)).get(child) is stand_in:  # not getattr: scipy's
+                delattr(sys.modules[parent], child)  # __getattr__ would import the real one now
+
+
+def _forget_submodules(package: str) -> None:
+    for name in [n for n in sys.modules if n.startswith(package + ".")]:
+        del sys.modules[name]
 
 
 class _FirstImportOf(importlib.abc.MetaPathFinder):
