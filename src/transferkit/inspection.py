@@ -28,7 +28,6 @@ import numpy as np
 from .backbones import DEFAULT_BACKBONE, Preprocessing, load_backbone
 from .checkpoint import load_checkpoint
 from .data import ImageFolderSplits, discover_for, load_image
-from .shards import is_url
 from .errors import TransferkitError
 from .features import extract_features
 from .files import write_json
@@ -45,6 +44,7 @@ from .inspection_checks import (
 from .model import TransferModel
 from .performance import pick_device, resolve_precision
 from .reports.inspection_page import write_inspection_page
+from .shards import is_url
 
 # A pair is a near-duplicate when its cosine distance is under this fraction of the data's median
 # nearest-neighbour distance: a rule that adapts to how alike the images are (cleanlab's Datalab uses

@@ -192,14 +192,20 @@ def outlier_scores(similarity: np.ndarray, k: int) -> np.ndarray:
 def file_digests(paths: Sequence[str]) -> dict[str, str]:
     """SHA-256 of each file that shares its size with another: only those can be byte-identical.
 
-    A packed image's size is not on disk; its bytes are read from the shard (cheaply: no decoding).
+    A packed image's size is not on disk: its bytes are read from the shard once (no decoding),
+    and hashed then.
     """
     by_size: dict[int, list[str]] = {}
+    packed: dict[str, str] = {}
     for path in paths:
         try:
-            size = len(image_bytes(path)) if is_packed_image(path) else os.stat(path).st_size
+            if is_packed_image(path):
+                data = image_bytes(path)
+                size, packed[path] = len(data), hashlib.sha256(data).hexdigest()
+            else:
+                size = os.stat(path).st_size
         except OSError:
             continue  # gone since the scan: nothing to compare
         by_size.setdefault(size, []).append(path)
-    return {path: hashlib.sha256(image_bytes(path)).hexdigest()
+    return {path: packed.get(path) or hashlib.sha256(image_bytes(path)).hexdigest()
             for same in by_size.values() if len(same) > 1 for path in same}  # fmt: skip

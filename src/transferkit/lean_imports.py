@@ -1,6 +1,6 @@
 """Third-party imports without the parts of their start-up that transferkit never uses.
 
-Measured here, two imports cost a run seconds of start-up for code it never calls:
+Measured here, three packages cost a run seconds of start-up for code it never calls:
 
 torchvision 0.29 imports ``torch._dynamo`` (1.2-1.7 s) for two names: ``is_compile_supported``,
 which ``roi_align`` calls only on accelerators, and ``disable``, which marks one helper of
@@ -36,12 +36,6 @@ _DYNAMO = "torch._dynamo"
 _DYNAMO_UTILS = "torch._dynamo.utils"
 
 
-def is_compile_supported(device_type: Any) -> Any:
-    from torch._dynamo.utils import is_compile_supported as real
-
-    return real(device_type)
-
-
 def disable(fn: Callable[..., Any] | None = None, recursive: bool = True, reason: str | None = None) -> Any:
     if fn is None:
         return functools.partial(disable, recursive=recursive, reason=reason)
@@ -72,7 +66,7 @@ def import_torchvision() -> None:
 
     dynamo, utils = types.ModuleType(_DYNAMO), types.ModuleType(_DYNAMO_UTILS)
     dynamo.disable = disable  # type: ignore[attr-defined]
-    utils.is_compile_supported = is_compile_supported  # type: ignore[attr-defined]
+    utils.is_compile_supported = _forwarder(_DYNAMO_UTILS, "is_compile_supported")  # type: ignore[attr-defined]
     sys.modules[_DYNAMO], sys.modules[_DYNAMO_UTILS] = dynamo, utils
     try:
         import torchvision.transforms.v2  # noqa: F401

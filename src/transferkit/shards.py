@@ -12,8 +12,8 @@ Why litdata rather than WebDataset tar shards: training here draws a new global 
 from (seed, epoch) and gives each image its own augmentation seed (``EpochSeededSampler``), which
 is what makes a resumed run see exactly what an uninterrupted one would. That needs reading image
 *i* of the dataset by index; litdata reads any item by index, from a local folder or (its
-downloaders fetching whole chunks into a cache first) from object storage (``s3://``, ``gs://``, ``azure://``, ``hf://``, ``r2://``),
-while WebDataset streams tar files in order and shuffles in a buffer. It is also the Lightning
+downloaders fetching whole chunks into a cache first) from object storage (``s3://``, ``gs://``,
+``azure://``, ``hf://``, ``r2://``), while WebDataset streams tar files in order and shuffles in a buffer. It is also the Lightning
 ecosystem the trainer already uses.
 
 Wherever transferkit expects an image path, a packed image is named ``SHARDS::split/index/name``:
@@ -26,6 +26,7 @@ from __future__ import annotations
 import bisect
 import functools
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -189,24 +190,21 @@ def _fetched(root: str, name: str) -> str:
 
 
 @functools.lru_cache(maxsize=64)
-def _chunk_ends(root: str, split: str) -> tuple[tuple[int, str], ...]:
-    """(index one past the chunk's last item, chunk file name) for each chunk of a split, in order."""
+def _chunks(root: str, split: str) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """Each chunk of a split, in order: (the index one past its last item, ...), (its file name, ...)."""
     chunks = json.loads(Path(_fetched(root, f"{split}/index.json")).read_text())["chunks"]
-    ends, end = [], 0
-    for chunk in chunks:
-        end += chunk["chunk_size"]
-        ends.append((end, chunk["filename"]))
-    return tuple(ends)
+    ends = itertools.accumulate(chunk["chunk_size"] for chunk in chunks)
+    return tuple(ends), tuple(chunk["filename"] for chunk in chunks)
 
 
 def _fetch_chunk(root: str, split: str, index: int) -> None:
     """Bring the whole chunk holding item ``index`` into the cache, once (later reads are local)."""
-    ends = _chunk_ends(root, split)
-    position = bisect.bisect_right([end for end, _ in ends], index)
+    ends, names = _chunks(root, split)
+    position = bisect.bisect_right(ends, index)
     if position >= len(ends):
-        raise TransferkitError(f"{root}: {split} has {ends[-1][0] if ends else 0} images, not {index + 1}; "
+        raise TransferkitError(f"{root}: {split} has {ends[-1] if ends else 0} images, not {index + 1}; "
                                f"the shards changed after they were read (pack again, or start a new process)")  # fmt: skip
-    _fetched(root, f"{split}/{ends[position][1]}")
+    _fetched(root, f"{split}/{names[position]}")
 
 
 @functools.lru_cache(maxsize=16)
@@ -221,7 +219,7 @@ def _dataset(root: str, split: str, pid: int) -> tuple[Any, threading.Lock]:
 
     if not is_url(root):
         return StreamingDataset(f"{root}/{split}"), threading.Lock()
-    _chunk_ends(root, split)  # the split's index.json, which the local dataset reads
+    _chunks(root, split)  # the split's index.json, which the local dataset reads
     return StreamingDataset(str(_url_cache(root) / split)), threading.Lock()
 
 
