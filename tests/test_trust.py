@@ -44,6 +44,25 @@ def test_temperature_scaling_lowers_the_nll_of_an_over_confident_model() -> None
     assert fit_temperature(separable, labels) == pytest.approx(MIN_TEMPERATURE, rel=1e-3)
 
 
+@pytest.mark.parametrize("scale", [0.05, 0.7, 3.0, 40.0])
+def test_the_temperature_is_the_one_scipys_bounded_search_finds(scale: float) -> None:
+    """Newton's method in a bracket against scipy's bounded Brent search, from too-soft to too-sure models."""
+    from scipy.optimize import minimize_scalar
+
+    from transferkit.calibration import MAX_TEMPERATURE
+
+    g = torch.Generator().manual_seed(int(scale * 100))
+    labels = torch.randint(0, 5, (300,), generator=g)
+    logits = scale * (torch.randn(300, 5, generator=g) + 2 * torch.nn.functional.one_hot(labels, 5)).double()
+
+    def nll(inverse_t: float) -> float:
+        return float(torch.nn.functional.cross_entropy(logits * inverse_t, labels))
+
+    found = minimize_scalar(nll, bounds=(1 / MAX_TEMPERATURE, 1 / MIN_TEMPERATURE), method="bounded",
+                            options={"xatol": 1e-9})  # fmt: skip
+    assert fit_temperature(logits, labels) == pytest.approx(1 / found.x, rel=1e-4)
+
+
 def test_a_run_is_calibrated_on_validation_and_evaluate_uses_the_temperature(tiny_dataset: Path, tmp_path: Path) -> None:
     from transferkit import evaluate, load_checkpoint, train
 

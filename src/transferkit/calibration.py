@@ -27,20 +27,40 @@ RELIABILITY_BINS = 10
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """The T in [:data:`MIN_TEMPERATURE`, :data:`MAX_TEMPERATURE`] minimising the NLL of ``softmax(logits / T)``.
 
-    The NLL is convex in 1/T, so a bounded scalar search finds it. The bounds matter when every
+    The NLL is convex in b = 1/T, with derivative ``mean(E_p[z] - z_label)`` and second derivative
+    ``mean(Var_p[z])`` (p = softmax(b z)), so Newton's method kept inside a shrinking bracket finds
+    it in a few steps (the same T as scipy's bounded search, a test holds them equal, without
+    importing ``scipy.optimize``: 0.3-0.7 s of every run's start-up). The bounds matter when every
     held-out prediction is right: the NLL then keeps falling as T shrinks, and an unbounded fit
     would turn every answer into 100 %.
     """
-    from scipy.optimize import minimize_scalar
-
     logits, labels = logits.double(), labels.long()
+    logits = logits - logits.max(dim=1, keepdim=True).values  # softmax is shift-invariant; keeps b*z finite
+    labelled = logits.gather(1, labels[:, None]).squeeze(1)
 
-    def nll(inverse_t: float) -> float:
-        return float(torch.nn.functional.cross_entropy(logits * inverse_t, labels))
+    def slope_and_curvature(b: float) -> tuple[float, float]:
+        p = torch.softmax(logits * b, dim=1)
+        mean_z = (p * logits).sum(1)
+        variance = (p * logits.square()).sum(1) - mean_z.square()
+        return float((mean_z - labelled).mean()), float(variance.mean())
 
-    found = minimize_scalar(nll, bounds=(1 / MAX_TEMPERATURE, 1 / MIN_TEMPERATURE), method="bounded",
-                            options={"xatol": 1e-6})  # fmt: skip
-    return round(1 / float(found.x), 6)
+    low, high = 1 / MAX_TEMPERATURE, 1 / MIN_TEMPERATURE
+    if slope_and_curvature(low)[0] >= 0:
+        return MAX_TEMPERATURE
+    if slope_and_curvature(high)[0] <= 0:
+        return MIN_TEMPERATURE
+    b = 1.0 if low < 1.0 < high else (low + high) / 2
+    for _ in range(100):
+        slope, curvature = slope_and_curvature(b)
+        if slope > 0:
+            high = b
+        else:
+            low = b
+        step = b - slope / curvature if curvature > 0 else None
+        b = step if step is not None and low < step < high else (low + high) / 2
+        if high - low < 1e-9 or abs(slope) < 1e-12:
+            break
+    return round(1 / b, 6)
 
 
 def logits_of(probabilities: torch.Tensor) -> torch.Tensor:
