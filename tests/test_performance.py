@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -141,3 +142,76 @@ assert torch.compile(lambda x: x * 2, backend="eager")(torch.ones(2)).tolist() =
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_dynamo_deferred_for_eager_training_and_real_as_soon_as_something_compiles() -> None:
+    """The command's stand-ins: eager Lightning training never imports torch._dynamo; compiling gets the real one."""
+    script = """
+import sys
+from transferkit.deferred_dynamo import defer_dynamo, real_dynamo_loaded
+assert defer_dynamo()
+import torch, lightning as L, torchvision
+from lightning.fabric.wrappers import OptimizedModule  # bound at Lightning's import: the stand-in's class
+from torch._dynamo.utils import is_compile_supported
+
+class Tiny(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 2)
+    def training_step(self, batch, _):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.layer(x), y)
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=0.1)
+
+data = torch.utils.data.TensorDataset(torch.randn(32, 4), torch.randint(0, 2, (32,)))
+model = Tiny()
+before = model.layer.weight.detach().clone()
+L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+          enable_model_summary=False).fit(model, torch.utils.data.DataLoader(data, batch_size=8))
+assert not torch.equal(before, model.layer.weight), "the optimizer did not step"
+assert not real_dynamo_loaded(), "eager training imported torch._dynamo"
+assert not isinstance(model, OptimizedModule) and not real_dynamo_loaded()
+assert is_compile_supported("cpu") in (True, False)  # a question only dynamo answers: it is imported now
+assert real_dynamo_loaded() and sys.modules["torch._dynamo"] is torch._dynamo
+compiled = torch.compile(torch.nn.Linear(4, 2), backend="eager")
+assert isinstance(compiled, OptimizedModule) and compiled(torch.ones(1, 4)).shape == (1, 2)
+import torch._dynamo.config, torch._dynamo.eval_frame
+assert torch._dynamo.config.__spec__.name == "torch._dynamo.config" and hasattr(torch._dynamo.eval_frame, "OptimizedModule")
+assert not any(type(f).__module__ == "transferkit.deferred_dynamo" for f in sys.meta_path), "the finder outlived its use"
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_a_submodule_of_deferred_dynamo_imports_the_real_package_once() -> None:
+    script = """
+import sys
+from transferkit.deferred_dynamo import defer_dynamo, real_dynamo_loaded
+assert defer_dynamo() and not defer_dynamo()  # once
+import torch
+runs = []
+import importlib.abc
+class Count(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        runs.append(name) if name == "torch._dynamo.config" else None
+sys.meta_path.append(Count())
+import torch._dynamo.config as config  # imported by the real torch._dynamo's own import first
+assert real_dynamo_loaded() and config is sys.modules["torch._dynamo.config"] and torch._dynamo.config is config
+assert config.__spec__.loader.__class__.__name__ == "SourceFileLoader" and runs == []
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_a_frozen_backbone_run_of_the_command_never_imports_dynamo(tiny_dataset: Path, tmp_path: Path) -> None:
+    """What the command imports, from Python's own import log (no re-exec, so ``-X importtime`` stays on)."""
+    env = {**os.environ, "TRANSFERKIT_ALLOCATOR": "default", "TRANSFERKIT_CACHE_DIR": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "transferkit", "train", str(tiny_dataset),
+                           "--model", "resnet18", "--weights", "none", "--image-size", "32", "--epochs", "2",
+                           "--strategy", "feature-extract", "--out", str(tmp_path / "run"), "--quiet"],
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    imported = {line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert "lightning" in imported and (tmp_path / "run" / "report.html").is_file()
+    assert not {m for m in imported if m.startswith("torch._dynamo") or m == "scipy.optimize"}

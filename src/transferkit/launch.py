@@ -50,6 +50,9 @@ def main() -> None:
     env = fast_env()
     if env is not None:
         os.execve(sys.executable, [sys.executable, "-m", "transferkit", *sys.argv[1:]], env)
+    from .deferred_dynamo import defer_dynamo
+
+    defer_dynamo()  # the command's process is ours: torch._dynamo is imported only if something compiles
     from .cli import main as cli_main
 
     exit_now(cli_main())

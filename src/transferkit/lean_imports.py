@@ -5,9 +5,8 @@ Measured here, three packages cost a run seconds of start-up for code it never c
 torchvision 0.29 imports ``torch._dynamo`` (1.2-1.7 s) for two names: ``is_compile_supported``,
 which ``roi_align`` calls only on accelerators, and ``disable``, which marks one helper of
 ``tv_tensors`` as never compiled. :func:`import_torchvision` imports torchvision (and its v2
-transforms) with a stand-in for those two names, each of which fetches the real one on first call;
-the stand-in is removed before anything else can see it, so a later ``torch.compile``,
-``torch.export``, ``import timm`` or optimizer step imports the real ``torch._dynamo`` as usual.
+transforms) with dynamo deferred (:mod:`transferkit.deferred_dynamo`); the stand-ins are removed
+once it is imported, unless the whole process defers dynamo (the ``transferkit`` command).
 
 torchmetrics 1.9 imports ``scipy.signal`` (0.8 s, with ``scipy.stats``) only to give it back a
 ``hamming`` function for an audio metric's dependency, and Lightning imports torchmetrics at
@@ -23,7 +22,6 @@ ordinary way.
 
 from __future__ import annotations
 
-import functools
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -32,25 +30,7 @@ import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
-_DYNAMO = "torch._dynamo"
-_DYNAMO_UTILS = "torch._dynamo.utils"
-
-
-def disable(fn: Callable[..., Any] | None = None, recursive: bool = True, reason: str | None = None) -> Any:
-    if fn is None:
-        return functools.partial(disable, recursive=recursive, reason=reason)
-    disabled: Callable[..., Any] | None = None
-
-    @functools.wraps(fn)
-    def lazily_disabled(*args: Any, **kwargs: Any) -> Any:
-        nonlocal disabled
-        if disabled is None:
-            import torch._dynamo
-
-            disabled = torch._dynamo.disable(fn, recursive, reason=reason)
-        return disabled(*args, **kwargs)
-
-    return lazily_disabled
+from .deferred_dynamo import dynamo_deferred
 
 
 def _forget(prefix: str) -> None:
@@ -60,21 +40,13 @@ def _forget(prefix: str) -> None:
 
 def import_torchvision() -> None:
     """Import torchvision, with dynamo's import deferred to its first real use."""
-    if "torchvision" in sys.modules or _DYNAMO in sys.modules:
+    if "torchvision" in sys.modules:
         return
-    import torch
-
-    dynamo, utils = types.ModuleType(_DYNAMO), types.ModuleType(_DYNAMO_UTILS)
-    dynamo.disable = disable  # type: ignore[attr-defined]
-    utils.is_compile_supported = _forwarder(_DYNAMO_UTILS, "is_compile_supported")  # type: ignore[attr-defined]
-    sys.modules[_DYNAMO], sys.modules[_DYNAMO_UTILS] = dynamo, utils
-    try:
-        import torchvision.transforms.v2  # noqa: F401
-    except (ImportError, AttributeError):
-        _forget("torchvision")
-    finally:
-        del sys.modules[_DYNAMO], sys.modules[_DYNAMO_UTILS]
-        torch.__dict__.pop("_dynamo", None)
+    with dynamo_deferred():
+        try:
+            import torchvision.transforms.v2  # noqa: F401
+        except (ImportError, AttributeError):
+            _forget("torchvision")
     import torchvision  # noqa: F401, F811  (a no-op when the first import succeeded)
 
 
