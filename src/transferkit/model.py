@@ -272,7 +272,6 @@ def folded_batchnorm_paths(net: nn.Module) -> set[str]:
         for path, m in net.named_modules()
         if isinstance(m, nn.modules.batchnorm._BatchNorm)
         and m.running_mean is not None
-        and not m.running_mean.is_meta  # built without weights (a checkpoint's, put in place next)
         and bool(torch.all(m.running_mean == 0))
         # var = 1, or 1 - eps so that sqrt(var + eps) is exactly 1
         and bool(torch.all((m.running_var == 1) | ((m.running_var + m.eps - 1).abs() < 1e-6)))
