@@ -301,7 +301,7 @@ def finish_run(fitted: Fitted, config: TrainConfig, splits: ImageFolderSplits, s
     metrics["evaluation_seconds"] = round(time.perf_counter() - evaluation_started, 2)
     metrics["total_seconds"] = round(time.time() - started, 2)
     write_json(run_dir / "metrics.json", metrics)
-    _report(run_dir, splits, val)
+    _report(run_dir, splits, val, model)
     log_run_files(fitted.loggers, run_dir, metrics)  # --logger: final metrics, config, metrics and report
     if not config.quiet:
         say(f"val_accuracy {val.accuracy:.4f} (best epoch {fitted.info.get('best_epoch')}) · run directory: {run_dir}")
@@ -350,7 +350,7 @@ def _from_cached_features(info: dict[str, Any]) -> bool:
     return info.get("strategy") == "feature-extract" and "feature_cache" in info
 
 
-def _report(run_dir: Path, splits: ImageFolderSplits, val: Evaluation) -> None:
+def _report(run_dir: Path, splits: ImageFolderSplits, val: Evaluation, model: TransferModel) -> None:
     from .reports import predictions_of, write_report
 
-    write_report(run_dir, splits=splits, val_predictions=predictions_of(val))
+    write_report(run_dir, splits=splits, val_predictions=predictions_of(val), model=model)

@@ -2,17 +2,18 @@
 
 The same images as the Images section's two grids, in the same order and with the same titles,
 each under the heatmap of the class the model predicted (:func:`transferkit.gradcam.explain`,
-one batch for both grids). Where Grad-CAM cannot be drawn, the section says why instead.
+one batch for both grids). Where Grad-CAM cannot be drawn, the section says why instead. The grids
+are drawn with the Images section's (:func:`draw_explanations`), before any HTML is written.
 """
 
 from __future__ import annotations
 
 import html
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from ..checkpoint import CHECKPOINT_NAME, load_checkpoint
 from ..errors import TransferkitError
 from ..gradcam import explain, overlay
 from ..model import TransferModel
@@ -27,29 +28,47 @@ EXPLANATION_FIGURES = {
 }
 
 
-class _ImageSections(Protocol):
-    """What the Images section found (html._Images): the validation predictions, or why there are none."""
+@dataclass
+class Explained:
+    """What :func:`draw_explanations` drew: the grids' keys and Grad-CAM's layer, or why nothing was drawn."""
 
-    predictions: list[Prediction]
-    note: str | None
+    drawn: list[str] = field(default_factory=list)
+    layer: str = ""
+    note: str | None = None
+
+
+class _ImageSections(Protocol):
+    """What the Images section found (html._Images): Grad-CAM's grids among them."""
+
+    explained: Explained
+
+
+def draw_explanations(
+    run: Run, model: TransferModel | None, predictions: list[Prediction], images_note: str | None
+) -> Explained:  # fmt: skip
+    """Draw the two Grad-CAM grids into ``RUN/report/`` for the Images section's predictions (or say why not)."""
+    for name in EXPLANATION_FIGURES.values():  # never an earlier report's grid beside this one's note
+        (run.path / REPORT_DIR / name).unlink(missing_ok=True)
+    if images_note or model is None:
+        reason = (images_note or "no model").removeprefix("image grids not drawn: ")
+        return Explained(note=f"Grad-CAM not drawn: {reason}")
+    if not predictions:
+        return Explained(note="Grad-CAM not drawn: no validation image has a single predicted class to explain "
+                              "(a multi-label run's images can be explained with transferkit.explain).")  # fmt: skip
+    shown = _spread(predictions, lambda p: p.label, PREDICTION_SAMPLES, run.config.get("seed", 0))
+    grids = {"explained_predictions": (shown, False), "explained_top_losses": (top_losses(predictions), True)}
+    try:
+        drawn, layer = _draw(run.path / REPORT_DIR, model, grids)
+    except TransferkitError as exc:
+        return Explained(note=f"Grad-CAM not drawn: {exc}")
+    return Explained(drawn, layer)
 
 
 def explanations_html(run: Run, images: _ImageSections) -> str:
-    """Draw the two Grad-CAM grids into ``RUN/report/`` and return the section's HTML (or a note)."""
-    for name in EXPLANATION_FIGURES.values():  # never an earlier report's grid beside this one's note
-        (run.path / REPORT_DIR / name).unlink(missing_ok=True)
-    if images.note:
-        return _note(f"Grad-CAM not drawn: {images.note.removeprefix('image grids not drawn: ')}")
-    if not images.predictions:
-        return _note("Grad-CAM not drawn: no validation image has a single predicted class to explain "
-                     "(a multi-label run's images can be explained with transferkit.explain).")  # fmt: skip
-    shown = _spread(images.predictions, lambda p: p.label, PREDICTION_SAMPLES, run.config.get("seed", 0))
-    grids = {"explained_predictions": (shown, False), "explained_top_losses": (top_losses(images.predictions), True)}
-    try:
-        model = load_checkpoint(run.path / CHECKPOINT_NAME)
-        drawn, layer = _draw(run.path / REPORT_DIR, model, grids)
-    except TransferkitError as exc:
-        return _note(f"Grad-CAM not drawn: {exc}")
+    """The section's HTML: the grids :func:`draw_explanations` drew, or its note."""
+    explained = images.explained
+    if explained.note:
+        return _note(explained.note)
     captions = {
         "explained_predictions": "The validation predictions above, each under the Grad-CAM heatmap of its predicted "
         "class: red where the evidence for that class is strongest, blue where there is none.",
@@ -58,9 +77,9 @@ def explanations_html(run: Run, images: _ImageSections) -> str:
         "shortcut worth fixing in the data).",
     }
     titles = {"explained_predictions": "Validation predictions", "explained_top_losses": "Top losses"}
-    parts = [f"<p>Grad-CAM (<code>grad-cam</code> package) at layer <code>{html.escape(layer)}</code>, "
+    parts = [f"<p>Grad-CAM (<code>grad-cam</code> package) at layer <code>{html.escape(explained.layer)}</code>, "
              f"normalised per image: the heatmaps show where the model looked, not how sure it was.</p>"]  # fmt: skip
-    for key in drawn:
+    for key in explained.drawn:
         src = html.escape(f"{REPORT_DIR}/{EXPLANATION_FIGURES[key]}")
         parts.append(f"<h3>{titles[key]}</h3><figure><img src=\"{src}\" alt=\"Grad-CAM: {titles[key].lower()}\">"
                      f"<figcaption>{html.escape(captions[key])}</figcaption></figure>")  # fmt: skip

@@ -8,7 +8,7 @@ entry where it should appear; the section's id is the first word of its title, l
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -18,9 +18,10 @@ from ..checkpoint import CHECKPOINT_NAME, load_checkpoint
 from ..data import ImageFolderSplits, discover_for
 from ..errors import TransferkitError
 from ..files import atomic_write
+from ..model import TransferModel
 from ..runs import HISTORY_FIELDS, HISTORY_NAME, Run, load_run
 from ..strategies import DEFAULT_LR_DECAY
-from .explanations import EXPLANATION_FIGURES, explanations_html
+from .explanations import EXPLANATION_FIGURES, Explained, draw_explanations, explanations_html
 from .markup import CSS
 from .markup import definitions as _definitions
 from .markup import escape as _e
@@ -72,21 +73,25 @@ STRATEGY_NOTES = {
 
 @dataclass
 class _Images:
-    """What the image sections found: captions of the grids written, predictions, or why they are missing."""
+    """What the image sections found: captions of the grids written, predictions, Grad-CAM's grids, or
+    why they are missing."""
 
     captions: dict[str, str]
     predictions: list[Prediction]
     note: str | None = None
+    explained: Explained = field(default_factory=Explained)
 
 
 def write_report(
-    run_dir: str | Path, splits: ImageFolderSplits | None = None, val_predictions: list[Prediction] | None = None
+    run_dir: str | Path, splits: ImageFolderSplits | None = None, val_predictions: list[Prediction] | None = None,
+    model: TransferModel | None = None,
 ) -> Path:
     """Write ``RUN_DIR/report.html`` and its figures in ``RUN_DIR/report/``; returns the HTML's path.
 
-    ``splits`` (the run's data, as ``transferkit.data.discover`` found it) and ``val_predictions``
-    (the checkpoint's, as :func:`predictions_of` makes them from an evaluation) save scanning the
-    data folder and predicting it again when the caller has them. Without the data folder or
+    ``splits`` (the run's data, as ``transferkit.data.discover`` found it), ``val_predictions``
+    (the checkpoint's, as :func:`predictions_of` makes them from an evaluation) and ``model`` (the
+    run's ``model.pt``, loaded) save scanning the data folder, predicting it and loading the
+    checkpoint again when the caller has them. Without the data folder or
     ``model.pt`` the report still shows everything else, and says what it could not show.
     """
     run = load_run(run_dir)
@@ -94,6 +99,15 @@ def write_report(
     figures.mkdir(exist_ok=True)
     for name in FIGURES.values():
         (figures / name).unlink(missing_ok=True)
+    _draw_charts(run, figures)
+    images = _image_figures(run, figures, splits, val_predictions, model)
+    page = _render_report(run, images)
+    path = run.path / REPORT_NAME
+    atomic_write(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
+    return path
+
+
+def _draw_charts(run: Run, figures: Path) -> None:
     if run.history:
         plot_curves(run, figures / FIGURES["curves"])
     if run.metrics.get("val_confusion_matrix"):
@@ -103,25 +117,22 @@ def write_report(
         plot_selection(run.metrics["selection"]["leaderboard"], figures / FIGURES["selection"])
     if run.metrics.get("calibration"):
         plot_reliability(run.metrics["calibration"], figures / FIGURES["reliability"])
-    images = _image_figures(run, figures, splits, val_predictions)
-    page = _render_report(run, images)
-    path = run.path / REPORT_NAME
-    atomic_write(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
-    return path
 
 
 def _image_figures(
-    run: Run, figures: Path, splits: ImageFolderSplits | None, val_predictions: list[Prediction] | None = None
+    run: Run, figures: Path, splits: ImageFolderSplits | None, val_predictions: list[Prediction] | None = None,
+    model: TransferModel | None = None,
 ) -> _Images:
     cfg = run.config
     try:
-        model = load_checkpoint(run.path / CHECKPOINT_NAME)
+        model = model or load_checkpoint(run.path / CHECKPOINT_NAME)
         splits = splits or discover_for(cfg)
     except TransferkitError as exc:
-        return _Images({}, [], f"image grids not drawn: {exc}")
+        return _without_images(run, f"image grids not drawn: {exc}")
     if splits.class_names != model.class_names:
-        return _Images({}, [], f"image grids not drawn: the classes in {splits.root} ({', '.join(splits.class_names)}) "
-                               f"are no longer the model's ({', '.join(model.class_names)})")  # fmt: skip
+        return _without_images(run, f"image grids not drawn: the classes in {splits.root} "
+                                    f"({', '.join(splits.class_names)}) are no longer the model's "
+                                    f"({', '.join(model.class_names)})")  # fmt: skip
     prep = model.preprocessing
     names = model.class_names
     captions: dict[str, str] = {}
@@ -145,7 +156,12 @@ def _image_figures(
         "The images with the highest loss (−log of the probability given to the true class), highest first: "
         "the most confidently wrong lead; titles read predicted / true."
     )
-    return _Images({k: v for k, v in captions.items() if (figures / FIGURES[k]).is_file()}, predictions)
+    return _Images({k: v for k, v in captions.items() if (figures / FIGURES[k]).is_file()}, predictions,
+                   explained=draw_explanations(run, model, predictions, None))
+
+
+def _without_images(run: Run, note: str) -> _Images:
+    return _Images({}, [], note, draw_explanations(run, None, [], note))
 
 
 def _training_augmentation(run: Run) -> str:
