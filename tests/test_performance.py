@@ -89,8 +89,10 @@ def test_torchmetrics_and_grad_cam_skip_modules_they_never_need_which_still_work
     script = """
 import sys
 import numpy as np
+from transferkit.deferred_dynamo import defer_dynamo
+defer_dynamo()  # as the command does (dynamo would import triton itself)
 import transferkit, lightning.pytorch, torchmetrics, pytorch_grad_cam, torch
-for unused in ("scipy.signal", "sklearn", "scipy.ndimage"):
+for unused in ("scipy.signal", "sklearn", "scipy.ndimage", "scipy.sparse", "triton"):
     assert unused not in sys.modules, f"{unused} was imported"
 assert not any(type(f).__module__ == "transferkit.lean_imports" for f in sys.meta_path), "the finder outlived its use"
 from torchmetrics.functional.classification import multiclass_accuracy
@@ -100,6 +102,25 @@ from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection_kernel
 assert get_2d_projection_kernel(np.random.rand(1, 4, 3, 3).astype(np.float32)).shape == (1, 3, 3)
 from pytorch_grad_cam.utils.image import scale_cam_image
 assert scale_cam_image(np.random.rand(1, 2, 2, 2).astype(np.float32), target_size=(4, 4, 4)).shape == (1, 4, 4, 4)
+# Lightning's model summary counts FLOPs (torch's counter, whose triton check stands in until triton is imported).
+from torch.utils.flop_counter import FlopCounterMode
+with FlopCounterMode(display=False) as flops:
+    torch.ones(2, 3) @ torch.ones(3, 4)
+assert flops.get_total_flops() == 2 * 2 * 3 * 4
+from torch.utils import flop_counter
+assert not isinstance(object(), flop_counter._JITFunction)
+try:
+    import triton.runtime.jit
+except ImportError:
+    pass
+else:
+    real = triton.runtime.jit.JITFunction
+    assert isinstance(real.__new__(real), flop_counter._JITFunction) and issubclass(real, flop_counter._JITFunction)
+# grad-cam's ROAD metric solves a sparse system with the real scipy.
+from pytorch_grad_cam.metrics.road import NoisyLinearImputer
+img = torch.rand(3, 6, 6)
+mask = torch.zeros(6, 6); mask[2:4, 2:4] = 1
+assert NoisyLinearImputer(noise=0.0)(img, mask).shape == (3, 6, 6)
 import scipy, scipy.signal, sklearn.decomposition
 assert scipy.signal is sys.modules["scipy.signal"] and scipy.signal.__file__.endswith("__init__.py")
 assert scipy.signal.windows.hamming(5).tolist()[2] == 1.0 and sklearn.decomposition.PCA.__module__.startswith("sklearn")

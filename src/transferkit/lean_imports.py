@@ -50,13 +50,24 @@ def import_torchvision() -> None:
     import torchvision  # noqa: F401, F811  (a no-op when the first import succeeded)
 
 
+class TypeCheckedOnly(str):
+    """A class its importer only tests objects against (``isinstance``), never calls."""
+
+
 # What a package's first import is given instead of a module it imports but (for transferkit)
 # never uses: {package: {module: (names its importer binds at import time)}}. Each name is a
-# function that imports the real module and calls the real name when it is called.
+# function that imports the real module and calls the real name when it is called; a
+# TypeCheckedOnly name is a class that no object is an instance of until the real module is
+# imported (none can be before), and then exactly the real class's instances.
 DEFERRED = {
     "torchmetrics": {"scipy.signal": ("hamming",)},  # 0.8 s: a patch for an audio metric's dependency
     "pytorch_grad_cam": {"sklearn.decomposition": ("KernelPCA", "NMF"),  # 0.8 s: KPCA-CAM and factorisation
-                         "scipy.ndimage": ("zoom",)},  # 0.15 s: 3-D volumes  # fmt: skip
+                         "scipy.ndimage": ("zoom",),  # 0.15 s: 3-D volumes
+                         "scipy.sparse": ("lil_matrix", "csc_matrix"),  # 0.15 s with the next: the ROAD metric
+                         "scipy.sparse.linalg": ("spsolve",)},  # fmt: skip
+    # 0.3 s where triton is installed (torch's CUDA wheels): FLOP counts of triton kernels, for
+    # Lightning's model summary, which a run turns off.
+    "torch.utils.flop_counter": {"triton.runtime.jit": (TypeCheckedOnly("JITFunction"),)},
 }
 
 
@@ -68,12 +79,32 @@ def _forwarder(module: str, name: str) -> Callable[..., Any]:
     return forward
 
 
+class _RealInstancesOnly(type):
+    def __instancecheck__(cls, obj: Any) -> bool:
+        real = cls._real()
+        return real is not None and isinstance(obj, real)
+
+    def __subclasscheck__(cls, sub: type) -> bool:
+        real = cls._real()
+        return real is not None and issubclass(sub, real)
+
+    def _real(cls) -> type | None:
+        """The real class once its module is imported (not while the stand-in module stands in for it)."""
+        found = getattr(sys.modules.get(cls.__module__), cls.__name__, None)
+        return None if found is None or found is cls else found
+
+
+def _type_stand_in(module: str, name: str) -> type:
+    return _RealInstancesOnly(name, (), {"__module__": module})
+
+
 def _stand_ins(deferred: dict[str, tuple[str, ...]]) -> dict[str, types.ModuleType]:
     modules = {}
     for module, names in deferred.items():
         stand_in = types.ModuleType(module)
         for name in names:
-            setattr(stand_in, name, _forwarder(module, name))
+            make = _type_stand_in if isinstance(name, TypeCheckedOnly) else _forwarder
+            setattr(stand_in, name, make(module, name))
         modules[module] = stand_in
     return modules
 
