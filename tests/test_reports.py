@@ -316,3 +316,23 @@ def test_help_shows_an_example(command: str, capsys: pytest.CaptureFixture[str])
     with pytest.raises(SystemExit):
         build_parser().parse_args([command, "--help"])
     assert f"example:\n  transferkit {command} runs/" in capsys.readouterr().out
+
+
+def test_a_chart_laid_out_once_has_the_pixels_savefig_would_give(tmp_path: Path) -> None:
+    """Figures are laid out once before saving (savefig would lay them out twice): the PNG must not change."""
+    from transferkit.reports.figures import _figure, _save
+
+    def chart() -> object:
+        fig = _figure((5.0, 3.0))
+        ax_a, ax_b = fig.subplots(1, 2)
+        ax_a.plot([0, 1, 2], [3.0, 1.0, 2.0], label="a long legend entry")
+        ax_a.set(title="a title", xlabel="epoch", ylabel="a long y label")
+        ax_a.legend()
+        ax_b.imshow(np.arange(12.0).reshape(3, 4))
+        ax_b.set(title="another", xlabel="x")
+        return fig
+
+    _save(chart(), tmp_path / "once.png")
+    chart().savefig(tmp_path / "savefig.png", format="png", dpi=100)  # constrained layout, run by savefig
+    once, usual = (np.asarray(Image.open(tmp_path / f"{n}.png").convert("RGB")) for n in ("once", "savefig"))
+    assert once.shape == usual.shape == (300, 500, 3) and np.array_equal(once, usual)
