@@ -301,10 +301,10 @@ def finish_run(fitted: Fitted, config: TrainConfig, splits: ImageFolderSplits, s
     metrics["evaluation_seconds"] = round(time.perf_counter() - evaluation_started, 2)
     metrics["total_seconds"] = round(time.time() - started, 2)
     write_json(run_dir / "metrics.json", metrics)
+    if not config.quiet:  # the result first; the report's figures take a few seconds more
+        say(f"val_accuracy {val.accuracy:.4f} (best epoch {fitted.info.get('best_epoch')}) · run directory: {run_dir}")
     _report(run_dir, splits, val, model)
     log_run_files(fitted.loggers, run_dir, metrics)  # --logger: final metrics, config, metrics and report
-    if not config.quiet:
-        say(f"val_accuracy {val.accuracy:.4f} (best epoch {fitted.info.get('best_epoch')}) · run directory: {run_dir}")
     return TrainResult(run_dir=run_dir, metrics=metrics, history=history)
 
 
