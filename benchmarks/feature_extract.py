@@ -8,7 +8,7 @@ Same backbone, same data, 10 epochs each; prints the CPU kind, both wall times, 
 accuracies, and where transferkit's time went: start-up (the imports a run needs, timed in a process
 of their own), features, head training, final evaluation, and the report with process exit (the rest).
 
-    python benchmarks/feature_extract.py [DATA] [--model efficientnet_lite0] [--weights DEFAULT] [--epochs 10]
+    python benchmarks/feature_extract.py [DATA] [--model efficientnet_lite0] [--weights DEFAULT] [--epochs 10] [--repeat 5]
 """
 
 from __future__ import annotations
@@ -17,10 +17,12 @@ import argparse
 import copy
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -112,16 +114,25 @@ def main() -> None:
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--weights", default="none", help="none: random weights (resnet18's need a download)")
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--repeat", type=int, default=5, help="transferkit runs (medians are printed: VMs are noisy)")
     parser.add_argument("--skip-seeds", action="store_true", help="transferkit's side and its breakdown only")
     args = parser.parse_args()
-    ours_s, metrics = transferkit_way(args.data, args.model, args.weights, args.epochs)
-    start_s = min(startup_seconds() for _ in range(3))
+    runs = [transferkit_way(args.data, args.model, args.weights, args.epochs) for _ in range(args.repeat)]
+    start_s = statistics.median(startup_seconds() for _ in range(args.repeat))
     seeds_s, seeds_acc = (float("nan"), float("nan")) if args.skip_seeds else seeds_way(args.data, args.model, args.weights, args.epochs)
-    features_s, train_s = metrics["feature_seconds"], metrics["train_seconds"]
-    evaluation_s = metrics.get("evaluation_seconds", float("nan"))
-    rest = ours_s - metrics["total_seconds"] - start_s
-    fixed = ours_s - train_s
-    print(f"{args.epochs} epochs of feature extraction, {args.model} (--weights {args.weights}), {args.data}; {cpu_kind()}")
+
+    def median(of: Callable[[float, dict], float]) -> float:
+        return statistics.median(of(seconds, metrics) for seconds, metrics in runs)
+
+    def spread(of: Callable[[float, dict], float]) -> str:
+        values = [of(seconds, metrics) for seconds, metrics in runs]
+        return f"{statistics.median(values):6.2f} s  ({min(values):.2f}-{max(values):.2f})"
+
+    ours_s = median(lambda s, m: s)
+    train_s = median(lambda s, m: m["train_seconds"])
+    metrics = runs[0][1]
+    print(f"{args.epochs} epochs of feature extraction, {args.model} (--weights {args.weights}), {args.data}; "
+          f"{cpu_kind()}; transferkit's figures are medians of {len(runs)} runs (min-max)")  # fmt: skip
     print(f"  seeds' way (backbone recomputed every epoch, fp32, PIL): {seeds_s:7.1f} s   val accuracy {seeds_acc:.4f}")
     print(f"  transferkit (features computed once, cold cache):        {ours_s:7.1f} s   val accuracy "
           f"{metrics['val_accuracy']:.4f}   features at {metrics['feature_cache']['precision']}")
@@ -129,11 +140,12 @@ def main() -> None:
           f"accuracy difference {100 * (metrics['val_accuracy'] - seeds_acc):+.1f} points")
     print("  where transferkit's time went:")
     print(f"    start-up (imports, timed alone)  {start_s:6.2f} s")
-    print(f"    features (computed once)         {features_s:6.2f} s")
-    print(f"    head training ({args.epochs} epochs)       {train_s - features_s:6.2f} s")
-    print(f"    final evaluation                 {evaluation_s:6.2f} s   ({metrics.get('evaluated_on', 'images')})")
-    print(f"    report and exit (the rest)       {rest:6.2f} s")
-    print(f"  fixed cost beyond features and head training: {fixed:.2f} s")
+    print(f"    features (computed once)         {spread(lambda s, m: m['feature_seconds'])}")
+    print(f"    head training ({args.epochs} epochs)       {spread(lambda s, m: m['train_seconds'] - m['feature_seconds'])}")
+    print(f"    final evaluation                 {spread(lambda s, m: m.get('evaluation_seconds', float('nan')))}"
+          f"   ({metrics.get('evaluated_on', 'images')})")  # fmt: skip
+    print(f"    report and exit (the rest)       {spread(lambda s, m: s - m['total_seconds'] - start_s)}")
+    print(f"  fixed cost beyond features and head training: {spread(lambda s, m: s - m['train_seconds'])}")
 
 
 if __name__ == "__main__":
