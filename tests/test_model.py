@@ -66,3 +66,20 @@ def test_headless_and_distilled_timm_models_round_trip_through_a_checkpoint(name
     with torch.no_grad():
         assert torch.equal(model.eval()(x), again(x)) and again(x).shape == (3, 2)
     assert again.record.groups == model.record.groups and "blocks.0-2" in [g.name for g in again.groups]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "timm/vit_tiny_patch16_224"])
+def test_a_checkpoint_loads_without_drawing_weights_it_replaces(name: str, tmp_path: Path) -> None:
+    """The same outputs as the saved model, and torch's global RNG untouched: no random initialisation ran."""
+    from transferkit import save_checkpoint
+
+    model = TransferModel(load_backbone(name, weights="none"), ["a", "b", "c"]).eval()
+    path = save_checkpoint(model, tmp_path / "model.pt")
+    rng = torch.get_rng_state()
+    loaded = load_checkpoint(path)
+    if name == "resnet18":  # timm's ViT draws its position embeddings with its own trunc_normal_
+        assert torch.equal(rng, torch.get_rng_state()), "loading drew random weights it then replaced"
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    assert torch.nn.init.kaiming_uniform_.__name__ == "kaiming_uniform_"  # the initialisers are back
