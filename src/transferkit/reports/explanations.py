@@ -8,6 +8,7 @@ are drawn with the Images section's (:func:`draw_explanations`), before any HTML
 
 from __future__ import annotations
 
+import dataclasses
 import html
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from ..errors import TransferkitError
 from ..gradcam import explain, overlay
 from ..model import TransferModel
 from ..runs import Run
-from .figures import PREDICTION_SAMPLES, Prediction, _spread, plot_tiles, prediction_tiles, top_losses
+from .figures import PREDICTION_SAMPLES, Prediction, Tile, _spread, plot_tiles, prediction_tiles, top_losses
 
 REPORT_DIR = "report"  # html.REPORT_DIR, which imports this module
 # The figures this section draws, by key; html.FIGURES lists them so that a new report removes them first.
@@ -44,9 +45,14 @@ class _ImageSections(Protocol):
 
 
 def draw_explanations(
-    run: Run, model: TransferModel | None, predictions: list[Prediction], images_note: str | None
+    run: Run, model: TransferModel | None, predictions: list[Prediction], images_note: str | None,
+    tiles: dict[str, list[Tile]] | None = None,
 ) -> Explained:  # fmt: skip
-    """Draw the two Grad-CAM grids into ``RUN/report/`` for the Images section's predictions (or say why not)."""
+    """Draw the two Grad-CAM grids into ``RUN/report/`` for the Images section's predictions (or say why not).
+
+    ``tiles``: the Images section's grids by key (``predictions``, ``top_losses``), whose images and
+    titles these grids repeat under their heatmaps, so that no image is decoded for them again.
+    """
     for name in EXPLANATION_FIGURES.values():  # never an earlier report's grid beside this one's note
         (run.path / REPORT_DIR / name).unlink(missing_ok=True)
     if images_note or model is None:
@@ -57,8 +63,9 @@ def draw_explanations(
                               "(a multi-label run's images can be explained with transferkit.explain).")  # fmt: skip
     shown = _spread(predictions, lambda p: p.label, PREDICTION_SAMPLES, run.config.get("seed", 0))
     grids = {"explained_predictions": (shown, False), "explained_top_losses": (top_losses(predictions), True)}
+    drawn_tiles = {f"explained_{key}": value for key, value in (tiles or {}).items()}
     try:
-        drawn, layer = _draw(run.path / REPORT_DIR, model, grids)
+        drawn, layer = _draw(run.path / REPORT_DIR, model, grids, drawn_tiles)
     except TransferkitError as exc:
         return Explained(note=f"Grad-CAM not drawn: {exc}")
     return Explained(drawn, layer)
@@ -87,20 +94,22 @@ def explanations_html(run: Run, images: _ImageSections) -> str:
 
 
 def _draw(
-    figures: Path, model: TransferModel, grids: dict[str, tuple[Sequence[Prediction], bool]]
+    figures: Path, model: TransferModel, grids: dict[str, tuple[Sequence[Prediction], bool]],
+    tiles: dict[str, list[Tile]],
 ) -> tuple[list[str], str]:
-    """Explain every image of the grids once (one batch), then draw each grid; (keys drawn, layer)."""
+    """Explain every image of the grids once (one batch), then draw each grid over its tiles (made here
+    where ``tiles`` has none); (keys drawn, layer)."""
     paths = list(dict.fromkeys(p.path for chosen, _ in grids.values() for p in chosen))
     predicted = {p.path: p.predicted for chosen, _ in grids.values() for p in chosen}
     # The class the grids' titles name: evaluate's answer, whatever precision it ran at.
     found = {e.path: e for e in explain(model, paths, target=[predicted[p] for p in paths], batch_size=32)}
     drawn = []
     for key, (chosen, with_loss) in grids.items():
-        tiles = prediction_tiles(chosen, model.class_names, model.preprocessing, with_loss)
-        if tiles and len(tiles) == len(chosen):  # a file that no longer decodes would shift the titles
-            for tile, p in zip(tiles, chosen):
-                tile.image = overlay(found[p.path].image, found[p.path].heatmap)
-            plot_tiles(tiles, figures / EXPLANATION_FIGURES[key])
+        plain = tiles.get(key) or prediction_tiles(chosen, model.class_names, model.preprocessing, with_loss)
+        if plain and len(plain) == len(chosen):  # a file that no longer decodes would shift the titles
+            explained = [dataclasses.replace(tile, image=overlay(found[p.path].image, found[p.path].heatmap))
+                         for tile, p in zip(plain, chosen)]  # fmt: skip
+            plot_tiles(explained, figures / EXPLANATION_FIGURES[key])
             drawn.append(key)
     return drawn, next(iter(found.values())).layer
 

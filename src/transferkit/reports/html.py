@@ -143,10 +143,11 @@ def _image_figures(
         captions["augmented"] = _augmentation_caption(run, augment, prep)
     predictions = val_predictions or predict_samples(model, splits.val, cfg.get("batch_size", 32))
     shown = _spread(predictions, lambda p: p.label, PREDICTION_SAMPLES, cfg.get("seed", 0))
+    grids = {}  # the tiles of each grid, which Grad-CAM's grids draw their heatmaps over
     for key, chosen, with_loss in (("predictions", shown, False), ("top_losses", top_losses(predictions), True)):
-        tiles = prediction_tiles(chosen, names, prep, with_loss)
-        if tiles:
-            plot_tiles(tiles, figures / FIGURES[key])
+        grids[key] = prediction_tiles(chosen, names, prep, with_loss)
+        if grids[key]:
+            plot_tiles(grids[key], figures / FIGURES[key])
     wrong = sum(not p.correct for p in predictions)
     captions["predictions"] = (
         f"{len(shown)} of {len(predictions)} validation images, every class in turn: predicted class and its "
@@ -157,7 +158,7 @@ def _image_figures(
         "the most confidently wrong lead; titles read predicted / true."
     )
     return _Images({k: v for k, v in captions.items() if (figures / FIGURES[k]).is_file()}, predictions,
-                   explained=draw_explanations(run, model, predictions, None))
+                   explained=draw_explanations(run, model, predictions, None, grids))
 
 
 def _without_images(run: Run, note: str) -> _Images:
