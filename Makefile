@@ -1,7 +1,7 @@
 # Two commands on a fresh machine:  `make demo`  and  `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# torch and torchvision are pinned so that pip takes them from the local wheel mirror (CPU builds).
+# torch and torchvision are pinned (PyPI's wheels: CUDA builds, which run on a CPU as well).
 TORCH := torch==2.14.1 torchvision==0.29.1
 # Acts as on a CPU with (1) or without (0) native bf16, whatever this one has (bf16 is emulated, slowly, without).
 BF16_SWITCH := TRANSFERKIT_NATIVE_BF16
