@@ -1,6 +1,6 @@
 """Third-party imports without the parts of their start-up that transferkit never uses.
 
-Measured here, three packages cost a run seconds of start-up for code it never calls:
+Measured here, four packages cost a run seconds of start-up for code it never calls:
 
 torchvision 0.29 imports ``torch._dynamo`` (1.2-1.7 s) for two names: ``is_compile_supported``,
 which ``roi_align`` calls only on accelerators, and ``disable``, which marks one helper of
@@ -11,9 +11,12 @@ once it is imported, unless the whole process defers dynamo (the ``transferkit``
 torchmetrics 1.9 imports ``scipy.signal`` (0.8 s, with ``scipy.stats``) only to give it back a
 ``hamming`` function for an audio metric's dependency, and Lightning imports torchmetrics at
 start-up to read its version; grad-cam 1.5 imports ``sklearn.decomposition`` (0.8 s) for two CAM
-methods transferkit does not use. :func:`defer_unused_imports` (installed when transferkit is
+methods transferkit does not use, and ``scipy.sparse`` for a metric; torch's FLOP counter, which
+Lightning's model summary imports, imports triton (0.3 s where torch's CUDA wheel installs it) to
+recognise triton kernels. :func:`defer_unused_imports` (installed when transferkit is
 imported; it imports nothing itself) lets each package's first import see stand-ins for those
-modules (:data:`DEFERRED`): their names, which fetch the real ones when called. The stand-ins are
+modules (:data:`DEFERRED`): their names, which fetch the real ones when called (or, for a class
+only tested against, match its instances once it exists). The stand-ins are
 removed once the package is imported, so the real modules import as usual when something uses them.
 
 Where a stand-in does not suffice (a version that needs more), the package is imported the
