@@ -76,18 +76,29 @@ def disable(fn: Callable[..., Any] | None = None, recursive: bool = True, **opti
     return disabled_when_compiling
 
 
-class _RealClassOnceLoaded(type):
-    """``isinstance``/``issubclass`` against a dynamo class: false until dynamo is imported, then the real check."""
-
+class _RealInstancesOnly(type):
     def __instancecheck__(cls, obj: Any) -> bool:
-        return real_dynamo_loaded() and isinstance(obj, getattr(real_dynamo(), cls.__name__))
+        real = cls._real()
+        return real is not None and isinstance(obj, real)
 
     def __subclasscheck__(cls, sub: type) -> bool:
-        return real_dynamo_loaded() and issubclass(sub, getattr(real_dynamo(), cls.__name__))
+        real = cls._real()
+        return real is not None and issubclass(sub, real)
+
+    def _real(cls) -> type | None:
+        """The real class once its module is imported (not while a stand-in module stands in for it)."""
+        found = getattr(sys.modules.get(cls.__module__), cls.__name__, None)
+        return None if found is None or found is cls else found
 
 
-class OptimizedModule(metaclass=_RealClassOnceLoaded):
-    """Stands for ``torch._dynamo.OptimizedModule`` in ``isinstance`` checks (what ``torch.compile`` returns)."""
+def stand_in_class(module: str, name: str) -> type:
+    """A class for importers that only test objects against ``module.name`` (``isinstance``): no object
+    is an instance of it until ``module`` is really imported (none can be before), and then exactly
+    the real class's instances are."""
+    return _RealInstancesOnly(name, (), {"__module__": module})
+
+
+OptimizedModule = stand_in_class(DYNAMO, "OptimizedModule")  # what torch.compile returns
 
 
 def is_compile_supported(device_type: str) -> bool:

@@ -33,7 +33,7 @@ import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .deferred_dynamo import dynamo_deferred
+from .deferred_dynamo import dynamo_deferred, stand_in_class
 
 
 def _forget(prefix: str) -> None:
@@ -82,31 +82,12 @@ def _forwarder(module: str, name: str) -> Callable[..., Any]:
     return forward
 
 
-class _RealInstancesOnly(type):
-    def __instancecheck__(cls, obj: Any) -> bool:
-        real = cls._real()
-        return real is not None and isinstance(obj, real)
-
-    def __subclasscheck__(cls, sub: type) -> bool:
-        real = cls._real()
-        return real is not None and issubclass(sub, real)
-
-    def _real(cls) -> type | None:
-        """The real class once its module is imported (not while the stand-in module stands in for it)."""
-        found = getattr(sys.modules.get(cls.__module__), cls.__name__, None)
-        return None if found is None or found is cls else found
-
-
-def _type_stand_in(module: str, name: str) -> type:
-    return _RealInstancesOnly(name, (), {"__module__": module})
-
-
 def _stand_ins(deferred: dict[str, tuple[str, ...]]) -> dict[str, types.ModuleType]:
     modules = {}
     for module, names in deferred.items():
         stand_in = types.ModuleType(module)
         for name in names:
-            make = _type_stand_in if isinstance(name, TypeCheckedOnly) else _forwarder
+            make = stand_in_class if isinstance(name, TypeCheckedOnly) else _forwarder
             setattr(stand_in, name, make(module, name))
         modules[module] = stand_in
     return modules
