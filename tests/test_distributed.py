@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -46,8 +47,10 @@ transferkit.train(data, model="resnet18", weights="none", image_size=32, strateg
 def test_two_process_ddp_training(tiny_dataset: Path, tmp_path: Path, strategy: str) -> None:
     out, counts, script = tmp_path / "ddp", tmp_path / "batches.json", tmp_path / "train_ddp.py"
     script.write_text(SCRIPT)
+    # Its own feature cache: the session's may already hold these images' features (test order decides).
+    env = {**os.environ, "TRANSFERKIT_CACHE_DIR": str(tmp_path / "cache")}
     proc = subprocess.run([sys.executable, str(script), str(tiny_dataset), str(out), str(counts), strategy],
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+                          capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2
