@@ -96,6 +96,30 @@ def test_cnns_are_explained_at_their_last_spatial_stage(name: str) -> None:
     assert found[0].layer == {"mobilenet_v2": "features.18", "convnext_tiny": "features.7"}[name]
 
 
+@pytest.mark.parametrize("name, layer", [("resnet18", "layer4"), ("mobilenet_v2", "features.18")])
+def test_heatmaps_are_grad_cams_own_and_the_backward_pass_stops_at_the_layer(name: str, layer: str) -> None:
+    """grad-cam used the plain way (every parameter trainable, fp32) gives the same maps; ours runs no
+    backward through the layer explained or any before it: the gradient stops at the layer's output."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    torch.manual_seed(0)
+    model = TransferModel(load_backbone(name, "none", preprocessing=SMALL), ["a", "b", "c"]).eval()
+    x, targets = torch.randn(3, 3, 64, 64), [2, 0, 1]
+    convolutions = [m for m in model.net.get_submodule(layer).modules() if isinstance(m, torch.nn.Conv2d)]
+    reached = []
+    hooks = [m.register_full_backward_hook(lambda *a: reached.append(a)) for m in convolutions]
+    ours = explain(model, x, target=targets, precision="32")
+    for h in hooks:
+        h.remove()
+    assert convolutions and not reached and {e.layer for e in ours} == {layer}
+    assert all(p.grad is None for p in model.parameters())
+    with GradCAM(model=model, target_layers=[model.net.get_submodule(layer)]) as cam:
+        plain = cam(x.clone(), targets=[ClassifierOutputTarget(t) for t in targets])
+    for e, expected in zip(ours, plain):
+        assert np.allclose(np.clip(expected, 0, 1), e.heatmap, atol=1e-5)
+
+
 def test_the_layer_moves_back_where_the_input_is_too_small_for_a_map() -> None:
     model = _resnet()
     # 32 px: layer4 is 1 x 1 (one number per channel: nothing to locate), layer3 still 2 x 2.

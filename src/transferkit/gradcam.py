@@ -235,17 +235,17 @@ def _explain_batch(
     path, module, reshape = layer
     if views.is_inference():  # made under the caller's inference mode: autograd may not save it
         views = views.clone()
-    # The gradient must reach the layer's output and need go no further back: the layer's own
-    # parameters want one (the rest stay frozen), or, where it has none, the input does.
-    own = list(module.parameters())
-    for p in own:
-        p.requires_grad_(True)
+    # The gradient must reach the layer's output and go no further back: the output becomes a leaf
+    # that wants one (hooked before grad-cam's hook sees it), so the backward pass runs through the
+    # layers after it alone and the forward records no graph before it.
+    leaf = module.register_forward_hook(_gradient_stops_here, prepend=True)
     cam = GradCAM(model=model, target_layers=[module], reshape_transform=_in_fp32(reshape))
     try:
-        heatmaps = cam(views.float().requires_grad_(not own), targets=[_ClassOf(t) for t in targets])
+        heatmaps = cam(views.float(), targets=[_ClassOf(t) for t in targets])
         logits = cam.outputs.detach().float()
     finally:
         cam.activations_and_grads.release()  # not `with cam`: its __exit__ swallows IndexErrors
+        leaf.remove()
     chosen = [int(logits[i].argmax()) if t is None else t for i, t in enumerate(targets)]
     probabilities = model.probabilities(logits).cpu()
     pixels = _pixels(views, model.preprocessing)
@@ -254,6 +254,10 @@ def _explain_batch(
                     float(probabilities[i, c]), path, None if paths[i] is None else str(paths[i]))
         for i, (h, c) in enumerate(zip(heatmaps, chosen))
     ]  # fmt: skip
+
+
+def _gradient_stops_here(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+    return output.detach().requires_grad_(True)
 
 
 class _ClassOf:
