@@ -236,3 +236,46 @@ def test_a_frozen_backbone_run_of_the_command_never_imports_dynamo(tiny_dataset:
     imported = {line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
     assert "lightning" in imported and (tmp_path / "run" / "report.html").is_file()
     assert not {m for m in imported if m.startswith("torch._dynamo") or m == "scipy.optimize"}
+
+
+def _die_unless_in(pid: int) -> int:
+    if os.getpid() != pid:
+        os._exit(3)  # the second process dies without a word
+    return os.getpid()
+
+
+def _fail_and_count(log: Path) -> None:
+    with log.open("a") as f:
+        f.write(f"{os.getpid()}\n")
+    raise ValueError("the work's own error")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="only Linux forks by default; elsewhere the work runs in this process")
+def test_work_in_a_second_process_shares_its_arguments_and_gives_back_result_and_warnings(tmp_path: Path) -> None:
+    import threading
+    import warnings
+
+    from transferkit.performance import in_second_process
+
+    unpicklable = threading.Lock()  # shared by the fork, never pickled
+
+    def work(lock: threading.Lock) -> tuple[int, int, bool]:
+        warnings.warn("drawn in the second process", UserWarning)
+        return os.getpid(), torch.get_num_threads(), lock.locked()
+
+    threads = torch.get_num_threads()
+    wait = in_second_process(work, unpicklable)
+    assert torch.get_num_threads() == max(1, threads - 1)  # the child's core is left to it meanwhile
+    with pytest.warns(UserWarning, match="drawn in the second process"):
+        pid, child_threads, locked = wait()
+    assert pid != os.getpid() and child_threads == 1 and locked is False
+    assert torch.get_num_threads() == threads
+    # A child that dies: the work is done here instead. One that raises: done again here, so the
+    # error is raised with its traceback in this process.
+    assert in_second_process(_die_unless_in, os.getpid())() == os.getpid()
+    log = tmp_path / "ran_in"
+    wait = in_second_process(_fail_and_count, log)
+    with pytest.raises(ValueError, match="the work's own error"):
+        wait()
+    ran_in = log.read_text().split()
+    assert len(ran_in) == 2 and ran_in[0] != str(os.getpid()) and ran_in[1] == str(os.getpid())

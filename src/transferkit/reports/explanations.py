@@ -2,13 +2,13 @@
 
 The same images as the Images section's two grids, in the same order and with the same titles,
 each under the heatmap of the class the model predicted (:func:`transferkit.gradcam.explain`,
-one batch for both grids). Where Grad-CAM cannot be drawn, the section says why instead. The grids
-are drawn with the Images section's (:func:`draw_explanations`), before any HTML is written.
+one batch for both grids, whose evaluation views are the pictures). Where Grad-CAM cannot be drawn,
+the section says why instead. The grids are drawn (:func:`draw_explanations`) while a second
+process draws the Images section's, before any HTML is written.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import html
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,7 +19,7 @@ from ..errors import TransferkitError
 from ..gradcam import explain, overlay
 from ..model import TransferModel
 from ..runs import Run
-from .figures import PREDICTION_SAMPLES, Prediction, Tile, _spread, plot_tiles, prediction_tiles, top_losses
+from .figures import PREDICTION_SAMPLES, Prediction, Tile, _spread, plot_tiles, prediction_title, top_losses
 
 REPORT_DIR = "report"  # html.REPORT_DIR, which imports this module
 # The figures this section draws, by key; html.FIGURES lists them so that a new report removes them first.
@@ -45,14 +45,9 @@ class _ImageSections(Protocol):
 
 
 def draw_explanations(
-    run: Run, model: TransferModel | None, predictions: list[Prediction], images_note: str | None,
-    tiles: dict[str, list[Tile]] | None = None,
-) -> Explained:  # fmt: skip
-    """Draw the two Grad-CAM grids into ``RUN/report/`` for the Images section's predictions (or say why not).
-
-    ``tiles``: the Images section's grids by key (``predictions``, ``top_losses``), whose images and
-    titles these grids repeat under their heatmaps, so that no image is decoded for them again.
-    """
+    run: Run, model: TransferModel | None, predictions: list[Prediction], images_note: str | None
+) -> Explained:
+    """Draw the two Grad-CAM grids into ``RUN/report/`` for the Images section's predictions (or say why not)."""
     for name in EXPLANATION_FIGURES.values():  # never an earlier report's grid beside this one's note
         (run.path / REPORT_DIR / name).unlink(missing_ok=True)
     if images_note or model is None:
@@ -63,9 +58,8 @@ def draw_explanations(
                               "(a multi-label run's images can be explained with transferkit.explain).")  # fmt: skip
     shown = _spread(predictions, lambda p: p.label, PREDICTION_SAMPLES, run.config.get("seed", 0))
     grids = {"explained_predictions": (shown, False), "explained_top_losses": (top_losses(predictions), True)}
-    drawn_tiles = {f"explained_{key}": value for key, value in (tiles or {}).items()}
     try:
-        drawn, layer = _draw(run.path / REPORT_DIR, model, grids, drawn_tiles)
+        drawn, layer = _draw(run.path / REPORT_DIR, model, grids)
     except TransferkitError as exc:
         return Explained(note=f"Grad-CAM not drawn: {exc}")
     return Explained(drawn, layer)
@@ -93,23 +87,18 @@ def explanations_html(run: Run, images: _ImageSections) -> str:
     return "".join(parts)
 
 
-def _draw(
-    figures: Path, model: TransferModel, grids: dict[str, tuple[Sequence[Prediction], bool]],
-    tiles: dict[str, list[Tile]],
-) -> tuple[list[str], str]:
-    """Explain every image of the grids once (one batch), then draw each grid over its tiles (made here
-    where ``tiles`` has none); (keys drawn, layer)."""
+def _draw(figures: Path, model: TransferModel, grids: dict[str, tuple[Sequence[Prediction], bool]]) -> tuple[list[str], str]:
+    """Explain every image of the grids once (one batch), then draw each grid; (keys drawn, layer)."""
     paths = list(dict.fromkeys(p.path for chosen, _ in grids.values() for p in chosen))
     predicted = {p.path: p.predicted for chosen, _ in grids.values() for p in chosen}
     # The class the grids' titles name: evaluate's answer, whatever precision it ran at.
     found = {e.path: e for e in explain(model, paths, target=[predicted[p] for p in paths], batch_size=32)}
     drawn = []
     for key, (chosen, with_loss) in grids.items():
-        plain = tiles.get(key) or prediction_tiles(chosen, model.class_names, model.preprocessing, with_loss)
-        if plain and len(plain) == len(chosen):  # a file that no longer decodes would shift the titles
-            explained = [dataclasses.replace(tile, image=overlay(found[p.path].image, found[p.path].heatmap))
-                         for tile, p in zip(plain, chosen)]  # fmt: skip
-            plot_tiles(explained, figures / EXPLANATION_FIGURES[key])
+        tiles = [Tile(overlay(found[p.path].image, found[p.path].heatmap),
+                      prediction_title(p, model.class_names, with_loss), p.correct) for p in chosen]  # fmt: skip
+        if tiles:
+            plot_tiles(tiles, figures / EXPLANATION_FIGURES[key])
             drawn.append(key)
     return drawn, next(iter(found.values())).layer
 

@@ -314,14 +314,16 @@ def prediction_tiles(
     tiles = []
     for p in predictions:
         image = _view(p.path, transform, prep)
-        if image is None:
-            continue
-        title = f"{_short(class_names[p.predicted], 14)} {p.probability:.0%}\ntrue: {_short(class_names[p.label], 14)}"
-        if with_loss:
-            title = f"{_short(class_names[p.predicted], 10)} / {_short(class_names[p.label], 10)}\n" \
-                    f"loss {p.loss:.2f} · p(true) {p.true_probability:.2f}"  # fmt: skip
-        tiles.append(Tile(image, title, p.correct))
+        if image is not None:
+            tiles.append(Tile(image, prediction_title(p, class_names, with_loss), p.correct))
     return tiles
+
+
+def prediction_title(p: Prediction, class_names: Sequence[str], with_loss: bool = False) -> str:
+    if with_loss:
+        return (f"{_short(class_names[p.predicted], 10)} / {_short(class_names[p.label], 10)}\n"
+                f"loss {p.loss:.2f} · p(true) {p.true_probability:.2f}")  # fmt: skip
+    return f"{_short(class_names[p.predicted], 14)} {p.probability:.0%}\ntrue: {_short(class_names[p.label], 14)}"
 
 
 def _short(text: str, width: int) -> str:

@@ -19,6 +19,7 @@ from ..data import ImageFolderSplits, discover_for
 from ..errors import TransferkitError
 from ..files import atomic_write
 from ..model import TransferModel
+from ..performance import in_second_process
 from ..runs import HISTORY_FIELDS, HISTORY_NAME, Run, load_run
 from ..strategies import DEFAULT_LR_DECAY
 from .explanations import EXPLANATION_FIGURES, Explained, draw_explanations, explanations_html
@@ -99,12 +100,75 @@ def write_report(
     figures.mkdir(exist_ok=True)
     for name in FIGURES.values():
         (figures / name).unlink(missing_ok=True)
-    _draw_charts(run, figures)
-    images = _image_figures(run, figures, splits, val_predictions, model)
+    found = _model_and_data(run, splits, model)
+    predictions = _val_predictions(found, val_predictions, run.config.get("batch_size", 32))
+    # The charts and image grids need no model: a second process on the other core draws them,
+    # while this one runs the model for Grad-CAM's grids.
+    grids_drawn = in_second_process(_draw_without_model, run, figures, found, predictions)
+    note = found if isinstance(found, str) else None
+    try:
+        explained = draw_explanations(run, None if note else found[0], predictions, note)
+    finally:
+        captions = grids_drawn()
+    images = _Images(captions, predictions, note, explained)
     page = _render_report(run, images)
     path = run.path / REPORT_NAME
     atomic_write(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
     return path
+
+
+def _model_and_data(
+    run: Run, splits: ImageFolderSplits | None, model: TransferModel | None
+) -> tuple[TransferModel, ImageFolderSplits] | str:
+    """The run's model and data, or why the image grids cannot be drawn."""
+    try:
+        model = model or load_checkpoint(run.path / CHECKPOINT_NAME)
+        splits = splits or discover_for(run.config)
+    except TransferkitError as exc:
+        return f"image grids not drawn: {exc}"
+    if splits.class_names != model.class_names:
+        return (f"image grids not drawn: the classes in {splits.root} ({', '.join(splits.class_names)}) are no "
+                f"longer the model's ({', '.join(model.class_names)})")  # fmt: skip
+    return model, splits
+
+
+def _val_predictions(
+    found: tuple[TransferModel, ImageFolderSplits] | str, given: list[Prediction] | None, batch_size: int
+) -> list[Prediction]:
+    if isinstance(found, str):
+        return []
+    model, splits = found
+    return given or predict_samples(model, splits.val, batch_size)
+
+
+def _draw_without_model(
+    run: Run, figures: Path, found: tuple[TransferModel, ImageFolderSplits] | str, predictions: list[Prediction]
+) -> dict[str, str]:
+    """The charts, and the image grids where the data is found; the captions of the grids drawn."""
+    _draw_charts(run, figures)
+    if isinstance(found, str):
+        return {}
+    model, splits = found
+    prep, names, seed = model.preprocessing, model.class_names, run.config.get("seed", 0)
+    augment = _training_augmentation(run)
+    shown = _spread(predictions, lambda p: p.label, PREDICTION_SAMPLES, seed)
+    wrong = sum(not p.correct for p in predictions)
+    captions = {
+        "augmented": _augmentation_caption(run, augment, prep),
+        "predictions": f"{len(shown)} of {len(predictions)} validation images, every class in turn: predicted class "
+        f"and its probability over the true class; mistakes in red ({wrong} of {len(predictions)} in all).",
+        "top_losses": "The images with the highest loss (−log of the probability given to the true class), highest "
+        "first: the most confidently wrong lead; titles read predicted / true.",
+    }
+    grids = {
+        "augmented": training_tiles(splits.train, names, prep, augment, seed=seed),
+        "predictions": prediction_tiles(shown, names, prep),
+        "top_losses": prediction_tiles(top_losses(predictions), names, prep, with_loss=True),
+    }
+    for key, tiles in grids.items():
+        if tiles:
+            plot_tiles(tiles, figures / FIGURES[key])
+    return {key: caption for key, caption in captions.items() if grids[key]}
 
 
 def _draw_charts(run: Run, figures: Path) -> None:
@@ -117,52 +181,6 @@ def _draw_charts(run: Run, figures: Path) -> None:
         plot_selection(run.metrics["selection"]["leaderboard"], figures / FIGURES["selection"])
     if run.metrics.get("calibration"):
         plot_reliability(run.metrics["calibration"], figures / FIGURES["reliability"])
-
-
-def _image_figures(
-    run: Run, figures: Path, splits: ImageFolderSplits | None, val_predictions: list[Prediction] | None = None,
-    model: TransferModel | None = None,
-) -> _Images:
-    cfg = run.config
-    try:
-        model = model or load_checkpoint(run.path / CHECKPOINT_NAME)
-        splits = splits or discover_for(cfg)
-    except TransferkitError as exc:
-        return _without_images(run, f"image grids not drawn: {exc}")
-    if splits.class_names != model.class_names:
-        return _without_images(run, f"image grids not drawn: the classes in {splits.root} "
-                                    f"({', '.join(splits.class_names)}) are no longer the model's "
-                                    f"({', '.join(model.class_names)})")  # fmt: skip
-    prep = model.preprocessing
-    names = model.class_names
-    captions: dict[str, str] = {}
-    augment = _training_augmentation(run)
-    tiles = training_tiles(splits.train, names, prep, augment, seed=cfg.get("seed", 0))
-    if tiles:
-        plot_tiles(tiles, figures / FIGURES["augmented"])
-        captions["augmented"] = _augmentation_caption(run, augment, prep)
-    predictions = val_predictions or predict_samples(model, splits.val, cfg.get("batch_size", 32))
-    shown = _spread(predictions, lambda p: p.label, PREDICTION_SAMPLES, cfg.get("seed", 0))
-    grids = {}  # the tiles of each grid, which Grad-CAM's grids draw their heatmaps over
-    for key, chosen, with_loss in (("predictions", shown, False), ("top_losses", top_losses(predictions), True)):
-        grids[key] = prediction_tiles(chosen, names, prep, with_loss)
-        if grids[key]:
-            plot_tiles(grids[key], figures / FIGURES[key])
-    wrong = sum(not p.correct for p in predictions)
-    captions["predictions"] = (
-        f"{len(shown)} of {len(predictions)} validation images, every class in turn: predicted class and its "
-        f"probability over the true class; mistakes in red ({wrong} of {len(predictions)} in all)."
-    )
-    captions["top_losses"] = (
-        "The images with the highest loss (−log of the probability given to the true class), highest first: "
-        "the most confidently wrong lead; titles read predicted / true."
-    )
-    return _Images({k: v for k, v in captions.items() if (figures / FIGURES[k]).is_file()}, predictions,
-                   explained=draw_explanations(run, model, predictions, None, grids))
-
-
-def _without_images(run: Run, note: str) -> _Images:
-    return _Images({}, [], note, draw_explanations(run, None, [], note))
 
 
 def _training_augmentation(run: Run) -> str:
