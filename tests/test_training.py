@@ -102,3 +102,66 @@ def test_compile_trains_a_compiled_network_and_saves_plain_weights(tiny_dataset:
     proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode != 0 and "--compile" in proc.stderr and "C++ compiler" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+class _Trainer:
+    """What BestModelCheckpoint reads of a Lightning Trainer, at one validation's end."""
+
+    sanity_checking, is_global_zero = False, True
+
+    def __init__(self, epoch: int, accuracy: float, loss: float) -> None:
+        import torch
+
+        self.current_epoch = epoch
+        self.callback_metrics = {"val_accuracy": torch.tensor(accuracy), "val_loss": torch.tensor(loss)}
+
+
+def test_a_frozen_backbone_run_writes_the_best_head_into_model_pt_without_rewriting_it_each_improvement(
+    tmp_path: Path,
+) -> None:
+    """Head only: an improvement soon after a write waits (the backbone in model.pt is the same); the end of
+    training writes the best epoch's head, not the last one's; the kept head survives a resume."""
+    import types
+
+    import torch
+
+    from transferkit import TransferModel, load_backbone, load_checkpoint
+    from transferkit.training import BestModelCheckpoint
+
+    torch.manual_seed(0)
+    model = TransferModel(load_backbone("resnet18", "none"), ["a", "b"])
+    module = types.SimpleNamespace(model=model)  # the LightningModule's one attribute the callback reads
+    path = tmp_path / "model.pt"
+
+    def head() -> torch.Tensor:
+        return model.net.fc.weight.detach().clone()
+
+    def written() -> tuple[int, torch.Tensor]:
+        saved = load_checkpoint(path)
+        return saved.record.extra["epoch"], saved.net.fc.weight.detach()
+
+    callback = BestModelCheckpoint(path, {}, head_only=True)
+    callback.on_validation_end(_Trainer(0, 0.5, 1.0), module)  # the first best is written at once
+    epoch, weights = written()
+    assert epoch == 0 and torch.equal(weights, head())
+    with torch.no_grad():
+        model.net.fc.weight.add_(1.0)
+    best = head()
+    callback.on_validation_end(_Trainer(1, 0.6, 0.9), module)  # better, right after a write: kept in memory
+    assert written()[0] == 0 and callback.best_epoch == 1
+    with torch.no_grad():
+        model.net.fc.weight.add_(1.0)
+    callback.on_validation_end(_Trainer(2, 0.55, 0.8), module)  # worse: nothing changes
+    # A resume (the rolling checkpoint holds the callback's state) ends the run as the first would have.
+    resumed = BestModelCheckpoint(path, {}, head_only=True)
+    resumed.load_state_dict(callback.state_dict())
+    resumed.on_train_end(_Trainer(2, 0.55, 0.8), module)
+    epoch, weights = written()
+    assert epoch == 1 and torch.equal(weights, best) and not torch.equal(weights, head())
+    # Without head_only (the backbone trains), every improvement is written as it comes.
+    every = BestModelCheckpoint(path, {})
+    trainer = _Trainer(0, 0.5, 1.0)
+    trainer.strategy = types.SimpleNamespace(
+        lightning_module_state_dict=lambda: {f"model.net.{k}": v for k, v in model.net.state_dict().items()})
+    every.on_validation_end(trainer, module)
+    assert written()[0] == 0 and torch.equal(written()[1], head())

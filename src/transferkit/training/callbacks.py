@@ -47,34 +47,81 @@ class GradualUnfreezing(Callback):
 
 class BestModelCheckpoint(Callback):
     """Writes the self-contained ``model.pt`` whenever ``metric`` (validation accuracy, or macro-F1 for
-    imbalanced classes) improves; validation loss breaks ties."""
+    imbalanced classes) improves; validation loss breaks ties.
 
-    def __init__(self, path: Path, extra: dict[str, Any], metric: str = "val_accuracy") -> None:
+    ``head_only`` (a frozen backbone, the head trained on cached features): every ``model.pt`` holds
+    the same backbone, which is nearly all of its bytes (45 MB for a ResNet-18, 1.2 GB for a ViT-L),
+    while a head epoch takes milliseconds. There the best head is kept (in memory, and in the rolling
+    checkpoint that ``--resume`` reads), and ``model.pt`` is rewritten at an improvement only once
+    ten times the last write's duration has passed since it (so writing takes at most a tenth of
+    training), and at the end of training. A killed run keeps a ``model.pt`` that much behind at
+    most, which ``--resume`` brings up to date.
+    """
+
+    def __init__(self, path: Path, extra: dict[str, Any], metric: str = "val_accuracy", head_only: bool = False) -> None:
         self.path = path
         self.extra = extra
         self.metric = metric
+        self.head_only = head_only
         self.best: tuple[float, float] | None = None
         self.best_epoch = -1
+        self.best_head: dict[str, torch.Tensor] | None = None  # head_only: the best epoch's head weights
+        self.written_epoch = -1  # head_only: the epoch whose head model.pt holds
+        self._next_write = 0.0
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
         metrics = trainer.callback_metrics
         score = (float(metrics[self.metric]), -float(metrics["val_loss"]))
-        if self.best is None or score > self.best:
-            self.best, self.best_epoch = score, trainer.current_epoch
-            # Every rank asks: under FSDP this gathers the full weights (a collective); else it is a plain read.
-            state = trainer.strategy.lightning_module_state_dict()
-            if trainer.is_global_zero:
-                net = {k.removeprefix("model.net."): v for k, v in state.items() if k.startswith("model.net.")}
-                save_checkpoint(pl_module.model, self.path, state_dict=net, epoch=trainer.current_epoch, **self.extra)
+        if self.best is not None and score <= self.best:
+            return
+        self.best, self.best_epoch = score, trainer.current_epoch
+        if self.head_only:
+            self.best_head = _head_state(pl_module.model)
+            if time.perf_counter() >= self._next_write:
+                self._write_best_head(trainer, pl_module.model)
+            return
+        # Every rank asks: under FSDP this gathers the full weights (a collective); else it is a plain read.
+        state = trainer.strategy.lightning_module_state_dict()
+        if trainer.is_global_zero:
+            net = {k.removeprefix("model.net."): v for k, v in state.items() if k.startswith("model.net.")}
+            save_checkpoint(pl_module.model, self.path, state_dict=net, epoch=trainer.current_epoch, **self.extra)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.head_only and self.best_head is not None and self.written_epoch != self.best_epoch:
+            self._write_best_head(trainer, pl_module.model)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.on_train_end(trainer, pl_module)  # an interrupted run keeps its best model.pt
+
+    def _write_best_head(self, trainer: L.Trainer, model: TransferModel) -> None:
+        assert self.best_head is not None
+        if trainer.is_global_zero:  # the backbone is frozen: each rank's is the same, no gather needed
+            started = time.perf_counter()
+            net = {**model.net.state_dict(), **self.best_head}
+            save_checkpoint(model, self.path, state_dict=net, epoch=self.best_epoch, **self.extra)
+            self._next_write = started + 10 * (time.perf_counter() - started)
+        self.written_epoch = self.best_epoch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": list(self.best) if self.best else None, "best_epoch": self.best_epoch}
+        state: dict[str, Any] = {"best": list(self.best) if self.best else None, "best_epoch": self.best_epoch}
+        if self.head_only:
+            state.update(best_head=self.best_head, written_epoch=self.written_epoch)
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.best = tuple(state_dict["best"]) if state_dict["best"] else None  # type: ignore[assignment]
         self.best_epoch = state_dict["best_epoch"]
+        self.best_head = state_dict.get("best_head")
+        self.written_epoch = state_dict.get("written_epoch", self.best_epoch)
+
+
+def _head_state(model: TransferModel) -> dict[str, torch.Tensor]:
+    """A copy of the head's weights (and buffers), keyed as in the network's state_dict."""
+    head = model.record.head_paths
+    return {k: v.detach().clone() for k, v in model.net.state_dict().items()
+            if any(k == p or k.startswith(p + ".") for p in head)}  # fmt: skip
 
 
 class HistoryCSV(Callback):

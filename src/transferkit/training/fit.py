@@ -158,7 +158,10 @@ def fit(
         loaders, sampler = {"train_dataloaders": train_loader, "val_dataloaders": val_loader}, train_loader.sampler
     history = HistoryCSV(run_dir / "history.csv")
     selection_metric = (config.resolved_from.get("balance") or {}).get("selection_metric", "val_accuracy")
-    best = BestModelCheckpoint(run_dir / CHECKPOINT_NAME, extra, selection_metric)
+    # The head alone trains on cached features: model.pt need not be rewritten with its whole frozen backbone at
+    # every improvement (not under FSDP, whose sharded weights only a collective gathers).
+    head_only = data is not None and "fsdp" not in str(config.dist).lower()
+    best = BestModelCheckpoint(run_dir / CHECKPOINT_NAME, extra, selection_metric, head_only=head_only)
     # One rolling checkpoint, rewritten (atomically) at every epoch end: what --resume continues from.
     last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False)
     gradual = GradualUnfreezing(spec) if spec.name == "gradual" else None
