@@ -92,7 +92,8 @@ import numpy as np
 from transferkit.deferred_dynamo import defer_dynamo
 defer_dynamo()  # as the command does (dynamo would import triton itself)
 import transferkit, lightning.pytorch, torchmetrics, pytorch_grad_cam, torch
-for unused in ("scipy.signal", "sklearn", "scipy.ndimage", "scipy.sparse", "triton"):
+for unused in ("scipy.signal", "sklearn", "scipy.ndimage", "scipy.sparse", "triton", "matplotlib.pyplot",
+               "matplotlib.axes", "matplotlib.figure", "mpl_toolkits"):
     assert unused not in sys.modules, f"{unused} was imported"
 assert not any(type(f).__module__ == "transferkit.lean_imports" for f in sys.meta_path), "the finder outlived its use"
 from torchmetrics.functional.classification import multiclass_accuracy
@@ -121,6 +122,17 @@ from pytorch_grad_cam.metrics.road import NoisyLinearImputer
 img = torch.rand(3, 6, 6)
 mask = torch.zeros(6, 6); mask[2:4, 2:4] = 1
 assert NoisyLinearImputer(noise=0.0)(img, mask).shape == (3, 6, 6)
+# metrics' .plot() (its pyplot, axes and style stood in for at import) draws with the real matplotlib.
+from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.utilities import plot as metric_plots
+metric = MulticlassAccuracy(num_classes=3)
+metric.update(torch.tensor([0, 1, 2]), torch.tensor([0, 1, 1]))
+fig, ax = metric.plot()
+import matplotlib.axes, matplotlib.pyplot
+assert isinstance(ax, matplotlib.axes.Axes) and isinstance(ax, metric_plots._AX_TYPE)
+assert isinstance(fig, matplotlib.pyplot.Figure) and ax.get_ylabel() == "MulticlassAccuracy"
+from pytorch_grad_cam.utils import image as cam_images
+assert cam_images.plt.get_cmap("jet").name == "jet"
 import scipy, scipy.signal, sklearn.decomposition
 assert scipy.signal is sys.modules["scipy.signal"] and scipy.signal.__file__.endswith("__init__.py")
 assert scipy.signal.windows.hamming(5).tolist()[2] == 1.0 and sklearn.decomposition.PCA.__module__.startswith("sklearn")

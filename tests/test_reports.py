@@ -336,3 +336,26 @@ def test_a_chart_laid_out_once_has_the_pixels_savefig_would_give(tmp_path: Path)
     chart().savefig(tmp_path / "savefig.png", format="png", dpi=100)  # constrained layout, run by savefig
     once, usual = (np.asarray(Image.open(tmp_path / f"{n}.png").convert("RGB")) for n in ("once", "savefig"))
     assert once.shape == usual.shape == (300, 500, 3) and np.array_equal(once, usual)
+
+
+@pytest.mark.parametrize("scale", [1e-4, 1.0, 2e3])
+def test_charts_laid_out_by_fixed_margins_keep_every_label_inside_the_picture(tmp_path: Path, scale: float) -> None:
+    """The curves and the reliability diagram have fixed margins (their labels are numbers and set words):
+    whatever the numbers' size, nothing is cut at the picture's edge, which stays background."""
+    from transferkit.reports.figures import plot_curves, plot_reliability
+    from transferkit.runs import Run
+
+    epochs = 120
+    history = [{"epoch": e, "train_loss": scale * (3 - e / epochs), "val_loss": scale * (3.1 - e / epochs),
+                "train_accuracy": e / epochs, "val_accuracy": 0.9 * e / epochs, "lr": scale * 1e-3 * (1 - e / epochs)}
+               for e in range(epochs)]  # fmt: skip
+    metrics = {"best_epoch": 97, "unfreeze_events": [{"epoch": 40, "unfrozen": ["layer4", "layer3"]}]}
+    curve = {"confidence": [0.55, 0.75, 0.95], "accuracy": [0.5, 0.8, 0.97]}
+    calibration = {"temperature": 1.37, "ece_before": 0.061, "ece_after": 0.012, "fitted_on": "validation",
+                   "reliability": {"before": curve, "after": curve}}  # fmt: skip
+    for path in (plot_curves(Run(tmp_path, {}, metrics, history), tmp_path / "curves.png"),
+                 plot_reliability(calibration, tmp_path / "reliability.png")):  # fmt: skip
+        pixels = np.asarray(Image.open(path).convert("L"))
+        edges = np.concatenate([pixels[:2].ravel(), pixels[-2:].ravel(), pixels[:, :2].ravel(), pixels[:, -2:].ravel()])
+        assert edges.min() == 255, f"{path.name}: something is drawn across the picture's edge"
+        assert pixels.std() > 10

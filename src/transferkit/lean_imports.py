@@ -13,10 +13,13 @@ torchmetrics 1.9 imports ``scipy.signal`` (0.8 s, with ``scipy.stats``) only to 
 start-up to read its version; grad-cam 1.5 imports ``sklearn.decomposition`` (0.8 s) for two CAM
 methods transferkit does not use, and ``scipy.sparse`` for a metric; torch's FLOP counter, which
 Lightning's model summary imports, imports triton (0.3 s where torch's CUDA wheel installs it) to
-recognise triton kernels. :func:`defer_unused_imports` (installed when transferkit is
+recognise triton kernels. Both torchmetrics and grad-cam import matplotlib's ``pyplot`` (with
+``axes`` and mplot3d, 0.3 s) for plotting helpers transferkit never calls; the report draws its charts
+in a second process, which imports what it draws with. :func:`defer_unused_imports` (installed when transferkit is
 imported; it imports nothing itself) lets each package's first import see stand-ins for those
 modules (:data:`DEFERRED`): their names, which fetch the real ones when called (or, for a class
-only tested against, match its instances once it exists). The stand-ins are
+only tested against, match its instances once it exists; any other name of a stand-in kept by its
+importer fetches the real module's). The stand-ins are
 removed once the package is imported, so the real modules import as usual when something uses them.
 
 Where a stand-in does not suffice (a version that needs more), the package is imported the
@@ -25,6 +28,8 @@ ordinary way.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -57,17 +62,26 @@ class TypeCheckedOnly(str):
     """A class its importer only tests objects against (``isinstance``), never calls."""
 
 
+class LazyContext(str):
+    """A context manager factory (``"style.context"``) whose importer builds a decorator with it at
+    import time: entering the context (the decorated function's call) imports the real module."""
+
+
 # What a package's first import is given instead of a module it imports but (for transferkit)
 # never uses: {package: {module: (names its importer binds at import time)}}. Each name is a
 # function that imports the real module and calls the real name when it is called; a
 # TypeCheckedOnly name is a class that no object is an instance of until the real module is
 # imported (none can be before), and then exactly the real class's instances.
 DEFERRED = {
-    "torchmetrics": {"scipy.signal": ("hamming",)},  # 0.8 s: a patch for an audio metric's dependency
+    "torchmetrics": {"scipy.signal": ("hamming",),  # 0.8 s: a patch for an audio metric's dependency
+                     # 0.3 s: the types and style of metrics' .plot()
+                     "matplotlib.axes": (TypeCheckedOnly("Axes"),),
+                     "matplotlib.pyplot": (TypeCheckedOnly("Figure"), LazyContext("style.context"))},
     "pytorch_grad_cam": {"sklearn.decomposition": ("KernelPCA", "NMF"),  # 0.8 s: KPCA-CAM and factorisation
                          "scipy.ndimage": ("zoom",),  # 0.15 s: 3-D volumes
                          "scipy.sparse": ("lil_matrix", "csc_matrix"),  # 0.15 s with the next: the ROAD metric
-                         "scipy.sparse.linalg": ("spsolve",)},  # fmt: skip
+                         "scipy.sparse.linalg": ("spsolve",),
+                         "matplotlib.pyplot": ()},  # 0.3 s: factorisation plots
     # 0.3 s where triton is installed (torch's CUDA wheels): FLOP counts of triton kernels, for
     # Lightning's model summary, which a run turns off.
     "torch.utils.flop_counter": {"triton.runtime.jit": (TypeCheckedOnly("JITFunction"),)},
@@ -82,11 +96,40 @@ def _forwarder(module: str, name: str) -> Callable[..., Any]:
     return forward
 
 
+def _lazy_context(module: str, path: str) -> Callable[..., contextlib.ContextDecorator]:
+    class Entered(contextlib.ContextDecorator):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self.args, self.kwargs, self.real = args, kwargs, None
+
+        def __enter__(self) -> Any:
+            self.real = functools.reduce(getattr, path.split("."), importlib.import_module(module))(*self.args,
+                                                                                                  **self.kwargs)
+            return self.real.__enter__()
+
+        def __exit__(self, *exc: Any) -> Any:
+            return self.real.__exit__(*exc)
+
+    return Entered
+
+
+class _StandInModule(types.ModuleType):
+    """Its own names are the stand-ins; once the real module may be imported, any other is the real one's."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or sys.modules.get(self.__name__) is self:  # still standing in: not given
+            raise AttributeError(f"module {self.__name__!r} stands in without {name!r}")
+        return getattr(importlib.import_module(self.__name__), name)
+
+
 def _stand_ins(deferred: dict[str, tuple[str, ...]]) -> dict[str, types.ModuleType]:
     modules = {}
     for module, names in deferred.items():
-        stand_in = types.ModuleType(module)
+        stand_in = _StandInModule(module)
         for name in names:
+            if isinstance(name, LazyContext):
+                owner, _, last = name.rpartition(".")
+                setattr(stand_in, owner, types.SimpleNamespace(**{last: _lazy_context(module, name)}))
+                continue
             make = stand_in_class if isinstance(name, TypeCheckedOnly) else _forwarder
             setattr(stand_in, name, make(module, name))
         modules[module] = stand_in
@@ -105,6 +148,10 @@ class _StandInWhileImporting(importlib.abc.Loader):
     def exec_module(self, module: types.ModuleType) -> None:
         added = {name: m for name, m in self.stand_ins.items() if name not in sys.modules}
         sys.modules.update(added)
+        for name, stand_in in added.items():  # `import a.b` then `a.b.x`: the name must be on its package too
+            parent, _, child = name.rpartition(".")
+            if parent in sys.modules and child not in vars(sys.modules[parent]):
+                setattr(sys.modules[parent], child, stand_in)
         try:
             self.loader.exec_module(module)
         except (ImportError, AttributeError):  # a version that needs more than the stand-ins give
@@ -129,6 +176,11 @@ def _forget_submodules(package: str) -> None:
         del sys.modules[name]
 
 
+# Packages imported for real before a package's stand-ins go in, so that those of their submodules
+# can be attached to them (matplotlib itself is cheap and the report's titles need its fonts).
+IMPORTED_FIRST = {"torchmetrics": ("matplotlib",), "pytorch_grad_cam": ("matplotlib",)}
+
+
 class _FirstImportOf(importlib.abc.MetaPathFinder):
     """Finds each package of :data:`DEFERRED` the usual way, once, and has it loaded with its stand-ins."""
 
@@ -144,6 +196,9 @@ class _FirstImportOf(importlib.abc.MetaPathFinder):
         spec = importlib.util.find_spec(fullname)
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
+        for package in IMPORTED_FIRST.get(fullname, ()):
+            if importlib.util.find_spec(package) is not None:
+                importlib.import_module(package)
         spec.loader = _StandInWhileImporting(spec.loader, _stand_ins(DEFERRED[fullname]))
         return spec
 
