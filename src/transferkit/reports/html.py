@@ -104,7 +104,7 @@ def write_report(
     predictions = _val_predictions(found, val_predictions, run.config.get("batch_size", 32))
     # The charts and image grids need no model: a second process on the other core draws them,
     # while this one runs the model for Grad-CAM's grids.
-    grids_drawn = in_second_process(_draw_without_model, run, figures, found, predictions)
+    grids_drawn = in_second_process(_draw_charts_and_grids, run, figures, found, predictions)
     note = found if isinstance(found, str) else None
     try:
         explained = draw_explanations(run, None if note else found[0], predictions, note)
@@ -141,10 +141,10 @@ def _val_predictions(
     return given or predict_samples(model, splits.val, batch_size)
 
 
-def _draw_without_model(
+def _draw_charts_and_grids(
     run: Run, figures: Path, found: tuple[TransferModel, ImageFolderSplits] | str, predictions: list[Prediction]
 ) -> dict[str, str]:
-    """The charts, and the image grids where the data is found; the captions of the grids drawn."""
+    """The charts, and the image grids where the data is found (the model is not run); the grids' captions."""
     _draw_charts(run, figures)
     if isinstance(found, str):
         return {}
