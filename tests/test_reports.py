@@ -359,3 +359,17 @@ def test_charts_laid_out_by_fixed_margins_keep_every_label_inside_the_picture(tm
         edges = np.concatenate([pixels[:2].ravel(), pixels[-2:].ravel(), pixels[:, :2].ravel(), pixels[:, -2:].ravel()])
         assert edges.min() == 255, f"{path.name}: something is drawn across the picture's edge"
         assert pixels.std() > 10
+
+
+def test_a_one_row_history_gets_its_table_instead_of_a_curve(runs: dict[str, Path], tmp_path: Path) -> None:
+    """One epoch (or a linear probe's one fit) is one point a chart: the report shows the row's numbers."""
+    one = tmp_path / "one-epoch"
+    shutil.copytree(runs["feature-extract"], one)
+    lines = (one / "history.csv").read_text().splitlines()
+    (one / "history.csv").write_text("\n".join(lines[:2]) + "\n")
+    page = write_report(one).read_text(encoding="utf-8")
+    assert not (one / REPORT_DIR / FIGURES["curves"]).exists()
+    assert f"{REPORT_DIR}/{FIGURES['curves']}" not in references(one / "report.html").images
+    assert "One row, so no curve to draw" in page and "<table" in page.split('id="training"')[1].split("<section")[0]
+    # Two rows or more: the curves, and the table folded under them.
+    assert f"{REPORT_DIR}/{FIGURES['curves']}" in references(write_report(runs["feature-extract"])).images

@@ -172,7 +172,7 @@ def _draw_charts_and_grids(
 
 
 def _draw_charts(run: Run, figures: Path) -> None:
-    if run.history:
+    if len(run.history) > 1:  # one row (one epoch, a linear probe's one fit) makes no curve
         plot_curves(run, figures / FIGURES["curves"])
     if run.metrics.get("val_confusion_matrix"):
         plot_confusion_matrix(run.metrics["class_names"], run.metrics["val_confusion_matrix"],
@@ -300,11 +300,14 @@ def _advice_html(advice: Any) -> str:
 def _curves_html(run: Run, images: _Images) -> str:
     if not run.history:
         return f"<p>No per-epoch history in this run (no {HISTORY_NAME}).</p>"
+    rows = [[_number(r.get(k), 6 if k == "lr" else 4) for k in HISTORY_FIELDS] for r in run.history]
+    table = _table(list(HISTORY_FIELDS), rows, numeric_from=0)
+    if len(run.history) == 1:
+        return (f"<p>One row, so no curve to draw (a single epoch, or a linear probe's one fit); its numbers "
+                f"({HISTORY_NAME}):</p>{table}")  # fmt: skip
     figure = _figure_html(run, "curves", "loss, accuracy and learning rate per epoch",
                           "Train vs validation per epoch; dashed lines: layer groups unfrozen; star: best epoch "
                           "(the checkpoint kept).")  # fmt: skip
-    rows = [[_number(r.get(k), 6 if k == "lr" else 4) for k in HISTORY_FIELDS] for r in run.history]
-    table = _table(list(HISTORY_FIELDS), rows, numeric_from=0)
     return figure + f"<details><summary>{HISTORY_NAME}</summary>{table}</details>"
 
 
