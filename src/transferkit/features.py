@@ -41,10 +41,9 @@ def default_cache_dir() -> Path:
 
 def weights_digest(model: TransferModel) -> str:
     """Digest of everything before the head: a changed backbone weight changes every key."""
-    head = model.record.head_paths
     h = hashlib.sha1()
     for name, tensor in model.net.state_dict().items():
-        if any(name.startswith(p + ".") for p in head):
+        if model.record.is_head_key(name):
             continue
         h.update(name.encode())
         h.update(zlib.crc32(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()).to_bytes(4, "little"))

@@ -62,6 +62,10 @@ class ModelRecord:
     def head_paths(self) -> tuple[str, ...]:
         return (self.classifier_path, *self.extra_head_paths)
 
+    def is_head_key(self, name: str) -> bool:
+        """Whether ``name`` (a key of the network's state_dict) belongs to a head."""
+        return any(name.startswith(p + ".") for p in self.head_paths)
+
     def with_extra(self, **extra: Any) -> ModelRecord:
         """A copy with ``extra`` merged in (``strategy`` fills its own field)."""
         strategy = extra.pop("strategy", self.strategy)

@@ -119,9 +119,7 @@ class BestModelCheckpoint(Callback):
 
 def _head_state(model: TransferModel) -> dict[str, torch.Tensor]:
     """A copy of the head's weights (and buffers), keyed as in the network's state_dict."""
-    head = model.record.head_paths
-    return {k: v.detach().clone() for k, v in model.net.state_dict().items()
-            if any(k == p or k.startswith(p + ".") for p in head)}  # fmt: skip
+    return {k: v.detach().clone() for k, v in model.net.state_dict().items() if model.record.is_head_key(k)}
 
 
 class HistoryCSV(Callback):

@@ -106,7 +106,7 @@ class TransferLearner(L.LightningModule):
         checkpoint["state_dict"] = {**self.state_dict(), **checkpoint["state_dict"]}
 
     def _is_head_key(self, key: str) -> bool:
-        return any(key.startswith(f"model.net.{path}.") for path in self.model.record.head_paths)
+        return key.startswith("model.net.") and self.model.record.is_head_key(key.removeprefix("model.net."))
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         return self._step(batch, "train")
