@@ -64,14 +64,15 @@ def _figure(inches: tuple[float, float], layout: str | None = "constrained") -> 
     return fig
 
 
-def _margins(fig: Figure, left: float, right: float, bottom: float, top: float, gap: float = 0.0) -> dict[str, float]:
-    """Subplot margins (and the gap between columns) in inches, as gridspec's figure fractions.
+def _margins(
+    fig: Figure, left: float, right: float, bottom: float, top: float, columns: int = 1, gap: float = 0.0
+) -> dict[str, float]:
+    """Subplot margins (and the gap between ``columns``) in inches, as gridspec's figure fractions.
 
     For charts whose labels have a known size (numbers, fixed words): a constrained layout measures
     every tick label twice over, a third of a chart's drawing time.
     """
     width, height = fig.get_size_inches()
-    columns = 3 if gap else 1
     panel = (width - left - right - gap * (columns - 1)) / columns
     return {"left": left / width, "right": 1 - right / width, "bottom": bottom / height, "top": 1 - top / height,
             "wspace": gap / panel}
@@ -92,7 +93,7 @@ def _save(fig: Figure, path: Path) -> Path:
 def plot_curves(run: Run, path: Path) -> Path:
     """Loss, accuracy (train vs val) and learning rate per epoch; unfreeze events and the best epoch marked."""
     fig = _figure(CURVES_INCHES, layout=None)
-    ax_loss, ax_acc, ax_lr = fig.subplots(1, 3, gridspec_kw=_margins(fig, 0.75, 0.2, 0.55, 0.35, gap=0.95))
+    ax_loss, ax_acc, ax_lr = fig.subplots(1, 3, gridspec_kw=_margins(fig, 0.75, 0.2, 0.55, 0.35, columns=3, gap=0.95))
     epochs = _series(run.history, "epoch")
     for ax, metric in ((ax_loss, "loss"), (ax_acc, "accuracy")):
         ax.plot(epochs, _series(run.history, f"train_{metric}"), "-o", markersize=3, label="train")
