@@ -115,7 +115,13 @@ def _read_csv(source: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]
         if not header:
             raise TransferkitError(f"{source} is empty; give a CSV whose first line names its columns")
         reader.fieldnames = header
-        records = [(i + 2, {k: (v or "").strip() for k, v in r.items() if k is not None}) for i, r in enumerate(reader)]
+        records = []
+        for line, row in enumerate(reader, start=2):
+            extra = [cell for cell in row.pop(None, []) if cell.strip()]  # csv's key for cells past the header's
+            if extra:
+                raise TransferkitError(f"row {line} of {source} has {len(header) + len(extra)} cells but the header "
+                                       f"names {len(header)} columns; name every column in the first line")  # fmt: skip
+            records.append((line, {k: (v or "").strip() for k, v in row.items()}))
     if not records:
         raise TransferkitError(f"{source} has a header but no rows; add one row per image")
     return header, records
