@@ -83,6 +83,7 @@ def test_missing_files_are_skipped_and_counted_and_repeated_rows_read_once(flat:
         (["path", "label"], ["images/red/1.jpg", "blue"], "same file with different labels"),
         (["image", "tag"], None, "no label column"),
         (["path", "label", "split"], ["images/red/0.png", "red", "holdout"], "not one of train, val, test"),
+        (["path", "label"], ["images/red/0.png", "red", "val"], "row 14 .* has 3 cells but the header names 2 columns"),
     ],
 )
 def test_bad_tables_are_one_line_errors_naming_the_row_and_the_fix(
@@ -93,6 +94,11 @@ def test_bad_tables_are_one_line_errors_naming_the_row_and_the_fix(
     with pytest.raises(TransferkitError, match=message) as error:
         discover(table)
     assert "\n" not in str(error.value) and "labels.csv" in str(error.value)
+
+
+def test_empty_cells_past_the_header_are_read_as_nothing(flat: Path, tmp_path: Path) -> None:
+    table = write_csv(tmp_path / "labels.csv", ["path", "label"], [[*r, ""] for r in rows_of(flat, tmp_path)])
+    assert sorted(discover(table).train + discover(table).val) == sorted(discover(flat).train + discover(flat).val)
 
 
 def test_a_class_with_one_image_or_only_in_val_is_refused(flat: Path, tmp_path: Path) -> None:
@@ -265,3 +271,63 @@ def test_measured_selection_on_multi_label_data_scores_by_macro_f1(tmp_path: Pat
     assert auto.metrics["selection"]["metric"] == "macro_f1" and auto.metrics["multi_label"]
     scored = [t for t in auto.metrics["selection"]["leaderboard"] if t["score"] is not None]
     assert scored and all(0 <= t["score"] <= 1 for t in scored)
+
+
+def test_features_writes_a_label_files_images_with_its_labels_and_splits(flat: Path, tmp_path: Path) -> None:
+    import numpy as np
+
+    from transferkit.cli import main
+
+    rows = [[r[1], r[0], "val" if i % 3 == 0 else ""] for i, r in enumerate(rows_of(flat, tmp_path))]
+    table = write_csv(tmp_path / "scans.csv", ["finding", "file", "fold"], rows)
+    (tmp_path / "exclude.txt").write_text(f"{rows[1][1]}\n")  # relative to the list's folder
+    args = ["features", str(tmp_path), "--labels", str(table), "--path-col", "file", "--label-col", "finding",
+            "--split-col", "fold", "--exclude", str(tmp_path / "exclude.txt"), "--model", "resnet18",
+            "--weights", "none", "--out", str(tmp_path / "f.npz")]  # fmt: skip
+    assert main(args) == 0
+    saved = np.load(tmp_path / "f.npz")
+    expected = {str((tmp_path / file).resolve()): (finding, fold or "all") for finding, file, fold in rows[:1] + rows[2:]}
+    got = {str(Path(p).resolve()): (str(saved["class_names"][label]), str(split))
+           for p, label, split in zip(saved["paths"], saved["labels"], saved["splits"])}  # fmt: skip
+    assert got == expected and saved["features"].shape == (len(expected), 512)
+    assert main([*args[:-1], str(tmp_path / "g.npz"), "--label-col", "diagnosis"]) == 2  # named, not guessed
+    assert not (tmp_path / "g.npz").exists()
+
+
+def test_features_of_multi_label_data_are_written_with_one_0_1_column_per_class(tmp_path: Path) -> None:
+    import numpy as np
+
+    from transferkit import write_features
+
+    rows = _multi_label_images(tmp_path / "images", 12, 3)
+    table = write_csv(tmp_path / "labels.csv", ["path", "labels"], rows)
+    info = write_features(table, tmp_path / "f.npz", "resnet18", "none", use_cache=False)
+    saved = np.load(tmp_path / "f.npz")
+    assert info["multi_label"] and list(saved["class_names"]) == ["blue", "green", "red"]
+    names = list(saved["class_names"])
+    expected = {str((tmp_path / path).resolve()): {names.index(c) for c in labels.split("|")} for path, labels in rows}
+    got = {str(Path(p).resolve()): set(np.flatnonzero(row).tolist()) for p, row in zip(saved["paths"], saved["labels"])}
+    assert got == expected and set(saved["splits"]) == {"all"}
+
+
+def test_advise_reads_a_label_file_and_scores_multi_label_data_by_macro_f1(tmp_path: Path) -> None:
+    import torch
+
+    from transferkit import Preprocessing
+    from transferkit.advice import _chance, advise
+
+    rows = [[*r, "train"] for r in _multi_label_images(tmp_path / "train", 40, 1)]
+    rows += [[*r, "val"] for r in _multi_label_images(tmp_path / "val", 12, 2)]
+    table = write_csv(tmp_path / "tags.csv", ["image", "tags", "split"], rows)
+    small = Preprocessing(32, 36, (0.5,) * 3, (0.5,) * 3)
+    advice = advise(tmp_path, "resnet18", "none", data_options={"labels": table}, cache_dir=tmp_path / "cache",
+                    preprocessing=small)  # fmt: skip
+    assert advice.probe_metric == "macro-F1" and "macro-F1" in advice.text()
+    counts = {name: sum(name in r[1].split("|") for r in rows if r[2] == "train") for name in ("blue", "green", "red")}
+    assert advice.images_per_class == counts
+    assert advice.command.startswith(f"transferkit train {tmp_path} --labels {table} --model resnet18")
+    # chance: answering yes to every class scores 2p / (1 + p) on a class of share p
+    assert _chance(torch.tensor([[1, 0], [1, 1], [1, 0], [1, 0]])) == pytest.approx((1 + 2 * 0.25 / 1.25) / 2)
+    assert _chance(torch.tensor([0, 1, 1, 1])) == 0.75
+    with pytest.raises(TransferkitError, match="unknown data option.*label_column"):
+        advise(tmp_path, "resnet18", "none", data_options={"labels": table, "label_column": "tags"})

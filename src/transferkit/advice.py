@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from .backbones import DEFAULT_BACKBONE, get_module, load_backbone
-from .data import discover, shuffled_by_class
+from .data import class_counts, first_label, shuffled_by_class
+from .discovery import checked_data_options, data_flags, discover_for
 from .features import extract_features
 from .model import TransferModel
 from .probes import fit_linear_probe
@@ -54,6 +55,7 @@ class Advice:
     command: str
     imagenet_confidence: float | None = None
     sampled_per_class: int = 0
+    probe_metric: str = "accuracy"  # macro-F1 on multi-label data
     thresholds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -64,7 +66,7 @@ class Advice:
         lines = [
             f"data: {self.data}",
             f"  images per class: {counts} (imbalance max/min {self.imbalance:.1f})",
-            f"  linear probe on frozen {self.model} features: {self.probe_accuracy:.3f} (chance {self.chance:.3f}, "
+            f"  linear probe on frozen {self.model} features: {self.probe_metric} {self.probe_accuracy:.3f} (chance {self.chance:.3f}, "
             f"{self.sampled_per_class} images per class) → similarity {self.similarity:.2f}",
         ]
         if self.imagenet_confidence is not None:
@@ -119,8 +121,13 @@ def recommend(size: str, domain: str, model: TransferModel) -> tuple[str, dict[s
     ]  # fmt: skip
 
 
-def _sample(samples: list[tuple[str, int]], per_class: int, seed: int) -> list[tuple[str, int]]:
-    return [s for members in shuffled_by_class(samples, lambda s: s[1], seed) for s in members[:per_class]]
+def _chance(labels: torch.Tensor) -> float:
+    """The probe's score without looking at the images: the majority class's share, or on multi-label
+    data (0/1 per class) the macro-F1 of answering yes to every class, 2p / (1 + p) for a class of share p."""
+    if labels.ndim == 1:
+        return max(torch.bincount(labels).tolist()) / len(labels)
+    share = labels.float().mean(dim=0)
+    return float((2 * share / (1 + share)).mean())
 
 
 def _imagenet_confidence(classifier: nn.Module | None, features: torch.Tensor) -> float | None:
@@ -142,18 +149,24 @@ def advise(
     cache_dir: Path | None = None,
     preprocessing: Any = None,
     precision: str = "auto",
+    data_options: dict[str, Any] | None = None,
 ) -> Advice:
-    """Measure the data and recommend a strategy (see the module docstring for the method)."""
-    splits = discover(data, val_split, seed)
+    """Measure the data and recommend a strategy (see the module docstring for the method).
+
+    ``data`` is read as ``train`` reads it, with ``data_options`` (a label file and its columns, an
+    exclude list: :data:`transferkit.discovery.DATA_OPTIONS`). On multi-label data the probe's score
+    is its macro-F1, and chance that of answering yes to every class.
+    """
+    splits = discover_for({"data": data, "val_split": val_split, "seed": seed, **checked_data_options(data_options)})
     backbone = load_backbone(model, weights, preprocessing=preprocessing)
     transfer = TransferModel(backbone, splits.class_names).eval()  # leaves backbone.model its ImageNet head
     original_head = None if backbone.weights == "none" else get_module(backbone.model, backbone.classifier_path)
-    counts = {name: sum(1 for _, lbl in splits.train if lbl == i) for i, name in enumerate(splits.class_names)}
-    sample = _sample(splits.train, per_class, seed)
+    counts = dict(zip(splits.class_names, class_counts(splits.train, len(splits.class_names))))
+    sample = [s for members in shuffled_by_class(splits.train, first_label, seed) for s in members[:per_class]]
     feats = extract_features(transfer, sample, cache_dir=cache_dir, precision=precision)
     # One C and 3 folds: a measurement that takes seconds, not a tuned classifier.
     fit = fit_linear_probe(feats.features, feats.labels, len(splits.class_names), "logreg", seed, (1.0,), 3)
-    chance = max(torch.bincount(feats.labels).tolist()) / len(feats.labels)
+    chance = _chance(feats.labels)
     similarity = max(0.0, min(1.0, (fit.cv_accuracy - chance) / (1 - chance)))
     confidence = _imagenet_confidence(original_head, feats.features)
     size, domain = scenario(statistics.median(counts.values()), similarity, confidence, small_below, similar_from)
@@ -164,12 +177,12 @@ def advise(
                + ("" if confidence is None else f", ImageNet confidence {confidence:.2f} (threshold {CONFIDENT_FROM:g})"),
                *reasons]  # fmt: skip
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in options.items())
-    command = f"transferkit train {data} --model {model} --strategy {strategy} {flags}".strip()
+    command = f"transferkit train {data}{data_flags(data_options)} --model {model} --strategy {strategy} {flags}".strip()
     return Advice(
         data=str(data), model=model, images_per_class=counts,
         imbalance=max(counts.values()) / max(1, min(counts.values())),
         probe_accuracy=fit.cv_accuracy, chance=chance, similarity=similarity, size=size, domain=domain,
         strategy=strategy, options=options, reasons=reasons, command=command,
         imagenet_confidence=confidence,
-        sampled_per_class=per_class, thresholds={"small_below": small_below, "similar_from": similar_from},
+        sampled_per_class=per_class, probe_metric="macro-F1" if splits.multi_label else "accuracy", thresholds={"small_below": small_below, "similar_from": similar_from},
     )  # fmt: skip

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import os
 import random
+import shlex
 import warnings
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, Union
@@ -26,12 +27,14 @@ import_torchvision()  # first: torchvision without dynamo's start-up cost
 from torchvision.datasets.folder import IMG_EXTENSIONS  # noqa: E402
 
 from .errors import TransferkitError  # noqa: E402
-from .label_tables import LabelColumns, LabelRow, read_label_table  # noqa: E402
+from .label_tables import LabelColumns, LabelRow, LabelTable, read_label_table  # noqa: E402
 from .shards import is_packed_image, is_packed_source, is_url, packed_samples, packed_split  # noqa: E402
 
 # torchvision's ImageFolder extensions, and GIF (its first frame), which PIL reads and torchvision does not list.
 IMAGE_EXTENSIONS = (*IMG_EXTENSIONS, ".gif")
 VAL_DIR_NAMES = ("val", "valid", "validation")
+# train's options for reading a data source's labels: a label file, its columns, an exclude list.
+DATA_OPTIONS = ("labels", "exclude", "path_col", "label_col", "split_col", "label_sep", "image_ext")
 # Refuse absurd images from their header, before decoding them (decompression bombs). PIL's own guard
 # (its Image.MAX_IMAGE_PIXELS, left as the user has it) may refuse some sooner.
 MAX_IMAGE_PIXELS = 16384 * 16384
@@ -186,9 +189,84 @@ def discover(
 def discover_for(config: Any) -> ImageFolderSplits:
     """:func:`discover` with a run's data options (a ``TrainConfig`` or its saved dict)."""
     get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
-    columns = LabelColumns(get("path_col"), get("label_col"), get("split_col"), get("label_sep"))
-    return discover(get("data"), get("val_split", 0.2), get("seed", 0), get("labels"), columns, get("image_ext"),
-                    get("exclude"))  # fmt: skip
+    return discover(get("data"), get("val_split", 0.2), get("seed", 0), get("labels"), _columns(get),
+                    get("image_ext"), get("exclude"))  # fmt: skip
+
+
+def checked_data_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``options`` (train's data options, :data:`DATA_OPTIONS`) without the unset ones; an unknown one is an error."""
+    unknown = sorted(set(options or {}) - set(DATA_OPTIONS))
+    if unknown:
+        raise TransferkitError(f"unknown data option(s) {', '.join(unknown)}; choose from: {', '.join(DATA_OPTIONS)}")
+    return {name: value for name, value in (options or {}).items() if value is not None}
+
+
+def data_flags(options: Mapping[str, Any] | None) -> str:
+    """The command-line flags that give ``options`` (for a printed ``transferkit train`` command)."""
+    return "".join(f" --{name.replace('_', '-')} {shlex.quote(str(value))}"
+                   for name, value in checked_data_options(options).items())  # fmt: skip
+
+
+def _columns(get: Callable[[str], Any]) -> LabelColumns:
+    return LabelColumns(get("path_col"), get("label_col"), get("split_col"), get("label_sep"))
+
+
+@dataclass
+class LabelledImages:
+    """Every image of a data source with its label and the split the source gives it ("all" where none)."""
+
+    root: Path
+    class_names: list[str]
+    samples: list[Sample]
+    splits: list[str]
+    multi_label: bool = False
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    excluded: int = 0  # images left out by the exclude option
+
+
+def every_image(data: str | Path, options: Mapping[str, Any] | None = None) -> LabelledImages:
+    """Every image of ``data`` as it is labelled and split there, none held out (what ``features`` writes).
+
+    ``options`` are train's data options (:data:`DATA_OPTIONS`: a label file and its columns, an
+    exclude list). Unlike :func:`discover`, no validation split is drawn where the data has none.
+    """
+    get = checked_data_options(options).get
+    root = Path(data).expanduser()
+    if get("labels") is None and is_packed_source(data):
+        manifest, packed = packed_samples(str(data))
+        found = LabelledImages(Path(str(data)), manifest["class_names"], [], [], manifest["multi_label"])
+        for split, samples in packed.items():
+            found.samples, found.splits = found.samples + samples, found.splits + [split] * len(samples)
+    elif get("labels") is not None or (root.suffix.lower() == ".csv" and root.is_file()):
+        table = _read_table(root, get("labels"), _columns(get), get("image_ext"))
+        rows = [(sample, row.split or "all") for sample, row in zip(_table_samples(table), table.rows)]
+        found = LabelledImages(table.source, table.class_names, [s for s, _ in rows], [split for _, split in rows],
+                               table.multi_label, list(table.skipped))  # fmt: skip
+    else:
+        found = _every_in_folders(root)
+    if get("exclude") is not None:
+        excluded = read_exclude_list(get("exclude"))
+        kept = [i for i, (path, _) in enumerate(found.samples) if _exclude_key(path) not in excluded]
+        found.excluded = len(found.samples) - len(kept)
+        found.samples, found.splits = [found.samples[i] for i in kept], [found.splits[i] for i in kept]
+    if not found.samples:
+        raise TransferkitError(f"no usable image in {root}; give a folder of class folders, a label file or packed shards")
+    return found
+
+
+def _every_in_folders(root: Path) -> LabelledImages:
+    """``root/{train,val,test}/<class>/*`` with their splits, or ``root/<class>/*`` as "all"."""
+    val_dir = next((root / n for n in VAL_DIR_NAMES if (root / n).is_dir()), None)
+    folders = [("all", root)]
+    if (root / "train").is_dir():
+        folders = [("train", root / "train"), *([("val", val_dir)] if val_dir else []),
+                   *([("test", root / "test")] if (root / "test").is_dir() else [])]  # fmt: skip
+    found = LabelledImages(root, [], [], [])
+    for split, folder in folders:
+        names, samples, skipped = scan_class_folder(folder, found.class_names or None)
+        found.class_names, found.skipped = names, found.skipped + skipped
+        found.samples, found.splits = found.samples + samples, found.splits + [split] * len(samples)
+    return found
 
 
 def _discover_folders(root: Path, val_split: float, seed: int) -> ImageFolderSplits:
@@ -242,20 +320,10 @@ def _packed_split(
 def _discover_table(
     data: Path, labels: str | Path | None, columns: LabelColumns, image_ext: str | None, val_split: float, seed: int
 ) -> ImageFolderSplits:
-    if labels is not None and not data.is_dir():
-        raise TransferkitError(f"--labels {labels}: DATA ({data}) must be the image folder the label file's paths "
-                               f"are relative to")  # fmt: skip
-    table = read_label_table(labels or data, data if labels is not None else None, columns, image_ext, _check_image,
-                             IMAGE_EXTENSIONS)  # fmt: skip
-    index = {name: i for i, name in enumerate(table.class_names)}
-
-    def sample(row: LabelRow) -> Sample:
-        ids = {index[label] for label in row.labels}
-        return (row.path, tuple(int(i in ids) for i in range(len(index))) if table.multi_label else min(ids))
-
+    table = _read_table(data, labels, columns, image_ext)
     by_split: dict[str | None, list[Sample]] = {}
-    for row in table.rows:
-        by_split.setdefault(row.split, []).append(sample(row))
+    for sample, row in zip(_table_samples(table), table.rows):
+        by_split.setdefault(row.split, []).append(sample)
     unsplit = by_split.pop(None, [])
     train, val = by_split.get("train", []), by_split.get("val", [])
     if unsplit or not val:
@@ -264,6 +332,25 @@ def _discover_table(
     layout = "label file" + ("" if by_split.get("val") else f", split {1 - val_split:.0%}/{val_split:.0%}")
     return ImageFolderSplits(table.source, table.class_names, sorted(train), sorted(val), by_split.get("test"),
                              list(table.skipped), layout, table.multi_label, repeated_rows=table.duplicates)  # fmt: skip
+
+
+def _read_table(data: Path, labels: str | Path | None, columns: LabelColumns, image_ext: str | None) -> LabelTable:
+    if labels is not None and not data.is_dir():
+        raise TransferkitError(f"--labels {labels}: DATA ({data}) must be the image folder the label file's paths "
+                               f"are relative to")  # fmt: skip
+    return read_label_table(labels or data, data if labels is not None else None, columns, image_ext, _check_image,
+                            IMAGE_EXTENSIONS)  # fmt: skip
+
+
+def _table_samples(table: LabelTable) -> list[Sample]:
+    """Each row's sample: its class index, or one 0/1 per class (multi-label)."""
+    index = {name: i for i, name in enumerate(table.class_names)}
+
+    def sample(row: LabelRow) -> Sample:
+        ids = {index[label] for label in row.labels}
+        return (row.path, tuple(int(i in ids) for i in range(len(index))) if table.multi_label else min(ids))
+
+    return [sample(row) for row in table.rows]
 
 
 def read_exclude_list(path: str | Path) -> set[str]:

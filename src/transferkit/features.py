@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from .backbones import Preprocessing
 from .files import atomic_write, cache_root
-from .shards import is_packed_source, packed_identity, packed_samples
+from .shards import packed_identity
 from .data import ImageDataset, Sample, build_transform, collate_skipping_bad, default_num_workers
 from .errors import TransferkitError
 from .feature_store import FeatureStore, StoredRows
@@ -282,42 +282,32 @@ def write_features(
     use_cache: bool = True,
     preprocessing: Preprocessing | None = None,
     precision: str = "auto",
+    data_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Pooled features of every image under ``data_dir`` (all splits) to ``out`` (.npz or .pt).
+    """Pooled features of every image of ``data_dir`` (all splits) to ``out`` (.npz or .pt).
 
-    The file holds ``features`` (N, D), ``labels`` (N,), ``paths``, ``splits`` and ``class_names``.
+    ``data_dir`` is read as ``train`` reads it: class folders, packed shards, or a label file
+    (``data_options``: ``labels``, its columns, ``exclude``; see :data:`transferkit.discovery.DATA_OPTIONS`).
+    The file holds ``features`` (N, D), ``labels`` (N,) or, for multi-label data, (N, classes) of 0/1,
+    ``paths``, ``splits`` (train/val/test as the data gives them, else "all") and ``class_names``.
     """
     from .backbones import load_backbone
-    from .data import VAL_DIR_NAMES, scan_class_folder
+    from .discovery import every_image
 
-    root = Path(data_dir).expanduser()
     out = Path(out)
     if out.suffix not in (".npz", ".pt"):
         raise TransferkitError(f"--out {out} must end in .npz or .pt")
     if out.exists():
         raise TransferkitError(f"{out} already exists; choose another --out or remove it")
-    split_dirs = [n for n in ("train", *VAL_DIR_NAMES, "test") if (root / n).is_dir()]
-    folders = [(n, root / n) for n in split_dirs] if "train" in split_dirs else [("all", root)]
-    class_names: list[str] | None = None
-    samples: list[Sample] = []
-    splits: list[str] = []
-    if is_packed_source(data_dir):  # transferkit pack's shards, a local folder or an object-store URL
-        manifest, packed = packed_samples(data_dir)
-        class_names, folders = manifest["class_names"], []
-        for split, found in packed.items():
-            samples, splits = samples + found, splits + [split] * len(found)
-    for split, folder in folders:
-        class_names, found, _ = scan_class_folder(folder, class_names)
-        samples += found
-        splits += [split] * len(found)
-    assert class_names is not None
+    found = every_image(data_dir, data_options)
+    class_names = found.class_names
     backbone = load_backbone(model_name, weights, preprocessing=preprocessing)
     model = TransferModel(backbone, class_names if len(class_names) > 1 else [*class_names, "_"]).eval()
     precision = resolve_precision(precision, pick_device())
-    result = extract_features(model, samples, layer=layer, batch_size=batch_size, use_cache=use_cache,
+    result = extract_features(model, found.samples, layer=layer, batch_size=batch_size, use_cache=use_cache,
                               precision=precision)  # fmt: skip
     kept = set(result.paths)
-    split_of = [s for (p, _), s in zip(samples, splits) if p in kept]
+    split_of = [s for (p, _), s in zip(found.samples, found.splits) if p in kept]
     payload = {"features": result.features.numpy(), "labels": result.labels.numpy(), "paths": np.array(result.paths),
                "splits": np.array(split_of), "class_names": np.array(class_names)}  # fmt: skip
     if out.suffix == ".npz":
@@ -328,4 +318,4 @@ def write_features(
         atomic_write(out, lambda tmp: torch.save(tensors, tmp))
     return {"path": str(out), "count": len(result.paths), "dim": int(result.features.shape[1]),
             "layer": resolve_layer(model, layer)[0], "hits": result.hits, "misses": result.misses,
-            "precision": precision}  # fmt: skip
+            "precision": precision, "multi_label": found.multi_label, "excluded": found.excluded}  # fmt: skip

@@ -28,6 +28,7 @@ import numpy as np
 from .backbones import DEFAULT_BACKBONE, Preprocessing, load_backbone
 from .checkpoint import load_checkpoint
 from .data import ImageFolderSplits, discover_for, load_image
+from .discovery import DATA_OPTIONS
 from .errors import TransferkitError
 from .features import extract_features
 from .files import write_json
@@ -53,7 +54,7 @@ from .shards import is_url
 DUPLICATE_RATIO = 0.25
 OUTLIER_FRACTION = 0.01  # the share of images listed as outliers, the least alike first
 SPLITS = ("train", "val", "test")
-DATA_OPTIONS = ("path_col", "label_col", "split_col", "label_sep", "image_ext")  # a label file's, as train's
+LABEL_FILE_OPTIONS = tuple(name for name in DATA_OPTIONS if name not in ("labels", "exclude"))  # its columns
 JSON_NAME, PAGE_NAME, SUSPECTS_NAME = "inspection.json", "inspection.html", "suspects.txt"
 
 
@@ -333,9 +334,9 @@ def _model(
 
 def _discover(data: str | Path | None, config: dict[str, Any], options: dict[str, Any], seed: int) -> ImageFolderSplits:
     """The data as ``train`` reads it: DATA with ``options``, or the run's own data and options."""
-    unknown = sorted(set(options) - {"labels", "exclude", "val_split", *DATA_OPTIONS})
+    unknown = sorted(set(options) - {"labels", "exclude", "val_split", *LABEL_FILE_OPTIONS})
     if unknown:
-        raise TransferkitError(f"unknown data option(s) {', '.join(unknown)}; choose from: {', '.join(DATA_OPTIONS)}")
+        raise TransferkitError(f"unknown data option(s) {', '.join(unknown)}; choose from: {', '.join(LABEL_FILE_OPTIONS)}")
     if data is None:
         if not config.get("data"):
             raise TransferkitError("give DATA (an image folder or label file) to inspect, or a --run that names its data")

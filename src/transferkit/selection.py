@@ -398,14 +398,18 @@ def _reason(exc: Exception) -> str:
 def measure_candidates(
     data: str | Path, model: str = DEFAULT_BACKBONE, weights: str = "DEFAULT", models: list[str] | str | None = None,
     budget: str | float | None = None, seed: int = 0, val_split: float = 0.2,
-    mean: list[float] | None = None, std: list[float] | None = None,
+    mean: list[float] | None = None, std: list[float] | None = None, data_options: dict[str, Any] | None = None,
 ) -> Selection:  # fmt: skip
-    """The cheap stage alone (candidates on cached features): what ``transferkit advise`` prints."""
-    from .data import discover
+    """The cheap stage alone (candidates on cached features): what ``transferkit advise`` prints.
+
+    ``data_options``: how ``data``'s labels are read, as for ``train`` (a label file, its columns, an exclude list).
+    """
+    from .discovery import checked_data_options, discover_for
 
     config = TrainConfig(data=str(data), model=model, weights=weights, strategy="auto", budget=budget,
-                         models=models, seed=seed, val_split=val_split, mean=mean, std=std, quiet=True)  # fmt: skip
-    splits = discover(config.data, val_split, seed)
+                         models=models, seed=seed, val_split=val_split, mean=mean, std=std, quiet=True,
+                         **checked_data_options(data_options))  # fmt: skip
+    splits = discover_for(config)
     config.resolved_from["balance"] = resolve_balance("auto", splits.train, len(splits.class_names),
                                                       splits.multi_label).to_dict()  # fmt: skip
     return select(config, splits, budget, config.models, quiet=True, trainable=False)

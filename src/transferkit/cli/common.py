@@ -186,6 +186,12 @@ def data_options() -> argparse.ArgumentParser:
     return parent
 
 
+def data_options_given(args: argparse.Namespace) -> dict[str, Any]:
+    """The :func:`data_options` given on the command line, by their names in the library (``label_col``, ...)."""
+    names = [action.dest for action in data_options()._actions if action.dest != "help"]
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
 def cache_dir_option() -> argparse.ArgumentParser:
     parent = _parent()
     parent.add_argument("--cache-dir", help="feature cache folder (default ~/.cache/transferkit, or $TRANSFERKIT_CACHE_DIR)")

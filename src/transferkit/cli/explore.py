@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from .common import Command, backbone_options, batch_size_option, precision_option
+from .common import Command, backbone_options, batch_size_option, data_options, data_options_given, precision_option
 
 
 def _models_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,7 +41,7 @@ def _explicit_preprocessing(args: argparse.Namespace) -> Any:
 
 
 def _features_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data", help="an image folder (all of train/val/test, or DATA/<class>/*)")
+    p.add_argument("data", help="an image folder (all of train/val/test, or DATA/<class>/*), a label file or packed shards")
     p.add_argument("--layer", help="layer group (see the model's groups) or module path; default: the penultimate features")
     p.add_argument("--out", required=True, help="output file, .npz or .pt")
     p.add_argument("--no-cache", action="store_true", help="recompute features that are in the feature cache")
@@ -52,14 +52,14 @@ def _features(args: argparse.Namespace) -> int:
 
     info = write_features(args.data, args.out, args.model, args.weights, args.layer, args.batch_size,
                           use_cache=not args.no_cache, preprocessing=_explicit_preprocessing(args),
-                          precision=args.precision)  # fmt: skip
+                          precision=args.precision, data_options=data_options_given(args))  # fmt: skip
     print(f"wrote {info['count']} × {info['dim']} features of {info['layer']} to {info['path']} "
           f"({info['misses']} computed at {info['precision']}, {info['hits']} from cache)")  # fmt: skip
     return 0
 
 
 def _advise_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data", help="an image folder, as for train")
+    p.add_argument("data", help="an image folder, a label file or packed shards, as for train")
     p.add_argument("--per-class", type=int, default=100, help="images per class used to measure similarity")
     p.add_argument("--models", help="candidate backbones to measure, comma-separated (default: the model and "
                    "every backbone whose weights are available offline)")  # fmt: skip
@@ -69,13 +69,15 @@ def _advise_arguments(p: argparse.ArgumentParser) -> None:
 
 def _advise(args: argparse.Namespace) -> int:
     from .. import advise, measure_candidates
+    from ..discovery import data_flags
 
+    options = data_options_given(args)
     advice = advise(args.data, args.model, args.weights, per_class=args.per_class,
-                    preprocessing=_explicit_preprocessing(args), precision=args.precision)  # fmt: skip
+                    preprocessing=_explicit_preprocessing(args), precision=args.precision, data_options=options)  # fmt: skip
     # The fast first stage of --strategy auto's measurement: candidates on cached features.
     measured = measure_candidates(args.data, args.model, args.weights, models=args.models, budget=args.budget,
-                                  mean=args.mean, std=args.std)  # fmt: skip
-    command = measured.command(args.data)
+                                  mean=args.mean, std=args.std, data_options=options)  # fmt: skip
+    command = measured.command(args.data + data_flags(options))
     if args.json:
         print(json.dumps({**advice.to_dict(), "measured": {**measured.to_dict(), "command": command}}, indent=2))
     else:
@@ -93,9 +95,11 @@ transferkit models 'timm/convnext*'
     Command("features", "Write pooled CNN features (with labels and paths) for your own tools.", """
 transferkit features data/hymenoptera --model resnet50 --out feats.npz
 transferkit features data/hymenoptera --layer layer3 --out layer3.pt
-""", _features_arguments, _features, parents=(backbone_options, batch_size_option, precision_option)),
+transferkit features images/ --labels labels.csv --out feats.npz
+""", _features_arguments, _features, parents=(backbone_options, batch_size_option, precision_option, data_options)),
     Command("advise", "Measure a dataset and recommend a strategy (size x similarity to ImageNet).", """
 transferkit advise data/hymenoptera
 transferkit advise data/xrays --model resnet50 --json
-""", _advise_arguments, _advise, parents=(backbone_options, precision_option)),
+transferkit advise images/ --labels labels.csv --label-col diagnosis
+""", _advise_arguments, _advise, parents=(backbone_options, precision_option, data_options)),
 )  # fmt: skip

@@ -43,12 +43,12 @@ def _inspect_arguments(p: argparse.ArgumentParser) -> None:
 
 def _inspect(args: argparse.Namespace) -> int:
     from .. import TransferkitError, explicit_preprocessing, inspect_data
-    from ..inspection import DATA_OPTIONS, default_out_dir
+    from ..inspection import LABEL_FILE_OPTIONS, default_out_dir
 
     if args.run and (args.mean or args.std or args.image_size):
         raise TransferkitError("--run brings its own preprocessing; leave out --mean, --std and --image-size")
     preprocessing = None if args.run else explicit_preprocessing(args.model, args.mean, args.std, args.image_size)
-    options = {name: getattr(args, name) for name in DATA_OPTIONS if getattr(args, name) is not None}
+    options = {name: getattr(args, name) for name in LABEL_FILE_OPTIONS if getattr(args, name) is not None}
     result = inspect_data(
         args.data, run=args.run, model=args.model, weights=args.weights, layer=args.layer, precision=args.precision,
         out=args.out or default_out_dir(args.data, args.run), folds=args.folds, seed=args.seed,

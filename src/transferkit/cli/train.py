@@ -13,6 +13,7 @@ from .common import (
     batch_size_option,
     cache_dir_option,
     data_options,
+    data_options_given,
     epochs,
     image_size_option,
     precision_option,
@@ -108,7 +109,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _lr_find_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data", help="an image folder, as for train")
+    p.add_argument("data", help="an image folder or a label file, as for train")
     p.add_argument("--strategy", default="feature-extract", choices=ApiChoices("STRATEGIES"), metavar="STRATEGY",
                    help="%(choices)s (a linear probe has no learning rate to find)")  # fmt: skip
     p.add_argument("--unfreeze", help="as for train")
@@ -123,7 +124,7 @@ def _lr_find(args: argparse.Namespace) -> int:
     config = TrainConfig(data=args.data, model=args.model, weights=args.weights, mean=args.mean, std=args.std,
                          image_size=args.image_size, strategy=args.strategy, unfreeze=args.unfreeze, head=args.head,
                          batch_size=args.batch_size, optimizer=args.optimizer, precision=args.precision,
-                         quiet=True)  # fmt: skip
+                         quiet=True, **data_options_given(args))  # fmt: skip
     result = find_lr(config)
     plot = result.plot(Path(args.plot))
     print(f"suggested learning rate: {result.suggestion:g} (plot: {plot})")
@@ -143,5 +144,6 @@ transferkit train labels.csv --label-col diagnosis --split-col fold
     Command("lr-find", "LR range test (Lightning's tuner): saves a plot, prints the suggested LR.", """
 transferkit lr-find data/hymenoptera --strategy fine-tune --unfreeze 2 --plot lr.png
 transferkit train data/hymenoptera --lr auto
-""", _lr_find_arguments, _lr_find, parents=(backbone_options, image_size_option, batch_size_option, precision_option)),
+""", _lr_find_arguments, _lr_find,
+            parents=(backbone_options, image_size_option, batch_size_option, precision_option, data_options)),
 )  # fmt: skip
