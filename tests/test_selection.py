@@ -75,6 +75,23 @@ def test_advise_prints_the_fast_stage_of_the_measurement(tiny_dataset: Path, cap
     assert "recommended strategy:" in out and "measured on 4 held-out training images" in out
     assert "resnet18 linear-probe head-input" in out and "fine-tune" not in out.split("measured on")[1]
     assert f"best: transferkit train {tiny_dataset} --model resnet18 --strategy" in out
+    assert f"command: transferkit train {tiny_dataset} --model resnet18 --weights none --strategy" in out
+    assert out.rstrip().endswith("--weights none")  # the winner is the run's own model, with its own weights
+
+
+def test_the_winner_takes_the_runs_weights_only_where_it_is_the_runs_own_model() -> None:
+    from transferkit.leaderboard import Selection, Trial
+
+    own = {"model": "resnet18", "weights": "mine.pth", "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+    selection = Selection(60, 10, 4, own_model=own, winner=Trial("resnet18", "linear-probe", layer="layer3"))
+    assert selection.winner_options() == {"model": "resnet18", "strategy": "linear-probe", "layer": "layer3",
+                                          "weights": "mine.pth", "mean": [0.5] * 3, "std": [0.25] * 3}  # fmt: skip
+    assert selection.command("d") == ("transferkit train d --model resnet18 --strategy linear-probe --layer layer3 "
+                                      "--weights mine.pth --mean 0.5,0.5,0.5 --std 0.25,0.25,0.25")  # fmt: skip
+    selection.winner = Trial("efficientnet_lite0", "feature-extract")  # another backbone: its own default weights
+    assert selection.winner_options() == {"model": "efficientnet_lite0", "strategy": "feature-extract",
+                                          "weights": "DEFAULT", "mean": None, "std": None}  # fmt: skip
+    assert selection.command("d") == "transferkit train d --model efficientnet_lite0 --strategy feature-extract"
 
 
 def test_an_interrupted_search_resumes_from_its_measured_trials(

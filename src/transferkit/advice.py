@@ -18,6 +18,7 @@ measured here, hymenoptera gives similarity 0.93 / confidence 0.72, Fashion-MNIS
 
 from __future__ import annotations
 
+import shlex
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -177,7 +178,11 @@ def advise(
                + ("" if confidence is None else f", ImageNet confidence {confidence:.2f} (threshold {CONFIDENT_FROM:g})"),
                *reasons]  # fmt: skip
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in options.items())
-    command = f"transferkit train {data}{data_flags(data_options)} --model {model} --strategy {strategy} {flags}".strip()
+    weights_flags = "" if weights == "DEFAULT" else f" --weights {shlex.quote(weights)}"
+    if preprocessing is not None:  # a weights file's own normalisation
+        weights_flags += "".join(f" --{name} {','.join(map(str, getattr(preprocessing, name)))}" for name in ("mean", "std"))
+    command = (f"transferkit train {data}{data_flags(data_options)} --model {model}{weights_flags} "
+               f"--strategy {strategy} {flags}").strip()  # fmt: skip
     return Advice(
         data=str(data), model=model, images_per_class=counts,
         imbalance=max(counts.values()) / max(1, min(counts.values())),

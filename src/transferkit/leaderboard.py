@@ -50,6 +50,9 @@ class Selection:
     epoch_seconds: dict[str, float] = field(default_factory=dict)
     metric: str = "accuracy"  # what scores the holdout: macro_f1 for imbalanced classes
     class_counts: dict[str, int] = field(default_factory=dict)  # training images per class
+    # The run's own model and the weights it was given (weights, mean, std): other candidates load
+    # their default weights, so only a winning own model takes these.
+    own_model: dict[str, Any] = field(default_factory=dict)
 
     def final_epochs(self, wanted: int) -> int:
         """Epochs the winner can train in what is left of the budget (at least one), up to ``wanted``."""
@@ -64,10 +67,22 @@ class Selection:
         done = sorted((t for t in self.trials if t.score is not None), key=lambda t: (-t.score, t.seconds))
         return [*done, *(t for t in self.trials if t.score is None)]
 
-    def command(self, data: str) -> str:
+    def winner_options(self) -> dict[str, Any]:
+        """The TrainConfig fields that train the winner: its options, and its weights where it is the run's own model."""
         if self.winner is None:
+            return {}
+        chosen = self.winner.options()
+        if self.winner.backbone == self.own_model.get("model"):
+            return {**chosen, **{k: v for k, v in self.own_model.items() if k != "model"}}
+        return {**chosen, "weights": "DEFAULT", "mean": None, "std": None}
+
+    def command(self, data: str) -> str:
+        """The ``transferkit train`` command that trains the winner (on ``data``: DATA and its data flags)."""
+        shown = {k: v for k, v in self.winner_options().items() if v is not None and v != "DEFAULT"}
+        if not shown:
             return ""
-        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in self.winner.options().items())
+        flags = " ".join(f"--{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, list) else v}"
+                         for k, v in shown.items())  # fmt: skip
         return f"transferkit train {data} {flags}"
 
     def table(self) -> str:

@@ -110,8 +110,9 @@ class Search:
         # Imbalanced classes are scored by macro-F1 (balance.py), on the holdout as on validation.
         self.metric = "macro_f1" if balance.get("selection_metric") == "val_macro_f1" else "accuracy"
         counts = class_counts(splits.train, len(splits.class_names))
+        own = {"model": config.model, "weights": config.weights, "mean": config.mean, "std": config.std}
         self.selection = Selection(budget_s, len(self.learn), len(self.holdout), metric=self.metric,
-                                   class_counts=dict(zip(splits.class_names, counts)))
+                                   class_counts=dict(zip(splits.class_names, counts)), own_model=own)  # fmt: skip
         self.speed: dict[str, float] = {}  # backbone → inference images/s, measured
         self.fit_seconds = 0.0  # the longest probe fit so far: part of the next probe's estimate
         # Measured extraction speed over the pure forward speed: decoding and resizing, learnt as it goes.
@@ -295,8 +296,8 @@ class Search:
     def _model(self, name: str, config: TrainConfig | None = None) -> TransferModel:
         """``name`` with the run's head; with ``config``, its strategy applied (a trainable trial)."""
         cfg = config or TrainConfig(**{**self.config.to_dict(), "model": name, "resolved_from": {}})
-        if cfg.model != self.config.model:
-            cfg.weights = "DEFAULT"  # the run's own weights choice belongs to the run's own model
+        if cfg.model != self.config.model:  # the run's own weights (and their mean/std) belong to its own model
+            cfg.weights, cfg.mean, cfg.std = "DEFAULT", None, None
         model = build_model(cfg, self.splits.class_names)
         if self.splits.multi_label:
             model.record = model.record.with_extra(multi_label=True)

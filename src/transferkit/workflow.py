@@ -234,7 +234,7 @@ def _measured_choice(
     selection = select(config, splits, config.budget, config.models, quiet=config.quiet, previous=previous,
                        spent_s=spent_s, on_trial=progress)  # fmt: skip
     assert selection.winner is not None
-    for key, value in selection.winner.options().items():
+    for key, value in selection.winner_options().items():
         setattr(config, key, value)
     config.epochs = selection.final_epochs(config.epochs)
     config.budget, config.models = None, None  # spent: the resolved config trains (or resumes) the winner
