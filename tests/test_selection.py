@@ -79,6 +79,15 @@ def test_advise_prints_the_fast_stage_of_the_measurement(tiny_dataset: Path, cap
     assert out.rstrip().endswith("--weights none")  # the winner is the run's own model, with its own weights
 
 
+def test_a_winning_other_backbone_trains_with_its_own_weights(tiny_dataset: Path, tmp_path: Path) -> None:
+    from transferkit import train
+
+    result = train(tiny_dataset, model="resnet18", weights="none", strategy="auto", models=["efficientnet_lite0"],
+                   budget="60s", image_size=32, epochs=1, batch_size=4, quiet=True, out=str(tmp_path / "run"))  # fmt: skip
+    config = json.loads((Path(result.run_dir) / "config.json").read_text())
+    assert (config["model"], config["weights"]) == ("efficientnet_lite0", "DEFAULT")  # not resnet18's "none"
+
+
 def test_the_winner_takes_the_runs_weights_only_where_it_is_the_runs_own_model() -> None:
     from transferkit.leaderboard import Selection, Trial
 
