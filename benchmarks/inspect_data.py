@@ -2,7 +2,7 @@
 
 For each dataset the features are extracted first, into a fresh cache, and timed alone; then
 `inspect_data` runs on the warm cache, twice in the same process: the first run pays the imports
-of scikit-learn's neighbours, cleanlab and pandas (what one `transferkit inspect` command pays),
+of scikit-learn, cleanlab and pandas (what one `transferkit inspect` command pays),
 the second is the steady state (the imports are paid once per process, by the first dataset). "Beyond extraction" is the checks (neighbours, cross-validated
 probe + cleanlab, hashing, pairs, outliers) plus writing the page, its thumbnails, the JSON and
 the list; reading the cached features back (and loading the backbone) is shown beside it.
@@ -11,7 +11,11 @@ Datasets: ../shared/datasets/hymenoptera (398 photos, efficientnet_lite0 at its 
 present, and N generated 64 px shape images in 10 classes (default 3,000; efficientnet_lite0 at
 64 px, which keeps extraction short and the feature dimension, 1280, the same).
 
-    python benchmarks/inspect_data.py [--images 3000] [--no-hymenoptera]
+    python benchmarks/inspect_data.py [--images 3000] [--no-hymenoptera] [--neighbours-rows 20000]
+
+`--neighbours-rows N` also times the nearest-neighbour search alone on N random 512-d features,
+transferkit's blockwise search against scikit-learn's brute-force `NearestNeighbors` (the way it
+was done before), taking turns, and checks that both find the same neighbours.
 
 (Not benchmarks/inspect.py: run as a script, that name would shadow the standard library's inspect.)
 """
@@ -88,10 +92,31 @@ def measure(name: str, data: Path, workdir: Path, preprocessing: object) -> dict
     return {"images": n, "cold": cold, "first": runs[0]["beyond"], "again": runs[1]["beyond"]}
 
 
+def compare_neighbour_search(rows: int, rounds: int = 3) -> None:
+    from sklearn.neighbors import NearestNeighbors
+
+    from transferkit.inspection_checks import nearest_neighbours
+
+    x = np.random.default_rng(0).standard_normal((rows, 512)).astype(np.float32)
+    ours, theirs = [], []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        index, _ = nearest_neighbours(x, 10)
+        ours.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        _, found = NearestNeighbors(n_neighbors=11, metric="cosine", algorithm="brute").fit(x).kneighbors(x)
+        theirs.append(time.perf_counter() - start)
+    same = np.mean([set(a) == set(b[1:]) for a, b in zip(index, found)])
+    ours_s, theirs_s = sorted(ours)[rounds // 2], sorted(theirs)[rounds // 2]
+    print(f"nearest neighbours, {rows} x 512, k=10 (medians of {rounds}): transferkit {ours_s:.2f} s, "
+          f"scikit-learn brute force {theirs_s:.2f} s ({theirs_s / ours_s:.1f}x); same neighbours for {same:.1%} of rows")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=3000, help="generated images")
     parser.add_argument("--no-hymenoptera", action="store_true")
+    parser.add_argument("--neighbours-rows", type=int, default=0, help="also time the neighbour search alone")
     args = parser.parse_args()
     import torch
 
@@ -106,6 +131,8 @@ def main() -> None:
             measure("hymenoptera", SHARED / "datasets" / "hymenoptera", work, None)
         make_shapes(work / "shapes", args.images)
         measure("generated", work / "shapes", work, explicit_preprocessing("efficientnet_lite0", image_size=64))
+    if args.neighbours_rows:
+        compare_neighbour_search(args.neighbours_rows)
 
 
 if __name__ == "__main__":

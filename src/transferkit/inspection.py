@@ -3,7 +3,7 @@
 - likely label errors: out-of-fold probabilities of a cross-validated linear probe (scikit-learn),
   ranked by cleanlab's ``find_label_issues`` (by self-confidence);
 - near-duplicates within a split, and leaks between splits: the cosine similarity of each image's
-  nearest neighbours in feature space (scikit-learn); byte-identical files by SHA-256;
+  nearest neighbours in feature space (an exact cosine search); byte-identical files by SHA-256;
 - outliers: the images farthest from their nearest neighbours; images that do not decode.
 
 The features come from the feature cache (:mod:`transferkit.features`): after one extraction, or a

@@ -140,18 +140,30 @@ def _out_of_fold(model: Any, x: np.ndarray, y: np.ndarray, cv: Any) -> np.ndarra
 
 
 def nearest_neighbours(features: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's ``k`` nearest other rows by cosine similarity, most alike first: (indices, similarities)."""
-    from sklearn.neighbors import NearestNeighbors
+    """Each row's ``k`` nearest other rows by cosine similarity, most alike first: (indices, similarities).
+
+    An exact search: unit vectors multiplied a block of rows at a time against all of them, keeping
+    each row's top k + 1 (itself among them); memory stays at one block (~256 MB) whatever the row
+    count. It finds the neighbours scikit-learn's brute-force ``NearestNeighbors`` finds, 2.7-3.3x
+    faster on 2 cores (``benchmarks/inspect_data.py --neighbours-rows 20000``: 4.2 s against 11.5 s).
+    """
+    import torch
 
     n = len(features)
     k = min(k, n - 1)
     if k < 1:
         return np.zeros((n, 0), dtype=np.int64), np.zeros((n, 0))
-    dist, idx = NearestNeighbors(n_neighbors=k + 1, metric="cosine", algorithm="brute").fit(features).kneighbors(features)
+    unit = torch.nn.functional.normalize(torch.as_tensor(np.asarray(features, dtype=np.float32)), dim=1)
+    rows = max(1, (1 << 26) // n)  # a block of rows × n similarities, 4 bytes each
+    similarity, index = np.empty((n, k + 1), dtype=np.float32), np.empty((n, k + 1), dtype=np.int64)
+    with torch.inference_mode():
+        for start in range(0, n, rows):
+            top = (unit[start:start + rows] @ unit.T).topk(k + 1, dim=1)
+            similarity[start:start + rows], index[start:start + rows] = top.values.numpy(), top.indices.numpy()
     # A row is not its own neighbour; an exact copy can tie with it, so it goes by index, not by column.
-    own = idx == np.arange(n)[:, None]
+    own = index == np.arange(n)[:, None]
     own[~own.any(axis=1), -1] = True
-    return idx[~own].reshape(n, k), (1.0 - dist[~own]).reshape(n, k)
+    return index[~own].reshape(n, k), similarity[~own].reshape(n, k).astype(np.float64)
 
 
 def keep_order(
