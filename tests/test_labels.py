@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 from pathlib import Path
@@ -331,3 +332,31 @@ def test_advise_reads_a_label_file_and_scores_multi_label_data_by_macro_f1(tmp_p
     assert _chance(torch.tensor([0, 1, 1, 1])) == 0.75
     with pytest.raises(TransferkitError, match="unknown data option.*label_column"):
         advise(tmp_path, "resnet18", "none", data_options={"labels": table, "label_column": "tags"})
+
+
+def test_evaluate_reads_a_label_file_of_held_out_images(tiny_dataset: Path, tmp_path: Path) -> None:
+    from transferkit import evaluate, train
+    from transferkit.cli import main
+
+    run = train(tiny_dataset, **TINY, out=str(tmp_path / "run")).run_dir
+    images = sorted((tiny_dataset / "val").rglob("*.*"))  # blue 0-3, red 0-3
+    whole = evaluate(run, tiny_dataset / "val")
+    # No split column: every row is held out, and a class may have one image (nothing here is trained).
+    table = write_csv(tmp_path / "test.csv", ["path", "label"], [[str(p), p.parent.name] for p in images])
+    assert evaluate(run, table).accuracy == whole.accuracy and evaluate(run, table).num_images == 8
+    few = write_csv(tmp_path / "few.csv", ["path", "label"], [[str(p), p.parent.name] for p in images[:5]])
+    assert evaluate(run, few).num_images == 5
+    # With splits: the test rows; training rows alone are refused.
+    split = [[str(p), p.parent.name, "test" if i % 2 else "train"] for i, p in enumerate(images)]
+    assert evaluate(run, write_csv(tmp_path / "split.csv", ["path", "label", "split"], split)).num_images == 4
+    trained = write_csv(tmp_path / "train.csv", ["path", "label", "split"], [r[:2] + ["train"] for r in split])
+    with pytest.raises(TransferkitError, match="no test or val rows"):
+        evaluate(run, trained)
+    # The command line takes a label file beside the images, with named columns.
+    named = write_csv(tmp_path / "scans.csv", ["finding", "file"],
+                      [[p.parent.name, str(p.relative_to(tiny_dataset))] for p in images])  # fmt: skip
+    out = tmp_path / "evaluation.json"
+    with open(out, "w") as f, contextlib.redirect_stdout(f):
+        assert main(["evaluate", str(run), str(tiny_dataset), "--labels", str(named), "--path-col", "file",
+                     "--label-col", "finding", "--json"]) == 0  # fmt: skip
+    assert json.loads(out.read_text())["accuracy"] == whole.accuracy

@@ -238,7 +238,7 @@ def every_image(data: str | Path, options: Mapping[str, Any] | None = None) -> L
         for split, samples in packed.items():
             found.samples, found.splits = found.samples + samples, found.splits + [split] * len(samples)
     elif get("labels") is not None or (root.suffix.lower() == ".csv" and root.is_file()):
-        table = _read_table(root, get("labels"), _columns(get), get("image_ext"))
+        table = _read_table(root, get("labels"), _columns(get), get("image_ext"), to_train=False)
         rows = [(sample, row.split or "all") for sample, row in zip(_table_samples(table), table.rows)]
         found = LabelledImages(table.source, table.class_names, [s for s, _ in rows], [split for _, split in rows],
                                table.multi_label, list(table.skipped))  # fmt: skip
@@ -334,12 +334,14 @@ def _discover_table(
                              list(table.skipped), layout, table.multi_label, repeated_rows=table.duplicates)  # fmt: skip
 
 
-def _read_table(data: Path, labels: str | Path | None, columns: LabelColumns, image_ext: str | None) -> LabelTable:
+def _read_table(
+    data: Path, labels: str | Path | None, columns: LabelColumns, image_ext: str | None, to_train: bool = True
+) -> LabelTable:
     if labels is not None and not data.is_dir():
         raise TransferkitError(f"--labels {labels}: DATA ({data}) must be the image folder the label file's paths "
                                f"are relative to")  # fmt: skip
     return read_label_table(labels or data, data if labels is not None else None, columns, image_ext, _check_image,
-                            IMAGE_EXTENSIONS)  # fmt: skip
+                            IMAGE_EXTENSIONS, to_train)  # fmt: skip
 
 
 def _table_samples(table: LabelTable) -> list[Sample]:

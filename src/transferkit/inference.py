@@ -236,9 +236,13 @@ def evaluate(
     compile: bool = False,
     tta: bool = False,
     calibrated: bool = True,
+    data_options: dict[str, Any] | None = None,
 ) -> Evaluation:
     """Accuracy, per-class precision/recall/F1 and confusion matrix of a trained model on a folder
-    (or a label file's test rows, else its val rows).
+    (or a label file's test rows, else its val rows, else, in a file without splits, every row).
+
+    ``data_options`` read a label file as ``train`` does (``labels`` with ``data_dir`` the image
+    folder, its columns, ``exclude``: :data:`transferkit.discovery.DATA_OPTIONS`).
 
     ``tta``: average each image's probabilities over :data:`~transferkit.prediction.TTA_VIEWS`, and
     measure the plain evaluation too: the result's ``tta`` holds both accuracies, the gain and the
@@ -249,8 +253,8 @@ def evaluate(
     """
     members = _fold_models(run)
     model = members[0] if members else run if isinstance(run, TransferModel) else load_checkpoint(run)
-    if Path(data_dir).suffix.lower() == ".csv":
-        samples, skipped = _table_samples(model, Path(data_dir).expanduser())
+    if data_options or Path(data_dir).suffix.lower() == ".csv":
+        samples, skipped = _table_samples(model, data_dir, data_options)
     else:
         folder = _evaluation_folder(Path(data_dir).expanduser())
         _, samples, bad = scan_class_folder(folder, model.class_names)
@@ -273,13 +277,21 @@ def evaluate(
     return augmented
 
 
-def _table_samples(model: TransferModel, table: Path) -> tuple[list[Sample], int]:
-    """A label file's test rows (else its val rows), their labels mapped to the model's classes."""
-    from .data import discover, relabelled
+def _table_samples(
+    model: TransferModel, data: str | Path, options: dict[str, Any] | None
+) -> tuple[list[Sample], int]:  # fmt: skip
+    """A label file's test rows, else its val rows, else (no row split) every row, labelled by the model's classes."""
+    from .discovery import every_image, relabelled
 
-    splits = discover(table)
-    samples = relabelled(splits.test or splits.val, splits.class_names, model.class_names, table)
-    return samples, len(splits.skipped)
+    found = every_image(data, options)
+    by_split: dict[str, list[Sample]] = {}
+    for sample, split in zip(found.samples, found.splits):
+        by_split.setdefault(split, []).append(sample)
+    if not ({"test", "val"} & set(by_split) or set(by_split) == {"all"}):
+        raise TransferkitError(f"{found.root} has no test or val rows to evaluate on (training rows would overstate "
+                               f"the accuracy); mark some rows test or val, or give a file of held-out images")  # fmt: skip
+    chosen = by_split.get("test") or by_split.get("val") or by_split["all"]
+    return relabelled(chosen, found.class_names, model.class_names, found.root), len(found.skipped)
 
 
 def collect_images(paths: list[str | Path]) -> list[str]:

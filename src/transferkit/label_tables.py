@@ -68,8 +68,12 @@ class LabelTable:
 def read_label_table(
     table: str | Path, images: str | Path | None = None, columns: LabelColumns = LabelColumns(),
     image_ext: str | None = None, check_image: object = None, extensions: tuple[str, ...] = (),
+    to_train: bool = True,
 ) -> LabelTable:  # fmt: skip
     """Read ``table``; paths resolve against ``images`` (default: the table's folder).
+
+    ``to_train``: check that the table can train a classifier (two classes, each with a training
+    image, and one more to validate on); a table to evaluate or to extract features from need not.
 
     ``check_image`` (a ``Path -> reason | None`` function) vets each file, as folder scans do;
     ``extensions`` are tried, in order, on paths without one (Kaggle's ids) when ``image_ext`` is not given.
@@ -104,7 +108,8 @@ def read_label_table(
             table_.skipped.append((row.path, reason))
         else:
             table_.rows.append(row)
-    _check_classes(table_)
+    if to_train:
+        _check_classes(table_)
     return table_
 
 

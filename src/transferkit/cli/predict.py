@@ -6,12 +6,13 @@ import argparse
 import json
 import sys
 
-from .common import ApiChoices, Command, batch_size_option, checkpoint_run_options
+from .common import ApiChoices, Command, batch_size_option, checkpoint_run_options, data_options, data_options_given
 
 
 def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run directory (or its model.pt)")
-    p.add_argument("data", help="folder with one sub-folder per class (a DATA root means its test/ or val/)")
+    p.add_argument("data", help="folder with one sub-folder per class (a DATA root means its test/ or val/), or a "
+                   "label file (its test rows, else its val rows, else every row)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print a JSON object (with 'accuracy') instead of a table")
     _trust_options(p)
 
@@ -27,7 +28,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .. import evaluate
 
     result = evaluate(args.run, args.data, batch_size=args.batch_size, precision=args.precision, compile=args.compile,
-                      tta=args.tta, calibrated=args.calibration != "none")  # fmt: skip
+                      tta=args.tta, calibrated=args.calibration != "none", data_options=data_options_given(args))  # fmt: skip
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
     if result.tta and not args.json:
         t = result.tta
@@ -71,7 +72,8 @@ COMMANDS = (
     Command("evaluate", "Accuracy, per-class precision/recall/F1 and confusion matrix on a folder.", """
 transferkit evaluate runs/efficientnet_lite0-feature-extract-20260101-120000 data/hymenoptera/val
 transferkit evaluate runs/my-run data/test --json > metrics.json
-""", _evaluate_arguments, _evaluate, parents=(batch_size_option, checkpoint_run_options)),
+transferkit evaluate runs/my-run test_images/ --labels test.csv --label-col diagnosis
+""", _evaluate_arguments, _evaluate, parents=(batch_size_option, checkpoint_run_options, data_options)),
     Command("predict", "Predict labels of image files or folders.", """
 transferkit predict runs/my-run photo.jpg more_photos/ --top-k 3
 transferkit predict runs/my-run photos/ --json
