@@ -287,7 +287,8 @@ def test_features_writes_a_label_files_images_with_its_labels_and_splits(flat: P
             "--weights", "none", "--out", str(tmp_path / "f.npz")]  # fmt: skip
     assert main(args) == 0
     saved = np.load(tmp_path / "f.npz")
-    expected = {str((tmp_path / file).resolve()): (finding, fold or "all") for finding, file, fold in rows[:1] + rows[2:]}
+    expected = {str((tmp_path / file).resolve()): (finding, fold or "all")
+                for finding, file, fold in rows[:1] + rows[2:]}  # fmt: skip
     got = {str(Path(p).resolve()): (str(saved["class_names"][label]), str(split))
            for p, label, split in zip(saved["paths"], saved["labels"], saved["splits"])}  # fmt: skip
     assert got == expected and saved["features"].shape == (len(expected), 512)

@@ -83,7 +83,8 @@ def test_a_winning_other_backbone_trains_with_its_own_weights(tiny_dataset: Path
     from transferkit import train
 
     result = train(tiny_dataset, model="resnet18", weights="none", strategy="auto", models=["efficientnet_lite0"],
-                   budget="60s", image_size=32, epochs=1, batch_size=4, quiet=True, out=str(tmp_path / "run"))  # fmt: skip
+                   budget="60s", image_size=32, epochs=1, batch_size=4, quiet=True,
+                   out=str(tmp_path / "run"))  # fmt: skip
     config = json.loads((Path(result.run_dir) / "config.json").read_text())
     assert (config["model"], config["weights"]) == ("efficientnet_lite0", "DEFAULT")  # not resnet18's "none"
 

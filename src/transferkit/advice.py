@@ -67,8 +67,9 @@ class Advice:
         lines = [
             f"data: {self.data}",
             f"  images per class: {counts} (imbalance max/min {self.imbalance:.1f})",
-            f"  linear probe on frozen {self.model} features: {self.probe_metric} {self.probe_accuracy:.3f} (chance {self.chance:.3f}, "
-            f"{self.sampled_per_class} images per class) → similarity {self.similarity:.2f}",
+            f"  linear probe on frozen {self.model} features: {self.probe_metric} {self.probe_accuracy:.3f} "
+            f"(chance {self.chance:.3f}, {self.sampled_per_class} images per class) "
+            f"→ similarity {self.similarity:.2f}",
         ]
         if self.imagenet_confidence is not None:
             lines.append(f"  mean ImageNet top-1 confidence: {self.imagenet_confidence:.2f}")
@@ -180,7 +181,8 @@ def advise(
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in options.items())
     weights_flags = "" if weights == "DEFAULT" else f" --weights {shlex.quote(weights)}"
     if preprocessing is not None:  # a weights file's own normalisation
-        weights_flags += "".join(f" --{name} {','.join(map(str, getattr(preprocessing, name)))}" for name in ("mean", "std"))
+        weights_flags += "".join(f" --{name} {','.join(map(str, getattr(preprocessing, name)))}"
+                                 for name in ("mean", "std"))  # fmt: skip
     command = (f"transferkit train {data}{data_flags(data_options)} --model {model}{weights_flags} "
                f"--strategy {strategy} {flags}").strip()  # fmt: skip
     return Advice(
@@ -189,5 +191,6 @@ def advise(
         probe_accuracy=fit.cv_accuracy, chance=chance, similarity=similarity, size=size, domain=domain,
         strategy=strategy, options=options, reasons=reasons, command=command,
         imagenet_confidence=confidence,
-        sampled_per_class=per_class, probe_metric="macro-F1" if splits.multi_label else "accuracy", thresholds={"small_below": small_below, "similar_from": similar_from},
+        sampled_per_class=per_class, probe_metric="macro-F1" if splits.multi_label else "accuracy",
+        thresholds={"small_below": small_below, "similar_from": similar_from},
     )  # fmt: skip

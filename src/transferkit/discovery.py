@@ -250,7 +250,8 @@ def every_image(data: str | Path, options: Mapping[str, Any] | None = None) -> L
         found.excluded = len(found.samples) - len(kept)
         found.samples, found.splits = [found.samples[i] for i in kept], [found.splits[i] for i in kept]
     if not found.samples:
-        raise TransferkitError(f"no usable image in {root}; give a folder of class folders, a label file or packed shards")
+        raise TransferkitError(f"no usable image in {root}; give a folder of class folders, a label file or "
+                               f"packed shards")  # fmt: skip
     return found
 
 

@@ -336,7 +336,8 @@ def _discover(data: str | Path | None, config: dict[str, Any], options: dict[str
     """The data as ``train`` reads it: DATA with ``options``, or the run's own data and options."""
     unknown = sorted(set(options) - {"labels", "exclude", "val_split", *LABEL_FILE_OPTIONS})
     if unknown:
-        raise TransferkitError(f"unknown data option(s) {', '.join(unknown)}; choose from: {', '.join(LABEL_FILE_OPTIONS)}")
+        raise TransferkitError(f"unknown data option(s) {', '.join(unknown)}; choose from: "
+                               f"{', '.join(LABEL_FILE_OPTIONS)}")  # fmt: skip
     if data is None:
         if not config.get("data"):
             raise TransferkitError("give DATA (an image folder or label file) to inspect, or a --run that names its data")

@@ -68,7 +68,7 @@ class Selection:
         return [*done, *(t for t in self.trials if t.score is None)]
 
     def winner_options(self) -> dict[str, Any]:
-        """The TrainConfig fields that train the winner: its options, and its weights where it is the run's own model."""
+        """The TrainConfig fields that train the winner: its options, and the run's weights if it is the run's model."""
         if self.winner is None:
             return {}
         chosen = self.winner.options()

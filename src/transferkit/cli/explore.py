@@ -41,7 +41,8 @@ def _explicit_preprocessing(args: argparse.Namespace) -> Any:
 
 
 def _features_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data", help="an image folder (all of train/val/test, or DATA/<class>/*), a label file or packed shards")
+    p.add_argument("data", help="an image folder (all of train/val/test, or DATA/<class>/*), a label file or "
+                   "packed shards")  # fmt: skip
     p.add_argument("--layer", help="layer group (see the model's groups) or module path; default: the penultimate features")
     p.add_argument("--out", required=True, help="output file, .npz or .pt")
     p.add_argument("--no-cache", action="store_true", help="recompute features that are in the feature cache")
@@ -72,8 +73,8 @@ def _advise(args: argparse.Namespace) -> int:
     from ..discovery import data_flags
 
     options = data_options_given(args)
-    advice = advise(args.data, args.model, args.weights, per_class=args.per_class,
-                    preprocessing=_explicit_preprocessing(args), precision=args.precision, data_options=options)  # fmt: skip
+    advice = advise(args.data, args.model, args.weights, per_class=args.per_class, precision=args.precision,
+                    preprocessing=_explicit_preprocessing(args), data_options=options)  # fmt: skip
     # The fast first stage of --strategy auto's measurement: candidates on cached features.
     measured = measure_candidates(args.data, args.model, args.weights, models=args.models, budget=args.budget,
                                   mean=args.mean, std=args.std, data_options=options)  # fmt: skip

@@ -28,7 +28,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .. import evaluate
 
     result = evaluate(args.run, args.data, batch_size=args.batch_size, precision=args.precision, compile=args.compile,
-                      tta=args.tta, calibrated=args.calibration != "none", data_options=data_options_given(args))  # fmt: skip
+                      tta=args.tta, calibrated=args.calibration != "none",
+                      data_options=data_options_given(args))  # fmt: skip
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
     if result.tta and not args.json:
         t = result.tta
