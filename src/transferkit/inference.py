@@ -289,8 +289,7 @@ def _table_samples(
         by_split.setdefault(split, []).append(sample)
     if not ({"test", "val"} & set(by_split) or set(by_split) == {"all"}):
         raise TransferkitError(f"{found.root} has no test or val rows to evaluate on (training rows would "
-                               f"overstate the accuracy); mark some rows test or val, or give held-out "
-                               f"images")  # fmt: skip
+                               f"overstate the accuracy); mark some rows test or val, or give held-out images")
     chosen = by_split.get("test") or by_split.get("val") or by_split["all"]
     return relabelled(chosen, found.class_names, model.class_names, found.root), len(found.skipped)
 
