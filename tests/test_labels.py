@@ -66,6 +66,29 @@ def test_kaggle_ids_beside_an_image_folder_with_labels(tmp_path: Path) -> None:
         discover(images, labels=table, columns=LabelColumns(path="file"))
 
 
+def test_ids_of_a_folder_mixing_extensions_each_find_their_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from transferkit.cli import main
+
+    images = tmp_path / "images"
+    make_colour_folder(tmp_path / "by_class", 6)  # .png and .jpg in turn
+    images.mkdir()
+    rows = []
+    for i, p in enumerate(sorted((tmp_path / "by_class").rglob("*.*"))):
+        p.rename(images / f"img{i}{p.suffix}")
+        rows.append([f"img{i}", p.parent.name])
+    table = write_csv(tmp_path / "train.csv", ["id", "label"], rows)
+    splits = discover(images, labels=table)
+    assert sorted(p for p, _ in splits.train + splits.val) == sorted(str(p) for p in images.iterdir())
+    with pytest.warns(UserWarning, match="file not found"):  # --image-ext is the user's word: no looking
+        given = discover(images, labels=table, image_ext="jpg")
+    assert all(p.endswith(".jpg") for p, _ in given.train + given.val) and len(given.skipped) == 6
+    # On the command line a warning of transferkit's own is one line, as its errors are.
+    assert main(["features", str(images), "--labels", str(table), "--image-ext", "jpg", "--model", "resnet18",
+                 "--weights", "none", "--out", str(tmp_path / "f.npz")]) == 0  # fmt: skip
+    warned = [line for line in capsys.readouterr().err.splitlines() if "file not found" in line]
+    assert len(warned) == 6 and all(line.startswith("transferkit: warning: skipping ") for line in warned)
+
+
 def test_missing_files_are_skipped_and_counted_and_repeated_rows_read_once(flat: Path, tmp_path: Path) -> None:
     rows = rows_of(flat, tmp_path)
     table = write_csv(tmp_path / "labels.csv", ["path", "label"], [*rows, rows[0], ["images/red/gone.jpg", "red"]])

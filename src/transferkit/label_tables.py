@@ -96,7 +96,7 @@ def read_label_table(
     for line, record in records:
         labels = _labels(record, label_col, separator, one_hot, source, line)
         split = _split(record.get(split_col) if split_col else None, source, line)
-        path, ext = _resolve(record[path_col], base, ext, extensions, source, line)
+        path, ext = _resolve(record[path_col], base, ext, () if image_ext else extensions, source, line)
         rows.append(LabelRow(path, labels, split, line))
     rows, duplicates = _without_duplicates(rows, source)
     multi = bool(one_hot) or separator is not None
@@ -195,7 +195,9 @@ def _resolve(
             raise TransferkitError(f"row {line} of {source}: {cell} lies outside {base}; give paths inside it "
                                    f"(or absolute paths)")  # fmt: skip
     if path.suffix == "" or not re.fullmatch(r"\.[A-Za-z0-9]{2,5}", path.suffix):
-        ext = ext or next((e for e in extensions if path.with_name(path.name + e).is_file()), None)
+        # The extension the last row had first (one look per row), then the others: a folder may mix them.
+        tried = ([ext] if ext else []) + [e for e in extensions if e != ext]
+        ext = next((e for e in tried if path.with_name(path.name + e).is_file()), ext)
         if ext:
             path = path.with_name(path.name + ext)
     return str(path), ext

@@ -8,9 +8,13 @@ so that the parser (and ``transferkit --help``) is built without importing torch
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TextIO
 
 from .. import TransferkitError
 from . import explore, export, inspect, maintenance, pack, predict, reports, serve, train
@@ -18,6 +22,7 @@ from .common import Command, HelpFormatter, Parser
 
 COMMAND_MODULES = (train, predict, explore, inspect, pack, export, serve, reports, maintenance)
 COMMANDS: tuple[Command, ...] = tuple(command for module in COMMAND_MODULES for command in module.COMMANDS)
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     debug = args.debug or os.environ.get("TRANSFERKIT_DEBUG") == "1"
+    shown = warnings.showwarning
+    if not debug:
+        warnings.showwarning = functools.partial(_show_warning, shown)
     try:
         code: int = args.handler(args)
         return code
@@ -54,6 +62,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("transferkit: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = shown
+
+
+def _show_warning(
+    shown: Callable[..., None], message: Warning | str, category: type[Warning], filename: str, lineno: int,
+    file: TextIO | None = None, line: str | None = None,
+) -> None:  # fmt: skip
+    """transferkit's own warnings (a skipped file, a repeated row) in one line each, as its errors are;
+    other libraries' as Python shows them, with their source line (``--debug``: all of them so)."""
+    if Path(filename).resolve().is_relative_to(PACKAGE_DIR):
+        print(f"transferkit: warning: {message}", file=file or sys.stderr)
+    else:
+        shown(message, category, filename, lineno, file, line)
 
 
 if __name__ == "__main__":
