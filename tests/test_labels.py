@@ -384,3 +384,23 @@ def test_evaluate_reads_a_label_file_of_held_out_images(tiny_dataset: Path, tmp_
         assert main(["evaluate", str(run), str(tiny_dataset), "--labels", str(named), "--path-col", "file",
                      "--label-col", "finding", "--json"]) == 0  # fmt: skip
     assert json.loads(out.read_text())["accuracy"] == whole.accuracy
+
+
+def test_inspect_suggests_training_on_the_same_label_file_without_the_suspects(flat: Path, tmp_path: Path) -> None:
+    from transferkit import explicit_preprocessing, inspect_data, train
+
+    rows = [[r[1], r[0], "val" if i % 3 == 0 else "train"] for i, r in enumerate(rows_of(flat, tmp_path))]
+    table = write_csv(tmp_path / "scans.csv", ["finding", "file", "fold"], rows)
+    columns = {"path_col": "file", "label_col": "finding", "split_col": "fold"}
+    small = {"model": "resnet18", "weights": "none", "batch_size": 4}
+    found = inspect_data(tmp_path, labels=table, data_options=columns, out=tmp_path / "review", **small,
+                         preprocessing=explicit_preprocessing("resnet18", image_size=32))  # fmt: skip
+    expected = (f"transferkit train {tmp_path} --labels {table} --path-col file --label-col finding --split-col fold "
+                f"--exclude {tmp_path / 'review' / 'suspects.txt'}")  # fmt: skip
+    assert found.train_command() == expected and f"#   {expected}\n" in found.suspects_text()
+    assert expected in (tmp_path / "review" / "inspection.html").read_text()
+    # The command works as printed (the suspects left out), and inspecting its run suggests it again.
+    run = train(tmp_path, labels=str(table), exclude=str(tmp_path / "review" / "suspects.txt"), epochs=1, quiet=True,
+                image_size=32, out=str(tmp_path / "run"), **columns, **small).run_dir  # fmt: skip
+    again = inspect_data(run=run, out=tmp_path / "again")
+    assert again.train_command() == expected.replace("review", "again")

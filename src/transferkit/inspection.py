@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
 import shutil
 import time
 import uuid
@@ -28,7 +29,7 @@ import numpy as np
 from .backbones import DEFAULT_BACKBONE, Preprocessing, load_backbone
 from .checkpoint import load_checkpoint
 from .data import ImageFolderSplits, discover_for, load_image
-from .discovery import DATA_OPTIONS
+from .discovery import DATA_OPTIONS, data_flags
 from .errors import TransferkitError
 from .features import extract_features
 from .files import write_json
@@ -140,6 +141,7 @@ class Inspection:
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     out: str | None = None
+    train_data: str = ""  # DATA with its label file options, as `transferkit train` takes them
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "suspects": len(self.suspects())}
@@ -172,13 +174,17 @@ class Inspection:
         lines = [
             f"# transferkit inspect {self.data}: images to review ({self.backbone}, {self.layer} features).",
             "# Delete the lines of the images you want to keep, then leave the rest out of training:",
-            f"#   transferkit train {self.data} --exclude {Path(self.out or '.') / SUSPECTS_NAME}",
+            f"#   {self.train_command()}",
             "# One image path a line; blank lines and lines starting with # are ignored.",
             "",
         ]
         for path, why in self.suspects().items():
             lines += [*(f"# {reason}" for reason in why), path, ""]
         return "\n".join(lines)
+
+    def train_command(self) -> str:
+        """The command that trains on the same data without the suspects."""
+        return f"transferkit train {self.train_data or self.data} --exclude {Path(self.out or '.') / SUSPECTS_NAME}"
 
     def summary(self) -> str:
         """The command line's report: counts, thresholds, time, and where the files are."""
@@ -198,7 +204,7 @@ class Inspection:
         if self.out:
             out = Path(self.out)
             lines += [f"wrote {out / PAGE_NAME}, {JSON_NAME} and {SUSPECTS_NAME} ({len(self.suspects())} images)",
-                      f"review the page, then: transferkit train {self.data} --exclude {out / SUSPECTS_NAME}"]  # fmt: skip
+                      f"review the page, then: {self.train_command()}"]  # fmt: skip
         return "\n".join(lines)
 
     def write(self, out: str | Path) -> Path:
@@ -289,7 +295,8 @@ def inspect_data(
                              precision=precision, cache_dir=Path(cache) if cache else None)  # fmt: skip
     features_done = time.perf_counter()
     result = Inspection(
-        data=str(splits.root), run=str(run) if run is not None else None, backbone=net.record.backbone,
+        data=str(splits.root), train_data=_train_data(data, config, options),
+        run=str(run) if run is not None else None, backbone=net.record.backbone,
         weights=net.record.weights, layer=layer or "head-input", precision=precision,
         class_names=list(splits.class_names), multi_label=splits.multi_label,
         images={split: len(getattr(splits, split) or []) for split in SPLITS},
@@ -348,6 +355,13 @@ def _discover(data: str | Path | None, config: dict[str, Any], options: dict[str
     if not source.exists():
         raise TransferkitError(f"DATA {source} does not exist; give an image folder, a CSV label file or packed shards")
     return discover_for({"seed": seed, **options, "data": str(source.absolute())})
+
+
+def _train_data(data: str | Path | None, config: dict[str, Any], options: dict[str, Any]) -> str:
+    """DATA and its label file options (not an exclude list: the suspects are the new one) for `train`."""
+    given = {**({} if data is not None else config), **{k: v for k, v in options.items() if v is not None}}
+    return shlex.quote(str(data if data is not None else config["data"])) + data_flags(
+        {name: given.get(name) for name in DATA_OPTIONS if name != "exclude"})
 
 
 def _label_text(label: Any, names: list[str]) -> str:

@@ -216,7 +216,7 @@ def _page(found: dict[str, Any], body: str) -> str:
 {notes}
 <p>Every image listed here is also in <code>{_e(out / "suspects.txt")}</code>, after a comment saying why.
 Delete the lines of the images you want to keep, then train without the rest:
-<code>transferkit train {_e(found["data"])} --exclude {_e(out / "suspects.txt")}</code></p>
+<code>transferkit train {_e(found.get("train_data") or found["data"])} --exclude {_e(out / "suspects.txt")}</code></p>
 {body}
 <footer>Generated {datetime.now().strftime("%Y-%m-%d %H:%M")} by transferkit inspect · features: {cache.get("misses", 0)}
 computed, {cache.get("hits", 0)} from the cache · {_e(timing)}.</footer>
