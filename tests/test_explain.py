@@ -193,7 +193,7 @@ def test_predict_explain_refuses_a_used_folder_and_an_onnx_file_before_predictin
     (used / "notes.txt").write_text("mine")
     assert cli_main(["predict", str(run), image, "--explain", str(used)]) == 2
     err = capsys.readouterr()
-    assert f"--explain {used} already exists and is not empty; give a new or empty folder" in err.err
+    assert f"--explain {used} already exists and is not empty; choose another --explain or remove it" in err.err
     assert err.out == "" and sorted(p.name for p in used.iterdir()) == ["notes.txt"]
     assert cli_main(["predict", str(run / "model.onnx"), image, "--explain", str(tmp_path / "new")]) == 2
     assert "is an ONNX export: Grad-CAM needs the network's gradients" in capsys.readouterr().err

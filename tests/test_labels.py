@@ -404,3 +404,17 @@ def test_inspect_suggests_training_on_the_same_label_file_without_the_suspects(f
                 image_size=32, out=str(tmp_path / "run"), **columns, **small).run_dir  # fmt: skip
     again = inspect_data(run=run, out=tmp_path / "again")
     assert again.train_command() == expected.replace("review", "again")
+
+
+def test_inspect_names_each_multi_label_images_classes(tmp_path: Path) -> None:
+    from transferkit import explicit_preprocessing, inspect_data
+
+    # "photo" is on every image: nothing to get wrong there, so its class sits out of the label checks.
+    rows = [[path, f"{labels}|photo"] for path, labels in _multi_label_images(tmp_path / "images", 40, 4)]
+    table = write_csv(tmp_path / "tags.csv", ["path", "tags"], rows)
+    found = inspect_data(table, model="resnet18", weights="none", batch_size=8,
+                         preprocessing=explicit_preprocessing("resnet18", image_size=32))  # fmt: skip
+    given = {str((tmp_path / path).resolve()): " + ".join(sorted(tags.split("|"))) for path, tags in rows}
+    shown = [(o.path, o.label) for o in found.outliers] + [(n.path, n.label) for o in found.outliers for n in o.neighbours]
+    shown += [(i.path, i.given) for i in found.label_issues]
+    assert found.multi_label and found.outliers and all(given[path] == label for path, label in shown)

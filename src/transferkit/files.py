@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .errors import TransferkitError
+
 
 @functools.cache
 def _umask() -> int:
@@ -36,6 +38,14 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def new_or_empty_folder(out: str | Path, option: str) -> Path:
+    """``out`` as a path if it is new or an empty folder (nothing there is lost); else the one-line error."""
+    path = Path(out).expanduser()
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise TransferkitError(f"{option} {path} already exists and is not empty; choose another {option} or remove it")
+    return path
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -33,7 +33,7 @@ from .backbones import Preprocessing
 from .checkpoint import load_checkpoint
 from .data import build_transform, load_image
 from .errors import TransferkitError
-from .files import atomic_write
+from .files import atomic_write, new_or_empty_folder
 from .layers import resolve_layer
 from .model import TransferModel
 from .performance import autocast, batch_to, to_fast_layout, uses_convolutions
@@ -151,10 +151,7 @@ def check_explain_target(model: TransferModel | str | Path, out: str | Path) -> 
     """``out`` as a path if overlays of ``model`` can be written there; else the one-line error that says why."""
     if not isinstance(model, TransferModel):
         _refuse_unexplainable(model)
-    path = Path(out).expanduser()
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise TransferkitError(f"--explain {path} already exists and is not empty; give a new or empty folder")
-    return path
+    return new_or_empty_folder(out, "--explain")
 
 
 # --------------------------------------------------------------------------- the model and its inputs

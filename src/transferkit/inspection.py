@@ -29,10 +29,10 @@ import numpy as np
 from .backbones import DEFAULT_BACKBONE, Preprocessing, load_backbone
 from .checkpoint import load_checkpoint
 from .data import ImageFolderSplits, discover_for, load_image
-from .discovery import DATA_OPTIONS, data_flags
+from .discovery import DATA_OPTIONS, data_flags, label_indices
 from .errors import TransferkitError
 from .features import extract_features
-from .files import write_json
+from .files import new_or_empty_folder, write_json
 from .inspection_checks import (
     FOLDS,
     NEIGHBOURS,
@@ -209,7 +209,7 @@ class Inspection:
 
     def write(self, out: str | Path) -> Path:
         """Write the page, the JSON and the list into the folder ``out`` (new or empty), all or nothing."""
-        target = check_out_dir(out)
+        target = new_or_empty_folder(out, "--out")
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
         staging.mkdir()  # beside the target: one rename publishes it whole
@@ -226,14 +226,6 @@ class Inspection:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return target
-
-
-def check_out_dir(out: str | Path) -> Path:
-    """``out`` as a path, if it is new or an empty folder; else the one-line error that says so."""
-    path = Path(out).expanduser()
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise TransferkitError(f"--out {path} already exists and is not empty; choose another --out or remove it")
-    return path
 
 
 def default_out_dir(data: str | Path | None, run: str | Path | None = None) -> Path:
@@ -277,7 +269,7 @@ def inspect_data(
     """
     _check_settings(folds, neighbours, duplicate_ratio, duplicate_similarity, outlier_fraction)
     if out is not None:
-        check_out_dir(out)
+        new_or_empty_folder(out, "--out")
     started = time.perf_counter()
     net, config = _model(run, model, weights, preprocessing)
     options = {"labels": labels, "exclude": exclude, "val_split": val_split, **(data_options or {})}
@@ -285,7 +277,9 @@ def inspect_data(
     layer = layer if layer is not None else config.get("layer")
     device = pick_device()
     precision = resolve_precision(precision or config.get("precision") or "auto", device)
-    rows = [(os.path.abspath(p), label, split) for split in SPLITS for p, label in (getattr(splits, split) or [])]
+    # A multi-label image's label (a 0/1 per class) as the classes it has: what the checks and the page take.
+    rows = [(os.path.abspath(p), label_indices(label) if splits.multi_label else label, split)
+            for split in SPLITS for p, label in (getattr(splits, split) or [])]  # fmt: skip
     if net is None:
         names = splits.class_names if len(splits.class_names) > 1 else [*splits.class_names, "_"]
         net = TransferModel(load_backbone(model, weights, preprocessing=preprocessing), names).eval()

@@ -89,10 +89,15 @@ def _multi_label_issues(x: np.ndarray, labels: Sequence[Any], num_classes: int, 
     n_folds = min(folds, len(labels))
     if n_folds < 2:
         return LabelIssues([], 0, "label issues not sought: fewer than 2 images")
+    # A class that every image has, or none, has nothing to get wrong (and cleanlab refuses it): it sits out.
+    varying = np.flatnonzero(targets.min(axis=0) != targets.max(axis=0))
+    if len(varying) == 0:
+        return LabelIssues([], 0, "label issues not sought: every class is on every image or on none")
     probe = OneVsRestClassifier(_standardised(LogisticRegression(C=PROBE_C, max_iter=MAX_ITER)))
     probs = _out_of_fold(probe, x, targets, KFold(n_folds, shuffle=True, random_state=seed))
-    ranked = _find_label_issues(multi_label=True)([list(label) for label in labels], probs,
-                                                  return_indices_ranked_by="self_confidence", n_jobs=1)  # fmt: skip
+    sets = [list(np.flatnonzero(row[varying])) for row in targets]
+    ranked = _find_label_issues(multi_label=True)(sets, probs[:, varying], return_indices_ranked_by="self_confidence",
+                                                  n_jobs=1)  # fmt: skip
     issues = []
     for i in ranked:
         suggested = probs[i] >= 0.5
