@@ -348,6 +348,7 @@ def test_advise_reads_a_label_file_and_scores_multi_label_data_by_macro_f1(tmp_p
     advice = advise(tmp_path, "resnet18", "none", data_options={"labels": table}, cache_dir=tmp_path / "cache",
                     preprocessing=small)  # fmt: skip
     assert advice.probe_metric == "macro-F1" and "macro-F1" in advice.text()
+    assert advice.sampled_images == 40 and "40 images, at most 100 a class" in advice.text()  # all 40 measured
     counts = {name: sum(name in r[1].split("|") for r in rows if r[2] == "train") for name in ("blue", "green", "red")}
     assert advice.images_per_class == counts
     assert advice.command.startswith(f"transferkit train {tmp_path} --labels {table} --model resnet18")

@@ -57,6 +57,7 @@ class Advice:
     imagenet_confidence: float | None = None
     sampled_per_class: int = 0
     probe_metric: str = "accuracy"  # macro-F1 on multi-label data
+    sampled_images: int = 0  # the training images the probe measured (up to sampled_per_class of each class)
     thresholds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -68,7 +69,7 @@ class Advice:
             f"data: {self.data}",
             f"  images per class: {counts} (imbalance max/min {self.imbalance:.1f})",
             f"  linear probe on frozen {self.model} features: {self.probe_metric} {self.probe_accuracy:.3f} "
-            f"(chance {self.chance:.3f}, {self.sampled_per_class} images per class) "
+            f"(chance {self.chance:.3f}, {self.sampled_images} images, at most {self.sampled_per_class} a class) "
             f"→ similarity {self.similarity:.2f}",
         ]
         if self.imagenet_confidence is not None:
@@ -191,6 +192,6 @@ def advise(
         probe_accuracy=fit.cv_accuracy, chance=chance, similarity=similarity, size=size, domain=domain,
         strategy=strategy, options=options, reasons=reasons, command=command,
         imagenet_confidence=confidence,
-        sampled_per_class=per_class, probe_metric="macro-F1" if splits.multi_label else "accuracy",
+        sampled_per_class=per_class, sampled_images=len(feats.labels), probe_metric="macro-F1" if splits.multi_label else "accuracy",
         thresholds={"small_below": small_below, "similar_from": similar_from},
     )  # fmt: skip
