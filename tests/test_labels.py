@@ -416,6 +416,24 @@ def test_inspect_names_each_multi_label_images_classes(tmp_path: Path) -> None:
     found = inspect_data(table, model="resnet18", weights="none", batch_size=8,
                          preprocessing=explicit_preprocessing("resnet18", image_size=32))  # fmt: skip
     given = {str((tmp_path / path).resolve()): " + ".join(sorted(tags.split("|"))) for path, tags in rows}
-    shown = [(o.path, o.label) for o in found.outliers] + [(n.path, n.label) for o in found.outliers for n in o.neighbours]
+    shown = [(o.path, o.label) for o in found.outliers]
+    shown += [(n.path, n.label) for o in found.outliers for n in o.neighbours]
     shown += [(i.path, i.given) for i in found.label_issues]
     assert found.multi_label and found.outliers and all(given[path] == label for path, label in shown)
+
+
+def test_a_label_file_naming_no_existing_file_is_one_error_and_many_skips_are_summed_up(
+    flat: Path, tmp_path: Path
+) -> None:
+    missing = [[f"elsewhere/{i}.jpg", "red" if i % 2 else "blue"] for i in range(40)]
+    table = write_csv(tmp_path / "labels.csv", ["path", "label"], missing)
+    message = rf"none of the 40 rows of .*labels.csv names a usable image .*not found\); paths are read relative to "
+    with pytest.raises(TransferkitError, match=message + rf"{tmp_path}$"):
+        discover(table)
+    for i in range(15):  # annotations beside the images: named one by one only at first
+        (flat / "red" / f"{i}.xml").write_text("<annotation/>")
+    with pytest.warns(UserWarning) as record:
+        discover(flat)
+    skipping = [str(w.message) for w in record if str(w.message).startswith("skipping")]
+    assert len(skipping) == 11 and all(".xml: not an image file extension" in m for m in skipping[:10])
+    assert skipping[10] == f"skipping 5 more files of {flat} (5 not an image file extension)"

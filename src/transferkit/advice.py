@@ -192,6 +192,7 @@ def advise(
         probe_accuracy=fit.cv_accuracy, chance=chance, similarity=similarity, size=size, domain=domain,
         strategy=strategy, options=options, reasons=reasons, command=command,
         imagenet_confidence=confidence,
-        sampled_per_class=per_class, sampled_images=len(feats.labels), probe_metric="macro-F1" if splits.multi_label else "accuracy",
+        sampled_per_class=per_class, sampled_images=len(feats.labels),
+        probe_metric="macro-F1" if splits.multi_label else "accuracy",
         thresholds={"small_below": small_below, "similar_from": similar_from},
     )  # fmt: skip

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import random
 import shlex
-import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ import_torchvision()  # first: torchvision without dynamo's start-up cost
 from torchvision.datasets.folder import IMG_EXTENSIONS  # noqa: E402
 
 from .errors import TransferkitError  # noqa: E402
-from .label_tables import LabelColumns, LabelRow, LabelTable, read_label_table  # noqa: E402
+from .label_tables import LabelColumns, LabelRow, LabelTable, read_label_table, warn_skipped  # noqa: E402
 from .shards import is_packed_image, is_packed_source, is_url, packed_samples, packed_split  # noqa: E402
 
 # torchvision's ImageFolder extensions, and GIF (its first frame), which PIL reads and torchvision does not list.
@@ -147,8 +146,7 @@ def scan_class_folder(
                 found += 1
         if found == 0 and class_names is None:
             raise TransferkitError(f"class folder {d} has no usable images; add images or remove the folder")
-    for path, reason in skipped:
-        warnings.warn(f"skipping {path}: {reason}", stacklevel=2)
+    warn_skipped(skipped, str(folder))
     return known, samples, skipped
 
 

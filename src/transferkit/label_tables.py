@@ -33,6 +33,7 @@ SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "va
 # Several labels in one cell: the first of these that occurs in the column separates them. Not a
 # space (class names have spaces: "golden retriever") nor a comma: give those with --label-sep.
 LABEL_SEPARATORS = ("|", ";")
+SKIPS_NAMED = 10  # skipped files warned one by one; the rest in one line
 
 
 @dataclass(frozen=True)
@@ -101,16 +102,33 @@ def read_label_table(
     rows, duplicates = _without_duplicates(rows, source)
     multi = bool(one_hot) or separator is not None
     table_ = LabelTable(source, [], multi, sorted({label for r in rows for label in r.labels}), duplicates=duplicates)
+    unusable = []
     for row in rows:
         reason = _unusable(Path(row.path), check_image)
         if reason:
-            warnings.warn(f"skipping {row.path} (row {row.line} of {source.name}): {reason}", stacklevel=2)
+            unusable.append((f"{row.path} (row {row.line} of {source.name})", reason))
             table_.skipped.append((row.path, reason))
         else:
             table_.rows.append(row)
+    if not table_.rows:
+        first, reason = unusable[0]
+        raise TransferkitError(f"none of the {len(rows)} rows of {source} names a usable image (first: {first}: "
+                               f"{reason}); paths are read relative to {base.resolve()}")  # fmt: skip
+    warn_skipped(unusable, source.name)
     if to_train:
         _check_classes(table_)
     return table_
+
+
+def warn_skipped(skipped: list[tuple[str, str]], where: str) -> None:
+    """A warning for each of the first few files skipped, then one for the rest with their reasons
+    counted: a wrong folder, or annotations beside the images, must not print a line per file."""
+    for name, reason in skipped[:SKIPS_NAMED]:
+        warnings.warn(f"skipping {name}: {reason}", stacklevel=3)
+    if len(skipped) > SKIPS_NAMED:
+        reasons = Counter(reason for _, reason in skipped[SKIPS_NAMED:]).most_common()
+        counted = ", ".join(f"{count:,} {reason}" for reason, count in reasons)
+        warnings.warn(f"skipping {len(skipped) - SKIPS_NAMED:,} more files of {where} ({counted})", stacklevel=3)
 
 
 def _read_csv(source: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
