@@ -42,6 +42,13 @@ def test_a_csv_with_paths_and_labels_is_the_same_data_as_the_folders(flat: Path,
     assert from_csv.layout.startswith("label file") and not from_csv.multi_label
 
 
+def test_paths_written_on_windows_are_read(flat: Path, tmp_path: Path) -> None:
+    rows = [[path.replace("/", "\\"), label] for path, label in rows_of(flat, tmp_path)]
+    assert "\\" in rows[0][0]
+    table = write_csv(tmp_path / "labels.csv", ["path", "label"], rows)
+    assert sorted(discover(table).train + discover(table).val) == sorted(discover(flat).train + discover(flat).val)
+
+
 def test_a_split_column_decides_the_splits(flat: Path, tmp_path: Path) -> None:
     rows = [[*row, "val" if i % 3 == 0 else "train"] for i, row in enumerate(rows_of(flat, tmp_path))]
     table = write_csv(tmp_path / "labels.csv", ["path", "label", "subset"], rows)

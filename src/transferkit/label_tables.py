@@ -207,6 +207,8 @@ def _resolve(
     if not cell:
         raise TransferkitError(f"row {line} of {source} has an empty path; fill it in or remove the row")
     path = Path(cell).expanduser()
+    if "\\" in cell and not (base / path).exists():  # written on Windows: images\cat\1.jpg
+        path = Path(cell.replace("\\", "/")).expanduser()
     if not path.is_absolute():
         path = (base / path).resolve()
         if not path.is_relative_to(base.resolve()):
