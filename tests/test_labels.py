@@ -307,21 +307,29 @@ def test_measured_selection_on_multi_label_data_scores_by_macro_f1(tmp_path: Pat
 def test_features_writes_a_label_files_images_with_its_labels_and_splits(flat: Path, tmp_path: Path) -> None:
     import numpy as np
 
+    from transferkit import explicit_preprocessing, write_features
     from transferkit.cli import main
 
     rows = [[r[1], r[0], "val" if i % 3 == 0 else ""] for i, r in enumerate(rows_of(flat, tmp_path))]
     table = write_csv(tmp_path / "scans.csv", ["finding", "file", "fold"], rows)
     (tmp_path / "exclude.txt").write_text(f"{rows[1][1]}\n")  # relative to the list's folder
     args = ["features", str(tmp_path), "--labels", str(table), "--path-col", "file", "--label-col", "finding",
-            "--split-col", "fold", "--exclude", str(tmp_path / "exclude.txt"), "--model", "resnet18",
-            "--weights", "none", "--out", str(tmp_path / "f.npz")]  # fmt: skip
+            "--split-col", "fold", "--exclude", str(tmp_path / "exclude.txt"), "--model", "efficientnet_lite0",
+            "--image-size", "32", "--out", str(tmp_path / "f.npz")]  # fmt: skip
     assert main(args) == 0
     saved = np.load(tmp_path / "f.npz")
     expected = {str((tmp_path / file).resolve()): (finding, fold or "all")
                 for finding, file, fold in rows[:1] + rows[2:]}  # fmt: skip
     got = {str(Path(p).resolve()): (str(saved["class_names"][label]), str(split))
            for p, label, split in zip(saved["paths"], saved["labels"], saved["splits"])}  # fmt: skip
-    assert got == expected and saved["features"].shape == (len(expected), 512)
+    assert got == expected and saved["features"].shape == (len(expected), 1280)
+    # --image-size reached the preprocessing: the API at 32 px (real weights) finds every vector in the cache.
+    options = {"labels": table, "path_col": "file", "label_col": "finding", "split_col": "fold",
+               "exclude": tmp_path / "exclude.txt"}  # fmt: skip
+    again = write_features(tmp_path, tmp_path / "again.npz", data_options=options,
+                           preprocessing=explicit_preprocessing("efficientnet_lite0", image_size=32))  # fmt: skip
+    assert again["hits"] == len(expected) and np.array_equal(np.load(tmp_path / "again.npz")["features"],
+                                                              saved["features"])  # fmt: skip
     assert main([*args[:-1], str(tmp_path / "g.npz"), "--label-col", "diagnosis"]) == 2  # named, not guessed
     assert not (tmp_path / "g.npz").exists()
 

@@ -7,7 +7,15 @@ import json
 import sys
 from typing import Any
 
-from .common import Command, backbone_options, batch_size_option, data_options, data_options_given, precision_option
+from .common import (
+    Command,
+    backbone_options,
+    batch_size_option,
+    data_options,
+    data_options_given,
+    image_size_option,
+    precision_option,
+)
 
 
 def _models_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,10 +42,10 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _explicit_preprocessing(args: argparse.Namespace) -> Any:
-    """The --mean/--std given for a weights file, as the library's preprocessing (None without them)."""
+    """The --mean/--std given for a weights file (and features' --image-size), as the library's preprocessing."""
     from .. import explicit_preprocessing
 
-    return explicit_preprocessing(args.model, args.mean, args.std)
+    return explicit_preprocessing(args.model, args.mean, args.std, getattr(args, "image_size", None))
 
 
 def _features_arguments(p: argparse.ArgumentParser) -> None:
@@ -97,7 +105,9 @@ transferkit models 'timm/convnext*'
 transferkit features data/hymenoptera --model resnet50 --out feats.npz
 transferkit features data/hymenoptera --layer layer3 --out layer3.pt
 transferkit features images/ --labels labels.csv --out feats.npz
-""", _features_arguments, _features, parents=(backbone_options, batch_size_option, precision_option, data_options)),
+transferkit features data/fashion --image-size 64 --out small.npz
+""", _features_arguments, _features,
+            parents=(backbone_options, image_size_option, batch_size_option, precision_option, data_options)),
     Command("advise", "Measure a dataset and recommend a strategy (size x similarity to ImageNet).", """
 transferkit advise data/hymenoptera
 transferkit advise data/xrays --model resnet50 --json
