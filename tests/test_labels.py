@@ -57,15 +57,20 @@ def test_a_split_column_decides_the_splits(flat: Path, tmp_path: Path) -> None:
     assert {p for p, _ in splits.val} == val and not val & {p for p, _ in splits.train}
 
 
-def test_kaggle_ids_beside_an_image_folder_with_labels(tmp_path: Path) -> None:
-    images = tmp_path / "train_images"
-    make_colour_folder(tmp_path / "by_class", 4)
+def kaggle_folder(root: Path, per_class: int, pattern: str) -> tuple[Path, Path, list[list[str]]]:
+    """root/images/img<i>.<ext> with a CSV of id,label beside it (ids without their extension)."""
+    images = root / "images"
+    make_colour_folder(root / "by_class", per_class)  # .png and .jpg in turn
     images.mkdir()
     rows = []
-    for i, p in enumerate(sorted((tmp_path / "by_class").rglob("*.jpg"))):
-        p.rename(images / f"img{i}.jpg")
+    for i, p in enumerate(sorted((root / "by_class").rglob(pattern))):
+        p.rename(images / f"img{i}{p.suffix}")
         rows.append([f"img{i}", p.parent.name])
-    table = write_csv(tmp_path / "train.csv", ["id", "label"], rows)
+    return images, write_csv(root / "train.csv", ["id", "label"], rows), rows
+
+
+def test_kaggle_ids_beside_an_image_folder_with_labels(tmp_path: Path) -> None:
+    images, table, rows = kaggle_folder(tmp_path, 4, "*.jpg")
     splits = discover(images, labels=table)  # the extension is found by looking
     assert len(splits.train) + len(splits.val) == len(rows)
     assert discover(images, labels=table, image_ext="jpg").train == splits.train
@@ -76,14 +81,7 @@ def test_kaggle_ids_beside_an_image_folder_with_labels(tmp_path: Path) -> None:
 def test_ids_of_a_folder_mixing_extensions_each_find_their_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from transferkit.cli import main
 
-    images = tmp_path / "images"
-    make_colour_folder(tmp_path / "by_class", 6)  # .png and .jpg in turn
-    images.mkdir()
-    rows = []
-    for i, p in enumerate(sorted((tmp_path / "by_class").rglob("*.*"))):
-        p.rename(images / f"img{i}{p.suffix}")
-        rows.append([f"img{i}", p.parent.name])
-    table = write_csv(tmp_path / "train.csv", ["id", "label"], rows)
+    images, table, _ = kaggle_folder(tmp_path, 6, "*.*")
     splits = discover(images, labels=table)
     assert sorted(p for p, _ in splits.train + splits.val) == sorted(str(p) for p in images.iterdir())
     with pytest.warns(UserWarning, match="file not found"):  # --image-ext is the user's word: no looking
