@@ -61,7 +61,7 @@ def test_measured_advice_lands_in_each_scenario(tmp_path: Path, size: str, domai
     assert (advice.size, advice.domain) == (size, domain), advice.text()
     assert advice.imagenet_confidence is None  # random weights have no ImageNet classifier
     assert advice.command.startswith(f"transferkit train {data} --model resnet18 --weights none --mean 0.5,0.5,0.5 "
-                                     f"--std 0.5,0.5,0.5 --strategy {advice.strategy}")
+                                     f"--std 0.5,0.5,0.5 --image-size 32 --strategy {advice.strategy}")
 
 
 def test_hymenoptera_is_small_and_similar() -> None:

@@ -70,13 +70,14 @@ def test_budgets_and_bad_choices(tiny_dataset: Path, tmp_path: Path) -> None:
 def test_advise_prints_the_fast_stage_of_the_measurement(tiny_dataset: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from transferkit.cli import main
 
-    assert main(["advise", str(tiny_dataset), "--model", "resnet18", "--weights", "none", "--budget", "60s"]) == 0
+    assert main(["advise", str(tiny_dataset), "--model", "resnet18", "--weights", "none", "--budget", "60s",
+                 "--image-size", "64"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "recommended strategy:" in out and "measured on 4 held-out training images" in out
     assert "resnet18 linear-probe head-input" in out and "fine-tune" not in out.split("measured on")[1]
     assert f"best: transferkit train {tiny_dataset} --model resnet18 --strategy" in out
-    assert f"command: transferkit train {tiny_dataset} --model resnet18 --weights none --strategy" in out
-    assert out.rstrip().endswith("--weights none")  # the winner is the run's own model, with its own weights
+    assert f"command: transferkit train {tiny_dataset} --model resnet18 --weights none --image-size 64 --strategy" in out
+    assert out.rstrip().endswith("--weights none --image-size 64")  # the run's own model, weights and size
 
 
 def test_a_winning_other_backbone_trains_with_its_own_weights(tiny_dataset: Path, tmp_path: Path) -> None:
@@ -102,6 +103,8 @@ def test_the_winner_takes_the_runs_weights_only_where_it_is_the_runs_own_model()
     assert selection.winner_options() == {"model": "efficientnet_lite0", "strategy": "feature-extract",
                                           "weights": "DEFAULT", "mean": None, "std": None}  # fmt: skip
     assert selection.command("d") == "transferkit train d --model efficientnet_lite0 --strategy feature-extract"
+    selection.image_size = 64  # every candidate's: the command keeps it whoever wins
+    assert selection.command("d").endswith("--strategy feature-extract --image-size 64")
 
 
 def test_an_interrupted_search_resumes_from_its_measured_trials(

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backbones import DEFAULT_BACKBONE, get_module, load_backbone
+from .backbones import DEFAULT_BACKBONE, Preprocessing, default_preprocessing, get_module, load_backbone
 from .data import class_counts, first_label, shuffled_by_class
 from .discovery import checked_data_options, data_flags, discover_for
 from .features import extract_features
@@ -133,6 +133,18 @@ def _chance(labels: torch.Tensor) -> float:
     return float((2 * share / (1 + share)).mean())
 
 
+def _model_flags(model: str, weights: str, preprocessing: Preprocessing | None) -> str:
+    """``--weights``, ``--mean``, ``--std`` and ``--image-size`` where they differ from ``model``'s own."""
+    flags = "" if weights == "DEFAULT" else f" --weights {shlex.quote(weights)}"
+    usual = default_preprocessing(model)
+    for name in ("mean", "std"):
+        if preprocessing is not None and tuple(getattr(preprocessing, name)) != tuple(getattr(usual, name)):
+            flags += f" --{name} {','.join(map(str, getattr(preprocessing, name)))}"
+    if preprocessing is not None and preprocessing.image_size != usual.image_size:
+        flags += f" --image-size {preprocessing.image_size}"
+    return flags
+
+
 def _imagenet_confidence(classifier: nn.Module | None, features: torch.Tensor) -> float | None:
     if classifier is None or not isinstance(classifier, nn.Linear) or classifier.out_features != 1000:
         return None
@@ -180,12 +192,8 @@ def advise(
                + ("" if confidence is None else f", ImageNet confidence {confidence:.2f} (threshold {CONFIDENT_FROM:g})"),
                *reasons]  # fmt: skip
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in options.items())
-    weights_flags = "" if weights == "DEFAULT" else f" --weights {shlex.quote(weights)}"
-    if preprocessing is not None:  # a weights file's own normalisation
-        weights_flags += "".join(f" --{name} {','.join(map(str, getattr(preprocessing, name)))}"
-                                 for name in ("mean", "std"))  # fmt: skip
-    command = (f"transferkit train {data}{data_flags(data_options)} --model {model}{weights_flags} "
-               f"--strategy {strategy} {flags}").strip()  # fmt: skip
+    command = (f"transferkit train {data}{data_flags(data_options)} --model {model}"
+               f"{_model_flags(model, weights, preprocessing)} --strategy {strategy} {flags}").strip()  # fmt: skip
     return Advice(
         data=str(data), model=model, images_per_class=counts,
         imbalance=max(counts.values()) / max(1, min(counts.values())),

@@ -53,6 +53,7 @@ class Selection:
     # The run's own model and the weights it was given (weights, mean, std): other candidates load
     # their default weights, so only a winning own model takes these.
     own_model: dict[str, Any] = field(default_factory=dict)
+    image_size: int | None = None  # every candidate's input size, where the run gave one
 
     def final_epochs(self, wanted: int) -> int:
         """Epochs the winner can train in what is left of the budget (at least one), up to ``wanted``."""
@@ -79,6 +80,8 @@ class Selection:
     def command(self, data: str) -> str:
         """The ``transferkit train`` command that trains the winner (on ``data``: DATA and its data flags)."""
         shown = {k: v for k, v in self.winner_options().items() if v is not None and v != "DEFAULT"}
+        if shown and self.image_size:
+            shown["image_size"] = self.image_size
         if not shown:
             return ""
         flags = " ".join(f"--{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, list) else v}"

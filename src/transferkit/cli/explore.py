@@ -42,10 +42,10 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _explicit_preprocessing(args: argparse.Namespace) -> Any:
-    """The --mean/--std given for a weights file (and features' --image-size), as the library's preprocessing."""
+    """The --mean/--std given for a weights file, and --image-size, as the library's preprocessing."""
     from .. import explicit_preprocessing
 
-    return explicit_preprocessing(args.model, args.mean, args.std, getattr(args, "image_size", None))
+    return explicit_preprocessing(args.model, args.mean, args.std, args.image_size)
 
 
 def _features_arguments(p: argparse.ArgumentParser) -> None:
@@ -85,7 +85,8 @@ def _advise(args: argparse.Namespace) -> int:
                     preprocessing=_explicit_preprocessing(args), data_options=options)  # fmt: skip
     # The fast first stage of --strategy auto's measurement: candidates on cached features.
     measured = measure_candidates(args.data, args.model, args.weights, models=args.models, budget=args.budget,
-                                  mean=args.mean, std=args.std, data_options=options)  # fmt: skip
+                                  mean=args.mean, std=args.std, data_options=options,
+                                  image_size=args.image_size)  # fmt: skip
     command = measured.command(args.data + data_flags(options))
     if args.json:
         print(json.dumps({**advice.to_dict(), "measured": {**measured.to_dict(), "command": command}}, indent=2))
@@ -112,5 +113,5 @@ transferkit features data/fashion --image-size 64 --out small.npz
 transferkit advise data/hymenoptera
 transferkit advise data/xrays --model resnet50 --json
 transferkit advise images/ --labels labels.csv --label-col diagnosis
-""", _advise_arguments, _advise, parents=(backbone_options, precision_option, data_options)),
+""", _advise_arguments, _advise, parents=(backbone_options, image_size_option, precision_option, data_options)),
 )  # fmt: skip
