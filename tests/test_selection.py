@@ -76,7 +76,8 @@ def test_advise_prints_the_fast_stage_of_the_measurement(tiny_dataset: Path, cap
     assert "recommended strategy:" in out and "measured on 4 held-out training images" in out
     assert "resnet18 linear-probe head-input" in out and "fine-tune" not in out.split("measured on")[1]
     assert f"best: transferkit train {tiny_dataset} --model resnet18 --strategy" in out
-    assert f"command: transferkit train {tiny_dataset} --model resnet18 --weights none --image-size 64 --strategy" in out
+    own = "--model resnet18 --weights none --image-size 64"
+    assert f"command: transferkit train {tiny_dataset} {own} --strategy" in out
     assert out.rstrip().endswith("--weights none --image-size 64")  # the run's own model, weights and size
 
 
