@@ -450,3 +450,14 @@ def test_a_label_file_naming_no_existing_file_is_one_error_and_many_skips_are_su
     skipping = [str(w.message) for w in record if str(w.message).startswith("skipping")]
     assert len(skipping) == 11 and all(".xml: not an image file extension" in m for m in skipping[:10])
     assert skipping[10] == f"skipping 5 more files of {flat} (5 not an image file extension)"
+
+
+def test_lr_find_reads_a_label_file_beside_its_images(flat: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from transferkit.cli import main
+
+    rows = [[r[1], r[0]] for r in rows_of(flat, tmp_path)]
+    table = write_csv(tmp_path / "scans.csv", ["finding", "file"], rows)
+    assert main(["lr-find", str(tmp_path), "--labels", str(table), "--path-col", "file", "--label-col", "finding",
+                 "--model", "resnet18", "--weights", "none", "--image-size", "32", "--batch-size", "4",
+                 "--plot", str(tmp_path / "lr.png")]) == 0  # fmt: skip
+    assert "suggested learning rate:" in capsys.readouterr().out and (tmp_path / "lr.png").is_file()
