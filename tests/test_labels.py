@@ -84,6 +84,9 @@ def test_ids_of_a_folder_mixing_extensions_each_find_their_file(tmp_path: Path, 
     images, table, _ = kaggle_folder(tmp_path, 6, "*.*")
     splits = discover(images, labels=table)
     assert sorted(p for p, _ in splits.train + splits.val) == sorted(str(p) for p in images.iterdir())
+    (images / "img0.png").unlink()  # a missing id is named as written, not with another row's extension
+    with pytest.warns(UserWarning, match=f"skipping {images / 'img0'} \\(row 2 of train.csv\\): file not found"):
+        discover(images, labels=table)
     with pytest.warns(UserWarning, match="file not found"):  # --image-ext is the user's word: no looking
         given = discover(images, labels=table, image_ext="jpg")
     assert all(p.endswith(".jpg") for p, _ in given.train + given.val) and len(given.skipped) == 6

@@ -216,10 +216,11 @@ def _resolve(
                                    f"(or absolute paths)")  # fmt: skip
     if path.suffix == "" or not re.fullmatch(r"\.[A-Za-z0-9]{2,5}", path.suffix):
         # The extension the last row had first (one look per row), then the others: a folder may mix them.
+        # No extensions to try means --image-ext gave one: it is used whether the file is there or not.
         tried = ([ext] if ext else []) + [e for e in extensions if e != ext]
-        ext = next((e for e in tried if path.with_name(path.name + e).is_file()), ext)
-        if ext:
-            path = path.with_name(path.name + ext)
+        found = next((e for e in tried if path.with_name(path.name + e).is_file()), None if extensions else ext)
+        if found:
+            path, ext = path.with_name(path.name + found), found
     return str(path), ext
 
 
