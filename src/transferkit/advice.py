@@ -18,7 +18,6 @@ measured here, hymenoptera gives similarity 0.93 / confidence 0.72, Fashion-MNIS
 
 from __future__ import annotations
 
-import shlex
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ from torch import nn
 
 from .backbones import DEFAULT_BACKBONE, Preprocessing, default_preprocessing, get_module, load_backbone
 from .data import class_counts, first_label, shuffled_by_class
-from .discovery import checked_data_options, data_flags, discover_for
+from .discovery import checked_data_options, command_flags, data_flags, discover_for
 from .features import extract_features
 from .model import TransferModel
 from .probes import fit_linear_probe
@@ -135,14 +134,14 @@ def _chance(labels: torch.Tensor) -> float:
 
 def _model_flags(model: str, weights: str, preprocessing: Preprocessing | None) -> str:
     """``--weights``, ``--mean``, ``--std`` and ``--image-size`` where they differ from ``model``'s own."""
-    flags = "" if weights == "DEFAULT" else f" --weights {shlex.quote(weights)}"
+    given: dict[str, Any] = {"weights": None if weights == "DEFAULT" else weights}
     usual = default_preprocessing(model)
-    for name in ("mean", "std"):
-        if preprocessing is not None and tuple(getattr(preprocessing, name)) != tuple(getattr(usual, name)):
-            flags += f" --{name} {','.join(map(str, getattr(preprocessing, name)))}"
-    if preprocessing is not None and preprocessing.image_size != usual.image_size:
-        flags += f" --image-size {preprocessing.image_size}"
-    return flags
+    if preprocessing is not None:
+        given.update({name: getattr(preprocessing, name) for name in ("mean", "std")
+                      if tuple(getattr(preprocessing, name)) != tuple(getattr(usual, name))})  # fmt: skip
+        if preprocessing.image_size != usual.image_size:
+            given["image_size"] = preprocessing.image_size
+    return command_flags(given)
 
 
 def _imagenet_confidence(classifier: nn.Module | None, features: torch.Tensor) -> float | None:
@@ -191,9 +190,8 @@ def advise(
                f"{domain} data: linear-probe similarity {similarity:.2f} (threshold {similar_from:g})"
                + ("" if confidence is None else f", ImageNet confidence {confidence:.2f} (threshold {CONFIDENT_FROM:g})"),
                *reasons]  # fmt: skip
-    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in options.items())
     command = (f"transferkit train {data}{data_flags(data_options)} --model {model}"
-               f"{_model_flags(model, weights, preprocessing)} --strategy {strategy} {flags}").strip()  # fmt: skip
+               f"{_model_flags(model, weights, preprocessing)} --strategy {strategy}{command_flags(options)}")
     return Advice(
         data=str(data), model=model, images_per_class=counts,
         imbalance=max(counts.values()) / max(1, min(counts.values())),

@@ -199,10 +199,18 @@ def checked_data_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
     return {name: value for name, value in (options or {}).items() if value is not None}
 
 
+def command_flags(options: Mapping[str, Any]) -> str:
+    """`` --name value`` for each option that is set (a list's values joined by commas), for a printed command."""
+    def text(value: Any) -> str:
+        return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+    return "".join(f" --{name.replace('_', '-')} {shlex.quote(text(value))}"
+                   for name, value in options.items() if value is not None)  # fmt: skip
+
+
 def data_flags(options: Mapping[str, Any] | None) -> str:
     """The command-line flags that give ``options`` (for a printed ``transferkit train`` command)."""
-    return "".join(f" --{name.replace('_', '-')} {shlex.quote(str(value))}"
-                   for name, value in checked_data_options(options).items())  # fmt: skip
+    return command_flags(checked_data_options(options))
 
 
 def _columns(get: Callable[[str], Any]) -> LabelColumns:

@@ -254,7 +254,7 @@ def evaluate(
     members = _fold_models(run)
     model = members[0] if members else run if isinstance(run, TransferModel) else load_checkpoint(run)
     if data_options or Path(data_dir).suffix.lower() == ".csv":
-        samples, skipped = _table_samples(model, data_dir, data_options)
+        samples, skipped = _held_out_rows(model, data_dir, data_options)
     else:
         folder = _evaluation_folder(Path(data_dir).expanduser())
         _, samples, bad = scan_class_folder(folder, model.class_names)
@@ -277,7 +277,7 @@ def evaluate(
     return augmented
 
 
-def _table_samples(
+def _held_out_rows(
     model: TransferModel, data: str | Path, options: dict[str, Any] | None
 ) -> tuple[list[Sample], int]:  # fmt: skip
     """A label file's test rows, else its val rows, else (no row split) every row, labelled by the model's classes."""

@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .discovery import command_flags
+
 
 @dataclass
 class Trial:
@@ -84,9 +86,7 @@ class Selection:
             shown["image_size"] = self.image_size
         if not shown:
             return ""
-        flags = " ".join(f"--{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, list) else v}"
-                         for k, v in shown.items())  # fmt: skip
-        return f"transferkit train {data} {flags}"
+        return f"transferkit train {data}{command_flags(shown)}"
 
     def table(self) -> str:
         heading = "holdout acc" if self.metric == "accuracy" else "holdout F1"
