@@ -107,7 +107,7 @@ def startup_seconds() -> float:
 
 
 def main() -> None:
-    from transferkit.performance import cpu_kind
+    from transferkit.performance import cpu_kind, restart_as_avx2_cpu
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", nargs="?", type=Path, default=DEFAULT_DATA)
@@ -115,8 +115,11 @@ def main() -> None:
     parser.add_argument("--weights", default="none", help="none: random weights (resnet18's need a download)")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--repeat", type=int, default=5, help="transferkit runs (medians are printed: VMs are noisy)")
+    parser.add_argument("--as-avx2", action="store_true", help="run as a CPU that reports AVX2 only: kernels limited to AVX2, no native bf16 (on an AVX-512 CPU)")
     parser.add_argument("--skip-seeds", action="store_true", help="transferkit's side and its breakdown only")
     args = parser.parse_args()
+    if args.as_avx2:
+        restart_as_avx2_cpu()
     # transferkit's runs on both sides of the seeds' one: a machine that drifts during the seeds'
     # two minutes moves the ratio less than with all of them before it.
     before = (args.repeat + 1) // 2

@@ -71,11 +71,14 @@ def timed(command: list[str], env: dict[str, str]) -> float:
 
 def main() -> None:
     from transferkit.launch import fast_env
-    from transferkit.performance import cpu_kind
+    from transferkit.performance import cpu_kind, restart_as_avx2_cpu
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--as-avx2", action="store_true", help="run as a CPU that reports AVX2 only: kernels limited to AVX2, no native bf16 (on an AVX-512 CPU)")
     parser.add_argument("--images", type=int, default=3000)
     args = parser.parse_args()
+    if args.as_avx2:
+        restart_as_avx2_cpu()
     ours_env = fast_env() or dict(os.environ)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "jpegs"

@@ -181,10 +181,15 @@ def seeds(data: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--as-avx2", action="store_true", help="run as a CPU that reports AVX2 only: kernels limited to AVX2, no native bf16 (on an AVX-512 CPU)")
     parser.add_argument("--images", type=int, default=128)
     parser.add_argument("--child", choices=["ours", "seeds"], help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from transferkit.performance import cpu_kind, restart_as_avx2_cpu
+
+    if args.as_avx2:
+        restart_as_avx2_cpu()
     if args.child:
         print(json.dumps((ours if args.child == "ours" else seeds)(args.data)))
         return
@@ -201,6 +206,7 @@ def main() -> None:
             if proc.returncode:
                 sys.exit(proc.stderr[-3000:])
             runs[way] = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"CPU: {cpu_kind()} (ONNX Runtime picks its own kernels whatever the limit)")
     print(
         f"{args.images} generated 500x375 JPEGs, images/s, medians of {ROUNDS} turns (transferkit precision: "
         f"{runs['ours'][MODELS[0]]['precision']}, channels_last, mimalloc; ONNX rows: ONNX Runtime on an export)"

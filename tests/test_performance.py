@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 from transferkit import StrategySpec, TransferModel, apply_strategy, load_backbone
 from transferkit.launch import allocator_library, fast_env
 from transferkit import TransferkitError
-from transferkit.performance import NATIVE_BF16_ENV, cpu_kind, resolve_precision
+from transferkit.performance import AVX2_CPU_ENV, NATIVE_BF16_ENV, cpu_kind, resolve_precision
 
 MAPS = "print('mimalloc' in open('/proc/self/maps').read())"
 
@@ -68,6 +69,38 @@ def test_precision_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(NATIVE_BF16_ENV, "yes")
     with pytest.raises(TransferkitError, match=f"{NATIVE_BF16_ENV}='yes': set it to 1"):
         resolve_precision("auto", cpu)
+
+
+AS_AVX2 = """
+import torch
+from transferkit.performance import cpu_kind, resolve_precision, restart_as_avx2_cpu
+restart_as_avx2_cpu()
+with torch.no_grad():  # a convolution oneDNN runs, and says on which instruction set
+    torch.nn.Conv2d(16, 16, 3).to(memory_format=torch.channels_last)(torch.ones(4, 16, 32, 32).to(memory_format=torch.channels_last))
+print(cpu_kind())
+print(resolve_precision("auto", torch.device("cpu")))
+"""
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="AVX2 is an x86-64 instruction set")
+def test_a_benchmark_restarts_as_a_cpu_that_reports_avx2_only(tmp_path: Path) -> None:
+    """``--as-avx2``: an AVX-512 CPU runs ATen's and oneDNN's AVX2 kernels and chooses as without native bf16."""
+    script = tmp_path / "as_avx2.py"
+    script.write_text(AS_AVX2)
+    env = {k: v for k, v in os.environ.items() if k not in AVX2_CPU_ENV} | {"ONEDNN_VERBOSE": "1"}
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, check=True).stdout
+    kind, precision = out.splitlines()[-2:]
+    assert precision == "32" and kind.startswith("no native bf16")
+    assert kind.endswith("AVX2 (ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2) kernels")
+    assert "isa:Intel AVX2" in out and "AVX-512" not in out
+
+
+def test_make_test_runs_its_second_precision_pass_as_a_cpu_that_reports_avx2_only() -> None:
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    line = next(line for line in makefile.splitlines() if line.startswith("AVX2_CPU :="))
+    assignments = line.split(":=", 1)[1].replace("$(BF16_SWITCH)", NATIVE_BF16_ENV).split()
+    assert dict(a.split("=", 1) for a in assignments) == AVX2_CPU_ENV
+    assert "\t$(AVX2_CPU) $(PY) -m pytest -m precision" in makefile
 
 
 def test_the_switch_reproduces_native_bf16_rounding(monkeypatch: pytest.MonkeyPatch) -> None:

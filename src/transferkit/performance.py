@@ -59,10 +59,28 @@ def _cpuinfo_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+# What makes a process on an AVX-512 CPU run as a CPU that reports AVX2 only: ATen's and oneDNN's
+# kernels limited to AVX2 (both read these at their first use), and no native bf16. Benchmarks take
+# it as --as-avx2, `make test` for its second precision run.
+AVX2_CPU_ENV = {NATIVE_BF16_ENV: "0", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
 def cpu_kind() -> str:
-    """What a benchmark or report says of this CPU's bf16 (forced by the switch or not)."""
+    """What a benchmark or report says of this CPU: its bf16 (forced by the switch or not) and the
+    instruction set its kernels use (limited by AVX2_CPU_ENV's variables or not)."""
     source = f" ({NATIVE_BF16_ENV} set)" if os.environ.get(NATIVE_BF16_ENV) else ""
-    return ("native bf16" if cpu_has_native_bf16() else "no native bf16: bf16 emulated") + source
+    bf16 = ("native bf16" if cpu_has_native_bf16() else "no native bf16: bf16 emulated") + source
+    limited = [f"{name}={os.environ[name]}" for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if name in os.environ]
+    kernels = torch.backends.cpu.get_cpu_capability() + (f" ({', '.join(limited)})" if limited else "")
+    return f"{bf16}, {kernels} kernels"
+
+
+def restart_as_avx2_cpu() -> None:
+    """Re-executes this script with AVX2_CPU_ENV (unless it already runs so): the variables must be
+    set before torch first runs a kernel, and its subprocesses inherit them."""
+    if all(os.environ.get(name) == value for name, value in AVX2_CPU_ENV.items()):
+        return
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_CPU_ENV})
 
 
 def has_depthwise_conv(model: nn.Module, trainable_only: bool = False) -> bool:
