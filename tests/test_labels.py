@@ -289,6 +289,12 @@ def test_the_command_line_reads_a_label_file_with_named_columns(flat: Path, tmp_
     bad = subprocess.run([sys.executable, "-m", "transferkit", *args[:2], "--label-col", "diagnosis"],
                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "--label-col diagnosis" in bad.stderr
+    # A test file written like the training one is read by the run's column names, where it has them.
+    test = write_csv(tmp_path / "test.csv", ["finding", "file"], [r[:2] for r in rows if r[2] == "val"])
+    scored = subprocess.run([sys.executable, "-m", "transferkit", "evaluate", str(tmp_path / "run"), str(test), "--json"],
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    assert json.loads(scored.stdout)["num_images"] == 4
 
 
 @pytest.mark.slow
@@ -373,6 +379,24 @@ def test_advise_reads_a_label_file_and_scores_multi_label_data_by_macro_f1(tmp_p
     assert _chance(torch.tensor([0, 1, 1, 1])) == 0.75
     with pytest.raises(TransferkitError, match="unknown data option.*label_column"):
         advise(tmp_path, "resnet18", "none", data_options={"labels": table, "label_column": "tags"})
+
+
+def test_a_label_file_to_evaluate_on_takes_the_run_s_column_names_where_it_has_them(tmp_path: Path) -> None:
+    from transferkit.runs import with_run_columns
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"path_col": "file", "label_col": "finding", "split_col": "fold",
+                                                 "label_sep": None}))  # fmt: skip
+    test = write_csv(tmp_path / "test.csv", ["finding", "file"], [["cat", "a.png"]])
+    assert with_run_columns(run, test, None) == {"path_col": "file", "label_col": "finding"}  # no fold column
+    assert with_run_columns(run / "model.pt", test, {"label_col": "other"}) == {"path_col": "file", "label_col": "other"}
+    assert with_run_columns(run, tmp_path, {"labels": test}) == {"labels": test, "path_col": "file", "label_col": "finding"}
+    assert with_run_columns(tmp_path / "elsewhere", test, None) is None  # not a run directory: options as given
+    (run / "config.json").write_text(json.dumps({"label_sep": "|"}))  # a multi-label run: its separator
+    assert with_run_columns(run, test, None) == {"label_sep": "|"}
+    (run / "config.json").write_text("{")  # damaged: model.pt alone still evaluates, with the options given
+    assert with_run_columns(run, test, {"label_col": "finding"}) == {"label_col": "finding"}
 
 
 def test_evaluate_reads_a_label_file_of_held_out_images(tiny_dataset: Path, tmp_path: Path) -> None:

@@ -17,15 +17,9 @@ from .data import IMAGE_EXTENSIONS, VAL_DIR_NAMES, Sample, scan_class_folder
 from .errors import TransferkitError
 from .model import TransferModel
 from .performance import PRECISION_NAMES, pick_device
-from .prediction import (
-    TTA_VIEWS,
-    AugmentedRunner,
-    EagerRunner,
-    OnnxRunner,
-    inference_precision,
-    predict_samples,
-    top_k_results,
-)
+from .prediction import TTA_VIEWS, AugmentedRunner, EagerRunner, OnnxRunner, inference_precision, predict_samples
+from .prediction import top_k_results
+from .runs import with_run_columns
 
 
 @dataclass
@@ -242,7 +236,8 @@ def evaluate(
     (or a label file's test rows, else its val rows, else, in a file without splits, every row).
 
     ``data_options`` read a label file as ``train`` does (``labels`` with ``data_dir`` the image
-    folder, its columns, ``exclude``: :data:`transferkit.discovery.DATA_OPTIONS`).
+    folder, its columns, ``exclude``: :data:`transferkit.discovery.DATA_OPTIONS`); columns left
+    unnamed are read by the run's own names where the file has them (:func:`~transferkit.runs.with_run_columns`).
 
     ``tta``: average each image's probabilities over :data:`~transferkit.prediction.TTA_VIEWS`, and
     measure the plain evaluation too: the result's ``tta`` holds both accuracies, the gain and the
@@ -254,7 +249,7 @@ def evaluate(
     members = _fold_models(run)
     model = members[0] if members else run if isinstance(run, TransferModel) else load_checkpoint(run)
     if data_options or Path(data_dir).suffix.lower() == ".csv":
-        samples, skipped = _held_out_rows(model, data_dir, data_options)
+        samples, skipped = _held_out_rows(model, data_dir, with_run_columns(run, data_dir, data_options))
     else:
         folder = _evaluation_folder(Path(data_dir).expanduser())
         _, samples, bad = scan_class_folder(folder, model.class_names)

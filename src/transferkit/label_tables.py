@@ -120,6 +120,12 @@ def read_label_table(
     return table_
 
 
+def label_file_header(source: str | Path) -> list[str]:
+    """The column names in a label file's first line."""
+    with open(Path(source).expanduser(), newline="", encoding="utf-8-sig") as f:
+        return [h.strip() for h in next(csv.reader(f), [])]
+
+
 def warn_skipped(skipped: list[tuple[str, str]], where: str) -> None:
     """A warning for each of the first few files skipped, then one for the rest with their reasons
     counted: a wrong folder, or annotations beside the images, must not print a line per file."""

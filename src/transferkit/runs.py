@@ -24,10 +24,14 @@ from typing import Any
 
 from .errors import TransferkitError
 from .files import atomic_write
+from .label_tables import label_file_header
 
 CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.json"
 HISTORY_NAME = "history.csv"
+# A label file given to evaluate a run is usually written like the one it was trained on: its
+# columns are read by the names the run used, where the file has them and the command names none.
+RUN_LABEL_COLUMNS = ("path_col", "label_col", "split_col")
 
 # The columns of history.csv, in order: losses, accuracies, learning rate, what trained, time.
 HISTORY_FIELDS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "trainable_params",
@@ -101,3 +105,26 @@ def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
             writer.writerows(rows)
 
     atomic_write(path, write)
+
+
+def with_run_columns(run: Any, data: str | Path, options: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A label file's data ``options`` completed with the column names (and multi-label separator) of
+    ``run`` (a run directory or a file in one), where the options leave them unset and the file has them."""
+    if not isinstance(run, (str, Path)):
+        return options  # a model object: no run directory to read
+    path = Path(run).expanduser()
+    config_file = (path if path.is_dir() else path.parent) / CONFIG_NAME
+    table = Path((options or {}).get("labels") or data).expanduser()
+    if not config_file.is_file() or not table.is_file():
+        return options
+    try:
+        config, given = read_json(config_file), dict(options or {})
+    except TransferkitError:  # a damaged config.json: model.pt alone still evaluates, with the options given
+        return options
+    header = set(label_file_header(table))
+    for name in RUN_LABEL_COLUMNS:
+        if given.get(name) is None and config.get(name) in header:
+            given[name] = config[name]
+    if given.get("label_sep") is None and config.get("label_sep"):
+        given["label_sep"] = config["label_sep"]
+    return given
