@@ -115,7 +115,8 @@ def main() -> None:
     parser.add_argument("--weights", default="none", help="none: random weights (resnet18's need a download)")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--repeat", type=int, default=5, help="transferkit runs (medians are printed: VMs are noisy)")
-    parser.add_argument("--as-avx2", action="store_true", help="run as a CPU that reports AVX2 only: kernels limited to AVX2, no native bf16 (on an AVX-512 CPU)")
+    parser.add_argument("--as-avx2", action="store_true",
+                        help="run as a CPU that reports AVX2 only: kernels limited to AVX2, no native bf16")
     parser.add_argument("--skip-seeds", action="store_true", help="transferkit's side and its breakdown only")
     args = parser.parse_args()
     if args.as_avx2:

@@ -74,7 +74,8 @@ def main() -> None:
     from transferkit.performance import cpu_kind, restart_as_avx2_cpu
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--as-avx2", action="store_true", help="run as a CPU that reports AVX2 only: kernels limited to AVX2, no native bf16 (on an AVX-512 CPU)")
+    parser.add_argument("--as-avx2", action="store_true",
+                        help="run as a CPU that reports AVX2 only: kernels limited to AVX2, no native bf16")
     parser.add_argument("--images", type=int, default=3000)
     args = parser.parse_args()
     if args.as_avx2:

@@ -181,7 +181,8 @@ def seeds(data: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--as-avx2", action="store_true", help="run as a CPU that reports AVX2 only: kernels limited to AVX2, no native bf16 (on an AVX-512 CPU)")
+    parser.add_argument("--as-avx2", action="store_true",
+                        help="run as a CPU that reports AVX2 only: kernels limited to AVX2, no native bf16")
     parser.add_argument("--images", type=int, default=128)
     parser.add_argument("--child", choices=["ours", "seeds"], help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)

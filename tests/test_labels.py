@@ -291,8 +291,8 @@ def test_the_command_line_reads_a_label_file_with_named_columns(flat: Path, tmp_
     assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "--label-col diagnosis" in bad.stderr
     # A test file written like the training one is read by the run's column names, where it has them.
     test = write_csv(tmp_path / "test.csv", ["finding", "file"], [r[:2] for r in rows if r[2] == "val"])
-    scored = subprocess.run([sys.executable, "-m", "transferkit", "evaluate", str(tmp_path / "run"), str(test), "--json"],
-                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    command = [sys.executable, "-m", "transferkit", "evaluate", str(tmp_path / "run"), str(test), "--json"]
+    scored = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert scored.returncode == 0, scored.stderr[-2000:]
     assert json.loads(scored.stdout)["num_images"] == 4
 
@@ -390,8 +390,9 @@ def test_a_label_file_to_evaluate_on_takes_the_run_s_column_names_where_it_has_t
                                                  "label_sep": None}))  # fmt: skip
     test = write_csv(tmp_path / "test.csv", ["finding", "file"], [["cat", "a.png"]])
     assert with_run_columns(run, test, None) == {"path_col": "file", "label_col": "finding"}  # no fold column
-    assert with_run_columns(run / "model.pt", test, {"label_col": "other"}) == {"path_col": "file", "label_col": "other"}
-    assert with_run_columns(run, tmp_path, {"labels": test}) == {"labels": test, "path_col": "file", "label_col": "finding"}
+    named = {"path_col": "file", "label_col": "finding"}
+    assert with_run_columns(run / "model.pt", test, {"label_col": "other"}) == {**named, "label_col": "other"}
+    assert with_run_columns(run, tmp_path, {"labels": test}) == {"labels": test, **named}
     assert with_run_columns(tmp_path / "elsewhere", test, None) is None  # not a run directory: options as given
     (run / "config.json").write_text(json.dumps({"label_sep": "|"}))  # a multi-label run: its separator
     assert with_run_columns(run, test, None) == {"label_sep": "|"}
@@ -467,7 +468,7 @@ def test_a_label_file_naming_no_existing_file_is_one_error_and_many_skips_are_su
 ) -> None:
     missing = [[f"elsewhere/{i}.jpg", "red" if i % 2 else "blue"] for i in range(40)]
     table = write_csv(tmp_path / "labels.csv", ["path", "label"], missing)
-    message = rf"none of the 40 rows of .*labels.csv names a usable image .*not found\); paths are read relative to "
+    message = r"none of the 40 rows of .*labels.csv names a usable image .*not found\); paths are read relative to "
     with pytest.raises(TransferkitError, match=message + rf"{tmp_path}$"):
         discover(table)
     for i in range(15):  # annotations beside the images: named one by one only at first

@@ -76,7 +76,8 @@ import torch
 from transferkit.performance import cpu_kind, resolve_precision, restart_as_avx2_cpu
 restart_as_avx2_cpu()
 with torch.no_grad():  # a convolution oneDNN runs, and says on which instruction set
-    torch.nn.Conv2d(16, 16, 3).to(memory_format=torch.channels_last)(torch.ones(4, 16, 32, 32).to(memory_format=torch.channels_last))
+    x = torch.ones(4, 16, 32, 32).to(memory_format=torch.channels_last)
+    torch.nn.Conv2d(16, 16, 3).to(memory_format=torch.channels_last)(x)
 print(cpu_kind())
 print(resolve_precision("auto", torch.device("cpu")))
 """

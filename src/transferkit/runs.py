@@ -118,10 +118,9 @@ def with_run_columns(run: Any, data: str | Path, options: dict[str, Any] | None)
     if not config_file.is_file() or not table.is_file():
         return options
     try:
-        config, given = read_json(config_file), dict(options or {})
-    except TransferkitError:  # a damaged config.json: model.pt alone still evaluates, with the options given
-        return options
-    header = set(label_file_header(table))
+        config, given, header = read_json(config_file), dict(options or {}), set(label_file_header(table))
+    except (TransferkitError, OSError, UnicodeDecodeError, csv.Error):
+        return options  # a damaged config.json, or a file the label reader will refuse with its own error
     for name in RUN_LABEL_COLUMNS:
         if given.get(name) is None and config.get(name) in header:
             given[name] = config[name]
