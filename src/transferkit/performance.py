@@ -70,8 +70,8 @@ def cpu_kind() -> str:
     instruction set its kernels use (limited by AVX2_CPU_ENV's variables or not)."""
     source = f" ({NATIVE_BF16_ENV} set)" if os.environ.get(NATIVE_BF16_ENV) else ""
     bf16 = ("native bf16" if cpu_has_native_bf16() else "no native bf16: bf16 emulated") + source
-    limited = [f"{name}={os.environ[name]}" for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
-               if name in os.environ]  # fmt: skip
+    limited = [f"{name}={os.environ[name]}" for name in AVX2_CPU_ENV
+               if name != NATIVE_BF16_ENV and name in os.environ]  # fmt: skip
     kernels = torch.backends.cpu.get_cpu_capability() + (f" ({', '.join(limited)})" if limited else "")
     return f"{bf16}, {kernels} kernels"
 
