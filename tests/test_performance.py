@@ -14,7 +14,7 @@ import torch
 from transferkit import StrategySpec, TransferModel, apply_strategy, load_backbone
 from transferkit.launch import allocator_library, fast_env
 from transferkit import TransferkitError
-from transferkit.performance import AVX2_CPU_ENV, NATIVE_BF16_ENV, cpu_kind, resolve_precision
+from transferkit.performance import AVX2_CPU_ENV, NATIVE_BF16_ENV, cpu_kind, resolve_precision, same_cpu_kind
 
 MAPS = "print('mimalloc' in open('/proc/self/maps').read())"
 
@@ -101,7 +101,39 @@ def test_make_test_runs_its_second_precision_pass_as_a_cpu_that_reports_avx2_onl
     line = next(line for line in makefile.splitlines() if line.startswith("AVX2_CPU :="))
     assignments = line.split(":=", 1)[1].replace("$(BF16_SWITCH)", NATIVE_BF16_ENV).split()
     assert dict(a.split("=", 1) for a in assignments) == AVX2_CPU_ENV
-    assert "\t$(AVX2_CPU) $(PY) -m pytest -m precision" in makefile
+    assert "|| $(AVX2_CPU) $(PY) -m pytest -m precision" in makefile
+
+
+PROCESS_KIND = """
+import torch
+from transferkit.performance import cpu_has_native_bf16
+with torch.no_grad():  # a convolution oneDNN runs, and says on which instruction set
+    x = torch.ones(4, 16, 32, 32).to(memory_format=torch.channels_last)
+    torch.nn.Conv2d(16, 16, 3).to(memory_format=torch.channels_last)(x)
+print(cpu_has_native_bf16(), torch.backends.cpu.get_cpu_capability())
+"""
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="AVX2 is an x86-64 instruction set")
+def test_a_precision_pass_is_left_out_only_where_its_switches_change_nothing(tmp_path: Path) -> None:
+    """``make test`` skips a pass as another kind of CPU where this one already is it: then the process
+    under the switches must choose bf16 alike and run the same ATen and oneDNN kernels as one without."""
+    script = tmp_path / "kind.py"
+    script.write_text(PROCESS_KIND)
+    plain = {k: v for k, v in os.environ.items() if k not in AVX2_CPU_ENV} | {"ONEDNN_VERBOSE": "1"}
+
+    def kind(switches: dict[str, str]) -> tuple[str, str]:
+        out = subprocess.run([sys.executable, str(script)], env=plain | switches, capture_output=True, text=True,
+                             check=True).stdout.splitlines()  # fmt: skip
+        return out[-1], next(line.split(",isa:")[1] for line in out if ",isa:" in line)
+
+    with pytest.MonkeyPatch.context() as env:
+        for name in AVX2_CPU_ENV:
+            env.delenv(name, raising=False)
+        here = kind({})
+        for switches in ({NATIVE_BF16_ENV: "1"}, {NATIVE_BF16_ENV: "0"}, AVX2_CPU_ENV):
+            assert same_cpu_kind(switches) == (kind(switches) == here), switches
+        assert same_cpu_kind({})
 
 
 def test_the_switch_reproduces_native_bf16_rounding(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,7 +8,7 @@ import os
 import shutil
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import torch
@@ -49,20 +49,38 @@ def cpu_has_native_bf16() -> bool:
     return _cpuinfo_has_bf16()
 
 
-@functools.cache
 def _cpuinfo_has_bf16() -> bool:
+    return bool(_cpuinfo_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+@functools.cache
+def _cpuinfo_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line for line in f if line.startswith("flags")), "")
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return frozenset()
+    return frozenset(flags.partition(":")[2].split())
 
 
 # What makes a process on an AVX-512 CPU run as a CPU that reports AVX2 only: ATen's and oneDNN's
 # kernels limited to AVX2 (both read these at their first use), and no native bf16. Benchmarks take
 # it as --as-avx2, `make test` for its second precision run.
 AVX2_CPU_ENV = {NATIVE_BF16_ENV: "0", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def same_cpu_kind(switches: Mapping[str, str]) -> bool:
+    """Whether a process with ``switches`` (``NATIVE_BF16_ENV``, ``AVX2_CPU_ENV``'s) set runs as this one does:
+    the same bf16 choice and the same kernels. Then a pass of tests under them repeats one without them
+    (``make test``)."""
+    bf16 = switches.get(NATIVE_BF16_ENV)
+    if bf16 is not None and (bf16 == "1") != cpu_has_native_bf16():
+        return False
+    kernel_limits = {name: value for name, value in AVX2_CPU_ENV.items() if name != NATIVE_BF16_ENV}
+    if not kernel_limits.keys() & switches.keys():
+        return True
+    limited_here = all(os.environ.get(name) == value for name, value in kernel_limits.items())
+    return limited_here or not _cpuinfo_flags() & {"avx512f", "avx_vnni", "amx_tile"}
 
 
 def cpu_kind() -> str:
