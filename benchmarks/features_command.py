@@ -111,5 +111,6 @@ def main() -> None:
     print(f"  the seeds' way, whole process:         {seeds:7.1f} images/s  ({args.images / seeds:6.1f} s)")
     print(f"  ratio {ours / seeds:.2f}x (each round: {ratios})")
 
+
 if __name__ == "__main__":
     main()
