@@ -71,13 +71,16 @@ def test_precision_rules(monkeypatch: pytest.MonkeyPatch) -> None:
         resolve_precision("auto", cpu)
 
 
+ONEDNN_CONVOLUTION = """
+with torch.no_grad():  # a convolution oneDNN runs, and says on which instruction set
+    x = torch.ones(4, 16, 32, 32).to(memory_format=torch.channels_last)
+    torch.nn.Conv2d(16, 16, 3).to(memory_format=torch.channels_last)(x)
+"""
 AS_AVX2 = """
 import torch
 from transferkit.performance import cpu_kind, resolve_precision, restart_as_avx2_cpu
 restart_as_avx2_cpu()
-with torch.no_grad():  # a convolution oneDNN runs, and says on which instruction set
-    x = torch.ones(4, 16, 32, 32).to(memory_format=torch.channels_last)
-    torch.nn.Conv2d(16, 16, 3).to(memory_format=torch.channels_last)(x)
+""" + ONEDNN_CONVOLUTION + """
 print(cpu_kind())
 print(resolve_precision("auto", torch.device("cpu")))
 """
@@ -107,9 +110,7 @@ def test_make_test_runs_its_second_precision_pass_as_a_cpu_that_reports_avx2_onl
 PROCESS_KIND = """
 import torch
 from transferkit.performance import cpu_has_native_bf16
-with torch.no_grad():  # a convolution oneDNN runs, and says on which instruction set
-    x = torch.ones(4, 16, 32, 32).to(memory_format=torch.channels_last)
-    torch.nn.Conv2d(16, 16, 3).to(memory_format=torch.channels_last)(x)
+""" + ONEDNN_CONVOLUTION + """
 print(cpu_has_native_bf16(), torch.backends.cpu.get_cpu_capability())
 """
 

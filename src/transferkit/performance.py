@@ -66,7 +66,8 @@ def _cpuinfo_flags() -> frozenset[str]:
 # What makes a process on an AVX-512 CPU run as a CPU that reports AVX2 only: ATen's and oneDNN's
 # kernels limited to AVX2 (both read these at their first use), and no native bf16. Benchmarks take
 # it as --as-avx2, `make test` for its second precision run.
-AVX2_CPU_ENV = {NATIVE_BF16_ENV: "0", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+AVX2_KERNELS_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+AVX2_CPU_ENV = {NATIVE_BF16_ENV: "0", **AVX2_KERNELS_ENV}
 
 
 def same_cpu_kind(switches: Mapping[str, str]) -> bool:
@@ -76,10 +77,9 @@ def same_cpu_kind(switches: Mapping[str, str]) -> bool:
     bf16 = switches.get(NATIVE_BF16_ENV)
     if bf16 is not None and (bf16 == "1") != cpu_has_native_bf16():
         return False
-    kernel_limits = {name: value for name, value in AVX2_CPU_ENV.items() if name != NATIVE_BF16_ENV}
-    if not kernel_limits.keys() & switches.keys():
+    if not AVX2_KERNELS_ENV.keys() & switches.keys():
         return True
-    limited_here = all(os.environ.get(name) == value for name, value in kernel_limits.items())
+    limited_here = all(os.environ.get(name) == value for name, value in AVX2_KERNELS_ENV.items())
     return limited_here or not _cpuinfo_flags() & {"avx512f", "avx_vnni", "amx_tile"}
 
 
@@ -88,8 +88,7 @@ def cpu_kind() -> str:
     instruction set its kernels use (limited by AVX2_CPU_ENV's variables or not)."""
     source = f" ({NATIVE_BF16_ENV} set)" if os.environ.get(NATIVE_BF16_ENV) else ""
     bf16 = ("native bf16" if cpu_has_native_bf16() else "no native bf16: bf16 emulated") + source
-    limited = [f"{name}={os.environ[name]}" for name in AVX2_CPU_ENV
-               if name != NATIVE_BF16_ENV and name in os.environ]  # fmt: skip
+    limited = [f"{name}={os.environ[name]}" for name in AVX2_KERNELS_ENV if name in os.environ]
     kernels = torch.backends.cpu.get_cpu_capability() + (f" ({', '.join(limited)})" if limited else "")
     return f"{bf16}, {kernels} kernels"
 
