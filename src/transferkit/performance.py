@@ -65,7 +65,7 @@ def _cpuinfo_flags() -> frozenset[str]:
 
 # What makes a process on an AVX-512 CPU run as a CPU that reports AVX2 only: ATen's and oneDNN's
 # kernels limited to AVX2 (both read these at their first use), and no native bf16. Benchmarks take
-# it as --as-avx2, `make test` for its second precision run.
+# it as --as-avx2, `make test` for its precision pass as such a CPU.
 AVX2_KERNELS_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 AVX2_CPU_ENV = {NATIVE_BF16_ENV: "0", **AVX2_KERNELS_ENV}
 
