@@ -107,7 +107,7 @@ def startup_seconds() -> float:
 
 
 def main() -> None:
-    from transferkit.performance import cpu_kind, restart_as_avx2_cpu
+    from transferkit.performance import cpu_kind, cpu_model, restart_as_avx2_cpu
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", nargs="?", type=Path, default=DEFAULT_DATA)
@@ -140,7 +140,7 @@ def main() -> None:
     train_s = median(lambda s, m: m["train_seconds"])
     metrics = runs[0][1]
     print(f"{args.epochs} epochs of feature extraction, {args.model} (--weights {args.weights}), {args.data}; "
-          f"{cpu_kind()}; transferkit's figures are medians of {len(runs)} runs (min-max)")  # fmt: skip
+          f"{cpu_model()}: {cpu_kind()}; transferkit's figures are medians of {len(runs)} runs (min-max)")  # fmt: skip
     print(f"  seeds' way (backbone recomputed every epoch, fp32, PIL): {seeds_s:7.1f} s   val accuracy {seeds_acc:.4f}"
           + ("" if args.skip_seeds else f"   (run between transferkit's runs {before} and {before + 1})"))
     print(f"  transferkit (features computed once, cold cache):        {ours_s:7.1f} s   val accuracy "

@@ -74,7 +74,7 @@ def timed(command: list[str], env: dict[str, str]) -> float:
 
 def main() -> None:
     from transferkit.launch import fast_env
-    from transferkit.performance import cpu_kind, restart_as_avx2_cpu
+    from transferkit.performance import cpu_kind, cpu_model, restart_as_avx2_cpu
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--as-avx2", action="store_true",
@@ -103,7 +103,7 @@ def main() -> None:
     limit, ours, seeds = (statistics.median(column) for column in zip(*rounds))
     of_limit = ", ".join(f"{o / lim:.0%}" for lim, o, _ in rounds)
     ratios = ", ".join(f"{o / s:.2f}x" for _, o, s in rounds)
-    print(f"`transferkit features`, {args.images} generated 500x375 JPEGs, {MODEL}; {cpu_kind()}"
+    print(f"`transferkit features`, {args.images} generated 500x375 JPEGs, {MODEL}; {cpu_model()}: {cpu_kind()}"
           f"{'' if args.rounds == 1 else f'; medians of {args.rounds} rounds taking turns'}")
     print(f"  forward limit ({precision}, channels_last, decoded batches of 32): {limit:7.1f} images/s")
     print(f"  transferkit features, whole process:   {ours:7.1f} images/s  ({args.images / ours:6.1f} s), "

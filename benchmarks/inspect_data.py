@@ -121,9 +121,9 @@ def main() -> None:
     import torch
 
     from transferkit.backbones import explicit_preprocessing
-    from transferkit.performance import cpu_kind
+    from transferkit.performance import cpu_kind, cpu_model
 
-    print(f"CPU: {os.cpu_count()} cores, {cpu_kind()}; torch threads {torch.get_num_threads()}")
+    print(f"CPU: {cpu_model()}: {cpu_kind()}; torch threads {torch.get_num_threads()}")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         os.chdir(work)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import transferkit
 from transferkit.demo import write_digits_folder
-from transferkit.performance import cpu_kind
+from transferkit.performance import cpu_kind, cpu_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 MODEL = "efficientnet_lite0"
@@ -56,7 +56,8 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=120.0, help="seconds for auto, and for each fixed strategy")
     parser.add_argument("--datasets", default="hymenoptera,digits,fashion_mnist_subset")
     args = parser.parse_args()
-    print(f"transferkit {transferkit.__version__}, {cpu_kind()}, {MODEL}, budget {args.budget:.0f} s per row")
+    print(f"transferkit {transferkit.__version__}, {cpu_model()}: {cpu_kind()}, {MODEL}, "
+          f"budget {args.budget:.0f} s per row")
     work = Path(tempfile.mkdtemp(prefix="tk-selection-"))
     os.environ["TRANSFERKIT_CACHE_DIR"] = str(work / "cache")  # every dataset starts with a cold cache
     summary = []

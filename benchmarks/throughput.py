@@ -187,7 +187,7 @@ def main() -> None:
     parser.add_argument("--child", choices=["ours", "seeds"], help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    from transferkit.performance import cpu_kind, restart_as_avx2_cpu
+    from transferkit.performance import cpu_kind, cpu_model, restart_as_avx2_cpu
 
     if args.as_avx2:
         restart_as_avx2_cpu()
@@ -207,7 +207,7 @@ def main() -> None:
             if proc.returncode:
                 sys.exit(proc.stderr[-3000:])
             runs[way] = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(f"CPU: {cpu_kind()} (ONNX Runtime picks its own kernels whatever the limit)")
+    print(f"CPU: {cpu_model()}: {cpu_kind()} (ONNX Runtime picks its own kernels whatever the limit)")
     print(
         f"{args.images} generated 500x375 JPEGs, images/s, medians of {ROUNDS} turns (transferkit precision: "
         f"{runs['ours'][MODELS[0]]['precision']}, channels_last, mimalloc; ONNX rows: ONNX Runtime on an export)"

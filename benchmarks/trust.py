@@ -35,13 +35,13 @@ def measure(data: Path, folds: int, tmp: Path) -> dict:
 
 
 def main() -> None:
-    from transferkit.performance import cpu_kind
+    from transferkit.performance import cpu_kind, cpu_model
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", nargs="*", type=Path, default=list(DEFAULT_DATA))
     parser.add_argument("--folds", type=int, default=5)
     args = parser.parse_args()
-    print(f"efficientnet_lite0 (ImageNet), feature-extract, 10 epochs; {cpu_kind()}")
+    print(f"efficientnet_lite0 (ImageNet), feature-extract, 10 epochs; {cpu_model()}: {cpu_kind()}")
     with tempfile.TemporaryDirectory() as tmp:
         for data in args.data:
             r = measure(data, args.folds, Path(tmp))

@@ -14,7 +14,15 @@ import torch
 from transferkit import StrategySpec, TransferModel, apply_strategy, load_backbone
 from transferkit.launch import allocator_library, fast_env
 from transferkit import TransferkitError
-from transferkit.performance import AVX2_CPU_ENV, NATIVE_BF16_ENV, cpu_kind, resolve_precision, same_cpu_kind
+from transferkit.performance import (
+    AVX2_CPU_ENV,
+    NATIVE_BF16_ENV,
+    cpu_kind,
+    cpu_model,
+    cpuinfo_fields,
+    resolve_precision,
+    same_cpu_kind,
+)
 
 MAPS = "print('mimalloc' in open('/proc/self/maps').read())"
 
@@ -69,6 +77,33 @@ def test_precision_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(NATIVE_BF16_ENV, "yes")
     with pytest.raises(TransferkitError, match=f"{NATIVE_BF16_ENV}='yes': set it to 1"):
         resolve_precision("auto", cpu)
+
+
+CPUINFO = """processor	: 0
+vendor_id	: AuthenticAMD
+cpu family	: 25
+model		: 17
+model name	: AMD EPYC
+flags		: fpu avx2 avx512f avx512_bf16
+
+processor	: 1
+vendor_id	: AuthenticAMD
+cpu family	: 25
+model		: 17
+model name	: AMD EPYC
+flags		: fpu avx2 avx512f avx512_bf16
+"""
+
+
+def test_a_benchmark_header_names_the_cpu_by_family_and_model() -> None:
+    """VMs sold under one name ("AMD EPYC") differ by generation: the header says which one ran."""
+    fields = cpuinfo_fields(CPUINFO)
+    assert fields["model"] == "17" and "avx512_bf16" in fields["flags"].split()
+    assert cpu_model(fields) == f"AMD EPYC (family 25, model 17), {os.cpu_count()} cores"
+    assert cpu_model({"model name": "Apple M2"}) == f"Apple M2, {os.cpu_count()} cores"
+    if Path("/proc/cpuinfo").is_file():
+        here = cpuinfo_fields(Path("/proc/cpuinfo").read_text())
+        assert cpu_model().startswith(here.get("model name", "")) and cpu_model() == cpu_model(here)
 
 
 ONEDNN_CONVOLUTION = """

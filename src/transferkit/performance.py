@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import platform
 import shutil
 import sys
 import warnings
@@ -54,13 +55,33 @@ def _cpuinfo_has_bf16() -> bool:
 
 
 @functools.cache
-def _cpuinfo_flags() -> frozenset[str]:
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo (empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
+            return cpuinfo_fields(f.read())
     except OSError:
-        return frozenset()
-    return frozenset(flags.partition(":")[2].split())
+        return {}
+
+
+def cpuinfo_fields(text: str) -> dict[str, str]:
+    """``name: value`` pairs of the first processor block of a /proc/cpuinfo text."""
+    first_block = text.strip().split("\n\n")[0]
+    pairs = (line.partition(":") for line in first_block.splitlines())
+    return {name.strip(): value.strip() for name, _, value in pairs}
+
+
+def _cpuinfo_flags() -> frozenset[str]:
+    return frozenset(_cpuinfo().get("flags", "").split())
+
+
+def cpu_model(fields: Mapping[str, str] | None = None) -> str:
+    """Which CPU this is, for a benchmark's header: VMs of one name differ, so its family and model too."""
+    fields = _cpuinfo() if fields is None else fields
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    numbers = [f"{word} {fields[key]}" for word, key in (("family", "cpu family"), ("model", "model")) if key in fields]
+    which = f" ({', '.join(numbers)})" if numbers else ""
+    return f"{name}{which}, {os.cpu_count()} cores"
 
 
 # What makes a process on an AVX-512 CPU run as a CPU that reports AVX2 only: ATen's and oneDNN's
