@@ -98,10 +98,12 @@ def transferkit_way(data: Path, model_name: str, weights: str, epochs: int) -> t
 
 def startup_seconds() -> float:
     """What a training run imports before it starts (torch, torchvision, Lightning, ...), timed inside a fresh
-    process that defers torch._dynamo as the command does (transferkit.launch)."""
-    code = ("import time; start = time.perf_counter(); from transferkit.deferred_dynamo import defer_dynamo; "
-            "defer_dynamo(); import transferkit.workflow, transferkit.reports, transferkit.cli; "
-            "print(time.perf_counter() - start)")  # fmt: skip
+    process that pauses the cyclic collector while torch imports and defers torch._dynamo, as the command
+    does (transferkit.launch)."""
+    code = ("import time; start = time.perf_counter(); from transferkit.launch import "
+            "pause_collector_until_torch_imports; pause_collector_until_torch_imports(); "
+            "from transferkit.deferred_dynamo import defer_dynamo; defer_dynamo(); "
+            "import transferkit.workflow, transferkit.reports, transferkit.cli; print(time.perf_counter() - start)")  # fmt: skip
     env = {**os.environ, **(fast_env() or {})}
     return float(subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True, text=True).stdout)
 
