@@ -9,10 +9,11 @@ once with mimalloc (PyPI ``cmeel-mimalloc``, a dependency on Linux) preloaded, b
 
 Importing torch makes some 180,000 lasting objects, and Python's cyclic collector walks all of them
 again at each full collection it triggers on the way (four while torch imports, more with
-torchvision, Lightning and torchmetrics): 0.2-0.4 s of a command's start-up, measured here. So the
-command imports torch with the collector paused, then freezes what exists (``gc.freeze``: later
-collections pass those objects by, and a forked process does not copy their pages to update
-their counts) and resumes it, as Python's documentation advises for a process that forks.
+torchvision, Lightning and torchmetrics): 0.3-0.5 s of a command's start-up on a 2-core EPYC
+(docs/performance.md). So the command imports torch with the collector paused, then freezes what
+exists (``gc.freeze``: later collections pass those objects by, and a forked process does not copy
+their pages to update their counts) and resumes it, as Python's documentation advises for a
+process that forks.
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ class _ThenResume(importlib.abc.Loader):
         try:
             self.loader.exec_module(module)
         finally:
+            module.__loader__ = module.__spec__.loader = self.loader  # torch as if imported the usual way
             _frozen_and_resumed()
 
 
