@@ -41,13 +41,13 @@ def test_command_environment_preloads_a_memory_keeping_allocator() -> None:
 
 
 COLLECTOR = """
-import gc, sys
+import gc, importlib.machinery, sys
 from transferkit.launch import pause_collector_until_torch_imports
 pause_collector_until_torch_imports()
 paused = not gc.isenabled()
 import torch
 waiting = any(type(finder).__module__ == "transferkit.launch" for finder in sys.meta_path)
-usual = type(torch.__loader__).__module__ == type(torch.__spec__.loader).__module__ == "importlib._bootstrap_external"
+usual = type(torch.__loader__) is type(torch.__spec__.loader) is importlib.machinery.SourceFileLoader
 print(paused, gc.isenabled(), gc.get_freeze_count(), waiting, usual)
 """
 
@@ -58,7 +58,8 @@ def test_the_command_imports_torch_with_the_collector_paused_then_frozen() -> No
     paused, resumed, frozen, waiting, usual = proc.stdout.split()
     assert paused == resumed == "True" and int(frozen) > 50_000  # torch's own lasting objects, frozen
     assert waiting == "False" and usual == "True"  # the finder is gone, and torch's loader is its own
-    already = COLLECTOR.replace("import gc, sys", "import gc, sys, torch")  # torch first: nothing to pause
+    first_line = "import gc, importlib.machinery, sys"
+    already = COLLECTOR.replace(first_line, f"{first_line}, torch")  # torch first: nothing to pause
     assert subprocess.run([sys.executable, "-c", already], capture_output=True, text=True,
                           check=True).stdout.split()[:3] == ["False", "True", "0"]  # fmt: skip
 
