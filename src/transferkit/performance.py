@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import os
 import platform
 import shutil
@@ -58,8 +59,8 @@ def _cpuinfo_has_bf16() -> bool:
 def _cpuinfo() -> dict[str, str]:
     """The first processor's fields in /proc/cpuinfo (empty where there is none)."""
     try:
-        with open("/proc/cpuinfo") as f:
-            return cpuinfo_fields(f.read())
+        with open("/proc/cpuinfo") as f:  # up to the first blank line: the kernel writes the rest as read
+            return cpuinfo_fields("".join(itertools.takewhile(str.strip, f)))
     except OSError:
         return {}
 
