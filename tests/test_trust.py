@@ -162,3 +162,58 @@ def test_k_fold_training_reports_mean_and_std_and_predicts_with_the_ensemble(tin
                        for m_ in members) / 3  # fmt: skip
             assert p["probability"] == pytest.approx(mean, abs=1e-5)
     assert evaluate(result.run_dir, tiny_dataset / "val").num_images == 8
+
+
+def test_an_interrupted_k_fold_run_resumes_its_unfinished_fold_and_keeps_its_finished_ones(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from lightning.pytorch.callbacks import Callback
+
+    from transferkit import TransferkitError, resume_training, train
+
+    class StopInTheSecondFold(Callback):
+        fits = 0
+
+        def on_fit_start(self, trainer, pl_module) -> None:
+            self.fits += 1
+
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            if self.fits == 2 and trainer.current_epoch == 2:
+                raise RuntimeError("interrupted")
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    options = {**TINY, "folds": 3, "strategy": "feature-extract", "cache_dir": str(tmp_path / "cache")}
+    whole = train(data, **options, out=str(tmp_path / "whole"))
+    cut = tmp_path / "cut"
+    with pytest.raises(RuntimeError, match="interrupted"):
+        train(data, **options, out=str(cut), callbacks=[StopInTheSecondFold()])
+    assert (cut / "fold-2" / "checkpoints" / "last.ckpt").is_file() and not (cut / "fold-2" / "metrics.json").exists()
+    assert not (cut / "fold-3").exists() and not (cut / "metrics.json").exists()
+    first_fold = (cut / "fold-1" / "metrics.json").read_bytes()
+
+    with pytest.raises(TransferkitError, match=f"fold of the k-fold run {cut}: resume the whole run"):
+        resume_training(cut / "fold-2")
+    extra = data / "train" / "red" / "extra.png"
+    shutil.copy(next((data / "train" / "red").iterdir()), extra)  # other folds now: refused, not mixed
+    with pytest.raises(TransferkitError, match="data changed since the k-fold run started"):
+        resume_training(cut)
+    extra.unlink()
+
+    resumed = resume_training(cut)
+    assert (cut / "fold-1" / "metrics.json").read_bytes() == first_fold  # kept, not trained again
+    assert [f["val_accuracy"] for f in resumed.metrics["fold_metrics"]] == [
+        f["val_accuracy"] for f in whole.metrics["fold_metrics"]
+    ]
+    assert resumed.metrics["val_loss"] == pytest.approx(whole.metrics["val_loss"], rel=1e-4)
+    assert resumed.metrics["fold_runs"] == ["fold-1", "fold-2", "fold-3"] and (cut / "compare.html").is_file()
+
+
+def test_folds_are_refused_with_several_processes(tiny_dataset: Path, tmp_path: Path) -> None:
+    from transferkit import TransferkitError, train
+
+    with pytest.raises(TransferkitError, match="--folds trains its folds one after another.*--devices 1"):
+        train(tiny_dataset, **TINY, folds=2, accelerator="cpu", devices=2, out=str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()

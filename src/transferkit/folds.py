@@ -64,6 +64,6 @@ def fold_dirs(run: Any) -> list[Path] | None:
     dirs = [record.parent / name for name in json.loads(record.read_text())["runs"]]
     missing = [d for d in dirs if not (d / "model.pt").is_file()]
     if missing:
-        raise TransferkitError(f"fold run {missing[0]} has no model.pt (unfinished?); resume it with "
-                               f"transferkit train --resume {missing[0]}")  # fmt: skip
+        raise TransferkitError(f"fold run {missing[0]} has no model.pt (unfinished?); resume the k-fold run with "
+                               f"transferkit train --resume {record.parent}")  # fmt: skip
     return dirs

@@ -7,6 +7,7 @@ This is the one module that joins training to the stages after it.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -53,6 +54,10 @@ def run_training(config: TrainConfig, command: str | None = None, callbacks: lis
     """A new run: resolve ``auto`` choices, create the run directory, train, evaluate, report."""
     quiet_lightning()
     started = time.time()
+    if config.folds and (str(config.devices) not in ("auto", "1") or config.num_nodes > 1
+                         or int(os.environ.get("WORLD_SIZE", "1")) > 1):  # fmt: skip
+        raise TransferkitError("--folds trains its folds one after another in one process: give --devices 1 and "
+                               "--num-nodes 1, and launch it without torchrun or srun")  # fmt: skip
     if rank_zero_only.rank > 0:
         fitted = join_as_worker_rank(config, callbacks)
         return TrainResult(run_dir=fitted.run_dir, metrics={}, history=fitted.history)  # metrics are rank 0's
@@ -94,10 +99,12 @@ def _train_resolved(
 
 
 def _train_folds(
-    config: TrainConfig, splits: ImageFolderSplits, command: str | None, callbacks: list[Callback]
+    config: TrainConfig, splits: ImageFolderSplits, command: str | None, callbacks: list[Callback],
+    parent: Path | None = None,
 ) -> TrainResult:  # fmt: skip
     """``--folds K``: K runs on K stratified splits of the training and validation images pooled (a test
-    split stays the test split of every fold), then each metric's mean and standard deviation."""
+    split stays the test split of every fold), then each metric's mean and standard deviation. Given the
+    ``parent`` of an interrupted k-fold run, its finished folds are kept, its unfinished one resumed."""
     from .folds import FOLDS_NAME, stratified_folds, summarize_folds
     from .reports import load_run, write_comparison
 
@@ -105,21 +112,34 @@ def _train_folds(
         raise TransferkitError("--folds with --strategy auto would repeat the search in every fold; measure once "
                                "with --strategy auto, then give its choice with --folds")  # fmt: skip
     folds = stratified_folds(splits.train + splits.val, int(config.folds or 0), config.seed)
-    parent = create_run_dir(config)
-    write_json(parent / "config.json", config.to_dict())
+    if parent is None:
+        parent = create_run_dir(config)
+        write_json(parent / "config.json", config.to_dict())
     with open(parent / "command.txt", "a") as f:
         f.write((command or " ".join(sys.argv)) + "\n")
     results = []
     for k, (train, val) in enumerate(folds, 1):
-        fold_config = TrainConfig(**{**config.to_dict(), "folds": None, "out": str(parent / f"fold-{k}"),
-                                     "resolved_from": {}})  # fmt: skip
+        fold_dir = parent / f"fold-{k}"
+        # One device: the folds run one after another in this process ("auto" would start one per GPU).
+        fold_config = TrainConfig(**{**config.to_dict(), "folds": None, "out": str(fold_dir), "resolved_from": {},
+                                     "devices": 1})  # fmt: skip
         fold_splits = dataclasses.replace(splits, train=sorted(train), val=sorted(val),
                                           layout=f"fold {k} of {len(folds)}", skipped=list(splits.skipped))  # fmt: skip
+        fold_config.resolved_from["fold_images"] = _fold_images_digest(fold_splits)
+        if (fold_dir / "config.json").is_file():
+            _check_same_fold(fold_dir, fold_config, k)
+        if (fold_dir / "metrics.json").is_file():  # finished before the interruption
+            results.append(TrainResult(fold_dir, json.loads((fold_dir / "metrics.json").read_text()), []))
+            continue
         _resolve_balance(fold_config, fold_splits)
         L.seed_everything(config.seed, workers=True, verbose=False)  # every fold starts from the same model
         if not config.quiet:
             say(f"fold {k} of {len(folds)}: {len(train)} training, {len(val)} validation images")
-        results.append(_train_resolved(fold_config, fold_splits, None, command, callbacks, time.time()))
+        if (fold_dir / "checkpoints" / "last.ckpt").is_file():
+            results.append(_resume_fit(fold_dir, fold_splits, command, callbacks))
+        else:  # not started, or stopped in its first epoch: (re)started in its own directory
+            started_dir = fold_dir if fold_dir.exists() else None
+            results.append(_train_resolved(fold_config, fold_splits, started_dir, command, callbacks, time.time()))
     runs = [r.run_dir.name for r in results]
     write_json(parent / FOLDS_NAME, {"folds": len(folds), "runs": runs, "seed": config.seed})
     metrics = {**summarize_folds([r.metrics for r in results]), "folds": len(folds), "fold_runs": runs,
@@ -161,24 +181,53 @@ def resume_training(run_dir: str | Path, command: str | None = None, callbacks: 
         raise TransferkitError(f"{run_dir} is not a transferkit run directory (no config.json); give the run to resume")
     if (run_dir / "metrics.json").is_file():
         raise TransferkitError(f"run {run_dir} already finished; start a new run instead of --resume")
-    if not last.is_file():
-        raise TransferkitError(f"run {run_dir} has no checkpoints/last.ckpt yet (killed in its first epoch); start it again")
     config = TrainConfig(**json.loads((run_dir / "config.json").read_text()))
+    parent = run_dir.resolve().parent
+    if _is_k_fold_run(parent) and run_dir.resolve().name.startswith("fold-"):
+        raise TransferkitError(f"{run_dir} is a fold of the k-fold run {parent}: resume the whole run, with "
+                               f"transferkit train --resume {parent}")  # fmt: skip
+    if not config.folds and not last.is_file():
+        raise TransferkitError(f"run {run_dir} has no checkpoints/last.ckpt yet (killed in its first epoch); start it again")
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    splits = discover_for(config)
     if config.folds:
-        unfinished = sorted(p.parent.name for p in run_dir.glob("fold-*/config.json")
-                            if not (p.parent / "metrics.json").exists())  # fmt: skip
-        raise TransferkitError(f"{run_dir} is a k-fold run: resume its unfinished fold instead, e.g. transferkit train "
-                               f"--resume {run_dir / (unfinished[0] if unfinished else 'fold-1')}")  # fmt: skip
+        return _train_folds(config, splits, command, callbacks, parent=run_dir)
+    return _resume_fit(run_dir, splits, command, callbacks)
+
+
+def _resume_fit(run_dir: Path, splits: ImageFolderSplits, command: str | None, callbacks: list[Callback]) -> TrainResult:
+    """Continue the run in ``run_dir`` from its last checkpoint, on ``splits`` (its own data), and finish it."""
+    config = TrainConfig(**json.loads((run_dir / "config.json").read_text()))
     with open(run_dir / "command.txt", "a") as f:
         f.write((command or " ".join(sys.argv)) + "\n")
     started = time.time()
     L.seed_everything(config.seed, workers=True, verbose=False)
-    splits = discover_for(config)
     model, spec = model_and_strategy(config, splits)
     if spec.name == "linear-probe":
         raise TransferkitError("a linear probe has no epochs to resume; start it again")
-    fitted = fit(run_dir, config, splits, model, spec, ckpt_path=last, callbacks=callbacks)
+    fitted = fit(run_dir, config, splits, model, spec, ckpt_path=run_dir / "checkpoints" / "last.ckpt",
+                 callbacks=callbacks)  # fmt: skip
     return finish_run(fitted, config, splits, started)
+
+
+def _is_k_fold_run(run_dir: Path) -> bool:
+    try:
+        return bool(json.loads((run_dir / "config.json").read_text()).get("folds"))
+    except (OSError, ValueError):
+        return False
+
+
+def _fold_images_digest(splits: ImageFolderSplits) -> str:
+    """What a fold trains and validates on, in a few bytes: a resumed k-fold run checks that it is unchanged."""
+    listing = json.dumps([splits.train, splits.val], default=str).encode()
+    return hashlib.sha256(listing).hexdigest()[:16]
+
+
+def _check_same_fold(fold_dir: Path, fold_config: TrainConfig, k: int) -> None:
+    recorded = json.loads((fold_dir / "config.json").read_text()).get("resolved_from", {}).get("fold_images")
+    if recorded not in (None, fold_config.resolved_from["fold_images"]):  # None: a run of a version before the check
+        raise TransferkitError(f"{fold_dir} trained on other images than fold {k} of {fold_config.data} has now (the "
+                               f"data changed since the k-fold run started); start a new k-fold run")  # fmt: skip
 
 
 def create_run_dir(config: TrainConfig) -> Path:
