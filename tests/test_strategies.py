@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from transferkit import StrategySpec, TransferkitError, TransferModel, apply_strategy, load_backbone, param_groups
+from transferkit.checkpoint import load_checkpoint, save_checkpoint
 from transferkit.heads import HeadSpec
 from transferkit.strategies import trainable_group_names, unfreeze_events
 from transferkit.training import GradualUnfreezing, TrainConfig, TransferLearner
@@ -165,5 +166,12 @@ def test_folded_batchnorm_of_pretrained_weights_stays_in_inference_mode(tmp_path
     model.train()
     assert not model.net.layer4[0].bn1.training and model.net.layer4[0].bn1.weight.requires_grad
     assert model.net.layer4[1].bn2.training
+    # A checkpoint knows its folded BatchNorms from its weights, not from the architecture it is rebuilt
+    # from (whose fresh statistics are all the identity).
+    save_checkpoint(model, tmp_path / "model.pt")
+    loaded = load_checkpoint(tmp_path / "model.pt")
+    assert loaded.folded_batchnorm == model.folded_batchnorm and "layer4.1.bn2" not in loaded.folded_batchnorm
+    apply_strategy(loaded, StrategySpec("fine-tune", unfreeze=1))
+    assert loaded.train().net.layer4[1].bn2.training and not loaded.net.layer4[0].bn1.training
     # Random weights have identity statistics too, but nothing was folded into them.
     assert not TransferModel(load_backbone("resnet18", weights="none"), ["a", "b"]).folded_batchnorm

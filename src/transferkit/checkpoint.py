@@ -138,4 +138,5 @@ def load_checkpoint(path: str | Path, class_names: list[str] | None = None) -> T
             f"checkpoint {path} does not match its own architecture {meta['backbone']} "
             f"({len(missing)} missing, {len(unexpected)} unexpected tensors); the file is damaged"
         )
+    model.find_folded_batchnorm()  # in the weights loaded, not in the architecture's fresh statistics
     return model.eval()

@@ -128,7 +128,8 @@ class TransferModel(nn.Module):
         self.record = ModelRecord.of(backbone, class_names, spec)
         self.probe: LinearProbe | None = None
         self.probe_layer: str | None = None
-        self.folded_batchnorm = folded_batchnorm_paths(self.net) if backbone.weights != "none" else set()
+        self.folded_batchnorm: set[str] = set()
+        self.find_folded_batchnorm()
 
     @classmethod
     def from_record(cls, record: ModelRecord) -> TransferModel:
@@ -147,6 +148,11 @@ class TransferModel(nn.Module):
         model = cls(backbone, record.class_names, record.head)
         model.record = record
         return model
+
+    def find_folded_batchnorm(self) -> None:
+        """Which BatchNorms keep inference mode in training (see :func:`folded_batchnorm_paths`): none
+        for random weights, whose fresh statistics are the identity too."""
+        self.folded_batchnorm = folded_batchnorm_paths(self.net) if self.record.weights != "none" else set()
 
     def attach_probe(self, probe: LinearProbe, layer: str | None) -> None:
         """Classify with a linear probe on ``layer``'s pooled features instead of the head."""
