@@ -144,6 +144,37 @@ def test_a_class_with_one_image_or_only_in_val_is_refused(flat: Path, tmp_path: 
         discover(write_csv(tmp_path / "val_only.csv", ["path", "label", "split"], split_rows))
 
 
+def test_a_class_whose_every_row_names_a_missing_file_is_refused_not_trained_unseen(flat: Path, tmp_path: Path) -> None:
+    rows = rows_of(flat, tmp_path) + [[f"images/green/{i}.png", "green"] for i in range(3)]
+    with pytest.warns(UserWarning, match="file not found"), pytest.raises(
+        TransferkitError, match="class 'green' of .*labels.csv has no usable image"
+    ):
+        discover(write_csv(tmp_path / "labels.csv", ["path", "label"], rows))
+
+
+def test_a_folder_linked_into_the_data_folder_is_inside_it(flat: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "images").symlink_to(flat)  # images -> a folder elsewhere, as datasets on other disks are
+    table = write_csv(data / "labels.csv", ["path", "label"], rows_of(flat, tmp_path))
+    splits = discover(table)
+    assert len(splits.train) + len(splits.val) == len(rows_of(flat, tmp_path))
+
+
+def test_a_table_that_is_not_utf8_or_breaks_its_rows_is_named_with_the_line_and_fix(flat: Path, tmp_path: Path) -> None:
+    rows = rows_of(flat, tmp_path)
+    excel = tmp_path / "excel.csv"
+    excel.write_bytes(("path,label\n" + "\n".join(f"{p},{c}" for p, c in rows) + "\nimages/red/0.png,rouge é\n")
+                      .encode("cp1252"))  # fmt: skip
+    with pytest.raises(TransferkitError, match="excel.csv is not UTF-8 text .* save it as CSV UTF-8") as error:
+        discover(excel)
+    assert "\n" not in str(error.value)
+    spaced = tmp_path / "spaced.csv"  # blank lines between rows: the error names the file's line
+    spaced.write_text("path,label\n\n" + "\n\n".join(f"{p},{c}" for p, c in rows[:3]) + "\n\nimages/red/0.png,\n")
+    with pytest.raises(TransferkitError, match="row 9 of .*spaced.csv has no label"):
+        discover(spaced)
+
+
 def test_an_exclude_list_leaves_its_files_out(flat: Path, tmp_path: Path) -> None:
     everything = discover(flat)
     dropped = [everything.train[0][0], everything.val[0][0]]

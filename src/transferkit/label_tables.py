@@ -16,6 +16,7 @@ whose file is missing or unreadable are skipped with a warning and counted, as f
 from __future__ import annotations
 
 import csv
+import os
 import re
 import warnings
 from collections import Counter
@@ -121,9 +122,12 @@ def read_label_table(
 
 
 def label_file_header(source: str | Path) -> list[str]:
-    """The column names in a label file's first line."""
-    with open(Path(source).expanduser(), newline="", encoding="utf-8-sig") as f:
-        return [h.strip() for h in next(csv.reader(f), [])]
+    """The column names in a label file's first line (none where it cannot be read: its reader says why)."""
+    try:
+        with open(Path(source).expanduser(), newline="", encoding="utf-8-sig") as f:
+            return [h.strip() for h in next(csv.reader(f), [])]
+    except (UnicodeDecodeError, csv.Error):
+        return []
 
 
 def warn_skipped(skipped: list[tuple[str, str]], where: str) -> None:
@@ -138,6 +142,16 @@ def warn_skipped(skipped: list[tuple[str, str]], where: str) -> None:
 
 
 def _read_csv(source: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    try:
+        return _read_records(source)
+    except UnicodeDecodeError as exc:
+        raise TransferkitError(f"{source} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as CSV UTF-8 "
+                               f"(Excel: File > Save As > CSV UTF-8)") from None  # fmt: skip
+    except csv.Error as exc:
+        raise TransferkitError(f"{source} is not a readable CSV ({exc}); check its quoting") from None
+
+
+def _read_records(source: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
     with open(source, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         header = [h.strip() for h in reader.fieldnames or []]
@@ -145,7 +159,8 @@ def _read_csv(source: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]
             raise TransferkitError(f"{source} is empty; give a CSV whose first line names its columns")
         reader.fieldnames = header
         records = []
-        for line, row in enumerate(reader, start=2):
+        for row in reader:
+            line = reader.line_num  # the file's line, blank lines and quoted line breaks counted
             extra = [cell for cell in row.pop(None, []) if cell.strip()]  # csv's key for cells past the header's
             if extra:
                 raise TransferkitError(f"row {line} of {source} has {len(header) + len(extra)} cells but the header "
@@ -216,8 +231,10 @@ def _resolve(
     if "\\" in cell and not (base / path).exists():  # written on Windows: images\cat\1.jpg
         path = Path(cell.replace("\\", "/")).expanduser()
     if not path.is_absolute():
+        # Inside base as written: a folder linked in from elsewhere (images -> /mnt/images) is inside.
+        inside = Path(os.path.normpath(base.absolute() / path)).is_relative_to(os.path.normpath(base.absolute()))
         path = (base / path).resolve()
-        if not path.is_relative_to(base.resolve()):
+        if not inside:
             raise TransferkitError(f"row {line} of {source}: {cell} lies outside {base}; give paths inside it "
                                    f"(or absolute paths)")  # fmt: skip
     if path.suffix == "" or not re.fullmatch(r"\.[A-Za-z0-9]{2,5}", path.suffix):
@@ -257,6 +274,10 @@ def _check_classes(table: LabelTable) -> None:
     if len(table.class_names) < 2 and not table.multi_label:
         raise TransferkitError(f"{source} has {len(table.class_names)} label(s); a classifier needs at least 2")
     trained = {label for r in table.rows if r.split in (None, "train") for label in r.labels}
+    unusable = [label for label in table.class_names if not any(label in r.labels for r in table.rows)]
+    if unusable:  # every row of the class was skipped (above): it would be a class never trained on
+        raise TransferkitError(f"class {unusable[0]!r} of {source} has no usable image (its rows name missing or "
+                               f"unreadable files, listed above); fix those rows or remove them")  # fmt: skip
     for row in table.rows:
         missing = [label for label in row.labels if label not in trained]
         if missing:
