@@ -114,7 +114,7 @@ def test_augmented_views_are_cached_and_deterministic(images: list, tmp_path: Pa
 
 
 def test_clear_cache(images: list, tmp_path: Path) -> None:
-    extract_features(_model(), images, cache_dir=tmp_path / "c" / "features", num_workers=0)
+    extract_features(_model(), images, cache_dir=tmp_path / "c", num_workers=0)  # --cache-dir means one folder
     assert clear_cache(tmp_path / "c") == {"features": 6, "exports": 0} and not (tmp_path / "c" / "features").exists()
 
 
@@ -128,6 +128,7 @@ def test_feature_extract_training_uses_the_cache(tiny_dataset: Path, tmp_path: P
     assert first.metrics["feature_cache"]["misses"] == 28 and second.metrics["feature_cache"]["hits"] == 28
     assert first.val_accuracy == second.val_accuracy
     assert (tmp_path / "r2" / "model.pt").is_file() and len(second.history) == 3
+    assert clear_cache(tmp_path / "cache")["features"] == 28  # `cache clear --cache-dir` finds what train stored
 
 
 def test_linear_probe_separates_a_separable_dataset(tmp_path: Path) -> None:

@@ -35,8 +35,9 @@ from .model import TransferModel
 from .performance import autocast, batch_to, inference_mode, pick_device, resolve_precision, to_fast_layout
 
 
-def default_cache_dir() -> Path:
-    return cache_root() / "features"
+def features_dir(cache_dir: str | Path | None = None) -> Path:
+    """The feature store's folder: ``features/`` beneath the cache (``--cache-dir``, as ``cache clear`` reads it)."""
+    return cache_root(cache_dir) / "features"
 
 
 def weights_digest(model: TransferModel) -> str:
@@ -174,7 +175,7 @@ def store_features(
     device = device or pick_device()
     precision = resolve_precision(precision, device)  # the machine's best unless asked; part of the cache key
     spec = _spec(model, layer, augment, precision)
-    store = FeatureStore(Path(cache_dir or default_cache_dir()) / spec.key())
+    store = FeatureStore(features_dir(cache_dir) / spec.key())
     items = _items(samples, views if augment != "none" else 1)
     keys = [bytes.fromhex(file_key(path, view)) for _, path, view in items]
     where = store.locate(keys)
