@@ -175,3 +175,14 @@ def test_folded_batchnorm_of_pretrained_weights_stays_in_inference_mode(tmp_path
     assert loaded.train().net.layer4[1].bn2.training and not loaded.net.layer4[0].bn1.training
     # Random weights have identity statistics too, but nothing was folded into them.
     assert not TransferModel(load_backbone("resnet18", weights="none"), ["a", "b"]).folded_batchnorm
+
+
+def test_multi_label_metrics_read_logits_as_logits_even_when_they_all_lie_in_0_1() -> None:
+    model = TransferModel(load_backbone("resnet18", weights="none"), ["a", "b"])
+    model.record = model.record.with_extra(multi_label=True)
+    learner = TransferLearner(model, StrategySpec("feature-extract"), TrainConfig(data="."), head_only=True)
+    with torch.no_grad():
+        learner.model.head_module.weight.zero_(), learner.model.head_module.bias.fill_(0.3)  # sigmoid(0.3) = 0.57: yes
+    with pytest.warns(UserWarning, match="self.log"):  # no Trainer: the metrics update all the same
+        learner._step((torch.zeros(4, 512), torch.ones(4, 2, dtype=torch.long)), "val")
+    assert learner.val_accuracy.compute() == 1.0 and learner.val_macro_f1.compute() == 1.0

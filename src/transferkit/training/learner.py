@@ -66,14 +66,17 @@ class TransferLearner(L.LightningModule):
         else:
             logits = out
             loss = self._loss(logits, y, stage)
+        # Probabilities for multi-label metrics: given logits that all lie in [0, 1] (a small batch),
+        # torchmetrics would take them for probabilities and skip the sigmoid.
+        scores = logits.detach().float().sigmoid() if self.multi_label else logits.detach()
         metric = self.train_accuracy if stage == "train" else self.val_accuracy
-        metric(logits.detach(), y)
+        metric(scores, y)
         kwargs = {"on_step": False, "on_epoch": True, "batch_size": len(y), "sync_dist": True}
         self.log(f"{stage}_loss", loss.detach(), prog_bar=stage == "val", **kwargs)
         self.log(f"{stage}_accuracy", metric, prog_bar=True, **kwargs)
         if stage == "val":
             for name in ("val_macro_f1", "val_balanced_accuracy"):
-                getattr(self, name)(logits.detach(), y)
+                getattr(self, name)(scores, y)
                 self.log(name, getattr(self, name), **kwargs)
         return loss
 
