@@ -82,6 +82,9 @@ def test_existing_run_directory_is_never_overwritten(trained_run: Path, tiny_dat
         (["train", "{data}", "--head", "mlp:x"], "mlp:256"),
         (["evaluate", "{data}", "{data}/val"], "no model.pt"),
         (["predict", "{data}/val/red/0.png", "{data}/val/red/0.png"], "not a transferkit checkpoint"),
+        (["train", "{data}", "--scheduler", "step", "--step-size", "0"], "--step-size must be at least 1, got 0"),
+        (["train", "--resume", "{data}", "--epochs", "30"], "with its own configuration: leave out --epochs"),
+        (["train", "{data}", "--resume", "{data}", "--no-cache"], "leave out DATA, --no-cache"),
     ],
 )
 def test_bad_input_is_a_one_line_error(tiny_dataset: Path, args: list[str], message: str) -> None:

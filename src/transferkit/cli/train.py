@@ -87,6 +87,17 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                    "(default: none; mlflow: RUNS/mlflow.db; wandb: offline without a key)")
 
 
+def _given_besides_resume(args: argparse.Namespace) -> list[str]:
+    """DATA and the options given with ``--resume`` (by their flags), which it would not use."""
+    train = COMMANDS[0]
+    parser = argparse.ArgumentParser(parents=[make() for make in train.parents], add_help=False)
+    train.add_arguments(parser)
+    defaults = parser.parse_args(["--resume", args.resume])
+    return [action.option_strings[0] if action.option_strings else action.dest.upper()
+            for action in parser._actions  # argparse's list of them: the flags of each destination
+            if getattr(args, action.dest, None) != getattr(defaults, action.dest, None)]  # fmt: skip
+
+
 def _train(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
@@ -94,6 +105,10 @@ def _train(args: argparse.Namespace) -> int:
 
     command = " ".join(["transferkit", *sys.argv[1:]])
     if args.resume:
+        besides = _given_besides_resume(args)
+        if besides:
+            raise TransferkitError(f"--resume continues {args.resume} with its own configuration: leave out "
+                                   f"{', '.join(besides)} (to change them, start a new run)")  # fmt: skip
         print(resume_training(args.resume, command=command).run_dir)
         return 0
     if not args.data:

@@ -103,10 +103,11 @@ class TrainConfig:
         if self.layer and self.strategy not in ("linear-probe", "auto"):
             raise TransferkitError("--layer applies to --strategy linear-probe (the other strategies train a head on the last layer)")
         self.loggers = check_loggers(self.loggers)
-        if self.epochs < 1:
-            raise TransferkitError("--epochs must be at least 1")
-        if self.batch_size < 1:
-            raise TransferkitError("--batch-size must be at least 1")
+        for option, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size),
+                              ("--step-size", self.step_size), ("--views", self.feature_views),
+                              ("--num-nodes", self.num_nodes)):  # fmt: skip
+            if value < 1:
+                raise TransferkitError(f"{option} must be at least 1, got {value}")
         if self.lr != "auto":
             try:
                 self.lr = float(self.lr)
