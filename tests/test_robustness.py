@@ -40,7 +40,7 @@ def _truncated_jpeg() -> bytes:
     return buf.getvalue()[: len(buf.getvalue()) // 2]
 
 
-UNUSABLE = {"truncated.jpg", "empty.jpg", "notes.jpg", "bomb.png"}
+UNUSABLE = {"truncated.jpg", "empty.jpg", "notes.jpg", "bomb.png", "needle.png", "postscript.jpg"}
 
 
 @pytest.fixture
@@ -53,6 +53,8 @@ def messy_dataset(tmp_path: Path) -> Path:
     (red / "empty.jpg").write_bytes(b"")
     (red / "notes.jpg").write_text("this is not an image")
     (red / "bomb.png").write_bytes(_png_claiming(60000, 60000))
+    Image.new("RGB", (1, 400)).save(red / "needle.png")  # resized to 256 wide: 102,400 pixels tall
+    (red / "postscript.jpg").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
     Image.new("CMYK", (40, 48), (0, 255, 255, 0)).save(red / "cmyk.jpg")
     Image.fromarray(np.full((48, 40), 60000, np.uint16)).save(red / "grey16.png")
     Image.new("RGBA", (40, 48), (230, 20, 20, 128)).save(red / "alpha.png")
@@ -71,12 +73,19 @@ def test_discovery_uses_the_good_skips_the_bad_by_name(messy_dataset: Path) -> N
     with pytest.warns(UserWarning) as record:
         splits = discover(messy_dataset)
     skipped = {Path(p).name for p, _ in splits.skipped}
-    assert {"empty.jpg", "notes.jpg", "bomb.png"} <= skipped  # caught by the header check
+    assert {"empty.jpg", "notes.jpg", "bomb.png", "needle.png", "postscript.jpg"} <= skipped  # by the header check
     used = {Path(p).name for p, _ in splits.train}
     assert {"cmyk.jpg", "grey16.png", "alpha.png", "palette.gif", "animated.gif", "inner.png",
             "ünïcode name with spaces.png"} <= used  # fmt: skip
     assert not any(name.startswith(".") for name in used | skipped)
     assert all(any(n in str(w.message) for n in skipped) for w in record if "skipping" in str(w.message))
+    # Files given by name skip that check (predict's): decoding refuses them the same way, as a skipped file.
+    from transferkit.data import load_image
+
+    with pytest.raises(ValueError, match="too elongated"):
+        load_image(str(messy_dataset / "train" / "red" / "needle.png"))
+    with pytest.raises(Exception, match="cannot identify"):
+        load_image(str(messy_dataset / "train" / "red" / "postscript.jpg"))
 
 
 @pytest.mark.parametrize("strategy", ["fine-tune", "feature-extract"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import importlib.util
 import json
 import os
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 import transferkit
 from transferkit.checkpoint import read_metadata
@@ -180,7 +182,10 @@ def test_a_failing_batch_fails_its_requests_and_the_next_batch_is_answered() -> 
 
 def test_check_image_reads_headers(images: list[Path]) -> None:
     assert {check_image(p.name, p.read_bytes()) for p in images} == {"JPEG", "PNG"}
-    for data in (b"", b"not an image at all"):
+    needle = io.BytesIO()
+    Image.new("RGB", (1, 400)).save(needle, "PNG")  # 1 x 400: resized to 256 wide, 102,400 pixels tall
+    postscript = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"  # PIL would run Ghostscript
+    for data in (b"", b"not an image at all", postscript, needle.getvalue()):
         with pytest.raises(RequestProblem, match="x.jpg is") as problem:
             check_image("x.jpg", data)
         assert problem.value.status == 422

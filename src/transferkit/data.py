@@ -26,6 +26,7 @@ from torchvision.transforms import v2
 from .backbones import Preprocessing
 from .discovery import (  # noqa: F401  (re-exported)
     IMAGE_EXTENSIONS,
+    IMAGE_FORMATS,
     MAX_IMAGE_PIXELS,
     VAL_DIR_NAMES,
     ImageFolderSplits,
@@ -38,6 +39,7 @@ from .discovery import (  # noqa: F401  (re-exported)
     relabelled,
     read_exclude_list,
     scan_class_folder,
+    shape_problem,
     shuffled_by_class,
     stratified_split,
 )
@@ -62,12 +64,22 @@ def load_image(path: str) -> torch.Tensor:
         try:
             # libjpeg-turbo straight to a tensor: ~2x PIL on typical photos, no PIL→numpy copy.
             data = read_file(path) if packed is None else torch.frombuffer(bytearray(packed), dtype=torch.uint8)
-            return decode_jpeg(data, mode=ImageReadMode.RGB)
+            return _checked(decode_jpeg(data, mode=ImageReadMode.RGB))
         except RuntimeError:
             pass  # CMYK, progressive oddities, mislabelled files: PIL below knows them all
-    with Image.open(path if packed is None else io.BytesIO(packed)) as im:
+    with Image.open(path if packed is None else io.BytesIO(packed), formats=IMAGE_FORMATS) as im:
+        _checked(im)
         im.seek(0)  # first frame of an animated GIF
         return v2.functional.pil_to_tensor(_to_rgb(im))
+
+
+def _checked(image: Any) -> Any:
+    """``image`` (a tensor or PIL image) unless its shape is refused (``ValueError``: a skipped file)."""
+    width, height = image.size if isinstance(image, Image.Image) else (image.shape[-1], image.shape[-2])
+    problem = shape_problem(width, height)
+    if problem:
+        raise ValueError(problem)
+    return image
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

@@ -37,6 +37,21 @@ DATA_OPTIONS = ("labels", "exclude", "path_col", "label_col", "split_col", "labe
 # Refuse absurd images from their header, before decoding them (decompression bombs). PIL's own guard
 # (its Image.MAX_IMAGE_PIXELS, left as the user has it) may refuse some sooner.
 MAX_IMAGE_PIXELS = 16384 * 16384
+# Longer side over shorter: resizing the shorter side to a few hundred pixels makes a 1 x 100,000 PNG
+# of a few hundred bytes into billions of pixels.
+MAX_ASPECT_RATIO = 100
+# PIL's decoders for those extensions (MPO, phones' JPEGs, comes with JPEG), and no other: never
+# PostScript, which PIL hands to Ghostscript, whatever a file's name says.
+IMAGE_FORMATS = ("JPEG", "PNG", "PPM", "BMP", "GIF", "TIFF", "WEBP")
+
+
+def shape_problem(width: int, height: int) -> str | None:
+    """Why an image of this size is refused before it is decoded, or None."""
+    if width * height > MAX_IMAGE_PIXELS:
+        return f"too large ({width}x{height} pixels)"
+    if max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height)):
+        return f"too elongated ({width}x{height} pixels; at most {MAX_ASPECT_RATIO}:1)"
+    return None
 
 # (path, class index), or (path, 0/1 per class) for multi-label data.
 Sample = tuple[str, Union[int, tuple[int, ...]]]
@@ -90,10 +105,8 @@ def _check_image(path: Path) -> str | None:
     try:
         if path.stat().st_size == 0:
             return "empty file"
-        with Image.open(path) as im:
-            w, h = im.size
-        if w * h > MAX_IMAGE_PIXELS:
-            return f"too large ({w}x{h} pixels)"
+        with Image.open(path, formats=IMAGE_FORMATS) as im:
+            return shape_problem(*im.size)
     except Image.DecompressionBombError:
         return "too large (decompression bomb guard)"
     except (UnidentifiedImageError, OSError, ValueError) as exc:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..data import MAX_IMAGE_PIXELS
+from ..discovery import IMAGE_FORMATS, MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS, shape_problem
 from ..errors import TransferkitError
 from ..inference import AUTO_EXPORT_FROM, runner_for
 from ..prediction import EagerRunner, EnsembleRunner, Runner, predict_samples, read_sidecar, top_k_results
@@ -49,7 +49,7 @@ def check_image(name: str, data: bytes) -> str:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
+            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
                 width, height, fmt = im.width, im.height, im.format or "image"
     except Image.DecompressionBombError:
         raise RequestProblem(413, f"{name} has too many pixels to decode safely; send a smaller image") from None
@@ -58,6 +58,9 @@ def check_image(name: str, data: bytes) -> str:
     if width * height > MAX_IMAGE_PIXELS:
         raise RequestProblem(413, f"{name} is {width} x {height} pixels, more than decoding allows; "
                                   "send a smaller image")
+    if shape_problem(width, height):
+        raise RequestProblem(422, f"{name} is {width} x {height} pixels, longer than {MAX_ASPECT_RATIO}:1; "
+                                  "crop it to the part to classify")
     return fmt
 
 
