@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import transferkit
+from transferkit.checkpoint import save_checkpoint
 from transferkit.cli import main
 from transferkit.data import build_transform, load_image
 from transferkit.exports import export
@@ -181,6 +182,11 @@ def test_predict_on_a_run_prefers_its_onnx_export_where_the_run_runs_fp32(
     ]
     forced = predict(run, [tiny_dataset / "val"], top_k=2, precision="32")  # an explicit precision means eager
     assert not any(p["label"] == "RED" for r in forced for p in r["predictions"])
+    # model.pt changed since the export (a resumed run, another temperature): the old export is not used.
+    changed = transferkit.load_checkpoint(run)
+    changed.record = changed.record.with_extra(temperature=2.0)
+    save_checkpoint(changed, run / "model.pt")
+    assert not any(p["label"] == "RED" for r in predict(run, [tiny_dataset / "val"], top_k=2) for p in r["predictions"])
     # On a CPU with native bf16 the run resolves to bf16: eager bf16 is faster there than ONNX Runtime
     # fp32, and auto never answers in another precision than the one evaluate measured.
     monkeypatch.setenv(NATIVE_BF16_ENV, "1")

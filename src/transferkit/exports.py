@@ -36,7 +36,7 @@ from .checkpoint import load_checkpoint, resolve_checkpoint_path
 from .errors import TransferkitError
 from .files import atomic_write, cache_root
 from .model import TransferModel
-from .prediction import SIDECAR_FORMAT, EagerRunner, ExportedProgramRunner, OnnxRunner, sidecar_path
+from .prediction import SIDECAR_FORMAT, EagerRunner, ExportedProgramRunner, OnnxRunner, read_sidecar, sidecar_path
 from .quantize import (
     CALIBRATION_IMAGES,
     DEFAULT_MAX_DROP,
@@ -94,13 +94,29 @@ class ExportResult:
         )
 
 
-def cached_export_path(checkpoint: Path) -> Path:
-    """Where ``predict`` keeps the ONNX export it made of ``checkpoint``: named by the file's content."""
+def checkpoint_digest(checkpoint: Path) -> str:
+    """SHA-256 of a checkpoint file: it names ``predict``'s cached export, and an export's sidecar records it."""
     import hashlib
 
+    digest = hashlib.sha256()
     with open(checkpoint, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()[:24]
-    return cache_root() / "exports" / f"{digest}.onnx"
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cached_export_path(checkpoint: Path) -> Path:
+    """Where ``predict`` keeps the ONNX export it made of ``checkpoint``: named by the file's content."""
+    return cache_root() / "exports" / f"{checkpoint_digest(checkpoint)[:24]}.onnx"
+
+
+def made_from(export_file: Path, checkpoint: Path) -> bool:
+    """Whether ``export_file`` was exported from ``checkpoint`` as it is now (its sidecar says so)."""
+    try:
+        recorded = read_sidecar(export_file).get("checkpoint_sha256")
+    except TransferkitError:  # no sidecar, or not one
+        return False
+    return recorded == checkpoint_digest(checkpoint)
 
 
 def export(
@@ -278,6 +294,7 @@ def _sidecar(
         "weights": record.weights,
         "head": str(record.head),
         "checkpoint": source,
+        "checkpoint_sha256": checkpoint_digest(Path(source)) if source and Path(source).is_file() else None,
         "check": {"inputs": result.checked_on, "max_abs_diff": result.max_abs_diff, "tolerance": result.tolerance},
         **({"quantization": result.quantization.to_dict()} if result.quantization else {}),
         "transferkit_version": __version__,

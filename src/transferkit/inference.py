@@ -337,7 +337,8 @@ def predict(
 
     An image that cannot be decoded gets ``"error"`` instead of predictions. ``runtime``: ``torch``
     (eager PyTorch), ``onnx`` (ONNX Runtime on ``run`` if it is an ``.onnx`` file, else on the run's
-    ``model.onnx``, else on a verified export made once into the cache), or ``auto``: ONNX Runtime
+    ``model.onnx`` if exported from its ``model.pt`` as it is now, else on a verified export made once
+    into the cache), or ``auto``: ONNX Runtime
     where it is installed and the model runs on the CPU with neither ``precision`` nor ``compile``
     asked for, provided an export exists or there are at least 256 images; its forward is 1.3-1.8x
     eager PyTorch's on a CPU (benchmarks/throughput.py).
@@ -400,7 +401,7 @@ def _onnx_model_for(run: Any, runtime: str, images: int, precision: str | None, 
         raise TransferkitError(f"{torch_only} applies to --runtime torch; --runtime onnx runs the fp32 export")
     if runtime == "auto" and (torch_only or pick_device().type != "cpu" or not _installed("onnxruntime")):
         return None
-    from .exports import cached_export_path, export
+    from .exports import cached_export_path, export, made_from
 
     checkpoint = resolve_checkpoint_path(run)
     if runtime == "auto" and inference_precision(read_metadata(checkpoint), pick_device()) != "32":
@@ -408,10 +409,11 @@ def _onnx_model_for(run: Any, runtime: str, images: int, precision: str | None, 
         # eager bf16 is faster than ONNX Runtime fp32 and is what evaluate measured: the same command
         # must not switch between numerically different paths with the job's size.
         return None
-    cached = cached_export_path(checkpoint)
-    existing = next((p for p in (checkpoint.parent / "model.onnx", cached) if p.is_file()), None)
-    if existing is not None:
-        return existing
+    beside, cached = checkpoint.parent / "model.onnx", cached_export_path(checkpoint)
+    if beside.is_file() and made_from(beside, checkpoint):  # not one exported before the model last changed
+        return beside
+    if cached.is_file():
+        return cached
     if runtime == "auto" and (images < AUTO_EXPORT_FROM or not _installed("onnx")):
         return None
     try:
