@@ -171,7 +171,9 @@ def test_processes_reading_a_url_at_once_each_get_every_image_whole(tiny_dataset
     assert leftovers == []
 
 
-def test_inspect_reads_shards_and_its_suspects_list_excludes_packed_images(tiny_dataset: Path, tmp_path: Path) -> None:
+def test_inspect_reads_shards_and_its_suspects_list_excludes_packed_images(
+    tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A byte-identical leak planted before packing is found in the shards, shown, listed and left out."""
     from transferkit import inspect_data
 
@@ -189,6 +191,10 @@ def test_inspect_reads_shards_and_its_suspects_list_excludes_packed_images(tiny_
     assert leak.path in listed and all("::" in line for line in listed)
     kept = discover(out, exclude=suspects)
     assert kept.excluded == len(listed) and leak.path not in {path for path, _ in kept.train + kept.val}
+    # The same shards read as from an object store (litdata's local: stand-in): the images keep their URLs.
+    monkeypatch.setenv("TRANSFERKIT_CACHE_DIR", str(tmp_path / "cache"))
+    streamed = inspect_data(f"local:{out}", model="resnet18", weights="none", out=tmp_path / "url", precision="32")
+    assert [(p.path, p.match) for p in streamed.leaks] == [(f"local:{p.path}", f"local:{p.match}") for p in result.leaks]
 
 
 @pytest.fixture

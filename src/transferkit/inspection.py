@@ -278,7 +278,7 @@ def inspect_data(
     device = pick_device()
     precision = resolve_precision(precision or config.get("precision") or "auto", device)
     # A multi-label image's label (a 0/1 per class) as the classes it has: what the checks and the page take.
-    rows = [(os.path.abspath(p), label_indices(label) if splits.multi_label else label, split)
+    rows = [(_absolute(p), label_indices(label) if splits.multi_label else label, split)
             for split in SPLITS for p, label in (getattr(splits, split) or [])]  # fmt: skip
     if net is None:
         names = splits.class_names if len(splits.class_names) > 1 else [*splits.class_names, "_"]
@@ -430,9 +430,14 @@ def _identical_files(
     return found
 
 
+def _absolute(path: str) -> str:
+    """A local path made absolute (the page and suspects.txt name files so); a URL's image as it is."""
+    return path if is_url(path) else os.path.abspath(path)
+
+
 def _undecodable(splits: ImageFolderSplits, failed: list[str]) -> list[Undecodable]:
     """Files the data scan refused from their header, and those that failed to decode in full."""
-    found = [Undecodable(os.path.abspath(p), reason) for p, reason in splits.skipped
+    found = [Undecodable(_absolute(p), reason) for p, reason in splits.skipped
              if not reason.startswith("not an image file extension")]  # fmt: skip
     for path in failed:
         try:
