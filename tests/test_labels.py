@@ -287,6 +287,21 @@ def test_multi_label_csv_trains_a_sigmoid_head_with_tuned_thresholds(tmp_path: P
 
 
 
+def test_a_multi_label_k_fold_run_is_evaluated_by_the_thresholds_it_predicts_with(tmp_path: Path) -> None:
+    from transferkit import evaluate, load_checkpoint, predict, train
+
+    rows = [[*r, "train"] for r in _multi_label_images(tmp_path / "train", 24, 1)]
+    rows += [[*r, "val"] for r in _multi_label_images(tmp_path / "val", 8, 2)]
+    table = write_csv(tmp_path / "labels.csv", ["path", "labels", "split"], rows)
+    run = train(table, **TINY, folds=2, out=str(tmp_path / "run")).run_dir
+    folds = [load_checkpoint(run / f"fold-{k}").thresholds for k in (1, 2)]
+    averaged = [(a + b) / 2 for a, b in zip(*folds)]  # the ensemble's, as its probabilities are averaged
+    evaluation = evaluate(run, table)
+    assert [evaluation.per_class[c]["threshold"] for c in evaluation.class_names] == pytest.approx(averaged)
+    answers = {r["path"]: sorted(p["label"] for p in r["predictions"]) for r in predict(run, [tmp_path / "val"])}
+    assert {p["path"]: sorted(p["predicted"]) for p in evaluation.predictions} == answers
+
+
 @pytest.mark.slow
 def test_a_multi_label_export_answers_like_the_checkpoint(tmp_path: Path) -> None:
     from transferkit import export, predict, train

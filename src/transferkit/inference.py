@@ -112,7 +112,7 @@ def evaluate_samples(
     result = predict_samples(runner, samples, batch_size, num_workers)
     decoded_samples = [samples[i] for i in result.positions.tolist()]
     bad = [(b.path, b.reason) for b in result.bad]
-    return _evaluation(model, result.probabilities, decoded_samples, result.precision, skipped, bad)
+    return _evaluation(model, result.probabilities, decoded_samples, result.precision, skipped, bad, runner.thresholds)
 
 
 def evaluate_cached_features(
@@ -147,12 +147,14 @@ def evaluate_cached_features(
 
 def _evaluation(
     model: TransferModel, probs: torch.Tensor, decoded_samples: list[Sample], precision: str, skipped: int,
-    bad: list[tuple[str, str]],
+    bad: list[tuple[str, str]], thresholds: list[float] | None = None,
 ) -> Evaluation:  # fmt: skip
-    """Every metric of one evaluation, from the probabilities of the images that decoded."""
+    """Every metric of one evaluation, from the probabilities of the images that decoded; a multi-label
+    model's decided by ``thresholds``, the runner's (a k-fold ensemble averages its members'), else its own."""
     names = model.class_names
     if model.multi_label:
-        return _multilabel_evaluation(model, probs, decoded_samples, precision, skipped, bad)
+        return _multilabel_evaluation(model, probs, decoded_samples, precision, skipped, bad,
+                                      model.thresholds if thresholds is None else thresholds)  # fmt: skip
     from torchmetrics.functional.classification import (
         multiclass_accuracy,
         multiclass_confusion_matrix,
@@ -193,11 +195,11 @@ def _evaluation(
 
 def _multilabel_evaluation(
     model: TransferModel, probs: torch.Tensor, decoded_samples: list[Sample], precision: str, skipped: int,
-    bad: list[tuple[str, str]],
+    bad: list[tuple[str, str]], thresholds: list[float],
 ) -> Evaluation:  # fmt: skip
     from .multilabel import labels_over_threshold, multilabel_metrics, targets_of
 
-    names, thresholds = model.class_names, model.thresholds
+    names = model.class_names
     targets = targets_of(decoded_samples)
     m = multilabel_metrics(names, probs, targets, thresholds)
     return Evaluation(
