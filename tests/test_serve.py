@@ -206,8 +206,9 @@ def test_predict_answers_as_predict_json(service: str, run_dir: Path, images: li
 
 @pytest.mark.slow
 def test_json_with_base64_images_answers_as_multipart(service: str, images: list[Path]) -> None:
+    # The last as `base64 FILE` writes it: wrapped at 76 characters.
     payload = {"images": [{"name": p.name, "data": base64.b64encode(p.read_bytes()).decode()} for p in images[:2]]
-               + [base64.b64encode(images[2].read_bytes()).decode()], "top_k": 2}  # fmt: skip
+               + [base64.encodebytes(images[2].read_bytes()).decode()], "top_k": 2}  # fmt: skip
     answer = requests.post(service + "predict", json=payload, timeout=60)
     assert answer.status_code == 200, answer.text
     multipart = post_files(service, images[:3], top_k=2).json()

@@ -138,7 +138,9 @@ def _val_predictions(
     if isinstance(found, str):
         return []
     model, splits = found
-    return given or predict_samples(model, splits.val, batch_size)
+    if given is not None or model.multi_label:  # multi-label: the grids (one verdict an image) do not apply
+        return given or []
+    return predict_samples(model, splits.val, batch_size)
 
 
 def _draw_charts_and_grids(

@@ -181,6 +181,7 @@ def _json_images(body: bytes) -> tuple[list[tuple[str, bytes]], Any]:
 def _base64(name: str, data: str) -> bytes:
     if data.startswith("data:") and "," in data:  # a data URL, as a browser's FileReader makes
         data = data.split(",", 1)[1]
+    data = "".join(data.split())  # line breaks, as `base64 FILE` wraps its output
     try:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):

@@ -95,7 +95,9 @@ class ImageService:
                 paths.append(str(path))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # an image that fails to decode is answered as an error
-                by_position = predict_samples(self.runner, paths, self.batch_size).by_position()
+                # Decoded here, by threads: worker processes would start again for every batch (on a GPU),
+                # forked from a threaded server.
+                by_position = predict_samples(self.runner, paths, self.batch_size, num_workers=0).by_position()
         names = self.runner.class_names
         return [
             top_k_results([u.name], {0: by_position[i]} if i in by_position else {}, names, u.top_k,
