@@ -145,7 +145,7 @@ def test_every_rank_extracts_its_own_share_and_the_result_equals_one_process(tin
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["feature_cache"]["computed_by_rank"] == [14, 14]
-    (root,) = [p.parent for p in cache.glob("*/spec.json")]
+    (root,) = [p.parent for p in cache.glob("features/*/spec.json")]
     store = FeatureStore(root)
     assert not list(cache.rglob("*.tmp"))
     # Which rank wrote which rows: disjoint, complete, each vector written once.

@@ -227,7 +227,7 @@ def test_two_processes_sharing_the_cache_do_not_corrupt_it(tmp_path: Path) -> No
     from transferkit.features import file_key
 
     assert not list(cache.rglob("*.tmp"))
-    (root,) = [p.parent for p in cache.glob("*/spec.json")]
+    (root,) = [p.parent for p in cache.glob("features/*/spec.json")]
     store = FeatureStore(root)
     assert 1 <= len(store.names) <= 2 and len(store) == 80 * len(store.names)
     paths = [str(p) for p in sorted(images.rglob("*")) if p.is_file()]

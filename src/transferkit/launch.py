@@ -107,7 +107,10 @@ class _ThenResume(importlib.abc.Loader):
 def main() -> None:
     env = fast_env()
     if env is not None:
-        os.execve(sys.executable, [sys.executable, "-m", "transferkit", *sys.argv[1:]], env)
+        # -P: python -m would put the working directory first on sys.path, where a user's inspect.py or
+        # logging.py would stand in for the standard library's (the command itself never looks there).
+        safe_path = ["-P"] if sys.version_info >= (3, 11) else []
+        os.execve(sys.executable, [sys.executable, *safe_path, "-m", "transferkit", *sys.argv[1:]], env)
     pause_collector_until_torch_imports()
     from .deferred_dynamo import defer_dynamo
 
