@@ -122,6 +122,7 @@ def test_a_url_is_read_through_a_cache_of_whole_chunks(shards: Path, tmp_path: P
     result = train(url, **{**TINY, "epochs": 1}, out=str(tmp_path / "run"))
     assert result.metrics["feature_cache"]["misses"] == 28 and result.metrics["skipped_files"] == 0, result.metrics["data"]["skipped"]
     assert list((tmp_path / "cache" / "shards").rglob("chunk-0-0.bin"))  # streamed into the cache
+    assert evaluate(result.run_dir, url).accuracy == result.val_accuracy  # its val split, as from a folder
     with pytest.raises(TransferkitError, match="cannot read local:/nowhere/transferkit-pack.json"):
         discover("local:/nowhere")
 

@@ -20,6 +20,7 @@ from .performance import PRECISION_NAMES, pick_device
 from .prediction import TTA_VIEWS, AugmentedRunner, EagerRunner, OnnxRunner, inference_precision, predict_samples
 from .prediction import top_k_results
 from .runs import with_run_columns
+from .shards import is_url
 
 
 @dataclass
@@ -250,7 +251,7 @@ def evaluate(
     """
     members = _fold_models(run)
     model = members[0] if members else run if isinstance(run, TransferModel) else load_checkpoint(run)
-    if data_options or Path(data_dir).suffix.lower() == ".csv":
+    if data_options or Path(data_dir).suffix.lower() == ".csv" or is_url(str(data_dir)):  # a URL: packed shards
         samples, skipped = _held_out_rows(model, data_dir, with_run_columns(run, data_dir, data_options))
     else:
         folder = _evaluation_folder(Path(data_dir).expanduser())
@@ -294,7 +295,7 @@ def _held_out_rows(
 def collect_images(paths: list[str | Path]) -> list[str]:
     """Image files among ``paths``; folders are searched recursively, hidden files ignored; a packed
     folder or URL (``transferkit pack``) gives its images, every split's."""
-    from .shards import is_packed_source, is_url, packed_images
+    from .shards import is_packed_source, packed_images
 
     found: list[str] = []
     for raw in paths:
