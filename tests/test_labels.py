@@ -233,7 +233,9 @@ def test_measured_selection_scores_imbalanced_classes_by_macro_f1(tmp_path: Path
 
     make_colour_folder(tmp_path / "data", 20, classes=("red",), seed=1)
     make_colour_folder(tmp_path / "data", 5, classes=("blue",), seed=2)
-    selection = measure_candidates(tmp_path / "data", model="resnet18", weights="none", models="resnet18", budget=60)
+    selection = measure_candidates(tmp_path / "data", model="resnet18", weights="none", models="resnet18", budget=60,
+                                   precision="32")  # fmt: skip
+    assert selection.precision == selection.to_dict()["precision"] == "32"  # as given, not the machine's best
     assert selection.metric == "macro_f1" and selection.class_counts == {"blue": 4, "red": 16}
     assert "scored by macro-F1" in selection.table() and "holdout F1" in selection.table()
     assert selection.to_dict()["metric"] == "macro_f1"

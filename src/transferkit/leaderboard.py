@@ -56,6 +56,7 @@ class Selection:
     # their default weights, so only a winning own model takes these.
     own_model: dict[str, Any] = field(default_factory=dict)
     image_size: int | None = None  # every candidate's input size, where the run gave one
+    precision: str = "32"  # what the candidates' features and speeds were measured at
 
     def final_epochs(self, wanted: int) -> int:
         """Epochs the winner can train in what is left of the budget (at least one), up to ``wanted``."""
@@ -111,5 +112,5 @@ class Selection:
             "leaderboard": [asdict(t) for t in self.ranked()],
             "winner": asdict(self.winner) if self.winner else None,
             "epoch_seconds": self.epoch_seconds,
-            "metric": self.metric, "class_counts": self.class_counts,
+            "metric": self.metric, "class_counts": self.class_counts, "precision": self.precision,
         }  # fmt: skip

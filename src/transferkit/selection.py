@@ -113,7 +113,7 @@ class Search:
         own = {"model": config.model, "weights": config.weights, "mean": config.mean, "std": config.std}
         self.selection = Selection(budget_s, len(self.learn), len(self.holdout), metric=self.metric,
                                    class_counts=dict(zip(splits.class_names, counts)), own_model=own,
-                                   image_size=config.image_size)  # fmt: skip
+                                   image_size=config.image_size, precision=self.precision)  # fmt: skip
         self.speed: dict[str, float] = {}  # backbone → inference images/s, measured
         self.fit_seconds = 0.0  # the longest probe fit so far: part of the next probe's estimate
         # Measured extraction speed over the pure forward speed: decoding and resizing, learnt as it goes.
@@ -401,9 +401,11 @@ def measure_candidates(
     data: str | Path, model: str = DEFAULT_BACKBONE, weights: str = "DEFAULT", models: list[str] | str | None = None,
     budget: str | float | None = None, seed: int = 0, val_split: float = 0.2,
     mean: list[float] | None = None, std: list[float] | None = None, data_options: dict[str, Any] | None = None,
-    image_size: int | None = None,
+    image_size: int | None = None, precision: str | None = None,
 ) -> Selection:  # fmt: skip
     """The cheap stage alone (candidates on cached features): what ``transferkit advise`` prints.
+
+    ``precision``: the candidates' (``auto``, the machine's best, unless given), as ``train`` resolves it.
 
     ``data_options``: how ``data``'s labels are read, as for ``train`` (a label file, its columns, an exclude list).
     """
@@ -411,7 +413,7 @@ def measure_candidates(
 
     config = TrainConfig(data=str(data), model=model, weights=weights, strategy="auto", budget=budget,
                          models=models, seed=seed, val_split=val_split, mean=mean, std=std, image_size=image_size,
-                         quiet=True,
+                         quiet=True, precision=precision or "auto",
                          **checked_data_options(data_options))  # fmt: skip
     splits = discover_for(config)
     config.resolved_from["balance"] = resolve_balance("auto", splits.train, len(splits.class_names),

@@ -86,7 +86,7 @@ def _advise(args: argparse.Namespace) -> int:
     # The fast first stage of --strategy auto's measurement: candidates on cached features.
     measured = measure_candidates(args.data, args.model, args.weights, models=args.models, budget=args.budget,
                                   mean=args.mean, std=args.std, data_options=options,
-                                  image_size=args.image_size)  # fmt: skip
+                                  image_size=args.image_size, precision=args.precision)  # fmt: skip
     command = measured.command(args.data + data_flags(options))
     if args.json:
         print(json.dumps({**advice.to_dict(), "measured": {**measured.to_dict(), "command": command}}, indent=2))
