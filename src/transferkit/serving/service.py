@@ -54,7 +54,7 @@ def check_image(name: str, data: bytes) -> str:
     except Image.DecompressionBombError:
         raise RequestProblem(413, f"{name} has too many pixels to decode safely; send a smaller image") from None
     except Exception:  # PIL raises several types for "not an image I know"
-        raise RequestProblem(422, f"{name} is not an image (JPEG, PNG, BMP, GIF, TIFF or WebP)") from None
+        raise RequestProblem(422, f"{name} is not an image (JPEG, PNG, PPM, BMP, GIF, TIFF or WebP)") from None
     if width * height > MAX_IMAGE_PIXELS:
         raise RequestProblem(413, f"{name} is {width} x {height} pixels, more than decoding allows; "
                                   "send a smaller image")
