@@ -107,6 +107,18 @@ def test_timm_models_by_prefix() -> None:
     assert bb.source == "timm" and bb.feature_dim == 512 and bb.group_names[-1] == "head"
 
 
+def test_timm_weights_tags_bring_their_own_preprocessing_and_an_unknown_tag_lists_the_known() -> None:
+    from transferkit.backbones import resolve_weights, source_for
+
+    source = source_for("timm/resnet50")
+    tagged = source.preprocessing("timm/resnet50", resolve_weights("timm/resnet50", "tv_in1k"))
+    default = source.preprocessing("timm/resnet50", resolve_weights("timm/resnet50", "DEFAULT"))
+    assert (tagged.resize_size, tagged.interpolation) == (256, "bilinear")  # torchvision's: crop 0.875
+    assert (default.resize_size, default.interpolation) == (235, "bicubic")  # timm's a1_in1k: crop 0.95
+    with pytest.raises(TransferkitError, match="no weights 'IMAGENET1K_V1' for timm/resnet18; its tags: .*tv_in1k"):
+        resolve_weights("timm/resnet18", "IMAGENET1K_V1")
+
+
 def test_shared_mobilenet_v2_file_loads_with_explicit_preprocessing() -> None:
     path = requires_shared("weights", "mobilenet_v2_imagenet.pth")
     prep = Preprocessing(224, 256, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))

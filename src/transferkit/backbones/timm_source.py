@@ -55,7 +55,17 @@ class TimmSource:
         )
 
     def named_weights(self, name: str, weights: NamedWeights) -> WeightsSource:
-        return TimmHubWeights("" if weights.name == "DEFAULT" else weights.name)
+        """timm's weights of ``name`` with this tag; an unknown tag is an error listing the model's tags."""
+        if weights.name == "DEFAULT":
+            return TimmHubWeights("")
+        timm = _timm()
+        try:
+            timm.models.get_pretrained_cfg(f"{self.arch(name)}.{weights.name}")
+        except RuntimeError:  # timm's "Invalid pretrained tag"
+            tags = [t.split(".", 1)[1] for t in timm.list_pretrained(f"{self.arch(name)}.*")]
+            raise TransferkitError(f"timm has no weights {weights.name!r} for {name}; its tags: {', '.join(tags)} "
+                                   f"(or --weights DEFAULT, or a local file)") from None  # fmt: skip
+        return TimmHubWeights(weights.name)
 
     def architecture(self, name: str, model_kwargs: dict[str, Any] | None = None) -> nn.Module:
         return _timm().create_model(self.arch(name), pretrained=False, **dict(model_kwargs or {}))
@@ -77,7 +87,8 @@ class TimmSource:
     def preprocessing(self, name: str, weights: WeightsSource | None = None) -> Preprocessing:
         from timm.data import resolve_data_config
 
-        cfg = _timm().models.get_pretrained_cfg(self.arch(name))
+        tag = weights.tag if isinstance(weights, TimmHubWeights) else ""  # its tag's own size, crop and mean
+        cfg = _timm().models.get_pretrained_cfg(self.arch(name) + (f".{tag}" if tag else ""))
         data = resolve_data_config(pretrained_cfg=cfg.to_dict() if cfg else {})
         size = int(data["input_size"][-1])
         return Preprocessing(
