@@ -37,6 +37,21 @@ def test_explicit_group_lrs_as_in_seed_003(resnet: TransferModel) -> None:
     assert lrs == {"layer3": 5e-5, "layer4": 1e-4, "head": 1e-3}
 
 
+def test_unfreezing_more_groups_than_there_are_unfreezes_them_all(resnet: TransferModel) -> None:
+    every = trainable_group_names(resnet, StrategySpec("full"))  # stem, layer1-4 and the head
+    assert trainable_group_names(resnet, StrategySpec("fine-tune", unfreeze=5)) == every
+    for n in (6, 9):  # past the groups: all of them, not a slice wrapped round to the last few
+        assert trainable_group_names(resnet, StrategySpec("fine-tune", unfreeze=n)) == every
+
+
+def test_head_dropout_is_a_probability_for_an_mlp_head() -> None:
+    with pytest.raises(TransferkitError, match="--head-dropout 20 is not a probability"):
+        TrainConfig(data=".", head="mlp:16", head_dropout=20)
+    with pytest.raises(TransferkitError, match="--head-dropout applies to an MLP head"):
+        TrainConfig(data=".", head="linear", head_dropout=0.5)
+    assert TrainConfig(data=".", head="mlp:16", head_dropout=0.5).head_dropout == 0.5
+
+
 def test_unknown_group_lr_is_an_error(resnet: TransferModel) -> None:
     spec = StrategySpec("fine-tune", unfreeze=1, group_lrs={"layer9": 1e-4})
     apply_strategy(resnet, spec)

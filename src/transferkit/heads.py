@@ -25,6 +25,8 @@ class HeadSpec:
     def parse(cls, text: str | HeadSpec, dropout: float | None = None, activation: str | None = None) -> HeadSpec:
         if isinstance(text, HeadSpec):
             return text
+        if dropout is not None and not 0 <= dropout < 1:
+            raise TransferkitError(f"--head-dropout {dropout:g} is not a probability in [0, 1); e.g. 0.2 drops 20 %")
         kind, _, sizes = text.strip().lower().partition(":")
         if kind == "linear" and not sizes:
             hidden: tuple[int, ...] = ()

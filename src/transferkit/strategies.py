@@ -121,7 +121,7 @@ def trainable_group_names(model: TransferModel, spec: StrategySpec, epoch: int =
         n = sum(1 for e in unfreeze_events(spec, len(body)) if e <= epoch)
         chosen = body[len(body) - n :] if n else []
     elif isinstance(spec.unfreeze, int):
-        chosen = body[len(body) - spec.unfreeze :] if spec.unfreeze else []
+        chosen = body[max(0, len(body) - spec.unfreeze) :] if spec.unfreeze else []  # N past the groups: all
     else:
         chosen = [g for g in body if g in (spec.unfreeze or ())]
     return [*chosen, "head"]

@@ -8,6 +8,7 @@ from typing import Any
 
 from ..backbones import DEFAULT_BACKBONE
 from ..errors import TransferkitError
+from ..heads import HeadSpec
 from ..strategies import STRATEGIES, StrategySpec, parse_group_lrs, parse_unfreeze
 from .loggers import check_loggers
 
@@ -103,6 +104,10 @@ class TrainConfig:
         if self.layer and self.strategy not in ("linear-probe", "auto"):
             raise TransferkitError("--layer applies to --strategy linear-probe (the other strategies train a head on the last layer)")
         self.loggers = check_loggers(self.loggers)
+        head = HeadSpec.parse(self.head, dropout=self.head_dropout)  # a bad --head or --head-dropout, now
+        if self.head_dropout and not head.hidden and self.strategy != "auto":
+            raise TransferkitError(f"--head-dropout applies to an MLP head (--head mlp:256); --head {self.head} "
+                                   f"has no hidden layer to drop")  # fmt: skip
         for option, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size),
                               ("--step-size", self.step_size), ("--views", self.feature_views),
                               ("--num-nodes", self.num_nodes)):  # fmt: skip
