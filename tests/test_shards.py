@@ -31,8 +31,8 @@ def shards(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 def test_pack_writes_a_few_files_and_refuses_an_existing_folder(shards: Path, tiny_dataset: Path) -> None:
     files = sorted(p.relative_to(shards).as_posix() for p in shards.rglob("*") if p.is_file())
-    assert files == ["train/chunk-0-0.bin", "train/index.json", "transferkit-pack.json", "val/chunk-0-0.bin",
-                     "val/index.json"]  # fmt: skip
+    assert files == ["train/chunk-0-0.bin", "train/index.json", "transferkit-pack.json", "transferkit-pack.version",
+                     "val/chunk-0-0.bin", "val/index.json"]  # fmt: skip
     with pytest.raises(TransferkitError, match="already exists"):
         pack(discover(tiny_dataset), shards)
 
@@ -125,6 +125,41 @@ def test_a_url_is_read_through_a_cache_of_whole_chunks(shards: Path, tmp_path: P
     assert evaluate(result.run_dir, url).accuracy == result.val_accuracy  # its val split, as from a folder
     with pytest.raises(TransferkitError, match="cannot read local:/nowhere/transferkit-pack.json"):
         discover("local:/nowhere")
+
+
+# A new process reading every image of packed shards at a URL: how many, and the last one's bytes' length.
+READ_ALL = """
+import sys
+from transferkit.shards import packed_images, read_packed
+images = packed_images(sys.argv[1])
+print(len(images), len(read_packed(images[-1])))
+"""
+
+
+@pytest.mark.slow
+def test_a_url_packed_again_is_fetched_again_not_read_from_the_old_copy(
+    tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("TRANSFERKIT_CACHE_DIR", str(tmp_path / "cache"))
+    store, url = tmp_path / "store", f"local:{tmp_path / 'store'}"
+    pack(discover(tiny_dataset), store)
+
+    def read_all() -> list[str]:
+        return subprocess.run([sys.executable, "-c", READ_ALL, url], capture_output=True, text=True, check=True,
+                              timeout=300).stdout.split()  # fmt: skip
+
+    assert read_all()[0] == "28"
+    bigger = tmp_path / "bigger"
+    shutil.copytree(tiny_dataset, bigger)
+    shutil.copy(bigger / "val/red/0.png", bigger / "val/red/zz-extra.png")  # the last image of the last split
+    shutil.rmtree(store)
+    pack(discover(bigger), store)  # as `aws s3 sync` would replace it at the same URL
+    count, size = read_all()
+    assert count == "29" and int(size) == (bigger / "val/red/zz-extra.png").stat().st_size
+    assert main(["cache", "clear"]) == 0 and not (tmp_path / "cache" / "shards").exists()
 
 
 def test_the_pack_and_features_commands(tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -55,7 +55,8 @@ def write_json(path: Path, obj: Any) -> None:
 def cache_root(cache_dir: str | Path | None = None) -> Path:
     """Where transferkit keeps what it can recompute: ``$TRANSFERKIT_CACHE_DIR`` or ``~/.cache/transferkit``.
 
-    Beneath it, ``features/`` (frozen backbone features) and ``exports/`` (ONNX exports ``predict`` made).
+    Beneath it, ``features/`` (frozen backbone features), ``exports/`` (ONNX exports ``predict`` made) and
+    ``shards/`` (packed datasets' chunks fetched from a URL).
     """
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
@@ -63,12 +64,12 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
 
 
 def clear_cache(cache_dir: str | Path | None = None) -> dict[str, int]:
-    """Empty the cache: returns how many feature vectors and ONNX exports were removed."""
+    """Empty the cache: returns how many feature vectors, ONNX exports and fetched shard chunks were removed."""
     import shutil
 
     root = cache_root(cache_dir)
     removed = {}
-    for folder, pattern in (("features", "*.npy"), ("exports", "*.onnx")):
+    for folder, pattern in (("features", "*.npy"), ("exports", "*.onnx"), ("shards", "chunk-*.bin")):
         path = root / folder
         removed[folder] = sum(1 for _ in path.rglob(pattern)) if path.is_dir() else 0
         if folder == "features" and path.is_dir():  # the feature store's shards: 20 bytes of key per vector

@@ -4,6 +4,9 @@ The format is Lightning's litdata (``litdata.StreamingDataset``), one dataset pe
 
 ``SHARDS/transferkit-pack.json``
     classes, multi-label or not, and each split's images in order: [name, label, SHA-1 of the bytes].
+``SHARDS/transferkit-pack.version``
+    the manifest's SHA-1: a URL's copy in the cache is kept per version, so a folder packed again
+    and copied to the same URL is fetched again, never read from the old copy.
 ``SHARDS/train/``, ``SHARDS/val/`` (, ``SHARDS/test/``)
     litdata's ``index.json`` and ``chunk-*.bin`` files (64 MB each by default), items
     ``{"name", "image" (the file's bytes, not re-encoded), "labels" (class names, ";"-joined)}``.
@@ -40,6 +43,7 @@ from .errors import TransferkitError
 from .files import atomic_write, cache_root
 
 MANIFEST = "transferkit-pack.json"
+VERSION = "transferkit-pack.version"
 FORMAT = "transferkit-pack/1"
 SPLITS = ("train", "val", "test")
 SEPARATOR = "::"
@@ -159,12 +163,28 @@ def _manifest(root: str) -> dict[str, Any]:
     return manifest
 
 
+@functools.lru_cache(maxsize=64)
 def _url_cache(root: str) -> Path:
-    return cache_root() / "shards" / hashlib.sha1(root.encode()).hexdigest()[:16]
+    """The cache folder of a packed URL's version: its version file is read from the store once a process
+    (DataLoader workers, forked later, share the answer). A pack older than version files has one folder."""
+    base = cache_root() / "shards" / hashlib.sha1(root.encode()).hexdigest()[:16]
+    base.mkdir(parents=True, exist_ok=True)
+    try:
+        version = Path(_download(root, VERSION, base / VERSION, fresh=True)).read_text().strip()
+    except TransferkitError:
+        version = "unversioned"
+    if not re.fullmatch(r"[0-9a-f]{40}|unversioned", version):
+        raise TransferkitError(f"{root}/{VERSION} is not a transferkit pack version; pack the data again")
+    return base / version
 
 
 def _fetched(root: str, name: str) -> str:
-    """A file of a packed URL, downloaded whole into the cache through litdata's own downloaders.
+    """A file of a packed URL, downloaded whole into the cache (once per version of the pack)."""
+    return _download(root, name, _url_cache(root) / name)
+
+
+def _download(root: str, name: str, target: Path, fresh: bool = False) -> str:
+    """``root/name`` at ``target`` through litdata's own downloaders, unless already there (or ``fresh``).
 
     Each process downloads into a name of its own and renames it into place, so concurrent readers
     (ranks, DataLoader workers) never see half a file. litdata's downloader alone is not enough
@@ -172,8 +192,7 @@ def _fetched(root: str, name: str) -> str:
     """
     from litdata.streaming.downloader import get_downloader
 
-    target = _url_cache(root) / name
-    if target.is_file():
+    if target.is_file() and not fresh:
         return str(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(f"{target.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
@@ -255,7 +274,9 @@ def pack(splits: Any, out: str | Path, chunk_bytes: str = DEFAULT_CHUNK_BYTES) -
             writer.done()
             writer.merge()
             manifest["splits"][split] = rows
-        atomic_write(work / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest)))
+        text = json.dumps(manifest)
+        atomic_write(work / MANIFEST, lambda tmp: tmp.write_text(text))
+        atomic_write(work / VERSION, lambda tmp: tmp.write_text(hashlib.sha1(text.encode()).hexdigest() + "\n"))
         os.rename(work, target)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)

@@ -21,7 +21,8 @@ def _cache(args: argparse.Namespace) -> int:
         print(root)
     else:
         removed = clear_cache(root)
-        print(f"removed {removed['features']} cached feature vectors and {removed['exports']} ONNX exports from {root}")
+        print(f"removed {removed['features']} cached feature vectors, {removed['exports']} ONNX exports and "
+              f"{removed['shards']} fetched shard chunks from {root}")
     return 0
 
 
