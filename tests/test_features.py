@@ -115,7 +115,8 @@ def test_augmented_views_are_cached_and_deterministic(images: list, tmp_path: Pa
 
 def test_clear_cache(images: list, tmp_path: Path) -> None:
     extract_features(_model(), images, cache_dir=tmp_path / "c", num_workers=0)  # --cache-dir means one folder
-    assert clear_cache(tmp_path / "c") == {"features": 6, "exports": 0, "shards": 0} and not (tmp_path / "c" / "features").exists()
+    assert clear_cache(tmp_path / "c") == {"features": 6, "exports": 0, "shards": 0}
+    assert not (tmp_path / "c" / "features").exists()
 
 
 def test_feature_extract_training_uses_the_cache(tiny_dataset: Path, tmp_path: Path) -> None:

@@ -40,7 +40,8 @@ def test_command_environment_preloads_a_memory_keeping_allocator() -> None:
     assert fast_env({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}) is None
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or allocator_library() is None, reason="needs Linux and cmeel-mimalloc")
+@pytest.mark.skipif(not sys.platform.startswith("linux") or allocator_library() is None,
+                    reason="needs Linux and cmeel-mimalloc")
 def test_the_re_executed_command_never_imports_from_the_working_directory(tmp_path: Path) -> None:
     """The command restarts itself with the allocator preloaded; a user's inspect.py must not stand in for Python's."""
     (tmp_path / "inspect.py").write_text("raise SystemExit('imported from the working directory')\n")

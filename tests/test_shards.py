@@ -230,7 +230,8 @@ def test_inspect_reads_shards_and_its_suspects_list_excludes_packed_images(
     # The same shards read as from an object store (litdata's local: stand-in): the images keep their URLs.
     monkeypatch.setenv("TRANSFERKIT_CACHE_DIR", str(tmp_path / "cache"))
     streamed = inspect_data(f"local:{out}", model="resnet18", weights="none", out=tmp_path / "url", precision="32")
-    assert [(p.path, p.match) for p in streamed.leaks] == [(f"local:{p.path}", f"local:{p.match}") for p in result.leaks]
+    as_urls = [(f"local:{p.path}", f"local:{p.match}") for p in result.leaks]
+    assert [(p.path, p.match) for p in streamed.leaks] == as_urls
 
 
 @pytest.fixture

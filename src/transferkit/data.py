@@ -26,7 +26,6 @@ from torchvision.transforms import v2
 from .backbones import Preprocessing
 from .discovery import (  # noqa: F401  (re-exported)
     IMAGE_EXTENSIONS,
-    IMAGE_FORMATS,
     MAX_IMAGE_PIXELS,
     VAL_DIR_NAMES,
     ImageFolderSplits,
@@ -39,11 +38,11 @@ from .discovery import (  # noqa: F401  (re-exported)
     relabelled,
     read_exclude_list,
     scan_class_folder,
-    shape_problem,
     shuffled_by_class,
     stratified_split,
 )
 from .errors import TransferkitError
+from .image_files import IMAGE_FORMATS, shape_problem
 from .performance import pick_device
 from .shards import read_packed
 

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, Union
 
-from PIL import Image, UnidentifiedImageError
 
 from .lean_imports import import_torchvision
 
@@ -26,6 +25,7 @@ import_torchvision()  # first: torchvision without dynamo's start-up cost
 from torchvision.datasets.folder import IMG_EXTENSIONS  # noqa: E402
 
 from .errors import TransferkitError  # noqa: E402
+from .image_files import MAX_IMAGE_PIXELS, image_file_problem  # noqa: E402,F401  (re-exported)
 from .label_tables import LabelColumns, LabelRow, LabelTable, read_label_table, warn_skipped  # noqa: E402
 from .shards import is_packed_image, is_packed_source, is_url, packed_samples, packed_split  # noqa: E402
 
@@ -34,25 +34,6 @@ IMAGE_EXTENSIONS = (*IMG_EXTENSIONS, ".gif")
 VAL_DIR_NAMES = ("val", "valid", "validation")
 # train's options for reading a data source's labels: a label file, its columns, an exclude list.
 DATA_OPTIONS = ("labels", "exclude", "path_col", "label_col", "split_col", "label_sep", "image_ext")
-# Refuse absurd images from their header, before decoding them (decompression bombs). PIL's own guard
-# (its Image.MAX_IMAGE_PIXELS, left as the user has it) may refuse some sooner.
-MAX_IMAGE_PIXELS = 16384 * 16384
-# Longer side over shorter: resizing the shorter side to a few hundred pixels makes a 1 x 100,000 PNG
-# of a few hundred bytes into billions of pixels.
-MAX_ASPECT_RATIO = 100
-# PIL's decoders for those extensions (MPO, phones' JPEGs, comes with JPEG), and no other: never
-# PostScript, which PIL hands to Ghostscript, whatever a file's name says.
-IMAGE_FORMATS = ("JPEG", "PNG", "PPM", "BMP", "GIF", "TIFF", "WEBP")
-
-
-def shape_problem(width: int, height: int) -> str | None:
-    """Why an image of this size is refused before it is decoded, or None."""
-    if width * height > MAX_IMAGE_PIXELS:
-        return f"too large ({width}x{height} pixels)"
-    if max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height)):
-        return f"too elongated ({width}x{height} pixels; at most {MAX_ASPECT_RATIO}:1)"
-    return None
-
 # (path, class index), or (path, 0/1 per class) for multi-label data.
 Sample = tuple[str, Union[int, tuple[int, ...]]]
 T = TypeVar("T")
@@ -100,20 +81,6 @@ def _class_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _check_image(path: Path) -> str | None:
-    """Why ``path`` cannot be used, from a cheap header read; None if it looks like an image."""
-    try:
-        if path.stat().st_size == 0:
-            return "empty file"
-        with Image.open(path, formats=IMAGE_FORMATS) as im:
-            return shape_problem(*im.size)
-    except Image.DecompressionBombError:
-        return "too large (decompression bomb guard)"
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        return f"not a readable image ({type(exc).__name__})"
-    return None
-
-
 def scan_class_folder(
     folder: Path, class_names: list[str] | None = None, check: bool = True
 ) -> tuple[list[str], list[Sample], list[tuple[str, str]]]:
@@ -151,7 +118,7 @@ def scan_class_folder(
                 if not f.lower().endswith(IMAGE_EXTENSIONS):
                     skipped.append((str(path), "not an image file extension"))
                     continue
-                reason = _check_image(path) if check else None
+                reason = image_file_problem(path) if check else None
                 if reason:
                     skipped.append((str(path), reason))
                     continue
@@ -360,8 +327,8 @@ def _read_table(
     if labels is not None and not data.is_dir():
         raise TransferkitError(f"--labels {labels}: DATA ({data}) must be the image folder the label file's paths "
                                f"are relative to")  # fmt: skip
-    return read_label_table(labels or data, data if labels is not None else None, columns, image_ext, _check_image,
-                            IMAGE_EXTENSIONS, to_train)  # fmt: skip
+    folder = data if labels is not None else None
+    return read_label_table(labels or data, folder, columns, image_ext, image_file_problem, IMAGE_EXTENSIONS, to_train)
 
 
 def _table_samples(table: LabelTable) -> list[Sample]:

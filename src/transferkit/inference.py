@@ -341,11 +341,10 @@ def predict(
     An image that cannot be decoded gets ``"error"`` instead of predictions. ``runtime``: ``torch``
     (eager PyTorch), ``onnx`` (ONNX Runtime on ``run`` if it is an ``.onnx`` file, else on the run's
     ``model.onnx`` if exported from its ``model.pt`` as it is now, else on a verified export made once
-    into the cache), or ``auto``: ONNX Runtime
-    where it is installed and the model runs on the CPU with neither ``precision`` nor ``compile``
-    asked for and the run's precision resolves to fp32 there (eager bf16 is faster where the CPU has
-    it), provided an export exists or there are at least 256 images; its forward is 1.3-1.8x eager
-    PyTorch's on a CPU (benchmarks/throughput.py).
+    into the cache), or ``auto``: ONNX Runtime where it is installed and the model runs on the CPU
+    with neither ``precision`` nor ``compile`` asked for and the run's precision resolves to fp32
+    there (eager bf16 is faster where the CPU has it), provided an export exists or there are at
+    least 256 images; its forward is 1.3-1.8x eager PyTorch's on a CPU (benchmarks/throughput.py).
     """
     files = collect_images([paths] if isinstance(paths, (str, Path)) else list(paths))
     runner = runner_for(run, runtime, len(files), precision, compile, calibrated, tta)

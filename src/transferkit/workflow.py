@@ -187,7 +187,8 @@ def resume_training(run_dir: str | Path, command: str | None = None, callbacks: 
         raise TransferkitError(f"{run_dir} is a fold of the k-fold run {parent}: resume the whole run, with "
                                f"transferkit train --resume {parent}")  # fmt: skip
     if not config.folds and not last.is_file():
-        raise TransferkitError(f"run {run_dir} has no checkpoints/last.ckpt yet (killed in its first epoch); start it again")
+        raise TransferkitError(f"run {run_dir} has no checkpoints/last.ckpt yet (killed in its first epoch); "
+                               f"start it again")  # fmt: skip
     L.seed_everything(config.seed, workers=True, verbose=False)
     splits = discover_for(config)
     if config.folds:
@@ -195,7 +196,9 @@ def resume_training(run_dir: str | Path, command: str | None = None, callbacks: 
     return _resume_fit(run_dir, splits, command, callbacks)
 
 
-def _resume_fit(run_dir: Path, splits: ImageFolderSplits, command: str | None, callbacks: list[Callback]) -> TrainResult:
+def _resume_fit(
+    run_dir: Path, splits: ImageFolderSplits, command: str | None, callbacks: list[Callback]
+) -> TrainResult:  # fmt: skip
     """Continue the run in ``run_dir`` from its last checkpoint, on ``splits`` (its own data), and finish it."""
     config = TrainConfig(**json.loads((run_dir / "config.json").read_text()))
     with open(run_dir / "command.txt", "a") as f:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..discovery import IMAGE_FORMATS, MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS, shape_problem
+from ..image_files import IMAGE_FORMATS, MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS, shape_problem
 from ..errors import TransferkitError
 from ..inference import AUTO_EXPORT_FROM, runner_for
 from ..prediction import EagerRunner, EnsembleRunner, Runner, predict_samples, read_sidecar, top_k_results

@@ -1,0 +1,43 @@
+"""Which image files transferkit decodes: the formats, the size limits, and a header check.
+
+Every way in (a data folder, a label file, ``predict``'s files, an upload to ``serve``) applies these
+rules before decoding, so an image that cannot be used is refused by name instead of stopping a run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+# Refuse absurd images from their header, before decoding them (decompression bombs). PIL's own guard
+# (its Image.MAX_IMAGE_PIXELS, left as the user has it) may refuse some sooner.
+MAX_IMAGE_PIXELS = 16384 * 16384
+# Longer side over shorter: resizing the shorter side to a few hundred pixels makes a 1 x 100,000 PNG
+# of a few hundred bytes into billions of pixels.
+MAX_ASPECT_RATIO = 100
+# PIL's decoders for the extensions read (MPO, phones' JPEGs, comes with JPEG), and no other: never
+# PostScript, which PIL hands to Ghostscript, whatever a file's name says.
+IMAGE_FORMATS = ("JPEG", "PNG", "PPM", "BMP", "GIF", "TIFF", "WEBP")
+
+
+def shape_problem(width: int, height: int) -> str | None:
+    """Why an image of this size is refused before it is decoded, or None."""
+    if width * height > MAX_IMAGE_PIXELS:
+        return f"too large ({width}x{height} pixels)"
+    if max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height)):
+        return f"too elongated ({width}x{height} pixels; at most {MAX_ASPECT_RATIO}:1)"
+    return None
+
+
+def image_file_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be used, from a cheap header read; None if it looks like an image."""
+    try:
+        if path.stat().st_size == 0:
+            return "empty file"
+        with Image.open(path, formats=IMAGE_FORMATS) as im:
+            return shape_problem(*im.size)
+    except Image.DecompressionBombError:
+        return "too large (decompression bomb guard)"
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        return f"not a readable image ({type(exc).__name__})"
