@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
 
 from transferkit import TransferkitError, train
 from transferkit.training import TrainConfig, find_lr
@@ -165,3 +169,53 @@ def test_a_frozen_backbone_run_writes_the_best_head_into_model_pt_without_rewrit
         lightning_module_state_dict=lambda: {f"model.net.{k}": v for k, v in model.net.state_dict().items()})
     every.on_validation_end(trainer, module)
     assert written()[0] == 0 and torch.equal(written()[1], head())
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ({"accelerator": "tpu"}, "unknown --accelerator 'tpu'"),
+        pytest.param({"accelerator": "cuda"}, "--accelerator cuda: this machine has no such device",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+        ({"devices": 0}, "--devices must be auto, a count of at least 1"),
+        ({"dist": "foo"}, "unknown --dist 'foo'; choose one of: auto, ddp"),
+        ({"optimizer": "sgd", "momentum": -1.0}, "--momentum must be between 0 and 1, got -1.0"),
+        ({"weight_decay": -1.0}, "--weight-decay must not be negative"),
+        ({"patience": 0}, "--patience must be at least 1, got 0"),
+        ({"num_workers": -2}, "--num-workers must not be negative"),
+        ({"gamma": 0.0}, "--gamma must be positive"),
+        ({"mean": [0.5] * 3, "std": [0.0] * 3}, "--std must be positive"),
+        ({"image_size": -5}, "--image-size must be at least 1 pixel, got -5"),
+    ],
+)
+def test_options_torch_or_lightning_would_refuse_are_errors_before_the_run_directory(
+    tiny_dataset: Path, tmp_path: Path, option: dict[str, object], message: str
+) -> None:
+    options = {**TINY, **option}
+    with pytest.raises(TransferkitError, match=re.escape(message)):
+        train(tiny_dataset, epochs=1, out=str(tmp_path / "run"), **options)
+    assert not (tmp_path / "run").exists()
+
+
+class _FailAtEpoch(Callback):
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError("failed on purpose")
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_directory_and_a_later_one_is_kept(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
+    given = tmp_path / "given"
+    given.mkdir()  # an empty --out the user made: kept, and empty again
+    for out in (tmp_path / "new", given):
+        with pytest.raises(RuntimeError, match="on purpose"):
+            train(tiny_dataset, epochs=2, out=str(out), callbacks=[_FailAtEpoch(0)], **TINY)
+        assert not (tmp_path / "new").exists() and list(given.iterdir()) == []
+    assert train(tiny_dataset, epochs=1, out=str(tmp_path / "new"), **TINY).run_dir == tmp_path / "new"
+    with pytest.raises(RuntimeError, match="on purpose"):
+        train(tiny_dataset, epochs=2, out=str(tmp_path / "later"), callbacks=[_FailAtEpoch(1)], **TINY)
+    assert (tmp_path / "later" / "checkpoints" / "last.ckpt").exists()  # epoch 0's: what --resume continues

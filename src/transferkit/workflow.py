@@ -6,12 +6,15 @@ This is the one module that joins training to the stages after it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
@@ -33,7 +36,7 @@ from .model import TransferModel
 from .multilabel import targets_of, tune_thresholds
 from .runs import write_history
 from .training import Fitted, TrainConfig, TrainResult, find_lr, fit, model_and_strategy, quiet_lightning
-from .training.fit import RUN_DIR_ENV, add_skipped, check_sharding, join_as_worker_rank, say
+from .training.fit import RUN_DIR_ENV, add_skipped, check_launch, join_as_worker_rank, say
 from .training.loggers import log_run_files
 
 
@@ -63,7 +66,7 @@ def run_training(config: TrainConfig, command: str | None = None, callbacks: lis
         return TrainResult(run_dir=fitted.run_dir, metrics={}, history=fitted.history)  # metrics are rank 0's
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not config.out:
         raise TransferkitError("a multi-process launch (torchrun, SLURM) needs --out RUN_DIR, so every rank finds the run")
-    check_sharding(config)
+    check_launch(config)
     L.seed_everything(config.seed, workers=True, verbose=False)
     splits = discover_for(config)
     if config.folds:
@@ -88,14 +91,32 @@ def _train_resolved(
         config.lr = lr_finder.suggestion
         config.resolved_from["lr_finder"] = lr_finder.summary()
     model, spec = model_and_strategy(config, splits)
+    new = run_dir is None
+    given_empty_dir = new and config.out is not None and Path(config.out).expanduser().is_dir()
     run_dir = run_dir or create_run_dir(config)
-    if lr_finder is not None:
-        lr_finder.plot(run_dir / "lr_find.png")
-    with open(run_dir / "command.txt", "a") as f:
-        f.write((command or " ".join(sys.argv)) + "\n")
-    write_json(run_dir / "config.json", config.to_dict())  # last: other ranks wait for it
-    os.environ[RUN_DIR_ENV] = str(run_dir.resolve())
-    return finish_run(fit(run_dir, config, splits, model, spec, callbacks=callbacks), config, splits, started)
+    with _removed_unless_trained(run_dir, keep_dir=given_empty_dir) if new else contextlib.nullcontext():
+        if lr_finder is not None:
+            lr_finder.plot(run_dir / "lr_find.png")
+        with open(run_dir / "command.txt", "a") as f:
+            f.write((command or " ".join(sys.argv)) + "\n")
+        write_json(run_dir / "config.json", config.to_dict())  # last: other ranks wait for it
+        os.environ[RUN_DIR_ENV] = str(run_dir.resolve())
+        fitted = fit(run_dir, config, splits, model, spec, callbacks=callbacks)
+    return finish_run(fitted, config, splits, started)
+
+
+@contextlib.contextmanager
+def _removed_unless_trained(run_dir: Path, keep_dir: bool) -> Iterator[None]:
+    """A new run that fails before its first checkpoint has nothing to resume or keep: its directory is
+    removed, so that the same ``--out`` can be given again once the error is fixed."""
+    try:
+        yield
+    except BaseException:
+        if not (run_dir / CHECKPOINT_NAME).exists() and not any((run_dir / "checkpoints").glob("*.ckpt")):
+            shutil.rmtree(run_dir, ignore_errors=True)
+            if keep_dir:
+                run_dir.mkdir(parents=True, exist_ok=True)
+        raise
 
 
 def _train_folds(

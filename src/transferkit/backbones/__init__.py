@@ -124,7 +124,7 @@ def explicit_preprocessing(
     name: str, mean: list[float] | None = None, std: list[float] | None = None, image_size: int | None = None
 ) -> Preprocessing | None:
     """``name``'s usual preprocessing with the user's overrides, or None when there are none."""
-    if not (mean or std or image_size):
+    if not (mean or std or image_size is not None):
         return None
     return default_preprocessing(name).with_overrides(mean=mean, std=std, image_size=image_size)
 

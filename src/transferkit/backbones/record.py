@@ -40,6 +40,10 @@ class Preprocessing:
         image_size: int | None = None,
         resize_size: int | None = None,
     ) -> Preprocessing:
+        if image_size is not None and image_size < 1:
+            raise TransferkitError(f"--image-size must be at least 1 pixel, got {image_size}")
+        if std is not None and not all(s > 0 for s in std):
+            raise TransferkitError(f"--std must be positive (images are divided by it), got {','.join(map(str, std))}")
         size = image_size or self.image_size
         resize = resize_size or (
             self.resize_size if image_size is None else round(size * self.resize_size / self.image_size)

@@ -68,7 +68,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (data split, augmentation, initialisation)")
     p.add_argument("--precision", default="auto", choices=ApiChoices("PRECISIONS"), metavar="PRECISION",
                    help="%(choices)s")  # fmt: skip
-    p.add_argument("--accelerator", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--accelerator", default="auto", help="auto, cpu, cuda, gpu or mps")
     p.add_argument("--devices", default="auto", help="devices per node (or auto)")
     p.add_argument("--num-nodes", type=int, default=1, help="machines taking part (launched by torchrun or SLURM)")
     p.add_argument("--dist", "--strategy-dist", dest="dist", default="auto",

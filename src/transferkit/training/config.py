@@ -15,6 +15,17 @@ from .loggers import check_loggers
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("none", "step", "cosine", "onecycle")
 LIGHTNING_PRECISION = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
+ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")  # gpu: Lightning's word for whichever GPU is there
+
+
+def _valid_devices(devices: int | str) -> bool:
+    """Lightning's forms: a count, -1 for all, or comma-separated device indices (``0,1``)."""
+    text = str(devices).strip()
+    if text in ("auto", "-1"):
+        return True
+    if text.isdigit():
+        return int(text) >= 1
+    return "," in text and all(part.strip().isdigit() for part in text.split(",") if part.strip())
 
 
 @dataclass
@@ -113,6 +124,7 @@ class TrainConfig:
                               ("--num-nodes", self.num_nodes)):  # fmt: skip
             if value < 1:
                 raise TransferkitError(f"{option} must be at least 1, got {value}")
+        self._check_ranges()
         if self.lr != "auto":
             try:
                 self.lr = float(self.lr)
@@ -120,6 +132,28 @@ class TrainConfig:
                 raise TransferkitError(f"--lr must be a number or auto, got {self.lr!r}") from None
             if not self.lr > 0:
                 raise TransferkitError("--lr must be positive")
+
+    def _check_ranges(self) -> None:
+        """Numbers and names that torch or Lightning would refuse with a traceback once the run has begun."""
+        at_least_one = {"--unfreeze-every": self.unfreeze_every, "--patience": self.patience}
+        not_negative = {"--weight-decay": self.weight_decay, "--aux-weight": self.aux_weight,
+                        "--num-workers": self.num_workers}  # fmt: skip
+        for option, value in at_least_one.items():
+            if value is not None and value < 1:
+                raise TransferkitError(f"{option} must be at least 1, got {value}")
+        for option, value in not_negative.items():
+            if value is not None and value < 0:
+                raise TransferkitError(f"{option} must not be negative, got {value}")
+        if not 0 <= self.momentum <= 1:
+            raise TransferkitError(f"--momentum must be between 0 and 1, got {self.momentum}")
+        for option, value in (("--gamma", self.gamma), ("--lr-decay", self.lr_decay)):
+            if value is not None and not value > 0:
+                raise TransferkitError(f"{option} must be positive, got {value}")
+        if self.accelerator not in ACCELERATORS:
+            raise TransferkitError(f"unknown --accelerator {self.accelerator!r}; choose one of: {', '.join(ACCELERATORS)}")
+        if not _valid_devices(self.devices):
+            raise TransferkitError(f"--devices must be auto, a count of at least 1, -1 (all) or device indices such as "
+                                   f"0,1; got {self.devices!r}")  # fmt: skip
 
     def strategy_spec(self) -> StrategySpec:
         if self.lr == "auto":

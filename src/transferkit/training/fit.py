@@ -17,6 +17,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from ..backbones import Preprocessing, explicit_preprocessing, load_backbone
@@ -82,6 +83,20 @@ def model_and_strategy(config: TrainConfig, splits: ImageFolderSplits) -> tuple[
 def training_device(config: TrainConfig) -> torch.device:
     # "gpu" is Lightning's word for whichever accelerator is there; pick_device finds it.
     return pick_device(config.accelerator if config.accelerator not in ("auto", "gpu") else "auto")
+
+
+def check_launch(config: TrainConfig) -> None:
+    """Refuse, before a run directory exists, an accelerator this machine lacks or a distributed strategy
+    Lightning does not know (Lightning would raise its traceback once training starts)."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(),
+                 "gpu": pick_device("auto").type != "cpu"}  # fmt: skip
+    if not available.get(config.accelerator, True):
+        raise TransferkitError(f"--accelerator {config.accelerator}: this machine has no such device; "
+                               f"use --accelerator auto or cpu")  # fmt: skip
+    known = ("auto", *StrategyRegistry.available_strategies())
+    if config.dist not in known:
+        raise TransferkitError(f"unknown --dist {config.dist!r}; choose one of: {', '.join(known)}")
+    check_sharding(config)
 
 
 def check_sharding(config: TrainConfig) -> None:
