@@ -537,3 +537,7 @@ def test_lr_find_reads_a_label_file_beside_its_images(flat: Path, tmp_path: Path
                  "--model", "resnet18", "--weights", "none", "--image-size", "32", "--batch-size", "4",
                  "--plot", str(tmp_path / "lr.png")]) == 0  # fmt: skip
     assert "suggested learning rate:" in capsys.readouterr().out and (tmp_path / "lr.png").is_file()
+    (tmp_path / "mine.png").write_bytes(b"mine")
+    assert main(["lr-find", str(table), "--plot", str(tmp_path / "mine.png")]) == 2
+    assert f"--plot {tmp_path / 'mine.png'} already exists; choose another --plot" in capsys.readouterr().err
+    assert (tmp_path / "mine.png").read_bytes() == b"mine"

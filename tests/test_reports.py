@@ -288,6 +288,14 @@ def test_compare_prints_a_table_and_writes_a_page_with_a_plot(
     page = out.read_text(encoding="utf-8")
     accuracy = json.loads((runs["gradual"] / "metrics.json").read_text())["val_accuracy"]
     assert "feature-extract" in page and f"{accuracy:.4f}" in page
+    before = out.read_bytes()
+    assert main(["compare", str(runs["feature-extract"]), "--out", str(out)]) == 2
+    assert f"--out {out} already exists; choose another --out" in capsys.readouterr().err
+    assert out.read_bytes() == before
+    (tmp_path / "other_plot.png").write_bytes(b"mine")  # the plot the page would write beside it
+    assert main(["compare", str(runs["feature-extract"]), "--out", str(tmp_path / "other.html")]) == 2
+    assert "other_plot.png already exists" in capsys.readouterr().err
+    assert (tmp_path / "other_plot.png").read_bytes() == b"mine" and not (tmp_path / "other.html").exists()
 
 
 def test_compare_names_runs_apart_when_their_folders_share_a_name(runs: dict[str, Path], tmp_path: Path) -> None:

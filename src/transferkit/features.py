@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .backbones import Preprocessing
-from .files import atomic_write, cache_root
+from .files import atomic_write, cache_root, new_files
 from .shards import packed_identity
 from .data import ImageDataset, Sample, build_transform, collate_skipping_bad, default_num_workers
 from .errors import TransferkitError
@@ -298,8 +298,7 @@ def write_features(
     out = Path(out)
     if out.suffix not in (".npz", ".pt"):
         raise TransferkitError(f"--out {out} must end in .npz or .pt")
-    if out.exists():
-        raise TransferkitError(f"{out} already exists; choose another --out or remove it")
+    new_files("--out", out)
     found = every_image(data_dir, data_options)
     class_names = found.class_names
     backbone = load_backbone(model_name, weights, preprocessing=preprocessing)

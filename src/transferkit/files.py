@@ -48,6 +48,15 @@ def new_or_empty_folder(out: str | Path, option: str) -> Path:
     return path
 
 
+def new_files(option: str, *paths: str | Path) -> list[Path]:
+    """``paths`` (what ``option`` writes) if none exists yet: a user's file is never overwritten unasked."""
+    found = [Path(p).expanduser() for p in paths]
+    for path in found:
+        if path.exists():
+            raise TransferkitError(f"{option} {path} already exists; choose another {option} or remove it")
+    return found
+
+
 def write_json(path: Path, obj: Any) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
 

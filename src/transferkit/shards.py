@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import TransferkitError
-from .files import atomic_write, cache_root
+from .files import atomic_write, cache_root, new_files
 
 MANIFEST = "transferkit-pack.json"
 VERSION = "transferkit-pack.version"
@@ -254,8 +254,7 @@ def pack(splits: Any, out: str | Path, chunk_bytes: str = DEFAULT_CHUNK_BYTES) -
     if is_url(str(out)):
         raise TransferkitError(f"--out {out}: pack writes a local folder; copy it to the object store afterwards "
                                f"(e.g. aws s3 sync) and give the URL to train")  # fmt: skip
-    if target.exists():
-        raise TransferkitError(f"{target} already exists; choose another --out or remove it")
+    new_files("--out", target)
     work = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
     names = splits.class_names
     manifest: dict[str, Any] = {"format": FORMAT, "class_names": names, "multi_label": splits.multi_label,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from .common import Command
 
@@ -25,7 +26,11 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
 
 def _compare(args: argparse.Namespace) -> int:
     from .. import format_comparison, load_run, write_comparison
+    from ..files import new_files
 
+    if args.out:
+        out = Path(args.out).expanduser()
+        new_files("--out", out, out.with_name(f"{out.stem}_plot.png"))
     runs = [load_run(run) for run in args.runs]
     print(format_comparison(runs))
     if args.out:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from .common import (
     ApiChoices,
@@ -136,13 +135,15 @@ def _lr_find_arguments(p: argparse.ArgumentParser) -> None:
 
 def _lr_find(args: argparse.Namespace) -> int:
     from .. import TrainConfig, find_lr
+    from ..files import new_files
 
+    (plot_path,) = new_files("--plot", args.plot)  # before the search, which takes a while
     config = TrainConfig(data=args.data, model=args.model, weights=args.weights, mean=args.mean, std=args.std,
                          image_size=args.image_size, strategy=args.strategy, unfreeze=args.unfreeze, head=args.head,
                          batch_size=args.batch_size, optimizer=args.optimizer, precision=args.precision,
                          quiet=True, **data_options_given(args))  # fmt: skip
     result = find_lr(config)
-    plot = result.plot(Path(args.plot))
+    plot = result.plot(plot_path)
     print(f"suggested learning rate: {result.suggestion:g} (plot: {plot})")
     return 0
 
