@@ -117,6 +117,14 @@ def test_clear_cache(images: list, tmp_path: Path) -> None:
     extract_features(_model(), images, cache_dir=tmp_path / "c", num_workers=0)  # --cache-dir means one folder
     assert clear_cache(tmp_path / "c") == {"features": 6, "exports": 0, "shards": 0}
     assert not (tmp_path / "c" / "features").exists()
+    # A --cache-dir that holds other things too: only what transferkit stored there goes.
+    extract_features(_model(), images, cache_dir=tmp_path / "shared", num_workers=0)
+    mine = [tmp_path / "shared" / name for name in ("features/notes.txt", "exports/model.onnx", "shards/data/x.bin")]
+    for path in mine:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("mine")
+    assert clear_cache(tmp_path / "shared") == {"features": 6, "exports": 0, "shards": 0}
+    assert sorted(p for p in (tmp_path / "shared").rglob("*") if p.is_file()) == sorted(mine)
 
 
 def test_feature_extract_training_uses_the_cache(tiny_dataset: Path, tmp_path: Path) -> None:

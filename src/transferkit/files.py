@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -72,17 +74,41 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
     return Path(os.environ.get("TRANSFERKIT_CACHE_DIR", Path.home() / ".cache" / "transferkit"))
 
 
+# What transferkit names in each cache folder (anything else there is not its own, and stays):
+# a feature store per spec (its key), ONNX exports by checkpoint digest (sidecars and temporary files
+# beside them), and a fetched pack per URL.
+CACHE_ENTRIES = {
+    "features": re.compile(r"[0-9a-f]{20}"),
+    "exports": re.compile(r"\.?[0-9a-f]{24}\.onnx.*"),
+    "shards": re.compile(r"[0-9a-f]{16}"),
+}
+
+
 def clear_cache(cache_dir: str | Path | None = None) -> dict[str, int]:
-    """Empty the cache: returns how many feature vectors, ONNX exports and fetched shard chunks were removed."""
+    """Empty the cache of what transferkit put there: returns how many feature vectors, ONNX exports and
+    fetched shard chunks were removed. Other files in it (a ``--cache-dir`` shared with other things) stay."""
     import shutil
 
     root = cache_root(cache_dir)
     removed = {}
-    for folder, pattern in (("features", "*.npy"), ("exports", "*.onnx"), ("shards", "chunk-*.bin")):
+    for folder, entry in CACHE_ENTRIES.items():
         path = root / folder
-        removed[folder] = sum(1 for _ in path.rglob(pattern)) if path.is_dir() else 0
-        if folder == "features" and path.is_dir():  # the feature store's shards: 20 bytes of key per vector
-            shards = list(path.rglob("*.rows.npy"))
-            removed[folder] += sum(p.stat().st_size // 20 for p in path.rglob("*.keys")) - len(shards)
-        shutil.rmtree(path, ignore_errors=True)
+        own = [p for p in path.iterdir() if entry.fullmatch(p.name)] if path.is_dir() else []
+        count = {"features": _feature_vectors, "exports": lambda p: p.name.endswith(".onnx"),
+                 "shards": lambda p: sum(1 for _ in p.rglob("chunk-*.bin"))}[folder]  # fmt: skip
+        removed[folder] = sum(int(count(p)) for p in own)
+        for p in own:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # not empty: other files are there
+            path.rmdir()
     return removed
+
+
+def _feature_vectors(store: Path) -> int:
+    """Vectors in a feature store folder: 20 bytes of key each in its shards (or a ``.npy`` file each, as
+    a cache of an earlier version kept them)."""
+    keys = sum(p.stat().st_size // 20 for p in store.rglob("*.keys"))
+    return keys + sum(1 for p in store.rglob("*.npy") if not p.name.endswith(".rows.npy"))

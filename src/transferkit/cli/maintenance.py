@@ -10,7 +10,7 @@ CACHE_ACTIONS = ("clear", "path")
 
 
 def _cache_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=CACHE_ACTIONS, help="clear: delete cached features and exports; path: print it")
+    p.add_argument("action", choices=CACHE_ACTIONS, help="clear: delete the features, exports and shards transferkit cached (nothing else in the folder); path: print it")
 
 
 def _cache(args: argparse.Namespace) -> int:
