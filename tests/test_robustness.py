@@ -248,3 +248,50 @@ def test_evaluation_lists_each_decoded_image_under_its_own_name(tiny_dataset: Pa
     predictions = result.to_dict(with_predictions=True)["predictions"]
     assert len(predictions) == 8 and not any("truncated" in p["path"] for p in predictions)
     assert all(Path(p["path"]).parent.name == p["label"] for p in predictions)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["predict", "run", "x.jpg", "--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+        (["evaluate", "run", "data", "--batch-size", "-3"], "argument --batch-size: must be at least 1, got -3"),
+        (["serve", "run", "--port", "99999"], "argument --port: must be from 0 to 65535, got 99999"),
+        (["predict", "run", "x.jpg", "--top-k", "two"], "argument --top-k: expected a whole number, got 'two'"),
+        (["inspect", "data", "--outlier-fraction", "2"], "argument --outlier-fraction: must be from 0 to 1, got 2"),
+        (["export", "run", "--tolerance", "0"], "argument --tolerance: must be above 0, got 0"),
+    ],
+)
+def test_numbers_out_of_range_are_usage_errors(args: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
+    from transferkit.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_size_without_its_unit_is_an_error_before_the_images_are_read(
+    tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from transferkit.cli import main
+
+    assert main(["pack", str(tmp_path / "nowhere"), "--out", str(tmp_path / "p"), "--chunk-bytes", "10"]) == 2
+    assert "--chunk-bytes '10': give a size with its unit, e.g. 64MB" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("command", ["features", "train"])
+def test_an_unwritable_out_is_one_line_naming_it(
+    tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture, command: str
+) -> None:
+    from transferkit.cli import main
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    out = a_file / ("x.npz" if command == "features" else "run")  # a path through a file: no user can write it
+    code = main([command, str(tiny_dataset), "--model", "resnet18", "--weights", "none", "--image-size", "16",
+                 "--out", str(out), *(["--epochs", "1", "--quiet"] if command == "train" else [])])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("transferkit: error: ") and str(a_file) in err and "check the path" in err
+    assert a_file.read_text() == "mine"

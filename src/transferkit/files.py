@@ -30,8 +30,11 @@ def _umask() -> int:
 def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
     """Call ``write(tmp_path)`` then rename over ``path``: readers see the old or the new file, never half."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:  # named by the file asked for, not by the temporary one beside it
+        raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
     os.close(fd)
     try:
         write(Path(tmp))

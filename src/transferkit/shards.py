@@ -242,7 +242,18 @@ def _dataset(root: str, split: str, pid: int) -> tuple[Any, threading.Lock]:
     return StreamingDataset(str(_url_cache(root) / split)), threading.Lock()
 
 
-def pack(splits: Any, out: str | Path, chunk_bytes: str = DEFAULT_CHUNK_BYTES) -> dict[str, Any]:
+def chunk_size(text: str | int) -> int:
+    """``64MB``, ``512KB``, ``1GB``: a shard file's size in bytes, read with litdata's units (1 KB = 1,000 bytes)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]b?|b)\s*", str(text).lower())
+    size = int(float(match[1]) * 1000 ** "bkmgt".index(match[2][0])) if match else 0
+    if isinstance(text, int):
+        size = text
+    if size < 1:
+        raise TransferkitError(f"--chunk-bytes {text!r}: give a size with its unit, e.g. 64MB, 512KB or 1GB")
+    return size
+
+
+def pack(splits: Any, out: str | Path, chunk_bytes: str | int = DEFAULT_CHUNK_BYTES) -> dict[str, Any]:
     """Write the images of ``splits`` (a :class:`~transferkit.discovery.ImageFolderSplits`) as litdata shards.
 
     Files are copied byte for byte (no re-encoding). All or nothing: the shards are written into a
@@ -250,6 +261,7 @@ def pack(splits: Any, out: str | Path, chunk_bytes: str = DEFAULT_CHUNK_BYTES) -
     """
     from litdata.streaming.writer import BinaryWriter
 
+    size = chunk_size(chunk_bytes)
     target = Path(out).expanduser()
     if is_url(str(out)):
         raise TransferkitError(f"--out {out}: pack writes a local folder; copy it to the object store afterwards "
@@ -263,7 +275,7 @@ def pack(splits: Any, out: str | Path, chunk_bytes: str = DEFAULT_CHUNK_BYTES) -
         for split, samples in zip(SPLITS, (splits.train, splits.val, splits.test)):
             if not samples:
                 continue
-            writer = BinaryWriter(str(work / split), chunk_bytes=chunk_bytes)
+            writer = BinaryWriter(str(work / split), chunk_bytes=size)
             rows = []
             for index, (path, label) in enumerate(samples):
                 data = _read(path)

@@ -8,6 +8,7 @@ so that the parser (and ``transferkit --help``) is built without importing torch
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import os
 import sys
@@ -59,11 +60,36 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"transferkit: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        if debug or exc.filename is None:  # not about a file the user named: a fault to report, with its traceback
+            raise
+        print(f"transferkit: error: {_file_error(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("transferkit: interrupted", file=sys.stderr)
         return 130
     finally:
         warnings.showwarning = shown
+
+
+# What to do about the file errors a user can fix, by errno.
+FILE_ERROR_FIXES = {
+    errno.EACCES: "choose a path you may write (or read), or change its permissions",
+    errno.EPERM: "choose a path you may write (or read), or change its permissions",
+    errno.EROFS: "the file system is read-only: choose a path on another",
+    errno.ENOSPC: "the disk is full: free some space or choose a path on another disk",
+    errno.ENOENT: "check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: check the path",
+    errno.EISDIR: "it is a folder: give a file's path",
+    errno.EEXIST: "something is there already where a folder is needed: check the path",
+}
+
+
+def _file_error(exc: OSError) -> str:
+    """``Permission denied: /x/model.onnx; choose a path you may write ...``: one line, naming the file."""
+    names = " -> ".join(str(name) for name in (exc.filename, exc.filename2) if name is not None)
+    fix = FILE_ERROR_FIXES.get(exc.errno or 0, "check the path")
+    return f"{exc.strerror or exc}: {names}; {fix}"
 
 
 def _show_warning(

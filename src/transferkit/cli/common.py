@@ -114,6 +114,27 @@ def floats(text: str) -> list[float]:
     return values
 
 
+def bounded(kind: type[int] | type[float], low: float, high: float | None = None, *, low_open: bool = False
+            ) -> Callable[[str], Any]:  # fmt: skip
+    """An option's type: a whole number (``int``) or a number (``float``) from ``low`` (excluded where
+    ``low_open``) to ``high``; outside that, argparse's one-line usage error says which values are meant."""
+    word = "a whole number" if kind is int else "a number"
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {word}, got {text!r}") from None
+        too_low = value <= low if low_open else value < low
+        if too_low or (high is not None and value > high):
+            wanted = (f"from {low:g} to {high:g}" if high is not None else
+                      f"{'above' if low_open else 'at least'} {low:g}")  # fmt: skip
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
+        return value
+
+    return parse
+
+
 def epochs(text: str) -> list[int]:
     """``2,4,6``: comma-separated epoch numbers (empty items ignored)."""
     try:
@@ -142,13 +163,13 @@ def backbone_options() -> argparse.ArgumentParser:
 
 def image_size_option() -> argparse.ArgumentParser:
     parent = _parent()
-    parent.add_argument("--image-size", type=int, help="input size (crop) instead of the weights' own")
+    parent.add_argument("--image-size", type=bounded(int, 1), help="input size (crop) instead of the weights' own")
     return parent
 
 
 def batch_size_option() -> argparse.ArgumentParser:
     parent = _parent()
-    parent.add_argument("--batch-size", type=int, default=32, help="images per batch")
+    parent.add_argument("--batch-size", type=bounded(int, 1), default=32, help="images per batch")
     return parent
 
 

@@ -11,6 +11,7 @@ from .common import (
     Command,
     backbone_options,
     batch_size_option,
+    bounded,
     data_options,
     data_options_given,
     image_size_option,
@@ -69,7 +70,7 @@ def _features(args: argparse.Namespace) -> int:
 
 def _advise_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", help="an image folder, a label file or packed shards, as for train")
-    p.add_argument("--per-class", type=int, default=100, help="images per class used to measure similarity")
+    p.add_argument("--per-class", type=bounded(int, 1), default=100, help="images per class used to measure similarity")
     p.add_argument("--models", help="candidate backbones to measure, comma-separated (default: the model and "
                    "every backbone whose weights are available offline)")  # fmt: skip
     p.add_argument("--budget", help="seconds for the measurement, e.g. 60s, 2m (default: 60 s + 0.15 s per image)")

@@ -10,6 +10,7 @@ from .common import (
     Command,
     backbone_options,
     batch_size_option,
+    bounded,
     cache_dir_option,
     data_options,
     image_size_option,
@@ -27,16 +28,16 @@ def _inspect_arguments(p: argparse.ArgumentParser) -> None:
                    "penultimate features, or the run's layer)")  # fmt: skip
     p.add_argument("--precision", choices=ApiChoices("PRECISIONS"), metavar="PRECISION",
                    help="%(choices)s (default: the run's, else auto: bf16 where native, else fp32)")  # fmt: skip
-    p.add_argument("--folds", type=int, default=5, help="cross-validation folds of the linear probe behind label issues")
+    p.add_argument("--folds", type=bounded(int, 2), default=5, help="cross-validation folds of the linear probe behind label issues")
     p.add_argument("--seed", type=int, default=0, help="seed of the folds (and of the train/val split, as for train)")
     p.add_argument("--val-split", type=float, help="validation share when DATA has no val/ folder (default 0.2)")
-    p.add_argument("--neighbours", type=int, default=5, help="nearest images shown beside a suspect, and averaged "
+    p.add_argument("--neighbours", type=bounded(int, 1), default=5, help="nearest images shown beside a suspect, and averaged "
                    "over for the outlier score")  # fmt: skip
-    p.add_argument("--duplicate-ratio", type=float, default=0.25, help="near-duplicates: pairs whose cosine "
+    p.add_argument("--duplicate-ratio", type=bounded(float, 0), default=0.25, help="near-duplicates: pairs whose cosine "
                    "distance is under this fraction of the data's median nearest-neighbour distance")  # fmt: skip
-    p.add_argument("--duplicate-similarity", type=float, help="near-duplicates: a fixed cosine-similarity "
+    p.add_argument("--duplicate-similarity", type=bounded(float, -1, 1), help="near-duplicates: a fixed cosine-similarity "
                    "threshold instead (e.g. 0.95)")  # fmt: skip
-    p.add_argument("--outlier-fraction", type=float, default=0.01, help="share of images listed as outliers, the "
+    p.add_argument("--outlier-fraction", type=bounded(float, 0, 1), default=0.01, help="share of images listed as outliers, the "
                    "farthest from their nearest neighbours first (0: none)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print inspection.json's content instead of the summary")
 

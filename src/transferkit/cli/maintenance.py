@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import Command, cache_dir_option
+from .common import Command, bounded, cache_dir_option
 
 CACHE_ACTIONS = ("clear", "path")
 
@@ -28,7 +28,7 @@ def _cache(args: argparse.Namespace) -> int:
 
 def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", default="demo", help="where the demo data and runs go")
-    p.add_argument("--epochs", type=int, default=10, help="training epochs of each demo run")
+    p.add_argument("--epochs", type=bounded(int, 1), default=10, help="training epochs of each demo run")
     p.add_argument("--budget", default="100s", help="time for measuring the candidates and training the winner")
 
 

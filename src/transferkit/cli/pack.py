@@ -20,10 +20,11 @@ def _pack_arguments(p: argparse.ArgumentParser) -> None:
 
 def _pack(args: argparse.Namespace) -> int:
     from ..discovery import discover_for
-    from ..shards import pack
+    from ..shards import chunk_size, pack
 
+    size = chunk_size(args.chunk_bytes)  # before the images are listed
     splits = discover_for(vars(args))
-    written = pack(splits, args.out, chunk_bytes=args.chunk_bytes)
+    written = pack(splits, args.out, chunk_bytes=size)
     if args.json:
         print(json.dumps(written, indent=2))
     else:
