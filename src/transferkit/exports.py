@@ -201,12 +201,11 @@ def export_model(
                 f"{diff:.3g} on {checked_on} (tolerance {tolerance:g}); nothing was written. Try the other --format, "
                 "or raise --tolerance if that difference is acceptable"
             )
+        _write_sidecar(model, ExportResult(out, sidecar_path(out), format, checked_on, diff, tolerance), source)
 
     with torch.no_grad():
         atomic_write(out, write_and_verify)
-    result = ExportResult(out, sidecar_path(out), format, checked_on, diff, tolerance)
-    _write_sidecar(model, result, source)
-    return result
+    return ExportResult(out, sidecar_path(out), format, checked_on, diff, tolerance)
 
 
 def _export_int8(
@@ -223,6 +222,10 @@ def _export_int8(
     with tempfile.TemporaryDirectory(prefix="transferkit-export-") as tmp:
         fp32 = export_model(model, Path(tmp) / "fp32.onnx", "onnx", check=check, tolerance=tolerance, source=source)
 
+        def int8_result() -> ExportResult:
+            # "check" stays the fp32 export's check against the checkpoint; the int8 model's is "quantization".
+            return ExportResult(out, sidecar_path(out), "onnx", fp32.checked_on, fp32.max_abs_diff, tolerance, quality)
+
         def write_and_check(path: Path) -> None:
             nonlocal quality
             reader = calibration_reader(spread(train, CALIBRATION_IMAGES), model.preprocessing, INPUT_NAME)
@@ -235,13 +238,10 @@ def _export_int8(
             if not quality.passed and not force:
                 raise TransferkitError(f"int8 export refused, nothing was written: {quality.summary()}. Pass --force "
                                        "to keep it anyway, or --max-drop to change the limit")  # fmt: skip
+            _write_sidecar(model, int8_result(), source)
 
         atomic_write(out, write_and_check)
-    assert quality is not None
-    # "check" stays the fp32 export's check against the checkpoint; the int8 model's is "quantization".
-    result = ExportResult(out, sidecar_path(out), "onnx", fp32.checked_on, fp32.max_abs_diff, tolerance, quality)
-    _write_sidecar(model, result, source)
-    return result
+    return int8_result()
 
 
 def _check_outputs(out: Path, format: str, force: bool) -> None:
@@ -256,12 +256,10 @@ def _check_outputs(out: Path, format: str, force: bool) -> None:
 
 
 def _write_sidecar(model: TransferModel, result: ExportResult, source: str | None) -> None:
+    """Called once the export is verified and before it is renamed into place: an export is never there without
+    its sidecar (a crash between the two renames, a moment apart, leaves the sidecar alone, which readers skip)."""
     metadata = _sidecar(model, model.preprocessing, result, model.preprocessing.image_size, source)
-    try:
-        atomic_write(result.sidecar, lambda tmp: tmp.write_text(json.dumps(metadata, indent=2) + "\n"))
-    except BaseException:
-        result.path.unlink(missing_ok=True)  # an export without its sidecar cannot be used
-        raise
+    atomic_write(result.sidecar, lambda tmp: tmp.write_text(json.dumps(metadata, indent=2) + "\n"))
 
 
 def _check_format(format: str) -> None:

@@ -415,12 +415,12 @@ def _onnx_model_for(run: Any, runtime: str, images: int, precision: str | None, 
     beside, cached = checkpoint.parent / "model.onnx", cached_export_path(checkpoint)
     if beside.is_file() and made_from(beside, checkpoint):  # not one exported before the model last changed
         return beside
-    if cached.is_file():
+    if cached.is_file() and made_from(cached, checkpoint):
         return cached
     if runtime == "auto" and (images < AUTO_EXPORT_FROM or not _installed("onnx")):
         return None
     try:
-        export(checkpoint, "onnx", out=cached)
+        export(checkpoint, "onnx", out=cached, force=True)  # over a cached file left without its sidecar
     except (TransferkitError, OSError) as exc:  # e.g. an unexportable network, an unwritable cache
         if runtime == "onnx" and isinstance(exc, OSError):
             raise TransferkitError(f"cannot write an ONNX export under {cached.parent} ({exc}); set "
