@@ -8,7 +8,9 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
+from lightning.pytorch.callbacks import Callback
 
 import transferkit
 from transferkit.runs import read_history
@@ -110,3 +112,25 @@ def test_wandb_runs_offline_without_a_key(
     # The run's own log (protobuf records): every epoch's and the final metrics, and the run's files as an artifact.
     for text in (b"val_accuracy", b"final/val_accuracy", b"metrics.json", b"report.html"):
         assert text in log, text
+
+
+class _FailAtSecondEpoch(Callback):
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == 1:
+            raise RuntimeError("failed on purpose")
+
+
+def test_a_resumed_run_keeps_the_csv_rows_of_its_first_part(tiny_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="on purpose"):
+        transferkit.train(str(tiny_dataset), model="resnet18", weights="none", image_size=32, epochs=3, quiet=True,
+                          out=str(out), loggers=("csv",), callbacks=[_FailAtSecondEpoch()])  # fmt: skip
+    assert _csv_epochs(out) == [(0, read_history(out / "history.csv")[0]["val_accuracy"])]
+    result = transferkit.resume_training(out)
+    assert _csv_epochs(out) == [(row["epoch"], row["val_accuracy"]) for row in result.history]
+
+
+def _csv_epochs(run_dir: Path) -> list[tuple[int, float]]:
+    """(epoch, val_accuracy) of each epoch's row in RUN/csv/metrics.csv."""
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return [(int(r["epoch"]), float(r["val_accuracy"])) for r in csv.DictReader(f) if r.get("val_accuracy")]

@@ -20,10 +20,13 @@ The MLflow and W&B run ids are kept in ``RUN/loggers.json``, so ``--resume`` con
 
 from __future__ import annotations
 
+import csv
 import importlib.util
+import io
 import json
 import logging
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -110,7 +113,16 @@ def _tensorboard(run_dir: Path, _: Any) -> Any:
 def _csv(run_dir: Path, _: Any) -> Any:
     from lightning.pytorch.loggers import CSVLogger
 
-    return CSVLogger(str(run_dir), name="csv", version="")
+    metrics = run_dir / "csv" / "metrics.csv"
+    earlier = metrics.read_bytes() if metrics.is_file() else None
+    logger = CSVLogger(str(run_dir), name="csv", version="")
+    if earlier is not None:  # a resumed run: Lightning's writer deletes the file it finds, with the epochs before
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
+            writer = logger.experiment
+        metrics.write_bytes(earlier)
+        writer.metrics_keys = next(csv.reader(io.StringIO(earlier.decode())), [])  # appended under its header
+    return logger
 
 
 def _mlflow(run_dir: Path, run_id: str | None) -> Any:
