@@ -268,3 +268,26 @@ def test_auto_runtime_exports_for_a_large_job(run_dir: Path, tmp_path: Path, mon
     assert [r["predictions"][0]["label"] for r in eager] == [r["predictions"][0]["label"] for r in results]
     with pytest.raises(transferkit.TransferkitError, match="TRANSFERKIT_CACHE_DIR to a writable folder"):
         predict(run, [tmp_path / "many"], runtime="onnx")
+
+
+@pytest.mark.parametrize("format", ["onnx", "pt2"])
+def test_a_linear_probe_exports_without_the_layers_after_its_own(tiny_dataset: Path, tmp_path: Path, format: str) -> None:
+    from transferkit import predict
+
+    run = transferkit.train(str(tiny_dataset), model="resnet18", weights="none", image_size=32, quiet=True,
+                            strategy="linear-probe", layer="layer3", out=str(tmp_path / "probe")).run_dir  # fmt: skip
+    result = export(run, format)
+    assert result.max_abs_diff <= result.tolerance and sidecar_path(result.path).is_file()
+    if format == "onnx":
+        import onnx
+
+        modules = [weights.name for weights in onnx.load(str(result.path)).graph.initializer]  # model.net.layer3...
+        exported = predict(run, [tiny_dataset / "val"], runtime="onnx")  # RUN/model.onnx, made from model.pt
+        eager = predict(run, [tiny_dataset / "val"], runtime="torch", precision="32")
+        for a, b in zip(eager, exported):
+            assert [p["label"] for p in a["predictions"]] == [p["label"] for p in b["predictions"]]
+    else:
+        program = torch.export.load(str(result.path))
+        modules = [str(node.meta.get("nn_module_stack", "")) for node in program.graph.nodes]
+    # The network ran to its end while it was traced; what the probe does not use was removed from the file.
+    assert any("net.layer3" in m for m in modules) and not any("net.layer4" in m or "net.fc" in m for m in modules)

@@ -23,6 +23,7 @@ quantized by ONNX Runtime and checked against it on accuracy (see :mod:`transfer
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,7 +188,7 @@ def export_model(
             _WRITERS[format](net, example, tmp)
         except Exception as exc:  # the exporters raise many types; all mean "this network does not export"
             raise TransferkitError(
-                f"{format} export of {model.record.backbone} failed ({type(exc).__name__}: {str(exc)[:200]}); "
+                f"{format} export of {model.record.backbone} failed ({type(exc).__name__}: {_first_line(exc)}); "
                 "try the other --format"
             ) from None
         reference = EagerRunner(model, torch.device("cpu"), precision="32")(inputs)
@@ -260,6 +261,12 @@ def _write_sidecar(model: TransferModel, result: ExportResult, source: str | Non
     its sidecar (a crash between the two renames, a moment apart, leaves the sidecar alone, which readers skip)."""
     metadata = _sidecar(model, model.preprocessing, result, model.preprocessing.image_size, source)
     atomic_write(result.sidecar, lambda tmp: tmp.write_text(json.dumps(metadata, indent=2) + "\n"))
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exporter's message on one line (its first, without the terminal colours torch.onnx adds)."""
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()
+    return lines[0][:200] if lines else ""
 
 
 def _check_format(format: str) -> None:
@@ -355,7 +362,10 @@ def _write_onnx(net: nn.Module, example: torch.Tensor, path: Path) -> None:
 
 
 def _write_pt2(net: nn.Module, example: torch.Tensor, path: Path) -> None:
-    torch.export.save(torch.export.export(net, (example,), dynamic_shapes=_batch_free()), str(path))
+    program = torch.export.export(net, (example,), dynamic_shapes=_batch_free())
+    # Functional ops only (no decompositions): what a linear probe leaves unused of the network is then removed.
+    with open(path, "wb") as f:  # a file object: torch.export warns of a name not ending in .pt2 (the temporary one)
+        torch.export.save(program.run_decompositions({}), f)
 
 
 _WRITERS = {"onnx": _write_onnx, "pt2": _write_pt2}

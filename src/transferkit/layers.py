@@ -78,18 +78,21 @@ def _module_of_group(model: HasLayers, prefixes: tuple[str, ...]) -> str:
 
 
 @contextmanager
-def capture(model: HasLayers, layer: str | None) -> Iterator[dict[str, torch.Tensor]]:
-    """While active, ``model(x)`` fills ``out["features"]`` with the pooled features of ``layer``."""
+def capture(model: HasLayers, layer: str | None, stop: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+    """While active, ``model(x)`` fills ``out["features"]`` with the pooled features of ``layer``, and
+    stops there (raises :class:`StopForward`) unless not ``stop``."""
     _, module, want_input = resolve_layer(model, layer)
     out: dict[str, torch.Tensor] = {}
 
     def pre_hook(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         out["features"] = _pool(args[0])
-        raise StopForward
+        if stop:
+            raise StopForward
 
     def hook(_m: nn.Module, _args: Any, output: torch.Tensor) -> None:
         out["features"] = _pool(output[0] if isinstance(output, tuple) else output)
-        raise StopForward
+        if stop:
+            raise StopForward
 
     handle = module.register_forward_pre_hook(pre_hook) if want_input else module.register_forward_hook(hook)
     try:

@@ -159,8 +159,11 @@ class TransferModel(nn.Module):
         self.probe, self.probe_layer = probe, layer
 
     def features(self, x: torch.Tensor, layer: str | None = None) -> torch.Tensor:
-        """Pooled features of ``layer`` (default: the head's input); the rest of the network is skipped."""
-        with capture(self, layer) as out:
+        """Pooled features of ``layer`` (default: the head's input); the rest of the network is skipped.
+
+        While torch.export traces it (an export of a linear probe), the network runs to its end instead:
+        an exception cannot be traced, and the exporters remove the layers whose outputs go unused."""
+        with capture(self, layer, stop=not torch.compiler.is_exporting()) as out:
             try:
                 self.net(x)
             except StopForward:

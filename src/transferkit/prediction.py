@@ -129,7 +129,8 @@ class ExportedProgramRunner:
     thresholds = None
 
     def __init__(self, path: str | Path, class_names: list[str], preprocessing: Preprocessing) -> None:
-        self.module = torch.export.load(str(path)).module()
+        with open(path, "rb") as f:  # by its content: the file being checked before its rename has another suffix
+            self.module = torch.export.load(f).module()
         self.class_names, self.preprocessing = class_names, preprocessing
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
