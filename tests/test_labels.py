@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 from helpers import make_colour_folder
 
-from transferkit import TransferkitError
+from transferkit import TransferkitError, load_checkpoint
 from transferkit.balance import BalancedSampler, resolve_balance
 from transferkit.data import discover, read_exclude_list
 from transferkit.label_tables import LabelColumns
@@ -286,6 +287,19 @@ def test_multi_label_csv_trains_a_sigmoid_head_with_tuned_thresholds(tmp_path: P
     probe = train(table, **{**TINY, "strategy": "linear-probe"}, out=str(tmp_path / "probe"))
     assert probe.metrics["multi_label"] and probe.metrics["val_mean_average_precision"] > 0.8
     assert evaluate(probe.run_dir, table).macro_f1 == probe.metrics["val_macro_f1"]
+    # Class folders give one label per image: a multi-label model reads each as a set of one.
+    singles = [(path, labels) for path, labels, _ in rows[48:] if "|" not in labels]
+    for path, label in singles:
+        (tmp_path / "folders" / label).mkdir(parents=True, exist_ok=True)
+        shutil.copy(tmp_path / path, tmp_path / "folders" / label / Path(path).name)
+    on_folders = evaluate(result.run_dir, tmp_path / "folders")
+    assert on_folders.multi_label and on_folders.num_images == len(singles) > 0
+    by_folder = sorted(singles, key=lambda row: (row[1], row[0]))
+    assert [p["labels"] for p in on_folders.predictions] == [[label] for _, label in by_folder]
+    one_class = load_checkpoint(result.run_dir)
+    one_class.record = one_class.record.with_extra(multi_label=False)  # as a model that picks one class reads it
+    with pytest.raises(TransferkitError, match="gives images several labels .* this model picks one class per image"):
+        evaluate(one_class, table)
 
 
 

@@ -214,6 +214,20 @@ def _multilabel_evaluation(
     )  # fmt: skip
 
 
+def _labels_as_the_model_reads_them(model: TransferModel, samples: list[Sample], data: str | Path) -> list[Sample]:
+    """A multi-label model reads one label per image (a class folder) as a set of one; a model that
+    picks one class cannot be measured on images with several labels."""
+    several = any(not isinstance(label, int) for _, label in samples)
+    if model.multi_label and not several:
+        width = len(model.class_names)
+        return [(path, tuple(int(i == label) for i in range(width))) for path, label in samples]
+    if several and not model.multi_label:
+        raise TransferkitError(f"{data} gives images several labels (multi-label), and this model picks one class "
+                               f"per image; evaluate it on data with one label per image, or train a multi-label "
+                               f"model on this data")  # fmt: skip
+    return samples
+
+
 def _evaluation_folder(data_dir: Path) -> Path:
     """A class-folder directory; a DATA root with train/val(/test) means its test, else val, split."""
     subdirs = {p.name for p in data_dir.iterdir() if p.is_dir()} if data_dir.is_dir() else set()
@@ -259,6 +273,7 @@ def evaluate(
         if not samples:
             raise TransferkitError(f"no images found in {folder}; give a folder with one sub-folder per class")
         skipped = len(bad)
+    samples = _labels_as_the_model_reads_them(model, samples, data_dir)
     options: dict[str, Any] = {"precision": precision, "skipped": skipped, "compile": compile, "calibrated": calibrated}
     if members:  # a k-fold run: the folds' models averaged
         options["runner"] = _ensemble(members, precision, compile, calibrated)
