@@ -43,6 +43,14 @@ def test_a_csv_with_paths_and_labels_is_the_same_data_as_the_folders(flat: Path,
     assert from_csv.layout.startswith("label file") and not from_csv.multi_label
 
 
+@pytest.mark.parametrize("delimiter", [";", "\t"], ids=["semicolon", "tab"])
+def test_a_table_separated_by_semicolons_or_tabs_is_read(flat: Path, tmp_path: Path, delimiter: str) -> None:
+    table = tmp_path / "labels.csv"  # Excel's CSV where the comma is the decimal mark, or a TSV file
+    with open(table, "w", newline="", encoding="utf-8-sig") as f:
+        csv.writer(f, delimiter=delimiter).writerows([["path", "label"], *rows_of(flat, tmp_path)])
+    assert sorted(discover(table).train + discover(table).val) == sorted(discover(flat).train + discover(flat).val)
+
+
 def test_paths_written_on_windows_are_read(flat: Path, tmp_path: Path) -> None:
     rows = [[path.replace("/", "\\"), label] for path, label in rows_of(flat, tmp_path)]
     assert "\\" in rows[0][0]

@@ -22,6 +22,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 from .errors import TransferkitError
 
@@ -125,7 +126,7 @@ def label_file_header(source: str | Path) -> list[str]:
     """The column names in a label file's first line (none where it cannot be read: its reader says why)."""
     try:
         with open(Path(source).expanduser(), newline="", encoding="utf-8-sig") as f:
-            return [h.strip() for h in next(csv.reader(f), [])]
+            return [h.strip() for h in next(csv.reader(f, delimiter=_delimiter(f)), [])]
     except (UnicodeDecodeError, csv.Error):
         return []
 
@@ -151,9 +152,17 @@ def _read_csv(source: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]
         raise TransferkitError(f"{source} is not a readable CSV ({exc}); check its quoting") from None
 
 
+def _delimiter(f: TextIO) -> str:
+    """Comma, or the semicolon or tab that separates the header's names instead (Excel writes ";" where
+    the comma is the decimal mark; TSV files use tabs); ``f`` is left at its start."""
+    first = f.readline()
+    f.seek(0)
+    return max(",;\t", key=first.count) if first.count(",") == 0 else ","
+
+
 def _read_records(source: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
     with open(source, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
+        reader = csv.DictReader(f, delimiter=_delimiter(f))
         header = [h.strip() for h in reader.fieldnames or []]
         if not header:
             raise TransferkitError(f"{source} is empty; give a CSV whose first line names its columns")
