@@ -295,3 +295,20 @@ def test_an_unwritable_out_is_one_line_naming_it(
     assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert err.startswith("transferkit: error: ") and str(a_file) in err and "check the path" in err
     assert a_file.read_text() == "mine"
+
+
+def test_a_path_of_the_wrong_kind_is_named_as_what_it_is(
+    tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from transferkit.cli import main
+
+    image = next((tiny_dataset / "train").rglob("*.png"))
+    cases = [
+        (["train", str(image)], f"data folder {image} is a file, not a folder; pass DATA holding train/"),
+        (["compare", str(image)], f"run directory {image} is a file, not a folder; give a folder written by"),
+        (["inspect", "/dev/null"], "/dev/null is not a regular file or folder"),
+    ]
+    for args, message in cases:
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err

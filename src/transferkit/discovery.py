@@ -25,6 +25,7 @@ import_torchvision()  # first: torchvision without dynamo's start-up cost
 from torchvision.datasets.folder import IMG_EXTENSIONS  # noqa: E402
 
 from .errors import TransferkitError  # noqa: E402
+from .files import is_not  # noqa: E402
 from .image_files import MAX_IMAGE_PIXELS, image_file_problem  # noqa: E402,F401  (re-exported)
 from .label_tables import LabelColumns, LabelRow, LabelTable, read_label_table, warn_skipped  # noqa: E402
 from .shards import is_packed_image, is_packed_source, is_url, packed_samples, packed_split  # noqa: E402
@@ -93,7 +94,7 @@ def scan_class_folder(
         return _packed_split(*packed, class_names)
     folder = Path(folder)
     if not folder.is_dir():
-        raise TransferkitError(f"data folder {folder} does not exist; give a folder holding one sub-folder per class")
+        raise TransferkitError(f"data folder {folder} {is_not(folder)}; give a folder holding one sub-folder per class")
     dirs = _class_dirs(folder)
     names = [d.name for d in dirs]
     if class_names is not None:
@@ -258,7 +259,8 @@ def _every_in_folders(root: Path) -> LabelledImages:
 
 def _discover_folders(root: Path, val_split: float, seed: int) -> ImageFolderSplits:
     if not root.is_dir():
-        raise TransferkitError(f"data folder {root} does not exist; pass DATA holding train/ and val/ or class folders")
+        raise TransferkitError(f"data folder {root} {is_not(root)}; pass DATA holding train/ and val/ or class "
+                               f"folders, or a CSV label file")  # fmt: skip
     train_dir = root / "train"
     val_dir = next((root / n for n in VAL_DIR_NAMES if (root / n).is_dir()), None)
     if not train_dir.is_dir():

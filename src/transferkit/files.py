@@ -53,6 +53,18 @@ def new_or_empty_folder(out: str | Path, option: str) -> Path:
     return path
 
 
+def is_not(path: Path) -> str:
+    """Why ``path`` cannot be used where a file or a folder of the other kind was expected, for an error:
+    ``does not exist``, ``is a file, not a folder``, ... (the same words for every command)."""
+    if not path.exists():
+        return "does not exist"
+    if path.is_dir():
+        return "is a folder, not a file"
+    if path.is_file():
+        return "is a file, not a folder"
+    return "is not a regular file or folder"
+
+
 def new_files(option: str, *paths: str | Path) -> list[Path]:
     """``paths`` (what ``option`` writes) if none exists yet: a user's file is never overwritten unasked."""
     found = [Path(p).expanduser() for p in paths]

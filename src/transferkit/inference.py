@@ -15,6 +15,7 @@ import torch
 from .checkpoint import load_checkpoint, read_metadata, resolve_checkpoint_path
 from .data import IMAGE_EXTENSIONS, VAL_DIR_NAMES, Sample, scan_class_folder
 from .errors import TransferkitError
+from .files import is_not
 from .model import TransferModel
 from .performance import PRECISION_NAMES, pick_device
 from .prediction import TTA_VIEWS, AugmentedRunner, EagerRunner, OnnxRunner, inference_precision, predict_samples
@@ -328,7 +329,7 @@ def collect_images(paths: list[str | Path]) -> list[str]:
         elif p.is_file():
             found.append(str(p))
         else:
-            raise TransferkitError(f"{p} does not exist; give image files or folders")
+            raise TransferkitError(f"{p} {is_not(p)}; give image files or folders")
     if not found:
         raise TransferkitError(f"no image files found in {', '.join(map(str, paths))}")
     return found

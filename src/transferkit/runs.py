@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import TransferkitError
-from .files import atomic_write
+from .files import atomic_write, is_not
 from .label_tables import label_file_header
 
 CONFIG_NAME = "config.json"
@@ -58,7 +58,7 @@ def load_run(run_dir: str | Path) -> Run:
     """Read a run directory written by ``transferkit train``; a one-line error says what is missing."""
     path = Path(run_dir).expanduser()
     if not path.is_dir():
-        raise TransferkitError(f"run directory {path} does not exist; give a folder written by transferkit train")
+        raise TransferkitError(f"run directory {path} {is_not(path)}; give a folder written by transferkit train")
     missing = [n for n in (CONFIG_NAME, METRICS_NAME) if not (path / n).is_file()]
     if missing:
         raise TransferkitError(
