@@ -133,3 +133,14 @@ def test_augmentation_seeds_leave_the_global_rng_alone(tmp_path: Path) -> None:
     assert torch.equal(torch.get_rng_state(), state)
     torch.manual_seed(456)  # another global state: the same seed still gives the same crop
     assert torch.equal(dataset[(0, 7)][0], first[0])
+
+
+def test_the_demo_digits_are_written_whole_or_not_at_all(tmp_path: Path) -> None:
+    from transferkit.demo import write_digits_folder
+
+    with pytest.raises(ValueError):  # PIL refuses a 0-pixel size after the first folders were made
+        write_digits_folder(tmp_path / "digits", per_class=2, size=0)
+    assert list(tmp_path.iterdir()) == []  # nothing a later demo would mistake for its data
+    root = write_digits_folder(tmp_path / "digits", per_class=2, size=8)
+    assert sorted(p.name for p in (root / "train").iterdir()) == [str(d) for d in range(10)]
+    assert len(list(root.rglob("*.png"))) == 30 and [p.name for p in tmp_path.iterdir()] == ["digits"]

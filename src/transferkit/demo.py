@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -14,19 +16,27 @@ from .workflow import train
 
 
 def write_digits_folder(root: Path, per_class: int = 60, size: int = 64) -> Path:
-    """scikit-learn's bundled 8×8 handwritten digits as PNG class folders (train/ and val/)."""
+    """scikit-learn's bundled 8×8 handwritten digits as PNG class folders (train/ and val/).
+
+    All or nothing: written beside ``root`` and renamed to it, so that a demo interrupted while writing
+    them writes them again instead of training on a part."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     rng = np.random.default_rng(0)
-    for label in range(10):
-        indices = rng.permutation(np.flatnonzero(digits.target == label))[: per_class + per_class // 2]
-        for n, i in enumerate(indices):
-            split = "train" if n < per_class else "val"
-            folder = root / split / str(label)
-            folder.mkdir(parents=True, exist_ok=True)
-            pixels = (digits.images[i] * (255.0 / 16.0)).astype(np.uint8)
-            Image.fromarray(255 - pixels).resize((size, size), Image.Resampling.BICUBIC).save(folder / f"{i}.png")
+    staging = root.with_name(f".{root.name}.{os.getpid()}.tmp")
+    try:
+        for label in range(10):
+            indices = rng.permutation(np.flatnonzero(digits.target == label))[: per_class + per_class // 2]
+            for n, i in enumerate(indices):
+                folder = staging / ("train" if n < per_class else "val") / str(label)
+                folder.mkdir(parents=True, exist_ok=True)
+                pixels = (digits.images[i] * (255.0 / 16.0)).astype(np.uint8)
+                image = Image.fromarray(255 - pixels).resize((size, size), Image.Resampling.BICUBIC)
+                image.save(folder / f"{i}.png")
+        staging.rename(root)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return root
 
 
