@@ -259,6 +259,7 @@ def test_evaluation_lists_each_decoded_image_under_its_own_name(tiny_dataset: Pa
         (["predict", "run", "x.jpg", "--top-k", "two"], "argument --top-k: expected a whole number, got 'two'"),
         (["inspect", "data", "--outlier-fraction", "2"], "argument --outlier-fraction: must be from 0 to 1, got 2"),
         (["export", "run", "--tolerance", "0"], "argument --tolerance: must be above 0, got 0"),
+        (["pack", "data", "--out", "shards", "--seed", "-1"], "argument --seed: must be from 0 to 4294967295, got -1"),
     ],
 )
 def test_numbers_out_of_range_are_usage_errors(args: list[str], message: str, capsys: pytest.CaptureFixture) -> None:

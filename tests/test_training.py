@@ -186,6 +186,8 @@ def test_a_frozen_backbone_run_writes_the_best_head_into_model_pt_without_rewrit
         ({"gamma": 0.0}, "--gamma must be positive"),
         ({"mean": [0.5] * 3, "std": [0.0] * 3}, "--std must be positive"),
         ({"image_size": -5}, "--image-size must be at least 1 pixel, got -5"),
+        ({"folds": 0}, "--folds 0: give at least 2"),
+        ({"seed": -1}, "--seed must be from 0 to 4294967295"),
     ],
 )
 def test_options_torch_or_lightning_would_refuse_are_errors_before_the_run_directory(

@@ -119,6 +119,7 @@ def bounded(kind: type[int] | type[float], low: float, high: float | None = None
     """An option's type: a whole number (``int``) or a number (``float``) from ``low`` (excluded where
     ``low_open``) to ``high``; outside that, argparse's one-line usage error says which values are meant."""
     word = "a whole number" if kind is int else "a number"
+    shown: Callable[[float], str] = str if kind is int else "{:g}".format  # 4294967295, not 4.29497e+09
 
     def parse(text: str) -> int | float:
         try:
@@ -127,12 +128,15 @@ def bounded(kind: type[int] | type[float], low: float, high: float | None = None
             raise argparse.ArgumentTypeError(f"expected {word}, got {text!r}") from None
         too_low = value <= low if low_open else value < low
         if too_low or (high is not None and value > high):
-            wanted = (f"from {low:g} to {high:g}" if high is not None else
-                      f"{'above' if low_open else 'at least'} {low:g}")  # fmt: skip
+            wanted = (f"from {shown(low)} to {shown(high)}" if high is not None else
+                      f"{'above' if low_open else 'at least'} {shown(low)}")  # fmt: skip
             raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
         return value
 
     return parse
+
+
+SEED = bounded(int, 0, 2**32 - 1)  # NumPy's seeds (training.config.MAX_SEED, which needs torch to be read)
 
 
 def epochs(text: str) -> list[int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import Command, data_options
+from .common import SEED, Command, data_options
 
 
 def _pack_arguments(p: argparse.ArgumentParser) -> None:
@@ -13,7 +13,7 @@ def _pack_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="SHARDS", help="a new local folder for the shards")
     p.add_argument("--val-split", type=float, default=0.2, help="validation share when DATA has no val/ split "
                    "(the split is made now and kept in the shards)")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0, help="seed of that split")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of that split")
     p.add_argument("--chunk-bytes", default="64MB", help="size of each shard file (litdata's chunk_bytes)")
     p.add_argument("--json", action="store_true", help="print what was written as JSON")
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from .common import (
+    SEED,
     ApiChoices,
     Command,
     backbone_options,
@@ -64,7 +65,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--balance", default="auto", choices=ApiChoices("BALANCE_MODES"), metavar="MODE",
                    help="imbalanced classes: %(choices)s (auto: class-weighted loss when the largest class has "
                    "over 3x the images of the smallest; best epoch then chosen by macro-F1)")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0, help="random seed (data split, augmentation, initialisation)")
+    p.add_argument("--seed", type=SEED, default=0, help="random seed (data split, augmentation, initialisation)")
     p.add_argument("--precision", default="auto", choices=ApiChoices("PRECISIONS"), metavar="PRECISION",
                    help="%(choices)s")  # fmt: skip
     p.add_argument("--accelerator", default="auto", help="auto, cpu, cuda, gpu or mps")

@@ -16,6 +16,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("none", "step", "cosine", "onecycle")
 LIGHTNING_PRECISION = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")  # gpu: Lightning's word for whichever GPU is there
+MAX_SEED = 2**32 - 1  # seeds NumPy (and so Lightning's seed_everything) accepts
 
 
 def _valid_devices(devices: int | str) -> bool:
@@ -151,6 +152,10 @@ class TrainConfig:
                 raise TransferkitError(f"{option} must be positive, got {value}")
         if self.accelerator not in ACCELERATORS:
             raise TransferkitError(f"unknown --accelerator {self.accelerator!r}; choose one of: {', '.join(ACCELERATORS)}")
+        if self.folds is not None and self.folds < 2:  # 0 would otherwise quietly train one run
+            raise TransferkitError(f"--folds {self.folds}: give at least 2 (5 is usual)")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise TransferkitError(f"--seed must be from 0 to {MAX_SEED} (NumPy's seeds), got {self.seed}")
         if not _valid_devices(self.devices):
             raise TransferkitError(f"--devices must be auto, a count of at least 1, -1 (all) or device indices such as "
                                    f"0,1; got {self.devices!r}")  # fmt: skip
