@@ -48,7 +48,9 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
 def new_or_empty_folder(out: str | Path, option: str) -> Path:
     """``out`` as a path if it is new or an empty folder (nothing there is lost); else the one-line error."""
     path = Path(out).expanduser()
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+    if path.exists() and not path.is_dir():
+        raise TransferkitError(f"{option} {path} {is_not(path)}; choose another {option}")
+    if path.exists() and any(path.iterdir()):
         raise TransferkitError(f"{option} {path} already exists and is not empty; choose another {option} or remove it")
     return path
 
