@@ -161,6 +161,10 @@ def test_bad_format_and_help(run_dir: Path, capsys: pytest.CaptureFixture[str]) 
     with pytest.raises(SystemExit):
         main(["export", "--help"])
     assert "example:\n  transferkit export runs/my-run" in capsys.readouterr().out
+    for fmt, wrong, suffix in (("onnx", "model.pt2", ".onnx"), ("pt2", "model.onnx", ".pt2")):  # predict reads .onnx
+        assert main(["export", str(run_dir), "--format", fmt, "--out", str(run_dir / "x" / wrong)]) == 2
+        assert f"must end in {suffix} for --format {fmt}" in capsys.readouterr().err
+    assert not (run_dir / "x").exists()
 
 
 @pytest.mark.precision

@@ -247,8 +247,9 @@ def _export_int8(
 
 def _check_outputs(out: Path, format: str, force: bool) -> None:
     """An export goes to a file name ``predict`` recognises, never over a folder, over a file only with --force."""
-    if format == "onnx" and out.suffix.lower() != ".onnx":
-        raise TransferkitError(f"--out {out} must end in .onnx for an ONNX export (predict recognises it by that)")
+    suffix = Path(FORMATS[format]).suffix  # what predict (.onnx) and torch.export's loaders (.pt2) recognise
+    if out.suffix.lower() != suffix:
+        raise TransferkitError(f"--out {out} must end in {suffix} for --format {format}")
     for path in (out, sidecar_path(out)):
         if path.is_dir():
             raise TransferkitError(f"--out {out}: {path} is a folder; give a file name")
