@@ -14,6 +14,7 @@ from helpers import make_colour_folder
 from transferkit import TransferkitError, load_checkpoint
 from transferkit.balance import BalancedSampler, resolve_balance
 from transferkit.data import discover, read_exclude_list
+from transferkit.discovery import every_image
 from transferkit.label_tables import LabelColumns
 
 TINY = {"model": "resnet18", "weights": "none", "image_size": 32, "epochs": 2, "batch_size": 4, "quiet": True}
@@ -194,6 +195,30 @@ def test_an_exclude_list_leaves_its_files_out(flat: Path, tmp_path: Path) -> Non
     assert kept.excluded == 2 and not {p for p, _ in kept.train + kept.val} & set(dropped)
     with pytest.raises(TransferkitError, match="--exclude"):
         discover(flat, exclude=tmp_path / "missing.txt")
+
+
+def test_an_exclude_list_that_empties_a_split_or_a_class_is_an_error_and_one_of_other_data_a_warning(
+    flat: Path, tmp_path: Path
+) -> None:
+    everything = discover(flat)
+    lists = {"blue": [p for p, label in everything.train if everything.class_names[label] == "blue"],
+             "val": [p for p, _ in everything.val], "other": [str(tmp_path / "elsewhere" / "x.png")]}  # fmt: skip
+    for name, paths in lists.items():
+        (tmp_path / f"{name}.txt").write_text("\n".join(paths) + "\n")
+    with pytest.raises(TransferkitError, match="blue.txt leaves class\\(es\\) blue without training images"):
+        discover(flat, exclude=tmp_path / "blue.txt")  # training on it would never predict blue
+    with pytest.raises(TransferkitError, match="val.txt leaves no validation images; exclude fewer"):
+        discover(flat, exclude=tmp_path / "val.txt")
+    with pytest.raises(TransferkitError, match="leaves no images"):
+        every_image(flat, {"exclude": _listing_all(flat, tmp_path)})  # what features and inspect read
+    with pytest.warns(UserWarning, match="other.txt names none of the 12 images of .*; was it written for other data"):
+        assert discover(flat, exclude=tmp_path / "other.txt").excluded == 0
+
+
+def _listing_all(folder: Path, tmp_path: Path) -> Path:
+    listing = tmp_path / "all.txt"
+    listing.write_text("\n".join(str(p) for p in sorted(folder.rglob("*.*"))) + "\n")
+    return listing
 
 
 def test_balance_auto_weights_the_loss_only_past_the_ratio() -> None:

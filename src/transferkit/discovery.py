@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import random
 import shlex
+import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -155,7 +156,7 @@ def discover(
     else:
         splits = _discover_folders(root, val_split, seed)
     if exclude is not None:
-        _exclude(splits, read_exclude_list(exclude))
+        _exclude(splits, read_exclude_list(exclude), Path(exclude).expanduser())
     if len(splits.class_names) < 2 and not splits.multi_label:
         raise TransferkitError(
             f"{root} has {len(splits.class_names)} class folder(s); a classifier needs at least 2 (one sub-folder per class)"
@@ -232,9 +233,14 @@ def every_image(data: str | Path, options: Mapping[str, Any] | None = None) -> L
     else:
         found = _every_in_folders(root)
     if get("exclude") is not None:
-        excluded = read_exclude_list(get("exclude"))
+        source = Path(get("exclude")).expanduser()
+        excluded = read_exclude_list(source)
         kept = [i for i, (path, _) in enumerate(found.samples) if _exclude_key(path) not in excluded]
         found.excluded = len(found.samples) - len(kept)
+        if excluded and not found.excluded:
+            _warn_names_none(source, len(found.samples), found.root)
+        if found.samples and not kept:
+            raise TransferkitError(f"--exclude {source} leaves no images; exclude fewer images")
         found.samples, found.splits = [found.samples[i] for i in kept], [found.splits[i] for i in kept]
     if not found.samples:
         raise TransferkitError(f"no usable image in {root}; give a folder of class folders, a label file or "
@@ -359,13 +365,32 @@ def _exclude_key(path: str, folder: Path = Path()) -> str:
     return path if is_packed_image(path) or is_url(path) else str((folder / path).resolve())
 
 
-def _exclude(splits: ImageFolderSplits, excluded: set[str]) -> None:
+def _exclude(splits: ImageFolderSplits, excluded: set[str], source: Path) -> None:
+    """Leave out the images of the list at ``source``; an error where that leaves a split, or a class its
+    training images, empty (the data itself would have been refused so), a warning where it names none."""
+
     def kept(samples: list[Sample] | None) -> list[Sample] | None:
         return None if samples is None else [s for s in samples if _exclude_key(s[0]) not in excluded]
 
+    trained = {i for _, label in splits.train for i in label_indices(label)}
     before = len(splits.train) + len(splits.val) + len(splits.test or [])
     splits.train, splits.val, splits.test = kept(splits.train), kept(splits.val), kept(splits.test)  # type: ignore[assignment]
     splits.excluded = before - len(splits.train) - len(splits.val) - len(splits.test or [])
+    if excluded and not splits.excluded:
+        _warn_names_none(source, before, splits.root)
+    for name, samples in (("training", splits.train), ("validation", splits.val)):
+        if before and not samples:
+            raise TransferkitError(f"--exclude {source} leaves no {name} images; exclude fewer images")
+    lost = sorted(trained - {i for _, label in splits.train for i in label_indices(label)})
+    if lost:
+        names = ", ".join(splits.class_names[i] for i in lost)
+        raise TransferkitError(f"--exclude {source} leaves class(es) {names} without training images; keep some of "
+                               f"them, or remove the class from the data")  # fmt: skip
+
+
+def _warn_names_none(source: Path, images: int, root: Path) -> None:
+    warnings.warn(f"--exclude {source} names none of the {images} images of {root}; was it written for other data?",
+                  stacklevel=4)  # fmt: skip
 
 
 def shuffled_by_class(items: Sequence[T], label: Callable[[T], int], seed: int) -> list[list[T]]:
