@@ -82,16 +82,21 @@ from transferkit.launch import exit_now
 out = Path(sys.argv[1])
 atexit.register(lambda: (out / "atexit").write_text("ran"))
 threading.Thread(target=lambda: (time.sleep(0.3), (out / "thread").write_text("done"))).start()
+from concurrent.futures import ThreadPoolExecutor
+pool = ThreadPoolExecutor(2)  # left open and idle, as torch.compile leaves its compile threads
+pool.submit(lambda: (out / "pool").write_text("done")).result()
 sys.stdout.write("no newline, still buffered")
 exit_now(3)
 """
 
 
 def test_the_command_skips_module_teardown_but_not_what_teardown_would_finish(tmp_path: Path) -> None:
-    """``exit_now`` ends the ``transferkit`` command: threads finish, exit handlers run, output is flushed."""
+    """``exit_now`` ends the ``transferkit`` command: threads finish, idle thread pools stop, exit handlers run,
+    output is flushed."""
     proc = subprocess.run([sys.executable, "-c", EXITING, str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 3 and proc.stdout == "no newline, still buffered"
     assert (tmp_path / "atexit").read_text() == "ran" and (tmp_path / "thread").read_text() == "done"
+    assert (tmp_path / "pool").read_text() == "done"
 
 
 def test_precision_rules(monkeypatch: pytest.MonkeyPatch) -> None:

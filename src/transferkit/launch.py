@@ -136,9 +136,16 @@ def exit_now(code: int) -> None:
     if sys.getprofile() is not None or sys.gettrace() is not None:
         sys.exit(code)
 
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is not None:
+        # What the interpreter runs first at exit: threading's own exit hooks, which tell idle thread
+        # pools (concurrent.futures', as torch.compile's) to stop, then the join of the other threads.
+        # Joining them without those hooks waited for ever after --compile.
+        shutdown()
+    else:
+        for thread in threading.enumerate():
+            if thread is not threading.main_thread() and not thread.daemon:
+                thread.join()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
