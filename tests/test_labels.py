@@ -588,3 +588,10 @@ def test_lr_find_reads_a_label_file_beside_its_images(flat: Path, tmp_path: Path
     assert main(["lr-find", str(table), "--plot", str(tmp_path / "mine.png")]) == 2
     assert f"--plot {tmp_path / 'mine.png'} already exists; choose another --plot" in capsys.readouterr().err
     assert (tmp_path / "mine.png").read_bytes() == b"mine"
+    assert main(["lr-find", str(table), "--plot", str(tmp_path / "lr.txt")]) == 2  # a PNG under .txt was written
+    assert f"--plot {tmp_path / 'lr.txt'} must end in .png, .pdf, .svg" in capsys.readouterr().err
+    from transferkit.training.lr_find import LRFinderResult
+
+    result = LRFinderResult(1e-3, [1e-4, 1e-3, 1e-2], [1.0, 0.5, 2.0])
+    assert result.plot(tmp_path / "lr.svg").read_text().lstrip().startswith("<?xml")
+    assert result.plot(tmp_path / "lr.pdf").read_bytes().startswith(b"%PDF")

@@ -131,14 +131,16 @@ def _lr_find_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unfreeze", help="as for train")
     p.add_argument("--head", default="linear", help="as for train")
     p.add_argument("--optimizer", default="adamw", choices=ApiChoices("OPTIMIZERS"), metavar="NAME", help="%(choices)s")
-    p.add_argument("--plot", default="lr_find.png", help="where to save the loss-vs-LR plot")
+    p.add_argument("--plot", default="lr_find.png", help="where to save the loss-vs-LR plot (.png, .pdf or .svg)")
 
 
 def _lr_find(args: argparse.Namespace) -> int:
     from .. import TrainConfig, find_lr
     from ..files import new_files
+    from ..training.lr_find import plot_format
 
-    (plot_path,) = new_files("--plot", args.plot)  # before the search, which takes a while
+    plot_format(args.plot)  # both before the search, which takes a while
+    (plot_path,) = new_files("--plot", args.plot)
     config = TrainConfig(data=args.data, model=args.model, weights=args.weights, mean=args.mean, std=args.std,
                          image_size=args.image_size, strategy=args.strategy, unfreeze=args.unfreeze, head=args.head,
                          batch_size=args.batch_size, optimizer=args.optimizer, precision=args.precision,

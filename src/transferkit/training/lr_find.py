@@ -30,6 +30,7 @@ class LRFinderResult:
         return {"suggestion": self.suggestion, "steps": len(self.lrs)}
 
     def plot(self, path: Path) -> Path:
+        """The loss against the LR, in the format ``path``'s suffix names (:data:`PLOT_FORMATS`)."""
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
@@ -41,8 +42,20 @@ class LRFinderResult:
         ax.set(xscale="log", xlabel="learning rate (head)", ylabel="training loss", title="LR range test")
         ax.legend()
         fig.tight_layout()
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+        image_format = plot_format(path)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format=image_format))
         return path
+
+
+PLOT_FORMATS = ("png", "pdf", "svg")
+
+
+def plot_format(path: str | Path) -> str:
+    """The format a plot at ``path`` is written in, from its suffix, or the one-line error."""
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in PLOT_FORMATS:
+        raise TransferkitError(f"--plot {path} must end in {', '.join('.' + f for f in PLOT_FORMATS)}")
+    return suffix
 
 
 def find_lr(config: TrainConfig, splits: Any = None, num_training: int = 100) -> LRFinderResult:
