@@ -200,12 +200,12 @@ def test_options_torch_or_lightning_would_refuse_are_errors_before_the_run_direc
 
 
 class _FailAtEpoch(Callback):
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
+    def __init__(self, epoch: int, error: type[BaseException] = RuntimeError) -> None:
+        self.epoch, self.error = epoch, error
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.current_epoch == self.epoch:
-            raise RuntimeError("failed on purpose")
+            raise self.error("failed on purpose")
 
 
 def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_directory_and_a_later_one_is_kept(
@@ -221,3 +221,17 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_directory_and_a_
     with pytest.raises(RuntimeError, match="on purpose"):
         train(tiny_dataset, epochs=2, out=str(tmp_path / "later"), callbacks=[_FailAtEpoch(1)], **TINY)
     assert (tmp_path / "later" / "checkpoints" / "last.ckpt").exists()  # epoch 0's: what --resume continues
+
+
+def test_ctrl_c_is_a_keyboard_interrupt_and_the_run_says_how_to_continue(tiny_dataset: Path, tmp_path: Path) -> None:
+    import signal
+
+    from transferkit import resume_training
+    from transferkit.workflow import resume_target
+
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):  # Lightning's graceful shutdown ends in sys.exit(1)
+        train(tiny_dataset, epochs=3, out=str(run), callbacks=[_FailAtEpoch(1, KeyboardInterrupt)], **TINY)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Lightning had left Ctrl+C ignored
+    assert resume_target(run) == run and resume_target(tmp_path) is None
+    assert resume_training(run).metrics["epochs_run"] == 3

@@ -234,6 +234,15 @@ def _resume_fit(
     return finish_run(fitted, config, splits, started)
 
 
+def resume_target(run_dir: str | Path | None) -> Path | None:
+    """What ``train --resume`` continues after the run in ``run_dir`` was interrupted: the run, or the
+    k-fold run it is a fold of; None where it has no checkpoint to continue from yet."""
+    if run_dir is None or not (Path(run_dir) / "checkpoints" / "last.ckpt").is_file():
+        return None
+    run_dir = Path(run_dir)
+    return run_dir.parent if _is_k_fold_run(run_dir.parent) and run_dir.name.startswith("fold-") else run_dir
+
+
 def _is_k_fold_run(run_dir: Path) -> bool:
     try:
         return bool(json.loads((run_dir / "config.json").read_text()).get("folds"))

@@ -65,8 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"transferkit: error: {_file_error(exc)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("transferkit: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"transferkit: interrupted{f'; {exc}' if str(exc) else ''}", file=sys.stderr)
         return 130
     finally:
         warnings.showwarning = shown

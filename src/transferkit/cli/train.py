@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+from collections.abc import Iterator
 
 from .common import (
     SEED,
@@ -110,7 +113,8 @@ def _train(args: argparse.Namespace) -> int:
         if besides:
             raise TransferkitError(f"--resume continues {args.resume} with its own configuration: leave out "
                                    f"{', '.join(besides)} (to change them, start a new run)")  # fmt: skip
-        print(resume_training(args.resume, command=command).run_dir)
+        with _resume_hint_on_interrupt(args.resume):
+            print(resume_training(args.resume, command=command).run_dir)
         return 0
     if not args.data:
         raise TransferkitError("train needs DATA (an image folder), or --resume RUN_DIR")
@@ -119,9 +123,25 @@ def _train(args: argparse.Namespace) -> int:
     options.update(cache=not args.no_cache, feature_views=args.views)
     if str(args.devices).isdigit():
         options["devices"] = int(args.devices)
-    result = train(args.data, **options, _command=command)
+    with _resume_hint_on_interrupt(None):
+        result = train(args.data, **options, _command=command)
     print(result.run_dir)
     return 0
+
+
+@contextlib.contextmanager
+def _resume_hint_on_interrupt(run_dir: str | None) -> Iterator[None]:
+    """A Ctrl+C says how to continue the run (``run_dir``, else the one this process was training)."""
+    from ..training.fit import RUN_DIR_ENV
+    from ..workflow import resume_target
+
+    try:
+        yield
+    except KeyboardInterrupt:
+        target = resume_target(run_dir or os.environ.get(RUN_DIR_ENV))
+        if target is None:
+            raise
+        raise KeyboardInterrupt(f"continue with: transferkit train --resume {target}") from None
 
 
 def _lr_find_arguments(p: argparse.ArgumentParser) -> None:

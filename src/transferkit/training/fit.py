@@ -5,11 +5,14 @@ metrics.json, the report) is the caller's: :mod:`transferkit.workflow`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +62,20 @@ def quiet_lightning() -> None:
                     ".*is an invalid value.*", ".*Checkpoint directory.*exists and is not empty.*",
                     ".*tensorboardX.*", ".*in eval mode at the start of training.*", ".*Total length of `.*`.*"):  # fmt: skip
         warnings.filterwarnings("ignore", message=pattern)
+
+
+@contextlib.contextmanager
+def _interrupts_as_keyboard_interrupt(trainer: L.Trainer) -> Iterator[None]:
+    """Ctrl+C stays a KeyboardInterrupt: Lightning's graceful shutdown (the checkpoint callbacks' exception
+    hooks run) ends in ``sys.exit(1)`` with Ctrl+C ignored from then on, which would end a notebook's
+    kernel cell as an exit and the command silently with status 1."""
+    try:
+        yield
+    except SystemExit:
+        if not trainer.interrupted:
+            raise
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        raise KeyboardInterrupt from None
 
 
 def explicit_preprocessing_of(config: TrainConfig) -> Preprocessing | None:
@@ -204,7 +221,8 @@ def fit(
             f"{len(splits.train)} train / {len(splits.val)} val images · trainable {trainable:,} of {total:,} "
             f"parameters · precision {precision}" + (f" · resuming from {ckpt_path}" if ckpt_path else ""))  # fmt: skip
     to_fast_layout(model)
-    trainer.fit(learner, **loaders, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    with _interrupts_as_keyboard_interrupt(trainer):
+        trainer.fit(learner, **loaders, ckpt_path=str(ckpt_path) if ckpt_path else None)
     add_skipped(splits, learner.skipped_files | set(data.skipped if data else []))
     info = {
         "strategy": spec.name,
