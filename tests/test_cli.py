@@ -111,7 +111,9 @@ def test_every_command_has_help_with_an_example(command: str) -> None:
 def test_models_lists_and_marks_offline_weights() -> None:
     out = tk("models", "efficientnet_lite*").stdout.splitlines()
     assert "* efficientnet_lite0" in out
-    assert tk("models", "nothing-like-this*", check=False).returncode == 2
+    missed = tk("models", "timm/dinov2*", check=False)  # timm names them vit_*_dinov2
+    assert missed.returncode == 2 and "try transferkit models 'timm/*dinov2*'" in missed.stderr
+    assert "timm/vit_small_patch14_dinov2.lvd142m" in tk("models", "timm/*dinov2*").stdout
 
 
 def test_help_shows_defaults_and_closed_sets_are_checked_by_the_parser() -> None:

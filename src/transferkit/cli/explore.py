@@ -32,7 +32,9 @@ def _models(args: argparse.Namespace) -> int:
     if args.offline:
         rows = [row for row in rows if row[1]]
     if not rows:
-        raise TransferkitError(f"no backbone matches {args.pattern!r}; try transferkit models without a pattern")
+        wider = "timm/" * args.pattern.startswith("timm/") + f"*{args.pattern.removeprefix('timm/').strip('*')}*"
+        raise TransferkitError(f"no backbone matches {args.pattern!r} (a pattern matches whole names); try "
+                               f"transferkit models '{wider}', or no pattern")  # fmt: skip
     if args.json:
         print(json.dumps([{"name": name, "offline": offline} for name, offline in rows], indent=2))
     else:
