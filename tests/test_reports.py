@@ -296,6 +296,9 @@ def test_compare_prints_a_table_and_writes_a_page_with_a_plot(
     assert main(["compare", str(runs["feature-extract"]), "--out", str(tmp_path / "other.html")]) == 2
     assert "other_plot.png already exists" in capsys.readouterr().err
     assert (tmp_path / "other_plot.png").read_bytes() == b"mine" and not (tmp_path / "other.html").exists()
+    under_a_file = tmp_path / "other_plot.png" / "pages" / "c.html"  # a folder on the way is a file
+    assert main(["compare", str(runs["feature-extract"]), "--out", str(under_a_file)]) == 2
+    assert f"--out {under_a_file}: {tmp_path / 'other_plot.png'} is a file, not a folder" in capsys.readouterr().err
 
 
 def test_compare_names_runs_apart_when_their_folders_share_a_name(runs: dict[str, Path], tmp_path: Path) -> None:

@@ -73,7 +73,18 @@ def new_files(option: str, *paths: str | Path) -> list[Path]:
     for path in found:
         if path.exists():
             raise TransferkitError(f"{option} {path} already exists; choose another {option} or remove it")
+        _check_writable_folder(option, path)
     return found
+
+
+def _check_writable_folder(option: str, path: Path) -> None:
+    """Refuse, before the work that ``path`` is for, a path whose folder cannot be made or written."""
+    nearest = next(p for p in path.absolute().parents if p.exists() or p == p.parent)
+    if not nearest.is_dir():
+        raise TransferkitError(f"{option} {path}: {nearest} {is_not(nearest)}; choose another {option}")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise TransferkitError(f"{option} {path}: {nearest} is not writable; choose another {option} or change "
+                               f"the folder's permissions")  # fmt: skip
 
 
 def write_json(path: Path, obj: Any) -> None:
