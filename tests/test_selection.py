@@ -9,6 +9,7 @@ import pytest
 
 from transferkit import TransferkitError, train
 from transferkit.data import discover
+from transferkit.leaderboard import Trial
 from transferkit.selection import holdout_split, parse_budget
 
 TINY = {"model": "resnet18", "weights": "none", "image_size": 32, "epochs": 2, "batch_size": 8, "quiet": True}
@@ -97,15 +98,33 @@ def test_the_winner_takes_the_runs_weights_only_where_it_is_the_runs_own_model()
     own = {"model": "resnet18", "weights": "mine.pth", "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
     selection = Selection(60, 10, 4, own_model=own, winner=Trial("resnet18", "linear-probe", layer="layer3"))
     assert selection.winner_options() == {"model": "resnet18", "strategy": "linear-probe", "layer": "layer3",
-                                          "weights": "mine.pth", "mean": [0.5] * 3, "std": [0.25] * 3}  # fmt: skip
+                                          "unfreeze": None, "weights": "mine.pth", "mean": [0.5] * 3,
+                                          "std": [0.25] * 3}  # fmt: skip
     assert selection.command("d") == ("transferkit train d --model resnet18 --strategy linear-probe --layer layer3 "
                                       "--weights mine.pth --mean 0.5,0.5,0.5 --std 0.25,0.25,0.25")  # fmt: skip
     selection.winner = Trial("efficientnet_lite0", "feature-extract")  # another backbone: its own default weights
     assert selection.winner_options() == {"model": "efficientnet_lite0", "strategy": "feature-extract",
-                                          "weights": "DEFAULT", "mean": None, "std": None}  # fmt: skip
+                                          "layer": None, "unfreeze": None, "weights": "DEFAULT", "mean": None,
+                                          "std": None}  # fmt: skip
     assert selection.command("d") == "transferkit train d --model efficientnet_lite0 --strategy feature-extract"
     selection.image_size = 64  # every candidate's: the command keeps it whoever wins
     assert selection.command("d").endswith("--strategy feature-extract --image-size 64")
+
+
+def test_a_layer_given_to_auto_is_one_more_probe_and_not_the_winners_unless_it_wins(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
+    # The trainable candidates once inherited --layer (refused for them: the whole search failed), and a
+    # winner without a layer of its own kept the one given.
+    result = train(tiny_dataset, strategy="auto", layer="layer2", budget="60s", models=["resnet18"],
+                   out=str(tmp_path / "run"), **TINY)  # fmt: skip
+    board = result.metrics["selection"]["leaderboard"]
+    assert {t["strategy"] for t in board if t["status"] == "done"} >= {"linear-probe", "fine-tune", "full"}
+    assert [t["status"] for t in board] == ["done"] * len(board)
+    config = json.loads((result.run_dir / "config.json").read_text())
+    winner = board[0]
+    assert config["layer"] == (winner["layer"] if winner["layer"] != "head-input" else None)
+    assert Trial("resnet18", "linear-probe", layer="head-input").options()["layer"] is None
 
 
 def test_an_interrupted_search_resumes_from_its_measured_trials(

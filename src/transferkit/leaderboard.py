@@ -32,12 +32,11 @@ class Trial:
 
     def options(self) -> dict[str, Any]:
         """The TrainConfig fields that reproduce this candidate."""
-        chosen: dict[str, Any] = {"model": self.backbone, "strategy": self.strategy}
-        if self.layer and self.layer != "head-input":  # the penultimate features are linear-probe's default
-            chosen["layer"] = self.layer
-        if self.unfreeze:
-            chosen["unfreeze"] = self.unfreeze
-        return chosen
+        # Every strategy field, None where the candidate has none: what the user gave --strategy auto
+        # (a --layer, an --unfreeze) must not stay behind in the winner's configuration.
+        return {"model": self.backbone, "strategy": self.strategy,
+                "layer": self.layer if self.layer != "head-input" else None,  # linear-probe's default layer
+                "unfreeze": self.unfreeze or None}  # fmt: skip
 
 
 @dataclass

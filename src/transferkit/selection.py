@@ -278,9 +278,10 @@ class Search:
     def _train_trial(self, trial: Trial, options: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         lr = self.config.lr if self.config.lr != "auto" else 1e-3  # the LR finder runs for the winner only
-        cfg = TrainConfig(**{**self.config.to_dict(), **options, "model": trial.backbone, "epochs": trial.epochs,
-                             "lr": lr, "budget": None, "models": None, "quiet": True, "out": None,
-                             "resolved_from": {k: v for k, v in self.config.resolved_from.items() if k == "balance"}})  # fmt: skip
+        balance = {k: v for k, v in self.config.resolved_from.items() if k == "balance"}
+        cfg = TrainConfig(**{**self.config.to_dict(), "layer": None, **options, "model": trial.backbone,
+                             "epochs": trial.epochs, "lr": lr, "budget": None, "models": None, "quiet": True,
+                             "out": None, "resolved_from": balance})  # fmt: skip
         trial_splits = ImageFolderSplits(self.splits.root, self.splits.class_names, self.learn, self.holdout)
         try:
             model = self._model(trial.backbone, cfg)
