@@ -85,6 +85,10 @@ def test_existing_run_directory_is_never_overwritten(trained_run: Path, tiny_dat
         (["train", "{data}", "--scheduler", "step", "--step-size", "0"], "--step-size must be at least 1, got 0"),
         (["train", "--resume", "{data}", "--epochs", "30"], "with its own configuration: leave out --epochs"),
         (["train", "{data}", "--resume", "{data}", "--no-cache"], "leave out DATA, --no-cache"),
+        (["train", "{data}", "--unfreeze", "2"], "--unfreeze applies to --strategy fine-tune, gradual or auto; "
+                                                  "--strategy feature-extract would ignore it"),
+        (["train", "{data}", "--optimizer", "adam", "--momentum", "0.5"], "--momentum applies to --optimizer sgd"),
+        (["train", "{data}", "--gamma", "0.5"], "--gamma applies to --scheduler step; --scheduler cosine would"),
     ],
 )
 def test_bad_input_is_a_one_line_error(tiny_dataset: Path, args: list[str], message: str) -> None:

@@ -91,15 +91,42 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                    "(default: none; mlflow: RUNS/mlflow.db; wandb: offline without a key)")
 
 
-def _given_besides_resume(args: argparse.Namespace) -> list[str]:
-    """DATA and the options given with ``--resume`` (by their flags), which it would not use."""
+def _given(args: argparse.Namespace, baseline: list[str]) -> list[str]:
+    """The options (by their flags, DATA as DATA) whose values differ from those of ``train BASELINE``."""
     train = COMMANDS[0]
     parser = argparse.ArgumentParser(parents=[make() for make in train.parents], add_help=False)
     train.add_arguments(parser)
-    defaults = parser.parse_args(["--resume", args.resume])
+    defaults = parser.parse_args(baseline)
     return [action.option_strings[0] if action.option_strings else action.dest.upper()
             for action in parser._actions  # argparse's list of them: the flags of each destination
             if getattr(args, action.dest, None) != getattr(defaults, action.dest, None)]  # fmt: skip
+
+
+# Options that one setting alone reads: given with another, they would change nothing.
+READ_ONLY_WITH = {
+    "--unfreeze": ("--strategy", ("fine-tune", "gradual", "auto")),
+    "--unfreeze-every": ("--strategy", ("gradual", "auto")),
+    "--unfreeze-at": ("--strategy", ("gradual", "auto")),
+    "--classifier": ("--strategy", ("linear-probe", "auto")),
+    "--views": ("--strategy", ("feature-extract", "auto")),
+    "--momentum": ("--optimizer", ("sgd",)),
+    "--step-size": ("--scheduler", ("step",)),
+    "--gamma": ("--scheduler", ("step",)),
+}
+
+
+def _check_options_are_read(args: argparse.Namespace) -> None:
+    """An option the chosen strategy, optimizer or scheduler would ignore is an error, not a quiet no-op."""
+    from .. import TransferkitError
+
+    for flag in _given(args, [args.data]):
+        if flag in READ_ONLY_WITH:
+            setting, values = READ_ONLY_WITH[flag]
+            value = getattr(args, setting.removeprefix("--"))
+            if value not in values:
+                named = ", ".join(values[:-1]) + " or " * (len(values) > 1) + values[-1]
+                raise TransferkitError(f"{flag} applies to {setting} {named}; {setting} {value} "
+                                       f"would ignore it: leave it out or change {setting}")  # fmt: skip
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -109,7 +136,7 @@ def _train(args: argparse.Namespace) -> int:
 
     command = " ".join(["transferkit", *sys.argv[1:]])
     if args.resume:
-        besides = _given_besides_resume(args)
+        besides = _given(args, ["--resume", args.resume])
         if besides:
             raise TransferkitError(f"--resume continues {args.resume} with its own configuration: leave out "
                                    f"{', '.join(besides)} (to change them, start a new run)")  # fmt: skip
@@ -118,6 +145,7 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     if not args.data:
         raise TransferkitError("train needs DATA (an image folder), or --resume RUN_DIR")
+    _check_options_are_read(args)
     # Options are named as TrainConfig's fields; the two negative/short flags are translated.
     options = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "data" and hasattr(args, f.name)}
     options.update(cache=not args.no_cache, feature_views=args.views)
