@@ -109,6 +109,7 @@ READ_ONLY_WITH = {
     "--unfreeze-at": ("--strategy", ("gradual", "auto")),
     "--classifier": ("--strategy", ("linear-probe", "auto")),
     "--views": ("--strategy", ("feature-extract", "auto")),
+    "--head": ("--strategy", ("feature-extract", "fine-tune", "full", "gradual", "auto")),  # a probe is scikit-learn's
     "--momentum": ("--optimizer", ("sgd",)),
     "--step-size": ("--scheduler", ("step",)),
     "--gamma": ("--scheduler", ("step",)),
