@@ -235,3 +235,13 @@ def test_ctrl_c_is_a_keyboard_interrupt_and_the_run_says_how_to_continue(tiny_da
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Lightning had left Ctrl+C ignored
     assert resume_target(run) == run and resume_target(tmp_path) is None
     assert resume_training(run).metrics["epochs_run"] == 3
+
+
+def test_inception_trained_below_its_auxiliary_classifiers_input_size_is_an_error_before_the_run(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
+    options = {**TINY, "model": "inception_v3", "image_size": 75, "strategy": "fine-tune", "unfreeze": 1}
+    with pytest.raises(TransferkitError, match="--image-size 75: inception_v3's auxiliary classifier trains on "
+                                               "inputs of at least 299 pixels"):  # fmt: skip
+        train(tiny_dataset, epochs=1, out=str(tmp_path / "run"), **options)  # was a pooling error in the first step
+    assert not (tmp_path / "run").exists()

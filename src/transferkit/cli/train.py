@@ -111,6 +111,7 @@ READ_ONLY_WITH = {
     "--views": ("--strategy", ("feature-extract", "auto")),
     "--head": ("--strategy", ("feature-extract", "fine-tune", "full", "gradual", "auto")),  # a probe is scikit-learn's
     "--momentum": ("--optimizer", ("sgd",)),
+    "--aux-weight": ("--model", ("inception_v3",)),  # the one backbone trained with an auxiliary classifier
     "--step-size": ("--scheduler", ("step",)),
     "--gamma": ("--scheduler", ("step",)),
 }

@@ -94,7 +94,22 @@ def model_and_strategy(config: TrainConfig, splits: ImageFolderSplits) -> tuple[
     spec = config.strategy_spec()
     apply_strategy(model, spec, epoch=0)
     param_groups(model, spec)  # validates --group-lr before anything is written
+    _check_auxiliary_input_size(model, spec)
     return model, spec
+
+
+# Inception v3's auxiliary classifier pools a 5x5 window of 3 from Mixed_6e's map, then convolves it
+# 5x5: below 299-pixel inputs that map is too small, and the first training step would fail.
+AUXILIARY_MIN_IMAGE_SIZE = 299
+
+
+def _check_auxiliary_input_size(model: TransferModel, spec: StrategySpec) -> None:
+    has_auxiliary = getattr(model.net, "aux_logits", False) and getattr(model.net, "AuxLogits", None) is not None
+    size = model.preprocessing.image_size
+    if has_auxiliary and spec.name in ("fine-tune", "full", "gradual") and size < AUXILIARY_MIN_IMAGE_SIZE:
+        raise TransferkitError(f"--image-size {size}: {model.record.backbone}'s auxiliary classifier trains on inputs "
+                               f"of at least {AUXILIARY_MIN_IMAGE_SIZE} pixels; give --image-size "
+                               f"{AUXILIARY_MIN_IMAGE_SIZE} or more, or --strategy feature-extract")  # fmt: skip
 
 
 def training_device(config: TrainConfig) -> torch.device:
