@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from transferkit import ModelRecord, TransferModel, load_backbone, load_checkpoint
+from transferkit import ModelRecord, TransferkitError, TransferModel, load_backbone, load_checkpoint
 from transferkit.backbones import get_module, resolve_weights
 from transferkit.backbones.weights import FileWeights, NoWeights, PackageWeights, TimmHubWeights, TorchvisionWeights
 
@@ -66,6 +66,23 @@ def test_headless_and_distilled_timm_models_round_trip_through_a_checkpoint(name
     with torch.no_grad():
         assert torch.equal(model.eval()(x), again(x)) and again(x).shape == (3, 2)
     assert again.record.groups == model.record.groups and "blocks.0-2" in [g.name for g in again.groups]
+
+
+@pytest.mark.parametrize(("name", "size"), [("timm/vit_small_patch14_dinov2", 28), ("vit_b_16", 32)])
+def test_a_vit_is_built_for_the_image_size_asked_for(name: str, size: int, tmp_path: Path) -> None:
+    """--image-size for a ViT (DINOv2 is built for 518 pixels) sizes its position embeddings, which the
+    checkpoint rebuilds; before, the first forward failed on the size."""
+    from transferkit import save_checkpoint
+    from transferkit.backbones import explicit_preprocessing
+
+    prep = explicit_preprocessing(name, image_size=size)
+    model = TransferModel(load_backbone(name, weights="none", preprocessing=prep), ["a", "b"]).eval()
+    x = torch.randn(2, 3, size, size)
+    save_checkpoint(model, tmp_path / "model.pt")
+    with torch.no_grad():
+        assert torch.equal(model(x), load_checkpoint(tmp_path / "model.pt")(x))
+    with pytest.raises(TransferkitError, match="--image-size 32: torchvision's vit_b_16 weights are for 224-pixel"):
+        load_backbone("vit_b_16", "DEFAULT", preprocessing=explicit_preprocessing("vit_b_16", image_size=32))
 
 
 @pytest.mark.parametrize("name", ["resnet18", "timm/vit_tiny_patch16_224"])

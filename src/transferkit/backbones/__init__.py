@@ -88,6 +88,8 @@ def load_backbone(
     resolved = resolve_weights(name, weights)
     if model_kwargs and not isinstance(resolved, NoWeights):
         raise TransferkitError("model_kwargs change the architecture and are only allowed with weights='none'")
+    if preprocessing is not None:  # a ViT built for one input size is built for the one asked for
+        model_kwargs = {**source.input_size_kwargs(name, preprocessing.image_size), **(model_kwargs or {})} or None
     model, kwargs = source.build(name, resolved, model_kwargs)
     classifier_path, extra = source.classifier_paths(model, name)
     default_prep = source.preprocessing(name, resolved)

@@ -70,6 +70,14 @@ class TimmSource:
     def architecture(self, name: str, model_kwargs: dict[str, Any] | None = None) -> nn.Module:
         return _timm().create_model(self.arch(name), pretrained=False, **dict(model_kwargs or {}))
 
+    def input_size_kwargs(self, name: str, image_size: int) -> dict[str, Any]:
+        """``img_size`` where timm builds ``name`` for one input size only (ViTs: DINOv2 at 518, SigLIP,
+        EVA): timm then makes its position embeddings for that size, resampling pretrained ones."""
+        cfg = _timm().models.get_pretrained_cfg(self.arch(name))
+        if cfg is None or not cfg.fixed_input_size or image_size == cfg.input_size[-1]:
+            return {}
+        return {"img_size": image_size}
+
     def build(self, name: str, weights: WeightsSource, model_kwargs: dict[str, Any] | None) -> tuple[nn.Module, dict]:
         kwargs = dict(model_kwargs or {})
         if not isinstance(weights, TimmHubWeights):

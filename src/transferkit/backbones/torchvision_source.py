@@ -26,6 +26,21 @@ _POOL_TYPES = (nn.MaxPool2d, nn.AvgPool2d)
 _AUX_FAMILIES = {"inception_v3": True, "googlenet": False}
 
 
+VIT_IMAGE_SIZE = 224  # what torchvision builds a VisionTransformer for unless told otherwise
+
+
+def _weights_size(name: str, weights: TorchvisionWeights, model_kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``model_kwargs`` without an ``image_size`` the weights have already; another is a one-line error."""
+    kwargs = dict(model_kwargs or {})
+    size = kwargs.pop("image_size", None)
+    own = int(weights.enum.transforms().crop_size[0])
+    if size is not None and size != own:
+        raise TransferkitError(f"--image-size {size}: torchvision's {name} weights are for {own}-pixel inputs (its "
+                               f"position embeddings); leave out --image-size, or use a timm ViT (transferkit "
+                               f"models 'timm/vit_*'), which resamples them, or --weights none")  # fmt: skip
+    return kwargs or None
+
+
 class TorchvisionSource:
     label = "torchvision"
 
@@ -44,6 +59,10 @@ class TorchvisionSource:
             raise TransferkitError(f"unknown weights {weights.name!r} for {name}; choose one of: {options}") from None
         return TorchvisionWeights(member, weights.name)
 
+    def input_size_kwargs(self, name: str, image_size: int) -> dict[str, Any]:
+        """``image_size`` for a ViT, which torchvision builds for one input size (its position embeddings)."""
+        return {"image_size": image_size} if name.startswith("vit_") and image_size != VIT_IMAGE_SIZE else {}
+
     def architecture(self, name: str, model_kwargs: dict[str, Any] | None = None) -> nn.Module:
         kwargs = dict(model_kwargs or {})
         if name in _AUX_FAMILIES:
@@ -53,6 +72,7 @@ class TorchvisionSource:
 
     def build(self, name: str, weights: WeightsSource, model_kwargs: dict[str, Any] | None) -> tuple[nn.Module, dict]:
         if isinstance(weights, TorchvisionWeights):
+            model_kwargs = _weights_size(name, weights, model_kwargs)
             model = _download(name, weights.enum)
             # A checkpoint rebuilt later must have the same graph as these weights imply.
             if name == "googlenet":
