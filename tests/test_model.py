@@ -100,3 +100,12 @@ def test_a_checkpoint_loads_without_drawing_weights_it_replaces(name: str, tmp_p
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
     assert torch.nn.init.kaiming_uniform_.__name__ == "kaiming_uniform_"  # the initialisers are back
+
+
+def test_an_image_size_the_architecture_cannot_run_is_a_one_line_error_at_load() -> None:
+    from transferkit.backbones import explicit_preprocessing
+
+    prep = explicit_preprocessing("maxvit_t", image_size=32)  # its 7x7 windows tile multiples of 224
+    with pytest.raises(TransferkitError, match="--image-size 32: maxvit_t does not run on 32-pixel inputs "
+                                               r"\(RuntimeError\); give its own size, 224"):  # fmt: skip
+        load_backbone("maxvit_t", "none", preprocessing=prep)  # was a reshape error at the first batch

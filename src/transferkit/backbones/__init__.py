@@ -101,6 +101,8 @@ def load_backbone(
                 f"mean={default_prep.mean} std={default_prep.std} (pass mean/std if the file expects others)",
                 stacklevel=2,
             )
+    if preprocessing is not None and preprocessing.image_size != default_prep.image_size:
+        _check_runs_at(model, name, preprocessing.image_size, default_prep.image_size)
     head_paths = (classifier_path, *extra)
     groups = with_leftovers(model, [*source.layer_groups(model, head_paths), LayerGroup("head", head_paths)])
     return Backbone(
@@ -115,6 +117,22 @@ def load_backbone(
         extra_head_paths=extra,
         source=source.label,
     )
+
+
+def _check_runs_at(model: nn.Module, name: str, size: int, own: int) -> None:
+    """One forward of a blank image at ``--image-size``: some architectures take only some sizes (MaxViT's
+    7x7 windows want multiples of 224), and their own errors would come at the first batch, as a traceback."""
+    import torch
+
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, size, size))
+    except Exception as exc:  # each architecture fails in its own words
+        raise TransferkitError(f"--image-size {size}: {name} does not run on {size}-pixel inputs "
+                               f"({type(exc).__name__}); give its own size, {own}, or another") from None  # fmt: skip
+    finally:
+        model.train(was_training)
 
 
 def default_preprocessing(name: str) -> Preprocessing:
