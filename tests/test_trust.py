@@ -162,6 +162,11 @@ def test_k_fold_training_reports_mean_and_std_and_predicts_with_the_ensemble(tin
                        for m_ in members) / 3  # fmt: skip
             assert p["probability"] == pytest.approx(mean, abs=1e-5)
     assert evaluate(result.run_dir, tiny_dataset / "val").num_images == 8
+    from transferkit import TransferkitError, export
+
+    with pytest.raises(TransferkitError, match=r"is a k-fold run \(an ensemble of 3 models, no model.pt of its own\); "
+                                               r"give one of its folds, e.g. .*fold-1"):  # fmt: skip
+        export(result.run_dir)  # said 'holds no model.pt; is it a finished transferkit run directory?'
 
 
 def test_an_interrupted_k_fold_run_resumes_its_unfinished_fold_and_keeps_its_finished_ones(
