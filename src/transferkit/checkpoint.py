@@ -79,8 +79,10 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
             folds = fold_dirs(p.parent)
             if folds:  # what predict, evaluate and serve take whole, as an ensemble
                 raise TransferkitError(f"{p.parent} is a k-fold run (an ensemble of {len(folds)} models, no "
-                                       f"{CHECKPOINT_NAME} of its own); give one of its folds, e.g. {folds[0]}")  # fmt: skip
-            raise TransferkitError(f"{p.parent} holds no {CHECKPOINT_NAME}; is it a finished transferkit run directory?")
+                                       f"{CHECKPOINT_NAME} of its own); give one of its folds, "
+                                       f"e.g. {folds[0]}")  # fmt: skip
+            raise TransferkitError(f"{p.parent} holds no {CHECKPOINT_NAME}; is it a finished transferkit run "
+                                   f"directory?")  # fmt: skip
     elif not p.is_file():
         raise TransferkitError(f"{p} does not exist; give a run directory or its {CHECKPOINT_NAME}")
     return p
