@@ -196,7 +196,8 @@ def test_predict_explain_refuses_a_used_folder_and_an_onnx_file_before_predictin
     assert f"--explain {used} already exists and is not empty; choose another --explain or remove it" in err.err
     assert err.out == "" and sorted(p.name for p in used.iterdir()) == ["notes.txt"]
     assert cli_main(["predict", str(run), image, "--explain", str(used / "notes.txt")]) == 2
-    assert f"--explain {used / 'notes.txt'} is a file, not a folder; choose another --explain" in capsys.readouterr().err
+    notes = used / "notes.txt"
+    assert f"--explain {notes} is a file, not a folder; choose another --explain" in capsys.readouterr().err
     assert cli_main(["predict", str(run / "model.onnx"), image, "--explain", str(tmp_path / "new")]) == 2
     assert "is an ONNX export: Grad-CAM needs the network's gradients" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()

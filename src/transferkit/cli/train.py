@@ -109,7 +109,7 @@ READ_ONLY_WITH = {
     "--unfreeze-at": ("--strategy", ("gradual", "auto")),
     "--classifier": ("--strategy", ("linear-probe", "auto")),
     "--views": ("--strategy", ("feature-extract", "auto")),
-    "--head": ("--strategy", ("feature-extract", "fine-tune", "full", "gradual", "auto")),  # a probe is scikit-learn's
+    "--head": ("--strategy", ("feature-extract", "fine-tune", "full", "gradual", "auto")),  # not a probe: scikit-learn
     "--momentum": ("--optimizer", ("sgd",)),
     "--aux-weight": ("--model", ("inception_v3",)),  # the one backbone trained with an auxiliary classifier
     "--step-size": ("--scheduler", ("step",)),
