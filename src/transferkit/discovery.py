@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import random
 import shlex
-import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,10 +25,11 @@ import_torchvision()  # first: torchvision without dynamo's start-up cost
 from torchvision.datasets.folder import IMG_EXTENSIONS  # noqa: E402
 
 from .errors import TransferkitError  # noqa: E402
+from .exclusion import exclude_key, read_exclude_list, warn_names_none  # noqa: E402,F401  (re-exported)
 from .files import is_not  # noqa: E402
 from .image_files import MAX_IMAGE_PIXELS, image_file_problem  # noqa: E402,F401  (re-exported)
 from .label_tables import LabelColumns, LabelRow, LabelTable, read_label_table, warn_skipped  # noqa: E402
-from .shards import is_packed_image, is_packed_source, is_url, packed_samples, packed_split  # noqa: E402
+from .shards import is_packed_source, packed_samples, packed_split  # noqa: E402
 
 # torchvision's ImageFolder extensions, and GIF (its first frame), which PIL reads and torchvision does not list.
 IMAGE_EXTENSIONS = (*IMG_EXTENSIONS, ".gif")
@@ -235,10 +235,10 @@ def every_image(data: str | Path, options: Mapping[str, Any] | None = None) -> L
     if get("exclude") is not None:
         source = Path(get("exclude")).expanduser()
         excluded = read_exclude_list(source)
-        kept = [i for i, (path, _) in enumerate(found.samples) if _exclude_key(path) not in excluded]
+        kept = [i for i, (path, _) in enumerate(found.samples) if exclude_key(path) not in excluded]
         found.excluded = len(found.samples) - len(kept)
         if excluded and not found.excluded:
-            _warn_names_none(source, len(found.samples), found.root)
+            warn_names_none(source, len(found.samples), found.root)
         if found.samples and not kept:
             raise TransferkitError(f"--exclude {source} leaves no images; exclude fewer images")
         found.samples, found.splits = [found.samples[i] for i in kept], [found.splits[i] for i in kept]
@@ -350,34 +350,19 @@ def _table_samples(table: LabelTable) -> list[Sample]:
     return [sample(row) for row in table.rows]
 
 
-def read_exclude_list(path: str | Path) -> set[str]:
-    """The files named in an exclude list (``transferkit inspect``'s suspects.txt): one path a line,
-    absolute or relative to the list's folder; blank lines and ``#`` comments ignored."""
-    source = Path(path).expanduser()
-    if not source.is_file():
-        raise TransferkitError(f"--exclude {source} does not exist; give a file listing one image path per line")
-    lines = [line.strip() for line in source.read_text(encoding="utf-8").splitlines()]
-    return {_exclude_key(line, source.parent) for line in lines if line and not line.startswith("#")}
-
-
-def _exclude_key(path: str, folder: Path = Path()) -> str:
-    """How an image is matched against an exclude list: a packed image by its name, a file by its resolved path."""
-    return path if is_packed_image(path) or is_url(path) else str((folder / path).resolve())
-
-
 def _exclude(splits: ImageFolderSplits, excluded: set[str], source: Path) -> None:
     """Leave out the images of the list at ``source``; an error where that leaves a split, or a class its
     training images, empty (the data itself would have been refused so), a warning where it names none."""
 
     def kept(samples: list[Sample] | None) -> list[Sample] | None:
-        return None if samples is None else [s for s in samples if _exclude_key(s[0]) not in excluded]
+        return None if samples is None else [s for s in samples if exclude_key(s[0]) not in excluded]
 
     trained = {i for _, label in splits.train for i in label_indices(label)}
     before = len(splits.train) + len(splits.val) + len(splits.test or [])
     splits.train, splits.val, splits.test = kept(splits.train), kept(splits.val), kept(splits.test)  # type: ignore[assignment]
     splits.excluded = before - len(splits.train) - len(splits.val) - len(splits.test or [])
     if excluded and not splits.excluded:
-        _warn_names_none(source, before, splits.root)
+        warn_names_none(source, before, splits.root)
     for name, samples in (("training", splits.train), ("validation", splits.val)):
         if before and not samples:
             raise TransferkitError(f"--exclude {source} leaves no {name} images; exclude fewer images")
@@ -386,11 +371,6 @@ def _exclude(splits: ImageFolderSplits, excluded: set[str], source: Path) -> Non
         names = ", ".join(splits.class_names[i] for i in lost)
         raise TransferkitError(f"--exclude {source} leaves class(es) {names} without training images; keep some of "
                                f"them, or remove the class from the data")  # fmt: skip
-
-
-def _warn_names_none(source: Path, images: int, root: Path) -> None:
-    warnings.warn(f"--exclude {source} names none of the {images} images of {root}; was it written for other data?",
-                  stacklevel=4)  # fmt: skip
 
 
 def shuffled_by_class(items: Sequence[T], label: Callable[[T], int], seed: int) -> list[list[T]]:
