@@ -73,11 +73,11 @@ def new_files(option: str, *paths: str | Path) -> list[Path]:
     for path in found:
         if path.exists():
             raise TransferkitError(f"{option} {path} already exists; choose another {option} or remove it")
-        _check_writable_folder(option, path)
+        check_writable_folder(option, path)
     return found
 
 
-def _check_writable_folder(option: str, path: Path) -> None:
+def check_writable_folder(option: str, path: Path) -> None:
     """Refuse, before the work that ``path`` is for, a path whose folder cannot be made or written."""
     nearest = next(p for p in path.absolute().parents if p.exists() or p == p.parent)
     if not nearest.is_dir():

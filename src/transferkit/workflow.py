@@ -30,7 +30,7 @@ from .calibration import calibration_summary, fit_temperature, logits_of
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from .data import ImageFolderSplits, Sample, discover_for
 from .errors import TransferkitError
-from .files import write_json
+from .files import check_writable_folder, write_json
 from .inference import Evaluation, evaluate_cached_features, evaluate_samples
 from .model import TransferModel
 from .multilabel import targets_of, tune_thresholds
@@ -67,6 +67,8 @@ def run_training(config: TrainConfig, command: str | None = None, callbacks: lis
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not config.out:
         raise TransferkitError("a multi-process launch (torchrun, SLURM) needs --out RUN_DIR, so every rank finds the run")
     check_launch(config)
+    if config.out:  # before the images are read and any search or training is done
+        check_writable_folder("--out", Path(config.out).expanduser())
     L.seed_everything(config.seed, workers=True, verbose=False)
     splits = discover_for(config)
     if config.folds:
@@ -267,6 +269,7 @@ def create_run_dir(config: TrainConfig) -> Path:
     """A new run directory; an existing one is never reused (that would overwrite a run)."""
     if config.out:
         run_dir = Path(config.out).expanduser()
+        check_writable_folder("--out", run_dir)
         if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
             raise TransferkitError(
                 f"run directory {run_dir} already exists; choose another --out or remove it (runs are never overwritten)"
