@@ -269,7 +269,6 @@ def create_run_dir(config: TrainConfig) -> Path:
     """A new run directory; an existing one is never reused (that would overwrite a run)."""
     if config.out:
         run_dir = Path(config.out).expanduser()
-        check_writable_folder("--out", run_dir)
         if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
             raise TransferkitError(
                 f"run directory {run_dir} already exists; choose another --out or remove it (runs are never overwritten)"
