@@ -50,6 +50,8 @@ def test_heatmaps_lie_on_the_evaluation_view_at_the_models_input_size(tiny_datas
         probabilities = model.probabilities(model(torch.stack([view])))[0]
     assert found[0].class_index == int(probabilities.argmax()) and found[0].label == model.class_names[found[0].class_index]
     assert found[0].probability == pytest.approx(float(probabilities.max()), abs=1e-5)
+    for one in (files[0], Path(files[0])):  # one file, as predict takes one
+        assert [(e.path, e.class_index) for e in explain(model, one)] == [(files[0], found[0].class_index)]
     # A given class, by name or index, is the one explained; its heatmap is its own, not the predicted one's.
     other = 1 - found[0].class_index
     named = explain(model, files[:1], target=model.class_names[other])[0]

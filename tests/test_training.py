@@ -188,6 +188,9 @@ def test_a_frozen_backbone_run_writes_the_best_head_into_model_pt_without_rewrit
         ({"image_size": -5}, "--image-size must be at least 1 pixel, got -5"),
         ({"folds": 0}, "--folds 0: give at least 2"),
         ({"seed": -1}, "--seed must be from 0 to 4294967295"),
+        ({"batch_size": "8"}, "--batch-size must be a whole number, got '8'"),  # from Python, as a notebook may
+        ({"feature_views": 2.0}, "--views must be a whole number, got 2.0"),
+        ({"momentum": "0.9"}, "--momentum must be a number, got '0.9'"),
     ],
 )
 def test_options_torch_or_lightning_would_refuse_are_errors_before_the_run_directory(

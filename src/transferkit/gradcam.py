@@ -64,7 +64,7 @@ class Explanation:
 
 def explain(
     model: TransferModel | str | Path,
-    images: Sequence[str | Path] | torch.Tensor,
+    images: Sequence[str | Path] | str | Path | torch.Tensor,
     target: int | str | Sequence[int | str] | None = None,
     batch_size: int = 16,
     precision: str | None = None,
@@ -72,7 +72,7 @@ def explain(
     """Grad-CAM of each image for ``target`` (a class index or name, one per image, or None: the predicted class).
 
     ``model`` is a :class:`TransferModel` or a run directory (not an ONNX export: Grad-CAM needs the
-    network's gradients). ``images`` are files (evaluation view, as ``predict`` sees them) or a batch
+    network's gradients). ``images`` are files (or one; evaluation view, as ``predict`` sees them) or a batch
     already preprocessed ``N × 3 × H × W``. Runs in eval mode; no parameter gets a gradient; a CNN
     is left in channels_last memory layout, as ``predict`` leaves it (the same weights, faster).
     ``precision`` as ``predict``'s: by default the run's own, so the class explained is the one
@@ -83,11 +83,13 @@ def explain(
 
 
 def _explanations(
-    model: TransferModel, images: Sequence[str | Path] | torch.Tensor,
+    model: TransferModel, images: Sequence[str | Path] | str | Path | torch.Tensor,
     target: int | str | Sequence[int | str] | None, batch_size: int, precision: str | None = None,
 ) -> Iterator[Explanation]:  # fmt: skip
     """:func:`explain`'s, a batch at a time: files are decoded as their batch comes, not all at once."""
     given = isinstance(images, torch.Tensor)
+    if isinstance(images, (str, Path)):  # one file, as predict takes one (not its characters, one by one)
+        images = [images]
     paths: list[str | None] = [None] * len(images) if given else [str(p) for p in images]
     if not paths:
         return

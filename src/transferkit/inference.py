@@ -330,6 +330,8 @@ def collect_images(paths: list[str | Path]) -> list[str]:
             found.append(str(p))
         else:
             raise TransferkitError(f"{p} {is_not(p)}; give image files or folders")
+    if not paths:
+        raise TransferkitError("no images given; give image files or folders")
     if not found:
         raise TransferkitError(f"no image files found in {', '.join(map(str, paths))}")
     return found
@@ -362,6 +364,8 @@ def predict(
     there (eager bf16 is faster where the CPU has it), provided an export exists or there are at
     least 256 images; its forward is 1.3-1.8x eager PyTorch's on a CPU (benchmarks/throughput.py).
     """
+    if top_k < 1:
+        raise TransferkitError(f"--top-k must be at least 1, got {top_k}")
     files = collect_images([paths] if isinstance(paths, (str, Path)) else list(paths))
     runner = runner_for(run, runtime, len(files), precision, compile, calibrated, tta)
     result = predict_samples(runner, files, batch_size, num_workers)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,11 @@ def _valid_devices(devices: int | str) -> bool:
     if text.isdigit():
         return int(text) >= 1
     return "," in text and all(part.strip().isdigit() for part in text.split(",") if part.strip())
+
+
+WHOLE_NUMBER_FIELDS = ("epochs", "unfreeze_every", "step_size", "batch_size", "folds", "seed", "num_nodes",
+                       "patience", "feature_views", "num_workers", "image_size")  # fmt: skip
+REAL_NUMBER_FIELDS = ("head_dropout", "lr_decay", "aux_weight", "momentum", "weight_decay", "gamma", "val_split")
 
 
 @dataclass
@@ -93,6 +99,7 @@ class TrainConfig:
     loggers: tuple[str, ...] = ()  # --logger: tensorboard, csv, mlflow, wandb; () = none
 
     def __post_init__(self) -> None:
+        self._check_number_types()
         if self.calibration not in ("temperature", "none"):
             raise TransferkitError(f"unknown --calibration {self.calibration!r}; choose temperature or none")
         # Strategy options are parsed and checked by StrategySpec alone; the config keeps their JSON form.
@@ -133,6 +140,21 @@ class TrainConfig:
                 raise TransferkitError(f"--lr must be a number or auto, got {self.lr!r}") from None
             if not self.lr > 0:
                 raise TransferkitError("--lr must be positive")
+
+    def _check_number_types(self) -> None:
+        """From Python, ``epochs="3"`` is named here, not failing a comparison in the checks below."""
+        for name in WHOLE_NUMBER_FIELDS:
+            self._check_number_type(name, Integral, "a whole number")
+        for name in REAL_NUMBER_FIELDS:
+            self._check_number_type(name, Real, "a number")
+
+    def _check_number_type(self, name: str, kind: type, words: str) -> None:
+        value = getattr(self, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+            option = "--views" if name == "feature_views" else "--" + name.replace("_", "-")
+            raise TransferkitError(f"{option} must be {words}, got {value!r}")
+        if value is not None:  # NumPy's numbers as Python's, for config.json
+            setattr(self, name, int(value) if isinstance(value, Integral) else float(value))
 
     def _check_ranges(self) -> None:
         """Numbers and names that torch or Lightning would refuse with a traceback once the run has begun."""
