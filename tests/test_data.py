@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -144,3 +145,31 @@ def test_the_demo_digits_are_written_whole_or_not_at_all(tmp_path: Path) -> None
     root = write_digits_folder(tmp_path / "digits", per_class=2, size=8)
     assert sorted(p.name for p in (root / "train").iterdir()) == [str(d) for d in range(10)]
     assert len(list(root.rglob("*.png"))) == 30 and [p.name for p in tmp_path.iterdir()] == ["digits"]
+
+
+def test_the_demo_checks_its_options_before_writing_the_digits(tmp_path: Path) -> None:
+    from transferkit.demo import run_demo
+
+    with pytest.raises(TransferkitError, match="--epochs must be at least 1, got 0"):
+        run_demo(tmp_path / "a", epochs=0)
+    with pytest.raises(TransferkitError, match="bad --budget 'soon'"):
+        run_demo(tmp_path / "b", budget="soon")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"batch_size": 0}, "--batch-size must be a whole number of at least 1, got 0"),
+        ({"batch_size": "8"}, "--batch-size must be a whole number of at least 1, got '8'"),
+        ({"num_workers": -1}, "--num-workers must be a whole number of at least 0, got -1"),
+    ],
+)
+def test_loaders_refuse_what_dataloader_would_with_a_traceback(
+    tiny_dataset: Path, options: dict[str, object], message: str
+) -> None:
+    from transferkit.data import make_loader
+
+    with pytest.raises(TransferkitError, match=re.escape(message)):
+        make_loader([(str(tiny_dataset / "val" / "red" / "0.png"), 0)], build_transform(Preprocessing(32, 32, (0.5,) * 3, (0.5,) * 3), "none"),
+                    **options)  # fmt: skip

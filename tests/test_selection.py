@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from transferkit import TransferkitError, train
+from transferkit import TransferkitError, advise, train
 from transferkit.data import discover
 from transferkit.leaderboard import Trial
 from transferkit.selection import holdout_split, parse_budget
@@ -66,6 +66,11 @@ def test_budgets_and_bad_choices(tiny_dataset: Path, tmp_path: Path) -> None:
     with pytest.raises(TransferkitError, match="apply to --strategy auto"):
         train(tiny_dataset, budget="5m", out=str(tmp_path / "c"), **TINY)
     assert not any((tmp_path / n).exists() for n in "abc")  # nothing written for bad input
+
+
+def test_advise_from_python_refuses_fewer_than_one_image_a_class(tiny_dataset: Path) -> None:
+    with pytest.raises(TransferkitError, match="--per-class must be at least 1, got 0"):  # not "no image decoded"
+        advise(tiny_dataset, model="resnet18", weights="none", per_class=0)
 
 
 def test_advise_prints_the_fast_stage_of_the_measurement(tiny_dataset: Path, capsys: pytest.CaptureFixture[str]) -> None:

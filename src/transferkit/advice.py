@@ -28,6 +28,7 @@ from torch import nn
 
 from .backbones import DEFAULT_BACKBONE, Preprocessing, default_preprocessing, get_module, load_backbone
 from .data import class_counts, first_label, shuffled_by_class
+from .errors import TransferkitError
 from .discovery import checked_data_options, command_flags, data_flags, discover_for
 from .features import extract_features
 from .model import TransferModel
@@ -171,6 +172,8 @@ def advise(
     exclude list: :data:`transferkit.discovery.DATA_OPTIONS`). On multi-label data the probe's score
     is its macro-F1, and chance that of answering yes to every class.
     """
+    if per_class < 1:
+        raise TransferkitError(f"--per-class must be at least 1, got {per_class}")
     splits = discover_for({"data": data, "val_split": val_split, "seed": seed, **checked_data_options(data_options)})
     backbone = load_backbone(model, weights, preprocessing=preprocessing)
     transfer = TransferModel(backbone, splits.class_names).eval()  # leaves backbone.model its ImageNet head

@@ -11,6 +11,7 @@ import os
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from numbers import Integral
 from typing import Any, NamedTuple
 
 import torch
@@ -233,6 +234,13 @@ def default_num_workers(device_type: str | None = None) -> int:
     return max(0, min(8, (os.cpu_count() or 1) - 1))
 
 
+def check_loading(batch_size: int, num_workers: int | None) -> None:
+    """What DataLoader would refuse with a traceback (the Python API takes these unchecked by argparse)."""
+    for option, value, low in (("--batch-size", batch_size, 1), ("--num-workers", num_workers, 0)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, Integral) or value < low):
+            raise TransferkitError(f"{option} must be a whole number of at least {low}, got {value!r}")
+
+
 def make_loader(
     samples: list[Sample],
     transform: v2.Compose,
@@ -247,6 +255,7 @@ def make_loader(
 
     ``sampler`` replaces the (seeded, shuffling when ``shuffle``) order, e.g. by a class-balanced one.
     """
+    check_loading(batch_size, num_workers)
     workers = default_num_workers(device_type) if num_workers is None else num_workers
     return DataLoader(
         ImageDataset(samples, transform),

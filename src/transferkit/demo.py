@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .errors import TransferkitError
 from .inference import evaluate, format_predictions, predict
+from .selection import parse_budget
 from .training import TrainResult
 from .workflow import train
 
@@ -43,6 +45,9 @@ def write_digits_folder(root: Path, per_class: int = 60, size: int = 64) -> Path
 def run_demo(workdir: str | Path = "demo", epochs: int = 10, budget: str = "100s") -> TrainResult:
     workdir = Path(workdir)
     data = workdir / "digits"
+    if epochs < 1:  # before the digits are written (train checks the rest of its options at once)
+        raise TransferkitError(f"--epochs must be at least 1, got {epochs}")
+    parse_budget(budget, train_images=1)
     if not (data / "train").is_dir():
         write_digits_folder(data)
         print(f"wrote scikit-learn digits as images to {data}", file=sys.stderr)

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from .backbones import Preprocessing
 from .files import atomic_write, cache_root, new_files
 from .shards import packed_identity
-from .data import ImageDataset, Sample, build_transform, collate_skipping_bad, default_num_workers
+from .data import ImageDataset, Sample, build_transform, check_loading, collate_skipping_bad, default_num_workers
 from .errors import TransferkitError
 from .feature_store import FeatureStore, StoredRows
 from .layers import StopForward, capture, resolve_layer
@@ -84,6 +84,7 @@ def _view_loader(
     device: torch.device,
 ) -> DataLoader:
     """Batches of (images, positions in ``todo``); each (file, view) gets the same crop in every run."""
+    check_loading(batch_size, num_workers)
     views = [(path, pos) for pos, (_, path, _) in enumerate(todo)]
     keys: list[Any] = list(range(len(todo)))
     if augment != "none":
