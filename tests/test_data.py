@@ -170,6 +170,6 @@ def test_loaders_refuse_what_dataloader_would_with_a_traceback(
 ) -> None:
     from transferkit.data import make_loader
 
+    view = build_transform(Preprocessing(32, 32, (0.5,) * 3, (0.5,) * 3), "none")
     with pytest.raises(TransferkitError, match=re.escape(message)):
-        make_loader([(str(tiny_dataset / "val" / "red" / "0.png"), 0)], build_transform(Preprocessing(32, 32, (0.5,) * 3, (0.5,) * 3), "none"),
-                    **options)  # fmt: skip
+        make_loader([(str(tiny_dataset / "val" / "red" / "0.png"), 0)], view, **options)
