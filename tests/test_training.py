@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -248,3 +249,13 @@ def test_inception_trained_below_its_auxiliary_classifiers_input_size_is_an_erro
                                                "inputs of at least 299 pixels"):  # fmt: skip
         train(tiny_dataset, epochs=1, out=str(tmp_path / "run"), **options)  # was a pooling error in the first step
     assert not (tmp_path / "run").exists()
+
+
+def test_a_val_split_for_data_with_its_own_validation_images_is_said_to_do_nothing(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
+    with pytest.warns(UserWarning, match=r"--val-split 0.3 is not used: .* has its own validation images \(train/val\)"):
+        train(tiny_dataset, epochs=1, val_split=0.3, out=str(tmp_path / "a"), **TINY)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="--val-split")
+        train(tiny_dataset / "train", epochs=1, val_split=0.3, out=str(tmp_path / "b"), **TINY)  # split by it
