@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,7 +33,7 @@ pytest.importorskip("fastapi", reason='serve needs FastAPI and uvicorn: pip inst
 pytest.importorskip("python_multipart", reason='serve needs python-multipart: pip install -e ".[serve]"')
 
 from transferkit.serving import Batcher  # noqa: E402  (after the skip: it imports FastAPI's app module)
-from transferkit.serving.service import RequestProblem, check_image  # noqa: E402
+from transferkit.serving.service import ImageService, RequestProblem, Upload, check_image  # noqa: E402
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 UPLOAD_LIMIT_MB = 1
@@ -192,6 +193,40 @@ def test_check_image_reads_headers(images: list[Path]) -> None:
 
 
 # --------------------------------------------------------------------------- the service, in its own process
+
+
+class _PausedRunner:
+    """The service's runner, holding a request in the model's forward until released."""
+
+    def __init__(self, runner: object) -> None:
+        self.runner, self.inside, self.release = runner, threading.Event(), threading.Event()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.runner, name)
+
+    def __call__(self, batch: object) -> object:
+        self.inside.set()
+        self.release.wait(30)
+        return self.runner(batch)  # type: ignore[operator]
+
+
+def test_a_request_leaves_the_warning_filters_as_the_event_loops_thread_sets_them(
+    run_dir: Path, images: list[Path]
+) -> None:
+    """A request's model runs on a worker thread while the event loop checks the next uploads (with a
+    catch_warnings of its own): the request must not save and later restore the filters that check set."""
+    service = ImageService(run_dir, runtime="torch")
+    paused = service.runner = _PausedRunner(service.runner)
+    upload = Upload(images[0].name, images[0].read_bytes(), "JPEG" if images[0].suffix == ".jpg" else "PNG", 1)
+    before = list(warnings.filters)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        request = threading.Thread(target=service.predict, args=([upload],))
+        request.start()
+        assert paused.inside.wait(30)
+    paused.release.set()
+    request.join(30)
+    assert warnings.filters == before
 
 
 @pytest.mark.slow

@@ -208,11 +208,11 @@ class ImageDataset(Dataset):
             return self.transform(image), self.samples[index][1]
 
 
-def collate_skipping_bad(batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor, list[BadImage]]:
+def collate_skipping_bad(batch: list[Any], warn: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[BadImage]]:
     """Stack the good images; the bad ones travel along by name (they are counted, not fatal)."""
     bad = [b for b in batch if isinstance(b, BadImage)]
     good = [b for b in batch if not isinstance(b, BadImage)]
-    for b in bad:
+    for b in bad if warn else ():
         warnings.warn(f"skipping {b.path}: {b.reason}", stacklevel=1)
     if not good:
         return torch.empty(0), torch.empty(0, dtype=torch.long), bad
@@ -241,6 +241,10 @@ def check_loading(batch_size: int, num_workers: int | None) -> None:
             raise TransferkitError(f"{option} must be a whole number of at least {low}, got {value!r}")
 
 
+def _collate_quietly(batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor, list[BadImage]]:
+    return collate_skipping_bad(batch, warn=False)  # a module-level function: worker processes pickle it
+
+
 def make_loader(
     samples: list[Sample],
     transform: v2.Compose,
@@ -250,10 +254,13 @@ def make_loader(
     seed: int = 0,
     device_type: str | None = None,
     sampler: EpochSeededSampler | None = None,
+    warn_undecodable: bool = True,
 ) -> DataLoader:
     """Batches of (images, labels, undecodable images); workers as :func:`default_num_workers` says for the device.
 
     ``sampler`` replaces the (seeded, shuffling when ``shuffle``) order, e.g. by a class-balanced one.
+    ``warn_undecodable=False``: an image that fails to decode is only listed, for a caller that answers
+    for it (without a ``catch_warnings``, which is not thread-safe).
     """
     check_loading(batch_size, num_workers)
     workers = default_num_workers(device_type) if num_workers is None else num_workers
@@ -263,7 +270,7 @@ def make_loader(
         # Only shuffled (training) batches carry augmentation seeds; the others transform on threads too.
         sampler=sampler or EpochSeededSampler(len(samples), seed, shuffle, with_aug_seeds=shuffle),
         num_workers=workers,
-        collate_fn=collate_skipping_bad,
+        collate_fn=collate_skipping_bad if warn_undecodable else _collate_quietly,
         persistent_workers=workers > 0,
         # Workers' base seed from a private generator: the global RNG (dropout's) stays untouched.
         generator=torch.Generator().manual_seed(seed),

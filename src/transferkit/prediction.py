@@ -202,16 +202,19 @@ class Predictions:
 
 
 def predict_samples(
-    runner: Runner, samples: list[Sample] | list[str], batch_size: int = 32, num_workers: int | None = None
-) -> Predictions:
+    runner: Runner, samples: list[Sample] | list[str], batch_size: int = 32, num_workers: int | None = None,
+    warn_undecodable: bool = True,
+) -> Predictions:  # fmt: skip
     """Run ``runner`` over image files (or (path, label) samples), evaluation view, a batch at a time.
 
-    An image that fails to decode drops out and is listed in ``bad``; the others keep their position.
+    An image that fails to decode drops out and is listed in ``bad`` (and warned of, unless not
+    ``warn_undecodable``); the others keep their position.
     """
     paths = [s if isinstance(s, str) else s[0] for s in samples]
     # Each image's loader "label" is its position: one that fails to decode leaves a traceable gap.
     loader = make_loader([(p, i) for i, p in enumerate(paths)], build_transform(runner.preprocessing, "none"),
-                         batch_size, num_workers=num_workers, device_type=runner.device_type)  # fmt: skip
+                         batch_size, num_workers=num_workers, device_type=runner.device_type,
+                         warn_undecodable=warn_undecodable)  # fmt: skip
     probabilities, positions, bad = [], [], []
     for images, indices, failed in loader:
         bad += failed

@@ -46,7 +46,7 @@ def check_image(name: str, data: bytes) -> str:
     """The image format of ``data`` read from its header, or a :class:`RequestProblem` saying why not."""
     if not data:
         raise RequestProblem(422, f"{name} is empty; send the image's bytes")
-    try:
+    try:  # on the event loop's thread, never two at once: catch_warnings is not thread-safe
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
@@ -93,11 +93,10 @@ class ImageService:
                 path = Path(tmp) / f"{i}.{'jpg' if upload.format == 'JPEG' else upload.format.lower()}"
                 path.write_bytes(upload.data)
                 paths.append(str(path))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # an image that fails to decode is answered as an error
-                # Decoded here, by threads: worker processes would start again for every batch (on a GPU),
-                # forked from a threaded server.
-                by_position = predict_samples(self.runner, paths, self.batch_size, num_workers=0).by_position()
+            # Decoded here, by threads: worker processes would start again for every batch (on a GPU),
+            # forked from a threaded server. An image that fails to decode is answered as an error.
+            by_position = predict_samples(self.runner, paths, self.batch_size, num_workers=0,
+                                          warn_undecodable=False).by_position()  # fmt: skip
         names = self.runner.class_names
         return [
             top_k_results([u.name], {0: by_position[i]} if i in by_position else {}, names, u.top_k,
