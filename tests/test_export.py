@@ -132,6 +132,9 @@ def test_existing_output_is_kept_without_force(
     assert target.read_bytes() == b"keep me" and not sidecar_path(target).exists()
     assert main(["export", str(run_dir), "--out", str(target), "--force"]) == 0
     assert target.stat().st_size > 1000 and sidecar_path(target).is_file()
+    target.unlink()  # a sidecar left without its model describes nothing: exported again without --force
+    assert main(["export", str(run_dir), "--out", str(target)]) == 0
+    assert target.stat().st_size > 1000 and json.loads(sidecar_path(target).read_text())
 
 
 def test_without_the_runs_data_the_check_uses_random_tensors(run_dir: Path, tmp_path: Path) -> None:

@@ -253,8 +253,9 @@ def _check_outputs(out: Path, format: str, force: bool) -> None:
     for path in (out, sidecar_path(out)):
         if path.is_dir():
             raise TransferkitError(f"--out {out}: {path} is a folder; give a file name")
-        if path.exists() and not force:
-            raise TransferkitError(f"{path} already exists; pass --force to overwrite it, or choose another --out")
+    # A sidecar whose model is gone describes nothing, and is replaced; an existing model is kept.
+    if out.exists() and not force:
+        raise TransferkitError(f"{out} already exists; pass --force to overwrite it, or choose another --out")
 
 
 def _write_sidecar(model: TransferModel, result: ExportResult, source: str | None) -> None:
