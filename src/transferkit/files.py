@@ -39,6 +39,8 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
     try:
         write(Path(tmp))
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a run's files are as readable as any other
+        with open(tmp, "rb") as written:  # on disk before the rename: after a power cut, the old file or the new
+            os.fsync(written.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
