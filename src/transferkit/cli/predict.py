@@ -50,7 +50,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run directory, its model.pt, or an ONNX export (.onnx)")
     p.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
-    p.add_argument("--top-k", type=bounded(int, 1), default=3, help="labels shown per image, most probable first")
+    p.add_argument("--top-k", type=bounded(int, 1), default=3,
+                   help="labels shown per image, most probable first (a multi-label run shows every label at or over "
+                        "its threshold instead)")  # fmt: skip
     p.add_argument("--runtime", default="auto", choices=ApiChoices("RUNTIMES"), metavar="RUNTIME",
                    help="%(choices)s. auto: ONNX Runtime (when installed, on a CPU where the run's precision is fp32) "
                    "if the run has an export of its model.pt as it is now, or there are 256+ images (exported "
