@@ -153,6 +153,11 @@ def test_k_fold_training_reports_mean_and_std_and_predicts_with_the_ensemble(tin
     # Frozen features: computed by the first fold, read from the cache by the others.
     assert [f["feature_cache"]["misses"] for f in fold_metrics] == [28, 0, 0]
     assert (result.run_dir / "compare.html").is_file()
+    from transferkit.reports import comparison_rows, load_run
+
+    row = comparison_rows([load_run(result.run_dir)])[0]  # the folds' figures, not zero epochs
+    assert row["run"] == "folds (3-fold mean)" and row["epochs"] == TINY["epochs"]
+    assert row["trainable_params"] == fold_metrics[0]["trainable_params"] > 0
 
     ensemble = predict(result.run_dir, [tiny_dataset / "val"], top_k=2)
     members = [predict(r, [tiny_dataset / "val"], top_k=2, runtime="torch") for r in runs]

@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 
 from ..files import atomic_write
-from ..runs import Run
+from ..runs import METRICS_NAME, Run, read_json
 from .figures import _figure, _save, _series
 from .markup import CSS
 from .markup import escape as _e
@@ -27,18 +27,37 @@ COMPARE_INCHES = (15.0, 5.0)
 
 def _labels(runs: Sequence[Run]) -> list[str]:
     names = [r.name for r in runs]
-    return names if len(set(names)) == len(names) else [str(r.path) for r in runs]
+    labels = names if len(set(names)) == len(names) else [str(r.path) for r in runs]
+    return [f"{label} ({len(r.metrics['fold_runs'])}-fold mean)" if _is_k_fold(r) else label
+            for label, r in zip(labels, runs)]  # fmt: skip
+
+
+def _is_k_fold(run: Run) -> bool:
+    return bool(run.metrics.get("fold_runs"))
+
+
+def _fold_metrics(run: Run) -> list[dict[str, Any]]:
+    """A k-fold run's folds' own metrics (its history and parameter count are theirs); [] where unreadable."""
+    folds = [run.path / name / METRICS_NAME for name in run.metrics.get("fold_runs", [])]
+    return [read_json(path) for path in folds if path.is_file()]
+
+
+def _epochs(run: Run, folds: list[dict[str, Any]]) -> int | None:
+    if _is_k_fold(run):  # the folds' longest (early stopping may end one sooner)
+        return max((f["epochs_run"] for f in folds if "epochs_run" in f), default=None)
+    return run.metrics.get("epochs_run", len(run.history))
 
 
 def comparison_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
-    """One row of headline numbers per run, in the order given."""
+    """One row of headline numbers per run, in the order given (a k-fold run's: its folds' mean)."""
+    folds = [_fold_metrics(r) for r in runs]
     return [
         {
             "run": label,
             "model": r.metrics.get("model", r.config.get("model")),
             "strategy": r.metrics.get("strategy", r.config.get("strategy")),
-            "trainable_params": r.metrics.get("trainable_params"),
-            "epochs": r.metrics.get("epochs_run", len(r.history)),
+            "trainable_params": r.metrics.get("trainable_params", next(iter(f), {}).get("trainable_params")),
+            "epochs": _epochs(r, f),
             "best_epoch": r.metrics.get("best_epoch"),
             "val_accuracy": r.metrics.get("val_accuracy"),
             "val_loss": r.metrics.get("val_loss"),
@@ -46,7 +65,7 @@ def comparison_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
             "train_seconds": r.metrics.get("train_seconds"),
             "total_seconds": r.metrics.get("total_seconds"),
         }
-        for label, r in zip(_labels(runs), runs)
+        for label, r, f in zip(_labels(runs), runs, folds)
     ]
 
 
