@@ -125,6 +125,8 @@ def describe(runner: Runner, onnx: Path | None = None) -> dict[str, Any]:
         record = first.model.record
         model = {"backbone": record.backbone, "weights": record.weights, "head": str(record.head),
                  "strategy": record.strategy}  # fmt: skip
+        if isinstance(runner, EnsembleRunner):  # its answers are the folds' mean, not the first fold's
+            model["ensemble_of_folds"] = len(runner.runners)
         runtime = "torch"
     return {
         "classes": list(runner.class_names),
