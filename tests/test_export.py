@@ -252,7 +252,7 @@ def test_auto_runtime_exports_for_a_large_job(run_dir: Path, tmp_path: Path, mon
 
     from transferkit import predict
     from transferkit.exports import cached_export_path
-    from transferkit.inference import AUTO_EXPORT_FROM
+    from transferkit.runtimes import AUTO_EXPORT_FROM
 
     monkeypatch.setenv("TRANSFERKIT_CACHE_DIR", str(tmp_path / "cache"))
     run = tmp_path / "run"

@@ -173,7 +173,7 @@ def test_k_fold_training_reports_mean_and_std_and_predicts_with_the_ensemble(tin
                                                r"give one of its folds, e.g. .*fold-1"):  # fmt: skip
         export(result.run_dir)  # said 'holds no model.pt; is it a finished transferkit run directory?'
     pytest.importorskip("fastapi", reason='serve needs FastAPI: pip install -e ".[serve]"')
-    from transferkit.inference import runner_for
+    from transferkit.runtimes import runner_for
     from transferkit.serving.service import describe
 
     assert describe(runner_for(result.run_dir, "torch"))["model"]["ensemble_of_folds"] == 3  # serve's GET /info

@@ -36,7 +36,7 @@ _EXPORTS = {
     "SCHEDULERS": "training",
     "train": "workflow", "resume_training": "workflow",
     "Evaluation": "inference", "evaluate": "inference", "predict": "inference", "format_predictions": "inference",
-    "RUNTIMES": "inference",
+    "RUNTIMES": "runtimes",
     "advise": "advice", "measure_candidates": "selection", "select": "selection", "extract_features": "features", "write_features": "features",
     "export": "exports", "FORMATS": "exports", "DEFAULT_TOLERANCE": "exports",
     "QUANTIZATIONS": "quantize", "DEFAULT_MAX_DROP": "quantize",

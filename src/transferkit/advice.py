@@ -28,8 +28,8 @@ from torch import nn
 
 from .backbones import DEFAULT_BACKBONE, Preprocessing, default_preprocessing, get_module, load_backbone
 from .data import class_counts, first_label, shuffled_by_class
-from .errors import TransferkitError
 from .discovery import checked_data_options, command_flags, data_flags, discover_for
+from .errors import TransferkitError
 from .features import extract_features
 from .model import TransferModel
 from .probes import fit_linear_probe

@@ -20,7 +20,7 @@ from PIL import Image
 
 from ..image_files import IMAGE_FORMATS, MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS, shape_problem
 from ..errors import TransferkitError
-from ..inference import AUTO_EXPORT_FROM, runner_for
+from ..runtimes import AUTO_EXPORT_FROM, runner_for
 from ..prediction import EagerRunner, EnsembleRunner, Runner, predict_samples, read_sidecar, top_k_results
 
 
