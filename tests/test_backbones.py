@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,19 @@ def test_list_backbones_filters_by_pattern() -> None:
 def test_timm_models_by_prefix() -> None:
     bb = load_backbone("timm/resnet10t", weights="none")
     assert bb.source == "timm" and bb.feature_dim == 512 and bb.group_names[-1] == "head"
+
+
+@pytest.mark.parametrize(
+    ("given", "meant"),
+    [
+        ("vit_small_patch14_dinov2", "timm/vit_small_patch14_dinov2"),  # as timm.create_model takes it
+        ("hf-hub:timm/vit_small_patch14_dinov2.lvd142m", "timm/vit_small_patch14_dinov2.lvd142m"),  # a model card's
+        ("timm:resnet10t", "timm/resnet10t"),
+    ],
+)
+def test_a_timm_model_named_as_timm_spells_it_is_answered_with_transferkits_spelling(given: str, meant: str) -> None:
+    with pytest.raises(TransferkitError, match=re.escape(f"unknown model {given!r}; did you mean {meant}?")):
+        load_backbone(given, weights="none")
 
 
 def test_timm_weights_tags_bring_their_own_preprocessing_and_an_unknown_tag_lists_the_known() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,14 @@ class TimmSource:
         raise TransferkitError(
             f"unknown timm model {name!r}" + (f"; did you mean {', '.join(PREFIX + c for c in close)}?" if close else "")
         )
+
+    def spelling_of(self, name: str) -> str | None:
+        """``name`` as this source spells it, where it is a timm model written as timm's own API takes it
+        (``vit_small_patch14_dinov2``, ``hf-hub:timm/...``, ``timm:...``); else None."""
+        if not timm_available():
+            return None
+        bare = re.sub(r"^(hf[-_]hub:|timm:)", "", name).removeprefix(PREFIX)
+        return PREFIX + bare if _timm().is_model(bare) else None
 
     def named_weights(self, name: str, weights: NamedWeights) -> WeightsSource:
         """timm's weights of ``name`` with this tag; an unknown tag is an error listing the model's tags."""
