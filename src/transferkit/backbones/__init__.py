@@ -54,7 +54,8 @@ def source_for(name: str) -> Any:
             return source
     spelled = TimmSource().spelling_of(name)
     if spelled:
-        raise TransferkitError(f"unknown model {name!r}; did you mean {spelled}? (timm's models are named {TIMM_PREFIX}NAME)")
+        raise TransferkitError(f"unknown model {name!r}; did you mean {spelled}? "
+                               f"(timm's models are named {TIMM_PREFIX}NAME)")  # fmt: skip
     known = [n for s in SOURCES if type(s) is not TimmSource for n in s.names()]  # not timm's thousands
     close = difflib.get_close_matches(name, known, n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
