@@ -118,6 +118,13 @@ def test_models_lists_and_marks_offline_weights() -> None:
     missed = tk("models", "timm/dinov2*", check=False)  # timm names them vit_*_dinov2
     assert missed.returncode == 2 and "try transferkit models 'timm/*dinov2*'" in missed.stderr
     assert "timm/vit_small_patch14_dinov2.lvd142m" in tk("models", "timm/*dinov2*").stdout
+    missed = tk("models", "*dinov2*", check=False)  # timm's names are listed under timm/ only
+    assert missed.returncode == 2 and missed.stderr.rstrip().endswith("try transferkit models 'timm/*dinov2*'")
+    from transferkit import list_backbones, offline_weights_available
+
+    if not any(offline_weights_available(n) for n in list_backbones("resnet*")):  # none in this machine's caches
+        missed = tk("models", "resnet*", "--offline", check=False)
+        assert missed.returncode == 2 and "none of the" in missed.stderr and "leave out --offline" in missed.stderr
 
 
 def test_help_shows_defaults_and_closed_sets_are_checked_by_the_parser() -> None:

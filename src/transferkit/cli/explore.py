@@ -25,16 +25,28 @@ def _models_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help='print [{"name", "offline"}] instead of a list')
 
 
+def _wider_pattern(pattern: str) -> str:
+    """A pattern to try instead: with wildcards, then among timm's models (listed only under ``timm/``)."""
+    from .. import list_backbones
+
+    core = f"*{pattern.removeprefix('timm/').strip('*')}*"
+    tries = [f"timm/{core}"] if pattern.startswith("timm/") else [core, f"timm/{core}"]
+    found = next((t for t in tries if t != pattern and list_backbones(t)), None)
+    return f"try transferkit models '{found}'" if found else "try a shorter pattern, or none"
+
+
 def _models(args: argparse.Namespace) -> int:
     from .. import TransferkitError, list_backbones, offline_weights_available
 
     rows = [(name, offline_weights_available(name)) for name in list_backbones(args.pattern)]
+    if args.offline and rows and not any(offline for _, offline in rows):
+        raise TransferkitError(f"none of the {len(rows)} backbones matching {args.pattern!r} has its weights here "
+                               f"(they download on first use); leave out --offline to list them")  # fmt: skip
     if args.offline:
         rows = [row for row in rows if row[1]]
     if not rows:
-        wider = "timm/" * args.pattern.startswith("timm/") + f"*{args.pattern.removeprefix('timm/').strip('*')}*"
-        raise TransferkitError(f"no backbone matches {args.pattern!r} (a pattern matches whole names); try "
-                               f"transferkit models '{wider}', or no pattern")  # fmt: skip
+        raise TransferkitError(f"no backbone matches {args.pattern!r} (a pattern matches whole names); "
+                               f"{_wider_pattern(args.pattern)}")  # fmt: skip
     if args.json:
         print(json.dumps([{"name": name, "offline": offline} for name, offline in rows], indent=2))
     else:
