@@ -89,6 +89,8 @@ def test_existing_run_directory_is_never_overwritten(trained_run: Path, tiny_dat
                                                   "--strategy feature-extract would ignore it"),
         (["train", "{data}", "--optimizer", "adam", "--momentum", "0.5"], "--momentum applies to --optimizer sgd"),
         (["train", "{data}", "--gamma", "0.5"], "--gamma applies to --scheduler step; --scheduler cosine would"),
+        (["train", "{data}", "--strategy", "linear-probe", "--epochs", "30"],  # scikit-learn fits it, epoch-less
+         "--epochs applies to --strategy feature-extract, fine-tune, full, gradual or auto; --strategy linear-probe"),
     ],
 )
 def test_bad_input_is_a_one_line_error(tiny_dataset: Path, args: list[str], message: str) -> None:

@@ -103,13 +103,16 @@ def _given(args: argparse.Namespace, baseline: list[str]) -> list[str]:
 
 
 # Options that one setting alone reads: given with another, they would change nothing.
+GRADIENT_TRAINED = ("feature-extract", "fine-tune", "full", "gradual", "auto")  # not linear-probe: scikit-learn
 READ_ONLY_WITH = {
+    **{flag: ("--strategy", GRADIENT_TRAINED) for flag in ("--epochs", "--lr", "--optimizer", "--weight-decay",
+                                                            "--scheduler", "--patience", "--augment")},
     "--unfreeze": ("--strategy", ("fine-tune", "gradual", "auto")),
     "--unfreeze-every": ("--strategy", ("gradual", "auto")),
     "--unfreeze-at": ("--strategy", ("gradual", "auto")),
     "--classifier": ("--strategy", ("linear-probe", "auto")),
     "--views": ("--strategy", ("feature-extract", "auto")),
-    "--head": ("--strategy", ("feature-extract", "fine-tune", "full", "gradual", "auto")),  # not a probe: scikit-learn
+    "--head": ("--strategy", GRADIENT_TRAINED),
     "--momentum": ("--optimizer", ("sgd",)),
     "--aux-weight": ("--model", ("inception_v3",)),  # the one backbone trained with an auxiliary classifier
     "--step-size": ("--scheduler", ("step",)),
