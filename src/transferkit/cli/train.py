@@ -106,7 +106,7 @@ def _given(args: argparse.Namespace, baseline: list[str]) -> list[str]:
 GRADIENT_TRAINED = ("feature-extract", "fine-tune", "full", "gradual", "auto")  # not linear-probe: scikit-learn
 READ_ONLY_WITH = {
     **{flag: ("--strategy", GRADIENT_TRAINED) for flag in ("--epochs", "--lr", "--optimizer", "--weight-decay",
-                                                            "--scheduler", "--patience", "--augment")},
+                                                            "--scheduler", "--patience", "--augment", "--compile")},
     "--unfreeze": ("--strategy", ("fine-tune", "gradual", "auto")),
     "--unfreeze-every": ("--strategy", ("gradual", "auto")),
     "--unfreeze-at": ("--strategy", ("gradual", "auto")),
