@@ -254,7 +254,8 @@ def test_inception_trained_below_its_auxiliary_classifiers_input_size_is_an_erro
 def test_a_val_split_for_data_with_its_own_validation_images_is_said_to_do_nothing(
     tiny_dataset: Path, tmp_path: Path
 ) -> None:
-    with pytest.warns(UserWarning, match=r"--val-split 0.3 is not used: .* has its own validation images \(train/val\)"):
+    unused = r"--val-split 0.3 is not used: .* has its own validation images \(train/val\)"
+    with pytest.warns(UserWarning, match=unused):
         train(tiny_dataset, epochs=1, val_split=0.3, out=str(tmp_path / "a"), **TINY)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="--val-split")
