@@ -279,3 +279,24 @@ def test_train_and_predict_read_shards_from_an_s3_bucket(shards: Path, tmp_path:
     assert len(answers) == 28 and all(a["path"].startswith(f"{url}::") and a["predictions"] for a in answers)
     with pytest.raises(TransferkitError, match="cannot read s3://photos/nowhere/transferkit-pack.json"):
         discover("s3://photos/nowhere")
+
+
+@pytest.mark.slow
+def test_the_command_lines_cache_dir_holds_a_packed_urls_chunks_too(shards: Path, tmp_path: Path, s3_server: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """--cache-dir is where every cache of the command goes, as the environment variable would put them."""
+    import os
+
+    import boto3
+
+    monkeypatch.setenv("TRANSFERKIT_CACHE_DIR", str(tmp_path / "elsewhere"))
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    s3.create_bucket(Bucket="cli-photos")
+    for f in (p for p in shards.rglob("*") if p.is_file()):
+        s3.upload_file(str(f), "cli-photos", f"packed/{f.relative_to(shards).as_posix()}")
+    assert main(["train", "s3://cli-photos/packed", "--model", "resnet18", "--weights", "none", "--image-size", "32",
+                 "--epochs", "1", "--quiet", "--num-workers", "0", "--cache-dir", str(tmp_path / "mine"),
+                 "--out", str(tmp_path / "run")]) == 0  # fmt: skip
+    fetched = sorted(p.parts[-2:] for p in (tmp_path / "mine" / "shards").rglob("*.bin"))
+    assert fetched == [("train", "chunk-0-0.bin"), ("val", "chunk-0-0.bin")] and (tmp_path / "mine" / "features").is_dir()
+    assert not (tmp_path / "elsewhere").exists() and os.environ["TRANSFERKIT_CACHE_DIR"] == str(tmp_path / "elsewhere")

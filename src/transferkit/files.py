@@ -93,6 +93,9 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
 
 
+CACHE_ENV = "TRANSFERKIT_CACHE_DIR"
+
+
 def cache_root(cache_dir: str | Path | None = None) -> Path:
     """Where transferkit keeps what it can recompute: ``$TRANSFERKIT_CACHE_DIR`` or ``~/.cache/transferkit``.
 
@@ -101,7 +104,7 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
     """
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
-    return Path(os.environ.get("TRANSFERKIT_CACHE_DIR", Path.home() / ".cache" / "transferkit"))
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "transferkit"))
 
 
 # What transferkit names in each cache folder (anything else there is not its own, and stays):

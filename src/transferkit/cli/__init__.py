@@ -8,16 +8,18 @@ so that the parser (and ``transferkit --help``) is built without importing torch
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import functools
 import os
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
 from .. import TransferkitError
+from ..files import CACHE_ENV
 from . import explore, export, inspect, maintenance, pack, predict, reports, serve, train
 from .common import Command, HelpFormatter, Parser
 
@@ -41,6 +43,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _one_cache(cache_dir: str | None) -> Iterator[None]:
+    """``--cache-dir`` for every cache the command touches (features, exports, a packed URL's chunks, in
+    DataLoader workers too), as ``$TRANSFERKIT_CACHE_DIR`` would be; the caller's setting back after."""
+    if not cache_dir:
+        yield
+        return
+    before = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(Path(cache_dir).expanduser())
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(CACHE_ENV, None)
+        else:
+            os.environ[CACHE_ENV] = before
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; a :class:`TransferkitError` is one line on stderr and its exit code."""
     parser = build_parser()
@@ -53,7 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not debug:
         warnings.showwarning = functools.partial(_show_warning, shown)
     try:
-        code: int = args.handler(args)
+        with _one_cache(getattr(args, "cache_dir", None)):
+            code: int = args.handler(args)
         return code
     except TransferkitError as exc:
         if debug:

@@ -219,6 +219,6 @@ def data_options_given(args: argparse.Namespace) -> dict[str, Any]:
 
 def cache_dir_option() -> argparse.ArgumentParser:
     parent = _parent()
-    parent.add_argument("--cache-dir", help="the cache, features/ beneath it (default $TRANSFERKIT_CACHE_DIR, "
-                        "else ~/.cache/transferkit)")  # fmt: skip
+    parent.add_argument("--cache-dir", help="the cache: features/, exports/ and a packed URL's shards/ beneath it "
+                        "(default $TRANSFERKIT_CACHE_DIR, else ~/.cache/transferkit)")  # fmt: skip
     return parent
