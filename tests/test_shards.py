@@ -282,8 +282,9 @@ def test_train_and_predict_read_shards_from_an_s3_bucket(shards: Path, tmp_path:
 
 
 @pytest.mark.slow
-def test_the_command_lines_cache_dir_holds_a_packed_urls_chunks_too(shards: Path, tmp_path: Path, s3_server: str,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_the_command_lines_cache_dir_holds_a_packed_urls_chunks_too(
+    shards: Path, tmp_path: Path, s3_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """--cache-dir is where every cache of the command goes, as the environment variable would put them."""
     import os
 
@@ -298,5 +299,6 @@ def test_the_command_lines_cache_dir_holds_a_packed_urls_chunks_too(shards: Path
                  "--epochs", "1", "--quiet", "--num-workers", "0", "--cache-dir", str(tmp_path / "mine"),
                  "--out", str(tmp_path / "run")]) == 0  # fmt: skip
     fetched = sorted(p.parts[-2:] for p in (tmp_path / "mine" / "shards").rglob("*.bin"))
-    assert fetched == [("train", "chunk-0-0.bin"), ("val", "chunk-0-0.bin")] and (tmp_path / "mine" / "features").is_dir()
+    assert fetched == [("train", "chunk-0-0.bin"), ("val", "chunk-0-0.bin")]
+    assert (tmp_path / "mine" / "features").is_dir()
     assert not (tmp_path / "elsewhere").exists() and os.environ["TRANSFERKIT_CACHE_DIR"] == str(tmp_path / "elsewhere")
