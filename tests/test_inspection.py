@@ -287,3 +287,9 @@ def test_planted_errors_in_hymenoptera_are_found(tmp_path: Path) -> None:
     listed = read_exclude_list(tmp_path / "review" / "suspects.txt")
     assert {str(leak_source.resolve()), str(near.resolve())} <= listed
     assert _recall(listed, [p.resolve() for p in wrong]) >= 0.75
+
+
+def test_inspect_says_a_val_split_for_data_with_validation_images_of_its_own_does_nothing(tiny_dataset: Path) -> None:
+    with pytest.warns(UserWarning, match=r"--val-split 0.3 is not used: .* has its own validation images"):
+        inspect_data(tiny_dataset, model="resnet18", weights="none", val_split=0.3, neighbours=2, folds=2,
+                     preprocessing=explicit_preprocessing("resnet18", image_size=32))  # fmt: skip

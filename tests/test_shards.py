@@ -302,3 +302,13 @@ def test_the_command_lines_cache_dir_holds_a_packed_urls_chunks_too(
     assert fetched == [("train", "chunk-0-0.bin"), ("val", "chunk-0-0.bin")]
     assert (tmp_path / "mine" / "features").is_dir()
     assert not (tmp_path / "elsewhere").exists() and os.environ["TRANSFERKIT_CACHE_DIR"] == str(tmp_path / "elsewhere")
+
+
+def test_pack_says_a_val_split_for_data_with_validation_images_of_its_own_does_nothing(
+    tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["pack", str(tiny_dataset), "--val-split", "0.5", "--out", str(tmp_path / "a")]) == 0
+    assert "warning: --val-split 0.5 is not used: " in capsys.readouterr().err
+    assert main(["pack", str(tiny_dataset / "train"), "--val-split", "0.5", "--out", str(tmp_path / "b")]) == 0
+    assert "--val-split" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "b" / "transferkit-pack.json").read_text())["splits"]["val"]  # split by it

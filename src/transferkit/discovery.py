@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import random
 import shlex
+import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from .shards import is_packed_source, packed_samples, packed_split  # noqa: E402
 # torchvision's ImageFolder extensions, and GIF (its first frame), which PIL reads and torchvision does not list.
 IMAGE_EXTENSIONS = (*IMG_EXTENSIONS, ".gif")
 VAL_DIR_NAMES = ("val", "valid", "validation")
+DEFAULT_VAL_SPLIT = 0.2  # of each class, where the data has no validation images of its own
 # train's options for reading a data source's labels: a label file, its columns, an exclude list.
 DATA_OPTIONS = ("labels", "exclude", "path_col", "label_col", "split_col", "label_sep", "image_ext")
 # (path, class index), or (path, 0/1 per class) for multi-label data.
@@ -142,7 +144,7 @@ def _check_case_clashes(names: list[str], folder: Path) -> None:
 
 
 def discover(
-    data_dir: str | Path, val_split: float = 0.2, seed: int = 0, labels: str | Path | None = None,
+    data_dir: str | Path, val_split: float = DEFAULT_VAL_SPLIT, seed: int = 0, labels: str | Path | None = None,
     columns: LabelColumns = LabelColumns(), image_ext: str | None = None, exclude: str | Path | None = None,
 ) -> ImageFolderSplits:  # fmt: skip
     """Find classes and samples in ``data_dir``: class folders (see the module docstring), a CSV label
@@ -166,10 +168,18 @@ def discover(
     return splits
 
 
+def warn_unused_val_split(val_split: float | None, splits: ImageFolderSplits) -> None:
+    """Data with validation images of its own is not split: a ``--val-split`` given for it is said to do nothing
+    (``val_split`` None or the default: not given)."""
+    if val_split is not None and val_split != DEFAULT_VAL_SPLIT and "split" not in splits.layout:
+        warnings.warn(f"--val-split {val_split} is not used: {splits.root} has its own validation images "
+                      f"({splits.layout}); leave it out", stacklevel=3)  # fmt: skip
+
+
 def discover_for(config: Any) -> ImageFolderSplits:
     """:func:`discover` with a run's data options (a ``TrainConfig`` or its saved dict)."""
     get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
-    return discover(get("data"), get("val_split", 0.2), get("seed", 0), get("labels"), _columns(get),
+    return discover(get("data"), get("val_split", DEFAULT_VAL_SPLIT), get("seed", 0), get("labels"), _columns(get),
                     get("image_ext"), get("exclude"))  # fmt: skip
 
 

@@ -29,7 +29,7 @@ import numpy as np
 from .backbones import DEFAULT_BACKBONE, Preprocessing, load_backbone
 from .checkpoint import load_checkpoint
 from .data import ImageFolderSplits, discover_for, load_image
-from .discovery import DATA_OPTIONS, data_flags, label_indices
+from .discovery import DATA_OPTIONS, data_flags, label_indices, warn_unused_val_split
 from .errors import TransferkitError
 from .features import extract_features
 from .files import new_or_empty_folder, write_json
@@ -274,6 +274,7 @@ def inspect_data(
     net, config = _model(run, model, weights, preprocessing)
     options = {"labels": labels, "exclude": exclude, "val_split": val_split, **(data_options or {})}
     splits = _discover(data, config, {key: value for key, value in options.items() if value is not None}, seed)
+    warn_unused_val_split(val_split, splits)
     layer = layer if layer is not None else config.get("layer")
     device = pick_device()
     precision = resolve_precision(precision or config.get("precision") or "auto", device)

@@ -14,7 +14,6 @@ import os
 import shutil
 import sys
 import time
-import warnings
 from collections.abc import Iterator
 from dataclasses import asdict
 from datetime import datetime
@@ -30,6 +29,7 @@ from .balance import resolve_balance
 from .calibration import calibration_summary, fit_temperature, logits_of
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from .data import ImageFolderSplits, Sample, discover_for
+from .discovery import warn_unused_val_split
 from .errors import TransferkitError
 from .files import check_writable_folder, write_json
 from .inference import Evaluation, evaluate_cached_features, evaluate_samples
@@ -74,7 +74,7 @@ def run_training(config: TrainConfig, command: str | None = None, callbacks: lis
     splits = discover_for(config)
     if config.folds:
         return _train_folds(config, splits, command, callbacks)
-    _warn_unused_val_split(config, splits)
+    warn_unused_val_split(config.val_split, splits)
     _resolve_balance(config, splits)
     run_dir = None
     if config.strategy == "auto":
@@ -329,13 +329,6 @@ def _measured_choice(
         say(f"{selection.table()}\nchosen: {selection.winner.label} ({selection.used_s:.0f} s of "
             f"{selection.budget_s:.0f} s measuring); reproduce with: {record['command']}")  # fmt: skip
     return record
-
-
-def _warn_unused_val_split(config: TrainConfig, splits: ImageFolderSplits) -> None:
-    """Data with validation images of its own is not split: a ``--val-split`` given for it is said to do nothing."""
-    if config.val_split != TrainConfig.val_split and "split" not in splits.layout:
-        warnings.warn(f"--val-split {config.val_split} is not used: {splits.root} has its own validation images "
-                      f"({splits.layout}); leave it out", stacklevel=3)  # fmt: skip
 
 
 def _resume_search(run_dir: Path, command: str | None, callbacks: list[Callback]) -> TrainResult:

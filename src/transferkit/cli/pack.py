@@ -19,11 +19,12 @@ def _pack_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _pack(args: argparse.Namespace) -> int:
-    from ..discovery import discover_for
+    from ..discovery import discover_for, warn_unused_val_split
     from ..shards import chunk_size, pack
 
     size = chunk_size(args.chunk_bytes)  # before the images are listed
     splits = discover_for(vars(args))
+    warn_unused_val_split(args.val_split, splits)
     written = pack(splits, args.out, chunk_bytes=size)
     if args.json:
         print(json.dumps(written, indent=2))
