@@ -83,6 +83,8 @@ def test_explain_refuses_bad_targets_and_undecodable_files(tmp_path: Path) -> No
         explain(model, torch.zeros(1, 3, 64, 64), target="green")
     with pytest.raises(transferkit.TransferkitError, match="2 targets for 1 images"):
         explain(model, torch.zeros(1, 3, 64, 64), target=[0, 1])
+    with pytest.raises(transferkit.TransferkitError, match="batch_size must be a whole number of at least 1, got 0"):
+        explain(model, [str(broken)], batch_size=0)  # said range()'s "arg 3 must not be zero"
     with pytest.raises(transferkit.TransferkitError, match="cannot explain .*broken.jpg: it does not decode"):
         explain(model, [str(broken)])
     with pytest.raises(transferkit.TransferkitError, match="model.onnx is an ONNX export: .* give the run directory"):

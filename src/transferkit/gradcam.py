@@ -79,6 +79,8 @@ def explain(
     ``predict`` answers (bf16 on a CPU with native bf16 for ``auto``; the heatmaps then differ from
     fp32's by a few hundredths of their 0-1 range, and the forward pass is faster).
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise TransferkitError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
     return list(_explanations(_eager_model(model), images, target, batch_size, precision))
 
 
