@@ -81,6 +81,8 @@ def test_lr_finder_suggests_a_rate_and_lr_auto_uses_it(
     assert "Finding best initial lr" not in capfd.readouterr().err  # quiet: Lightning's own bar is silenced
     result = train(tiny_dataset, lr="auto", epochs=1, out=str(tmp_path / "auto"), **TINY)
     assert result.metrics["lr_finder"]["suggestion"] > 0 and (result.run_dir / "lr_find.png").is_file()
+    with pytest.raises(TransferkitError, match=r"num_training must be a whole number of at least 2 .*got 0"):
+        find_lr(TrainConfig(data=str(tiny_dataset), **TINY), num_training=0)  # said "division by zero"
 
 
 @pytest.mark.slow

@@ -64,6 +64,9 @@ def find_lr(config: TrainConfig, splits: Any = None, num_training: int = 100) ->
 
     from lightning.pytorch.tuner import Tuner
 
+    if isinstance(num_training, bool) or not isinstance(num_training, int) or num_training < 2:
+        raise TransferkitError(f"num_training must be a whole number of at least 2 (the LRs tried), "
+                               f"got {num_training!r}")  # fmt: skip
     quiet_lightning()
     L.seed_everything(config.seed, workers=True, verbose=False)
     splits = splits or discover_for(config)
