@@ -234,11 +234,17 @@ def default_num_workers(device_type: str | None = None) -> int:
     return max(0, min(8, (os.cpu_count() or 1) - 1))
 
 
+def check_whole_number(option: str, value: Any, low: int, what: str = "") -> None:
+    """A count given from Python (argparse checks the command line's) as a one-line error, not a traceback."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < low:
+        raise TransferkitError(f"{option} must be a whole number of at least {low}{what}, got {value!r}")
+
+
 def check_loading(batch_size: int, num_workers: int | None) -> None:
-    """What DataLoader would refuse with a traceback (the Python API takes these unchecked by argparse)."""
-    for option, value, low in (("--batch-size", batch_size, 1), ("--num-workers", num_workers, 0)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, Integral) or value < low):
-            raise TransferkitError(f"{option} must be a whole number of at least {low}, got {value!r}")
+    """What DataLoader would refuse with a traceback."""
+    check_whole_number("--batch-size", batch_size, 1)
+    if num_workers is not None:
+        check_whole_number("--num-workers", num_workers, 0)
 
 
 def _collate_quietly(batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor, list[BadImage]]:

@@ -31,7 +31,7 @@ from torch import nn
 
 from .backbones import Preprocessing
 from .checkpoint import load_checkpoint
-from .data import build_transform, load_image
+from .data import build_transform, check_whole_number, load_image
 from .errors import TransferkitError
 from .files import atomic_write, new_or_empty_folder
 from .layers import resolve_layer
@@ -79,8 +79,7 @@ def explain(
     ``predict`` answers (bf16 on a CPU with native bf16 for ``auto``; the heatmaps then differ from
     fp32's by a few hundredths of their 0-1 range, and the forward pass is faster).
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise TransferkitError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
+    check_whole_number("batch_size", batch_size, 1)
     return list(_explanations(_eager_model(model), images, target, batch_size, precision))
 
 

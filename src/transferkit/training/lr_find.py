@@ -11,7 +11,7 @@ from typing import Any
 
 import lightning as L
 
-from ..data import discover_for
+from ..data import check_whole_number, discover_for
 from ..errors import TransferkitError
 from ..files import atomic_write
 from ..performance import resolve_precision, to_fast_layout
@@ -64,9 +64,7 @@ def find_lr(config: TrainConfig, splits: Any = None, num_training: int = 100) ->
 
     from lightning.pytorch.tuner import Tuner
 
-    if isinstance(num_training, bool) or not isinstance(num_training, int) or num_training < 2:
-        raise TransferkitError(f"num_training must be a whole number of at least 2 (the LRs tried), "
-                               f"got {num_training!r}")  # fmt: skip
+    check_whole_number("num_training", num_training, 2, " (the LRs tried)")
     quiet_lightning()
     L.seed_everything(config.seed, workers=True, verbose=False)
     splits = splits or discover_for(config)
