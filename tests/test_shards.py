@@ -127,6 +127,20 @@ def test_a_url_is_read_through_a_cache_of_whole_chunks(shards: Path, tmp_path: P
         discover("local:/nowhere")
 
 
+def test_a_url_read_again_under_another_cache_dir_is_fetched_into_that_one(
+    shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One process, two cache folders in turn (two --cache-dir commands from a notebook): each gets the chunks."""
+    from transferkit.shards import packed_images, read_packed
+
+    url = f"local:{shards}"
+    last = packed_images(url)[-1]
+    for cache in ("first", "second"):
+        monkeypatch.setenv("TRANSFERKIT_CACHE_DIR", str(tmp_path / cache))
+        assert read_packed(last) == read_packed(str(shards) + last.removeprefix(url))
+        assert [p.parts[-2:] for p in (tmp_path / cache / "shards").rglob("*.bin")] == [("val", "chunk-0-0.bin")]
+
+
 # A new process reading every image of packed shards at a URL: how many, and the last one's bytes' length.
 READ_ALL = """
 import sys

@@ -128,7 +128,7 @@ def read_packed(path: str) -> bytes | None:
     if parsed is None:
         return None
     root, split, index, name = parsed
-    dataset, lock = _dataset(root, split, os.getpid())
+    dataset, lock = _dataset(root, split, os.getpid(), _url_cache(root) if is_url(root) else None)
     with lock:  # batches decode on threads; litdata's reader is not made for concurrent calls
         if is_url(root):
             _fetch_chunk(root, split, index)
@@ -163,11 +163,16 @@ def _manifest(root: str) -> dict[str, Any]:
     return manifest
 
 
-@functools.lru_cache(maxsize=64)
 def _url_cache(root: str) -> Path:
-    """The cache folder of a packed URL's version: its version file is read from the store once a process
+    """The cache folder of a packed URL's version, in the cache root of the moment (``--cache-dir``)."""
+    return _url_cache_in(root, cache_root())
+
+
+@functools.lru_cache(maxsize=64)
+def _url_cache_in(root: str, cache: Path) -> Path:
+    """A packed URL's version folder in ``cache``: its version file is read from the store once a process
     (DataLoader workers, forked later, share the answer). A pack older than version files has one folder."""
-    base = cache_root() / "shards" / hashlib.sha1(root.encode()).hexdigest()[:16]
+    base = cache / "shards" / hashlib.sha1(root.encode()).hexdigest()[:16]
     base.mkdir(parents=True, exist_ok=True)
     try:
         version = Path(_download(root, VERSION, base / VERSION, fresh=True)).read_text().strip()
@@ -227,19 +232,19 @@ def _fetch_chunk(root: str, split: str, index: int) -> None:
 
 
 @functools.lru_cache(maxsize=16)
-def _dataset(root: str, split: str, pid: int) -> tuple[Any, threading.Lock]:
+def _dataset(root: str, split: str, pid: int, url_cache: Path | None) -> tuple[Any, threading.Lock]:
     """litdata's dataset of one split, per process (DataLoader workers open their own).
 
-    A URL's split is read from the cache folder its chunks are fetched into (:func:`_fetch_chunk`):
+    A URL's split is read from ``url_cache``, the folder its chunks are fetched into (:func:`_fetch_chunk`):
     whole chunks, each fetched once, rather than litdata's default for reads by index (one ranged
     request per image, again every epoch), and no background download thread racing the reads.
     """
     from litdata import StreamingDataset
 
-    if not is_url(root):
+    if url_cache is None:
         return StreamingDataset(f"{root}/{split}"), threading.Lock()
-    _chunks(root, split)  # the split's index.json, which the local dataset reads
-    return StreamingDataset(str(_url_cache(root) / split)), threading.Lock()
+    _fetched(root, f"{split}/index.json")  # which the local dataset reads
+    return StreamingDataset(str(url_cache / split)), threading.Lock()
 
 
 def chunk_size(text: str | int) -> int:
