@@ -224,6 +224,28 @@ def test_report_without_the_data_still_shows_the_run(runs: dict[str, Path], tmp_
     assert all((moved / src).is_file() for src in images)
 
 
+def test_a_report_regenerated_and_interrupted_leaves_the_old_one_whole(
+    runs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new figures are drawn beside the report and moved in with the new page: a Ctrl+C while
+    Grad-CAM's grids are drawn (after the charts) leaves the old page and every figure it shows."""
+    import transferkit.reports.explanations as explanations
+
+    run = Path(shutil.copytree(runs["gradual"], tmp_path / "run"))
+    page = write_report(run)
+    shown = {src: (run / src).read_bytes() for src in references(page).images}
+    assert f"{REPORT_DIR}/{FIGURES['explained_predictions']}" in shown and len(shown) >= 5
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(explanations, "plot_tiles", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_report(run)
+    assert {src: (run / src).read_bytes() for src in references(page).images} == shown
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []  # nothing half-drawn is left
+
+
 def test_report_refuses_to_label_images_with_classes_the_model_lacks(runs: dict[str, Path], tmp_path: Path) -> None:
     data = make_colour_folder(tmp_path / "data", 2, classes=("red", "green", "blue"))
     page = write_report(_moved_run(runs["gradual"], tmp_path / "moved-run", data)).read_text(encoding="utf-8")

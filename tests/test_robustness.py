@@ -235,6 +235,20 @@ def test_two_processes_sharing_the_cache_do_not_corrupt_it(tmp_path: Path) -> No
     assert len(paths) == 80 and (where >= 0).all() and torch.equal(torch.from_numpy(store.read(where)), a)
 
 
+def test_of_two_trainings_given_the_same_out_at_once_the_second_is_refused(tmp_path: Path) -> None:
+    """The run directory is claimed when it is made: a second claim of the same --out (another process
+    that checked it was empty at the same moment) is refused, never shared."""
+    from transferkit.training import TrainConfig
+    from transferkit.workflow import create_run_dir
+
+    for out in (tmp_path / "new", tmp_path / "empty"):
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        config = TrainConfig(data=str(tmp_path), out=str(out))
+        assert create_run_dir(config) == out
+        with pytest.raises(TransferkitError, match=f"run directory {out} already exists; choose another --out"):
+            create_run_dir(config)
+
+
 def test_evaluation_lists_each_decoded_image_under_its_own_name(tiny_dataset: Path, tmp_path: Path) -> None:
     from transferkit import evaluate
 

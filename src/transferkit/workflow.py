@@ -268,14 +268,22 @@ def _check_same_fold(fold_dir: Path, fold_config: TrainConfig, k: int) -> None:
 
 
 def create_run_dir(config: TrainConfig) -> Path:
-    """A new run directory; an existing one is never reused (that would overwrite a run)."""
+    """A new run directory; an existing one is never reused (that would overwrite a run).
+
+    An empty ``--out`` folder is claimed by creating its ``command.txt`` exclusively, so that of two
+    processes given the same ``--out`` at once one trains and the other is refused.
+    """
     if config.out:
         run_dir = Path(config.out).expanduser()
+        taken = TransferkitError(f"run directory {run_dir} already exists; choose another --out or remove it "
+                                 f"(runs are never overwritten)")  # fmt: skip
         if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-            raise TransferkitError(
-                f"run directory {run_dir} already exists; choose another --out or remove it (runs are never overwritten)"
-            )
+            raise taken
         run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            (run_dir / "command.txt").open("x").close()
+        except FileExistsError:
+            raise taken from None
         return run_dir
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     base = Path(config.runs_root) / f"{config.model.replace('/', '_')}-{config.strategy}-{stamp}"

@@ -9,6 +9,7 @@ Where things are:
 
 - ``transferkit.runs``: a run directory read back (:class:`Run`, :func:`load_run`), shared with training.
 - :mod:`.figures`: every figure (matplotlib's Agg canvas, never pyplot) and the images they show.
+- :mod:`.drawing`: which figures a run's report gets, drawn into a folder.
 - :mod:`.html`: the HTML page of one run; a new section is one function plus one entry in ``SECTIONS``.
 - :mod:`.compare`: runs side by side, as a terminal table and as an HTML page with a plot.
 
@@ -43,7 +44,8 @@ from .figures import (
     top_losses,
     training_tiles,
 )
-from .html import CSS, FIGURES, REPORT_DIR, REPORT_NAME, SECTIONS, STRATEGY_NOTES, write_report
+from .drawing import FIGURES
+from .html import CSS, REPORT_DIR, REPORT_NAME, SECTIONS, STRATEGY_NOTES, write_report
 
 __all__ = [
     "ANNOTATE_MAX_CLASSES", "COMPARE_INCHES", "CSS", "CURVES_INCHES", "DPI", "FIGURES", "GRID_COLUMNS",

@@ -22,7 +22,7 @@ from ..runs import Run
 from .figures import PREDICTION_SAMPLES, Prediction, Tile, _spread, plot_tiles, prediction_title, top_losses
 
 REPORT_DIR = "report"  # html.REPORT_DIR, which imports this module
-# The figures this section draws, by key; html.FIGURES lists them so that a new report removes them first.
+# The figures this section draws, by key; html.FIGURES lists them so that a new report removes stale ones.
 EXPLANATION_FIGURES = {
     "explained_predictions": "gradcam_predictions.png",
     "explained_top_losses": "gradcam_top_losses.png",
@@ -39,17 +39,15 @@ class Explained:
 
 
 class _ImageSections(Protocol):
-    """What the Images section found (html._Images): Grad-CAM's grids among them."""
+    """What the report's drawing found (drawing.DrawnFigures): Grad-CAM's grids among them."""
 
     explained: Explained
 
 
 def draw_explanations(
-    run: Run, model: TransferModel | None, predictions: list[Prediction], images_note: str | None
+    run: Run, figures: Path, model: TransferModel | None, predictions: list[Prediction], images_note: str | None
 ) -> Explained:
-    """Draw the two Grad-CAM grids into ``RUN/report/`` for the Images section's predictions (or say why not)."""
-    for name in EXPLANATION_FIGURES.values():  # never an earlier report's grid beside this one's note
-        (run.path / REPORT_DIR / name).unlink(missing_ok=True)
+    """Draw the two Grad-CAM grids into ``figures`` for the Images section's predictions (or say why not)."""
     if images_note or model is None:
         reason = (images_note or "no model").removeprefix("image grids not drawn: ")
         return Explained(note=f"Grad-CAM not drawn: {reason}")
@@ -59,7 +57,7 @@ def draw_explanations(
     shown = _spread(predictions, lambda p: p.label, PREDICTION_SAMPLES, run.config.get("seed", 0))
     grids = {"explained_predictions": (shown, False), "explained_top_losses": (top_losses(predictions), True)}
     try:
-        drawn, layer = _draw(run.path / REPORT_DIR, model, grids)
+        drawn, layer = _draw(figures, model, grids)
     except TransferkitError as exc:
         return Explained(note=f"Grad-CAM not drawn: {exc}")
     return Explained(drawn, layer)

@@ -7,22 +7,22 @@ entry where it should appear; the section's id is the first word of its title, l
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ..backbones import Preprocessing
-from ..checkpoint import CHECKPOINT_NAME, load_checkpoint
-from ..data import ImageFolderSplits, discover_for
-from ..errors import TransferkitError
+from ..data import ImageFolderSplits
 from ..files import atomic_write
 from ..model import TransferModel
-from ..performance import in_second_process
 from ..runs import HISTORY_FIELDS, HISTORY_NAME, Run, load_run
 from ..strategies import DEFAULT_LR_DECAY
-from .explanations import EXPLANATION_FIGURES, Explained, draw_explanations, explanations_html
+from .drawing import FIGURES, DrawnFigures, draw_figures
+from .explanations import explanations_html
+from .figures import Prediction
 from .markup import CSS
 from .markup import definitions as _definitions
 from .markup import escape as _e
@@ -30,34 +30,9 @@ from .markup import json_html as _json_html
 from .markup import number as _number
 from .markup import seconds as _seconds
 from .markup import table as _table
-from .figures import (
-    PREDICTION_SAMPLES,
-    Prediction,
-    _spread,
-    plot_confusion_matrix,
-    plot_curves,
-    plot_reliability,
-    plot_selection,
-    plot_tiles,
-    predict_samples,
-    prediction_tiles,
-    top_losses,
-    training_tiles,
-)  # fmt: skip
 
 REPORT_NAME = "report.html"
 REPORT_DIR = "report"
-# Every PNG a report may hold; a regenerated report first removes them, so none is ever stale.
-FIGURES = {
-    "curves": "curves.png",
-    "confusion": "confusion_matrix.png",
-    "augmented": "training_samples.png",
-    "predictions": "val_predictions.png",
-    "top_losses": "top_losses.png",
-    "selection": "selection.png",
-    "reliability": "reliability.png",
-    **EXPLANATION_FIGURES,
-}
 # What each strategy trains and when it fits (README's table): the "why" when no advice was recorded.
 STRATEGY_NOTES = {
     "feature-extract": "trains the new head only, on the frozen backbone's features computed once and cached; "
@@ -70,17 +45,6 @@ STRATEGY_NOTES = {
     "gradual": "trains the head first, then unfreezes one more group at a time, each at its own learning rate; "
     "fits medium data and protects the pretrained features early on",
 }
-
-
-@dataclass
-class _Images:
-    """What the image sections found: captions of the grids written, predictions, Grad-CAM's grids, or
-    why they are missing."""
-
-    captions: dict[str, str]
-    predictions: list[Prediction]
-    note: str | None = None
-    explained: Explained = field(default_factory=Explained)
 
 
 def write_report(
@@ -96,123 +60,36 @@ def write_report(
     ``model.pt`` the report still shows everything else, and says what it could not show.
     """
     run = load_run(run_dir)
-    figures = run.path / REPORT_DIR
-    figures.mkdir(exist_ok=True)
-    for name in FIGURES.values():
-        (figures / name).unlink(missing_ok=True)
-    found = _model_and_data(run, splits, model)
-    predictions = _val_predictions(found, val_predictions, run.config.get("batch_size", 32))
-    # The charts and image grids need no model: a second process on the other core draws them,
-    # while this one runs the model for Grad-CAM's grids.
-    grids_drawn = in_second_process(_draw_charts_and_grids, run, figures, found, predictions)
-    note = found if isinstance(found, str) else None
+    # Drawn beside the report first: until the new page replaces it, the old one keeps every figure it shows.
+    staging = Path(tempfile.mkdtemp(prefix=f".{REPORT_DIR}-", dir=run.path))
     try:
-        explained = draw_explanations(run, None if note else found[0], predictions, note)
+        page = _render_report(run, draw_figures(run, staging, splits, val_predictions, model))
+        _replace_report(run.path, staging, page)
     finally:
-        captions = grids_drawn()
-    images = _Images(captions, predictions, note, explained)
-    page = _render_report(run, images)
-    path = run.path / REPORT_NAME
-    atomic_write(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
-    return path
+        shutil.rmtree(staging, ignore_errors=True)
+    return run.path / REPORT_NAME
 
 
-def _model_and_data(
-    run: Run, splits: ImageFolderSplits | None, model: TransferModel | None
-) -> tuple[TransferModel, ImageFolderSplits] | str:
-    """The run's model and data, or why the image grids cannot be drawn."""
-    try:
-        model = model or load_checkpoint(run.path / CHECKPOINT_NAME)
-        splits = splits or discover_for(run.config)
-    except TransferkitError as exc:
-        return f"image grids not drawn: {exc}"
-    if splits.class_names != model.class_names:
-        return (f"image grids not drawn: the classes in {splits.root} ({', '.join(splits.class_names)}) are no "
-                f"longer the model's ({', '.join(model.class_names)})")  # fmt: skip
-    return model, splits
+def _replace_report(run_dir: Path, staging: Path, page: str) -> None:
+    """The new figures into ``report/``, then the new page, then the old figures the page no longer shows."""
+    figures = run_dir / REPORT_DIR
+    figures.mkdir(exist_ok=True)
+    drawn = {png.name for png in staging.iterdir()}
+    for name in drawn:
+        os.replace(staging / name, figures / name)
+    atomic_write(run_dir / REPORT_NAME, lambda tmp: tmp.write_text(page, encoding="utf-8"))
+    for name in set(FIGURES.values()) - drawn:
+        (figures / name).unlink(missing_ok=True)
 
 
-def _val_predictions(
-    found: tuple[TransferModel, ImageFolderSplits] | str, given: list[Prediction] | None, batch_size: int
-) -> list[Prediction]:
-    if isinstance(found, str):
-        return []
-    model, splits = found
-    if given is not None or model.multi_label:  # multi-label: the grids (one verdict an image) do not apply
-        return given or []
-    return predict_samples(model, splits.val, batch_size)
-
-
-def _draw_charts_and_grids(
-    run: Run, figures: Path, found: tuple[TransferModel, ImageFolderSplits] | str, predictions: list[Prediction]
-) -> dict[str, str]:
-    """The charts, and the image grids where the data is found (the model is not run); the grids' captions."""
-    _draw_charts(run, figures)
-    if isinstance(found, str):
-        return {}
-    model, splits = found
-    prep, names, seed = model.preprocessing, model.class_names, run.config.get("seed", 0)
-    augment = _training_augmentation(run)
-    shown = _spread(predictions, lambda p: p.label, PREDICTION_SAMPLES, seed)
-    wrong = sum(not p.correct for p in predictions)
-    captions = {
-        "augmented": _augmentation_caption(run, augment, prep),
-        "predictions": f"{len(shown)} of {len(predictions)} validation images, every class in turn: predicted class "
-        f"and its probability over the true class; mistakes in red ({wrong} of {len(predictions)} in all).",
-        "top_losses": "The images with the highest loss (−log of the probability given to the true class), highest "
-        "first: the most confidently wrong lead; titles read predicted / true.",
-    }
-    grids = {
-        "augmented": training_tiles(splits.train, names, prep, augment, seed=seed),
-        "predictions": prediction_tiles(shown, names, prep),
-        "top_losses": prediction_tiles(top_losses(predictions), names, prep, with_loss=True),
-    }
-    for key, tiles in grids.items():
-        if tiles:
-            plot_tiles(tiles, figures / FIGURES[key])
-    return {key: caption for key, caption in captions.items() if grids[key]}
-
-
-def _draw_charts(run: Run, figures: Path) -> None:
-    if len(run.history) > 1:  # one row (one epoch, a linear probe's one fit) makes no curve
-        plot_curves(run, figures / FIGURES["curves"])
-    if run.metrics.get("val_confusion_matrix"):
-        plot_confusion_matrix(run.metrics["class_names"], run.metrics["val_confusion_matrix"],
-                              figures / FIGURES["confusion"])  # fmt: skip
-    if (run.metrics.get("selection") or {}).get("leaderboard"):
-        plot_selection(run.metrics["selection"]["leaderboard"], figures / FIGURES["selection"])
-    if run.metrics.get("calibration"):
-        plot_reliability(run.metrics["calibration"], figures / FIGURES["reliability"])
-
-
-def _training_augmentation(run: Run) -> str:
-    # A frozen backbone with cached features trains on the views that were cached, which are plain
-    # evaluation views unless several augmented views were asked for: show what the head really saw.
-    cache = run.metrics.get("feature_cache")
-    return cache.get("augment", "none") if isinstance(cache, dict) else run.config.get("augment", "none")
-
-
-def _augmentation_caption(run: Run, augment: str, prep: Preprocessing) -> str:
-    source = f"--augment {augment}"
-    if isinstance(run.metrics.get("feature_cache"), dict) and augment != run.config.get("augment"):
-        source = (f"the cached evaluation views (features were cached with --views "
-                  f"{run.metrics['feature_cache'].get('views', 1)}, so --augment {run.config.get('augment')} "
-                  f"did not apply)")  # fmt: skip
-    mean = ", ".join(f"{v:.3f}" for v in prep.mean)
-    std = ", ".join(f"{v:.3f}" for v in prep.std)
-    return (f"Training images as the model sees them: {prep.image_size} px after {source}, normalised with "
-            f"the backbone's mean ({mean}) and std ({std}) and de-normalised with the same values for display.")
-
-
-def _figure_html(run: Run, key: str, alt: str, caption: str = "") -> str:
-    rel = f"{REPORT_DIR}/{FIGURES[key]}"
-    if not (run.path / rel).is_file():
+def _figure_html(images: DrawnFigures, key: str, alt: str, caption: str = "") -> str:
+    if not (images.figures / FIGURES[key]).is_file():
         return ""
-    return (f'<figure><img src="{_e(rel)}" alt="{_e(alt)}">'
+    return (f'<figure><img src="{_e(f"{REPORT_DIR}/{FIGURES[key]}")}" alt="{_e(alt)}">'
             + (f"<figcaption>{_e(caption)}</figcaption>" if caption else "") + "</figure>")  # fmt: skip
 
 
-def _summary_html(run: Run, images: _Images) -> str:
+def _summary_html(run: Run, images: DrawnFigures) -> str:
     m = run.metrics
     cards = [
         ("validation accuracy", _number(m.get("val_accuracy"))),
@@ -234,7 +111,7 @@ def _chosen_by_f1(metrics: dict[str, Any]) -> bool:
     return (metrics.get("balance") or {}).get("selection_metric") == "val_macro_f1"
 
 
-def _data_html(run: Run, images: _Images) -> str:
+def _data_html(run: Run, images: DrawnFigures) -> str:
     data: dict[str, Any] = run.metrics.get("data") or {}
     classes = data.get("classes") or []
     splits = [s for s in ("train", "val", "test") if data.get(f"{s}_counts")]
@@ -256,7 +133,7 @@ def _data_html(run: Run, images: _Images) -> str:
     return "".join(parts)
 
 
-def _strategy_html(run: Run, images: _Images) -> str:
+def _strategy_html(run: Run, images: DrawnFigures) -> str:
     m, cfg = run.metrics, run.config
     strategy = m.get("strategy", cfg.get("strategy", "?"))
     trainable, total = m.get("trainable_params"), m.get("total_params")
@@ -299,7 +176,7 @@ def _advice_html(advice: Any) -> str:
             f"<details><summary>measurements</summary>{_json_html(advice)}</details></div>")  # fmt: skip
 
 
-def _curves_html(run: Run, images: _Images) -> str:
+def _curves_html(run: Run, images: DrawnFigures) -> str:
     if not run.history:
         return f"<p>No per-epoch history in this run (no {HISTORY_NAME}).</p>"
     rows = [[_number(r.get(k), 6 if k == "lr" else 4) for k in HISTORY_FIELDS] for r in run.history]
@@ -307,13 +184,13 @@ def _curves_html(run: Run, images: _Images) -> str:
     if len(run.history) == 1:
         return (f"<p>One row, so no curve to draw (a single epoch, or a linear probe's one fit); its numbers "
                 f"({HISTORY_NAME}):</p>{table}")  # fmt: skip
-    figure = _figure_html(run, "curves", "loss, accuracy and learning rate per epoch",
+    figure = _figure_html(images, "curves", "loss, accuracy and learning rate per epoch",
                           "Train vs validation per epoch; dashed lines: layer groups unfrozen; star: best epoch "
                           "(the checkpoint kept).")  # fmt: skip
     return figure + f"<details><summary>{HISTORY_NAME}</summary>{table}</details>"
 
 
-def _metrics_html(run: Run, images: _Images) -> str:
+def _metrics_html(run: Run, images: DrawnFigures) -> str:
     m = run.metrics
     parts = []
     for split in ("val", "test"):
@@ -332,7 +209,7 @@ def _metrics_html(run: Run, images: _Images) -> str:
                     else f"accuracy {_number(m.get(f'{split}_accuracy'))}")  # fmt: skip
         parts.append(f"<h3>Per class, {title} ({headline}{_e(at)})</h3>"
                      + _table(["class", "precision", "recall", "F1", "support", *extra], rows))  # fmt: skip
-    parts.append(_figure_html(run, "confusion", "confusion matrix",
+    parts.append(_figure_html(images, "confusion", "confusion matrix",
                               "Validation confusion matrix: rows are true classes, columns predicted."))  # fmt: skip
     c = m.get("calibration")
     if c:
@@ -340,20 +217,20 @@ def _metrics_html(run: Run, images: _Images) -> str:
                      f"predictions)</h3>" + _table(["", "expected calibration error", "negative log-likelihood"], [
                          ["the network's softmax", _number(c["ece_before"]), _number(c["nll_before"])],
                          ["calibrated", _number(c["ece_after"]), _number(c["nll_after"])]])
-                     + _figure_html(run, "reliability", "reliability diagram", "Of the answers given at each "
+                     + _figure_html(images, "reliability", "reliability diagram", "Of the answers given at each "
                                     "confidence, the share that is right: on the diagonal, a probability means what "
                                     "it says."))  # fmt: skip
     return "".join(parts)
 
 
-def _images_html(run: Run, images: _Images) -> str:
+def _images_html(run: Run, images: DrawnFigures) -> str:
     if images.note:
         return f'<p class="note">{_e(images.note)}</p>'
     parts = []
     for key, title in (("augmented", "Training images after augmentation"), ("predictions", "Validation predictions"),
                        ("top_losses", "Top losses: the most confidently wrong")):  # fmt: skip
         if key in images.captions:
-            parts.append(f"<h3>{_e(title)}</h3>" + _figure_html(run, key, title, images.captions[key]))
+            parts.append(f"<h3>{_e(title)}</h3>" + _figure_html(images, key, title, images.captions[key]))
     mistakes = [p for p in images.predictions if not p.correct]
     if mistakes:
         names = run.metrics.get("class_names") or []
@@ -368,7 +245,7 @@ def _images_html(run: Run, images: _Images) -> str:
     return "".join(parts)
 
 
-def _time_html(run: Run, images: _Images) -> str:
+def _time_html(run: Run, images: DrawnFigures) -> str:
     m = run.metrics
     epoch_seconds = [r["seconds"] for r in run.history if r.get("seconds") is not None]
     items = [
@@ -380,7 +257,7 @@ def _time_html(run: Run, images: _Images) -> str:
     return _definitions([i for i in items if i is not None])
 
 
-def _selection_html(run: Run, images: _Images) -> str:
+def _selection_html(run: Run, images: DrawnFigures) -> str:
     """``--strategy auto``'s leaderboard: every candidate measured on held-out training images."""
     selection = run.metrics.get("selection")
     if not isinstance(selection, dict):
@@ -395,12 +272,12 @@ def _selection_html(run: Run, images: _Images) -> str:
                f"budget. Reproduce the winner: <code>{_e(selection.get('command', ''))}</code></p>")  # fmt: skip
     table = _table(["rank", "backbone", "strategy", "layer / unfreeze", "holdout accuracy", "seconds", "images/s",
                     "status"], rows, numeric_from=4)  # fmt: skip
-    return summary + table + _figure_html(run, "selection", "holdout accuracy against time per candidate")
+    return summary + table + _figure_html(images, "selection", "holdout accuracy against time per candidate")
 
 
 # The report's sections in page order: a title (its first word, lower-cased, is the section's id)
 # and the function that writes the section's body. A new section is one function above and one entry here.
-SECTIONS: list[tuple[str, Callable[[Run, _Images], str]]] = [
+SECTIONS: list[tuple[str, Callable[[Run, DrawnFigures], str]]] = [
     ("Summary", _summary_html),
     ("Data", _data_html),
     ("Backbone and strategy", _strategy_html),
@@ -413,7 +290,7 @@ SECTIONS: list[tuple[str, Callable[[Run, _Images], str]]] = [
 ]
 
 
-def _render_report(run: Run, images: _Images) -> str:
+def _render_report(run: Run, images: DrawnFigures) -> str:
     m = run.metrics
     body = "".join(f'<section id="{title.lower().split()[0]}"><h2>{_e(title)}</h2>{section(run, images)}</section>'
                    for title, section in SECTIONS)  # fmt: skip
