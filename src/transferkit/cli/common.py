@@ -9,6 +9,8 @@ are read from the Python API only when a value is checked or a command's help is
 from __future__ import annotations
 
 import argparse
+import itertools
+import sys
 import textwrap
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -42,6 +44,37 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see: {self.prog} --help)\n")
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        given = sys.argv[1:] if args is None else list(args)
+        parsed, extras = self.parse_known_args(given, namespace)
+        if extras:
+            self.error(comma_separated_hint(given, extras) or f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
+
+# Options that take several numbers in one value (``floats``): given space-separated, argparse would
+# call all but the first "unrecognized arguments".
+COMMA_SEPARATED = ("--mean", "--std")
+
+
+def comma_separated_hint(given: Sequence[str], extras: Sequence[str]) -> str | None:
+    """``--mean takes one number or three separated by commas: --mean 0.5,0.5,0.5`` for ``--mean 0.5 0.5 0.5``
+    (where the command has ``--mean``: else it is among the ``extras`` argparse did not recognise)."""
+    for i, token in enumerate(given):
+        if token in COMMA_SEPARATED and token not in extras:
+            numbers = list(itertools.takewhile(_is_number, given[i + 1:]))
+            if len(numbers) > 1:
+                return f"{token} takes one number or three separated by commas: {token} {','.join(numbers)}"
+    return None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 class ApiChoices:
