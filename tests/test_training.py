@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import subprocess
@@ -241,6 +242,24 @@ def test_ctrl_c_is_a_keyboard_interrupt_and_the_run_says_how_to_continue(tiny_da
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Lightning had left Ctrl+C ignored
     assert resume_target(run) == run and resume_target(tmp_path) is None
     assert resume_training(run).metrics["epochs_run"] == 3
+
+
+def test_a_run_resumed_with_quiet_shows_no_progress_and_reaches_its_own_result(
+    tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--quiet is the one option --resume takes with it: it changes what is shown, not what is trained."""
+    from transferkit.cli import main
+
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="on purpose"):
+        train(tiny_dataset, epochs=2, out=str(run), callbacks=[_FailAtEpoch(1)], **{**TINY, "quiet": False})
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    shown = capsys.readouterr()
+    assert shown.out == f"{run}\n" and "Epoch" not in shown.err, shown
+    assert json.loads((run / "metrics.json").read_text())["epochs_run"] == 2
+    assert main(["train", "--resume", str(run), "--quiet", "--epochs", "3"]) == 2
+    assert "leave out --epochs (to change them, start a new run)" in capsys.readouterr().err
 
 
 def test_inception_trained_below_its_auxiliary_classifiers_input_size_is_an_error_before_the_run(

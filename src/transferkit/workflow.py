@@ -161,7 +161,7 @@ def _train_folds(
         if not config.quiet:
             say(f"fold {k} of {len(folds)}: {len(train)} training, {len(val)} validation images")
         if (fold_dir / "checkpoints" / "last.ckpt").is_file():
-            results.append(_resume_fit(fold_dir, fold_splits, command, callbacks))
+            results.append(_resume_fit(fold_dir, fold_splits, command, callbacks, config.quiet))
         else:  # not started, or stopped in its first epoch: (re)started in its own directory
             started_dir = fold_dir if fold_dir.exists() else None
             results.append(_train_resolved(fold_config, fold_splits, started_dir, command, callbacks, time.time()))
@@ -191,22 +191,26 @@ def _resolve_balance(config: TrainConfig, splits: ImageFolderSplits) -> None:
             f"{fix[balance.mode]}, best epoch chosen by macro-F1")  # fmt: skip
 
 
-def resume_training(run_dir: str | Path, command: str | None = None, callbacks: list[Callback] = ()) -> TrainResult:  # type: ignore[assignment]
+def resume_training(
+    run_dir: str | Path, command: str | None = None, callbacks: list[Callback] = (),  # type: ignore[assignment]
+    quiet: bool | None = None,
+) -> TrainResult:  # fmt: skip
     """Continue an interrupted run from its last checkpoint, with its own configuration.
 
     The epoch-seeded sampler, per-image augmentation seeds and the RNG state saved in the
-    checkpoint make the resumed run reach the same result as an uninterrupted one.
+    checkpoint make the resumed run reach the same result as an uninterrupted one. ``quiet``
+    (no progress bar) changes nothing of the result; None keeps the run's own setting.
     """
     quiet_lightning()
     run_dir = Path(run_dir).expanduser()
     last = run_dir / "checkpoints" / "last.ckpt"
     if not (run_dir / "config.json").is_file() and (run_dir / SEARCH_PROGRESS).is_file():
-        return _resume_search(run_dir, command, callbacks)
+        return _resume_search(run_dir, command, callbacks, quiet)
     if not (run_dir / "config.json").is_file():
         raise TransferkitError(f"{run_dir} is not a transferkit run directory (no config.json); give the run to resume")
     if (run_dir / "metrics.json").is_file():
         raise TransferkitError(f"run {run_dir} already finished; start a new run instead of --resume")
-    config = TrainConfig(**json.loads((run_dir / "config.json").read_text()))
+    config = _saved_config(json.loads((run_dir / "config.json").read_text()), quiet)
     parent = run_dir.resolve().parent
     if _is_k_fold_run(parent) and run_dir.resolve().name.startswith("fold-"):
         raise TransferkitError(f"{run_dir} is a fold of the k-fold run {parent}: resume the whole run, with "
@@ -218,14 +222,19 @@ def resume_training(run_dir: str | Path, command: str | None = None, callbacks: 
     splits = discover_for(config)
     if config.folds:
         return _train_folds(config, splits, command, callbacks, parent=run_dir)
-    return _resume_fit(run_dir, splits, command, callbacks)
+    return _resume_fit(run_dir, splits, command, callbacks, config.quiet)
+
+
+def _saved_config(saved: dict[str, Any], quiet: bool | None) -> TrainConfig:
+    """A run's configuration as saved, with the resuming command's ``quiet`` where it gave one."""
+    return TrainConfig(**{**saved, **({} if quiet is None else {"quiet": quiet})})
 
 
 def _resume_fit(
-    run_dir: Path, splits: ImageFolderSplits, command: str | None, callbacks: list[Callback]
+    run_dir: Path, splits: ImageFolderSplits, command: str | None, callbacks: list[Callback], quiet: bool
 ) -> TrainResult:  # fmt: skip
     """Continue the run in ``run_dir`` from its last checkpoint, on ``splits`` (its own data), and finish it."""
-    config = TrainConfig(**json.loads((run_dir / "config.json").read_text()))
+    config = _saved_config(json.loads((run_dir / "config.json").read_text()), quiet)
     with open(run_dir / "command.txt", "a") as f:
         f.write((command or " ".join(sys.argv)) + "\n")
     started = time.time()
@@ -339,12 +348,12 @@ def _measured_choice(
     return record
 
 
-def _resume_search(run_dir: Path, command: str | None, callbacks: list[Callback]) -> TrainResult:
+def _resume_search(run_dir: Path, command: str | None, callbacks: list[Callback], quiet: bool | None) -> TrainResult:
     """Continue an interrupted ``--strategy auto`` search from its saved trials, then train the winner."""
     from .leaderboard import Trial
 
     state = json.loads((run_dir / SEARCH_PROGRESS).read_text())
-    config = TrainConfig(**state["config"])
+    config = _saved_config(state["config"], quiet)
     started = time.time()
     L.seed_everything(config.seed, workers=True, verbose=False)
     splits = discover_for(config)

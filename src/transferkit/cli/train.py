@@ -141,12 +141,12 @@ def _train(args: argparse.Namespace) -> int:
 
     command = " ".join(["transferkit", *sys.argv[1:]])
     if args.resume:
-        besides = _given(args, ["--resume", args.resume])
+        besides = _given(args, ["--resume", args.resume, *["--quiet"] * args.quiet])  # --quiet changes no result
         if besides:
             raise TransferkitError(f"--resume continues {args.resume} with its own configuration: leave out "
                                    f"{', '.join(besides)} (to change them, start a new run)")  # fmt: skip
         with _resume_hint_on_interrupt(args.resume):
-            print(resume_training(args.resume, command=command).run_dir)
+            print(resume_training(args.resume, command=command, quiet=args.quiet or None).run_dir)
         return 0
     if not args.data:
         raise TransferkitError("train needs DATA (an image folder), or --resume RUN_DIR")
