@@ -59,6 +59,32 @@ def test_every_image_mode_becomes_rgb(tmp_path: Path, mode: str) -> None:
     assert 150 < tensor.float().mean() < 256  # not clipped to black nor garbage
 
 
+# EXIF orientation -> where the stored image's left half (red) is once the image is upright.
+ORIENTATIONS = {1: "left", 3: "right", 6: "top", 8: "bottom"}
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png", ".webp", ".tif"])
+@pytest.mark.parametrize("orientation", sorted(ORIENTATIONS))
+def test_a_photo_taken_sideways_is_decoded_upright_as_its_exif_says(
+    tmp_path: Path, suffix: str, orientation: int
+) -> None:
+    """Phones store a portrait photo as landscape pixels plus an EXIF orientation; a viewer (and whoever
+    labelled it) sees it turned. JPEGs (libjpeg-turbo's path) and PIL's formats are both turned."""
+    stored = np.zeros((20, 40, 3), np.uint8)
+    stored[:, :20], stored[:, 20:] = (255, 0, 0), (0, 0, 255)  # 40 wide: left half red, right half blue
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / f"photo{suffix}"
+    Image.fromarray(stored).save(path, exif=exif, **({"quality": 95} if suffix == ".jpg" else {}))
+
+    image = load_image(str(path)).float()
+    red = image[0] > 128
+    where = ORIENTATIONS[orientation]
+    assert image.shape == ((3, 40, 20) if where in ("top", "bottom") else (3, 20, 40))
+    half = {"left": red[:, :20], "right": red[:, 20:], "top": red[:20], "bottom": red[20:]}[where]
+    assert half.all() and red.sum() == half.numel()
+
+
 def test_hymenoptera_gif_decodes() -> None:
     gif = requires_shared("datasets", "hymenoptera", "train", "ants", "imageNotFound.gif")
     assert load_image(str(gif)).shape[0] == 3

@@ -61,6 +61,8 @@ class FeatureSpec:
     preprocessing: dict[str, Any]
     augment: str = "none"
     precision: str = "32"
+    # How images are decoded: features cached before EXIF orientation was applied are not reused.
+    decoding: str = "exif-upright"
 
     def key(self) -> str:
         return hashlib.sha1(json.dumps(self.__dict__, sort_keys=True).encode()).hexdigest()[:20]

@@ -18,6 +18,7 @@ from typing import Any
 
 from PIL import Image
 
+from ..data import upright
 from ..files import atomic_write
 from ..shards import image_bytes, is_packed_image
 from .html import CSS
@@ -60,8 +61,9 @@ class _Thumbnails:
         try:
             with Image.open(io.BytesIO(image_bytes(path)) if is_packed_image(path) else path) as im:
                 im.draft("RGB", (THUMB_PX, THUMB_PX))  # JPEG: decode at 1/2..1/8 scale, much faster
-                im.thumbnail((THUMB_PX, THUMB_PX))
-                rgb = _rgb(im)
+                shown = upright(im)  # as the model saw it
+                shown.thumbnail((THUMB_PX, THUMB_PX))
+                rgb = _rgb(shown)
         except Exception:  # an undecodable image is a finding, listed as such; no preview here
             return None
         (self.folder / THUMBS_DIR).mkdir(exist_ok=True)
