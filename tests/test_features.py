@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -10,9 +11,10 @@ import torch
 from helpers import make_colour_folder
 
 from transferkit import Preprocessing, TransferkitError, TransferModel, load_backbone
+from transferkit.cli import main
 from transferkit.data import scan_class_folder
 from transferkit.features import extract_features
-from transferkit.files import clear_cache
+from transferkit.files import cache_info, clear_cache
 from transferkit.layers import resolve_layer
 
 SMALL = Preprocessing(image_size=32, resize_size=36, mean=(0.5,) * 3, std=(0.5,) * 3)
@@ -113,7 +115,7 @@ def test_augmented_views_are_cached_and_deterministic(images: list, tmp_path: Pa
     assert not torch.allclose(a.features[0], a.features[1])  # two views of one image differ
 
 
-def test_clear_cache(images: list, tmp_path: Path) -> None:
+def test_clear_cache_and_cache_info(images: list, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     extract_features(_model(), images, cache_dir=tmp_path / "c", num_workers=0)  # --cache-dir means one folder
     assert clear_cache(tmp_path / "c") == {"features": 6, "exports": 0, "shards": 0}
     assert not (tmp_path / "c" / "features").exists()
@@ -123,8 +125,18 @@ def test_clear_cache(images: list, tmp_path: Path) -> None:
     for path in mine:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("mine")
+    # cache info counts and sizes what clear would remove, and nothing else.
+    store_bytes = sum(p.stat().st_size for p in (tmp_path / "shared" / "features").rglob("*")
+                      if p.is_file() and p.name != "notes.txt")  # fmt: skip
+    assert cache_info(tmp_path / "shared") == {"features": {"count": 6, "bytes": store_bytes},
+                                               "exports": {"count": 0, "bytes": 0},
+                                               "shards": {"count": 0, "bytes": 0}}  # fmt: skip
+    assert store_bytes > 6 * 512 * 2  # six 512-wide vectors, at 16 bits or more
+    assert main(["cache", "info", "--cache-dir", str(tmp_path / "shared")]) == 0
+    assert re.search(r"features +6 feature vectors", capsys.readouterr().out)
     assert clear_cache(tmp_path / "shared") == {"features": 6, "exports": 0, "shards": 0}
     assert sorted(p for p in (tmp_path / "shared").rglob("*") if p.is_file()) == sorted(mine)
+    assert cache_info(tmp_path / "shared")["features"] == {"count": 0, "bytes": 0}
 
 
 def test_feature_extract_training_uses_the_cache(tiny_dataset: Path, tmp_path: Path) -> None:

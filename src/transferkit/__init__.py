@@ -42,7 +42,7 @@ _EXPORTS = {
     "QUANTIZATIONS": "quantize", "DEFAULT_MAX_DROP": "quantize",
     "inspect_data": "inspection", "Inspection": "inspection",
     "explain": "gradcam", "Explanation": "gradcam",
-    "cache_root": "files", "clear_cache": "files",
+    "cache_root": "files", "cache_info": "files", "clear_cache": "files",
     "write_report": "reports", "load_run": "reports", "format_comparison": "reports", "write_comparison": "reports",
     "run_demo": "demo",
 }  # fmt: skip

@@ -117,6 +117,13 @@ CACHE_ENTRIES = {
 }
 
 
+def cache_info(cache_dir: str | Path | None = None) -> dict[str, dict[str, int]]:
+    """What transferkit keeps in the cache, by folder: ``{"features": {"count": vectors, "bytes": ...},
+    "exports": {"count": ONNX exports, ...}, "shards": {"count": fetched chunks, ...}}``."""
+    return {folder: {"count": sum(count for _, count, _ in entries), "bytes": sum(size for *_, size in entries)}
+            for folder, entries in _cache_entries(cache_root(cache_dir)).items()}  # fmt: skip
+
+
 def clear_cache(cache_dir: str | Path | None = None) -> dict[str, int]:
     """Empty the cache of what transferkit put there: returns how many feature vectors, ONNX exports and
     fetched shard chunks were removed. Other files in it (a ``--cache-dir`` shared with other things) stay."""
@@ -124,20 +131,39 @@ def clear_cache(cache_dir: str | Path | None = None) -> dict[str, int]:
 
     root = cache_root(cache_dir)
     removed = {}
-    for folder, entry in CACHE_ENTRIES.items():
-        path = root / folder
-        own = [p for p in path.iterdir() if entry.fullmatch(p.name)] if path.is_dir() else []
-        count = {"features": _feature_vectors, "exports": lambda p: p.name.endswith(".onnx"),
-                 "shards": lambda p: sum(1 for _ in p.rglob("chunk-*.bin"))}[folder]  # fmt: skip
-        removed[folder] = sum(int(count(p)) for p in own)
-        for p in own:
+    for folder, entries in _cache_entries(root).items():
+        removed[folder] = sum(count for _, count, _ in entries)
+        for p, *_ in entries:
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p)
             else:
                 p.unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # not empty: other files are there
-            path.rmdir()
+            (root / folder).rmdir()
     return removed
+
+
+def _cache_entries(root: Path) -> dict[str, list[tuple[Path, int, int]]]:
+    """transferkit's own entries in each cache folder: (path, what it holds, its bytes)."""
+    count = {"features": _feature_vectors, "exports": lambda p: int(p.name.endswith(".onnx")),
+             "shards": lambda p: sum(1 for _ in p.rglob("chunk-*.bin"))}  # fmt: skip
+    found = {}
+    for folder, entry in CACHE_ENTRIES.items():
+        path = root / folder
+        own = [p for p in path.iterdir() if entry.fullmatch(p.name)] if path.is_dir() else []
+        found[folder] = [(p, count[folder](p), _bytes(p)) for p in own]
+    return found
+
+
+def _bytes(path: Path) -> int:
+    """The bytes of a file, or of every file beneath a folder (links not followed; a file another
+    process renamed away meanwhile counts nothing)."""
+    files = [path] if path.is_symlink() or not path.is_dir() else path.rglob("*")
+    total = 0
+    for p in files:
+        with contextlib.suppress(FileNotFoundError):
+            total += 0 if p.is_dir() and not p.is_symlink() else p.lstat().st_size
+    return total
 
 
 def _feature_vectors(store: Path) -> int:

@@ -6,24 +6,37 @@ import argparse
 
 from .common import Command, bounded, cache_dir_option
 
-CACHE_ACTIONS = ("clear", "path")
+CACHE_ACTIONS = ("info", "clear", "path")
+CACHE_KINDS = {"features": "feature vectors", "exports": "ONNX exports", "shards": "fetched shard chunks"}
 
 
 def _cache_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=CACHE_ACTIONS, help="clear: delete the features, exports and shards transferkit cached (nothing else in the folder); path: print it")
+    p.add_argument("action", choices=CACHE_ACTIONS,
+                   help="info: what is cached and its size; clear: delete the features, exports and shards "
+                        "transferkit cached (nothing else in the folder); path: print it")  # fmt: skip
 
 
 def _cache(args: argparse.Namespace) -> int:
-    from .. import cache_root, clear_cache
+    from .. import cache_info, cache_root, clear_cache
 
     root = cache_root(args.cache_dir)
     if args.action == "path":
         print(root)
+    elif args.action == "info":
+        info = cache_info(root)
+        print(root)
+        for kind, what in CACHE_KINDS.items():
+            print(f"  {kind:<9} {info[kind]['count']:>10,} {what:<21} {_megabytes(info[kind]['bytes'])}")
+        print(f"  {'total':<9} {'':>10} {'':<21} {_megabytes(sum(i['bytes'] for i in info.values()))}")
     else:
         removed = clear_cache(root)
         print(f"removed {removed['features']} cached feature vectors, {removed['exports']} ONNX exports and "
               f"{removed['shards']} fetched shard chunks from {root}")
     return 0
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:>10,.1f} MB"
 
 
 def _demo_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,8 +53,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = (
-    Command("cache", "Manage the feature cache.", "transferkit cache clear", _cache_arguments, _cache,
-            parents=(cache_dir_option,)),
+    Command("cache", "Manage the feature cache.", "transferkit cache info\ntransferkit cache clear", _cache_arguments,
+            _cache, parents=(cache_dir_option,)),
     Command("demo", "Train and evaluate a real classifier offline (ImageNet weights, real digit images).",
             "transferkit demo --workdir demo", _demo_arguments, _demo),
 )  # fmt: skip
