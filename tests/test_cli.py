@@ -129,6 +129,18 @@ def test_models_lists_and_marks_offline_weights() -> None:
         assert missed.returncode == 2 and "none of the" in missed.stderr and "leave out --offline" in missed.stderr
 
 
+def test_output_piped_into_a_reader_that_stops_early_ends_quietly(trained_run: Path, tiny_dataset: Path) -> None:
+    """``transferkit predict RUN photos/ | head -1``: the reader closes the pipe; no traceback follows."""
+    for args in (["models"], ["predict", str(trained_run), str(tiny_dataset)]):
+        proc = subprocess.Popen([sys.executable, "-m", "transferkit", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+        assert proc.stdout is not None
+        proc.stdout.close()  # before a line is read: every write to it fails
+        _, err = proc.communicate(timeout=600)
+        assert "Traceback" not in err and "BrokenPipeError" not in err, err
+        assert proc.returncode in (0, 141)  # 141: as a Unix tool killed by SIGPIPE
+
+
 def test_help_shows_defaults_and_closed_sets_are_checked_by_the_parser() -> None:
     out = tk("train", "--help").stdout
     assert "(default: 10)" in out and "(default: adamw)" in out and "sgd, adam, adamw" in out
