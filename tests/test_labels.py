@@ -292,6 +292,24 @@ def _multi_label_images(root: Path, count: int, seed: int) -> list[list[str]]:
     return rows
 
 
+def test_predict_takes_a_csv_listing_images_and_answers_each_row(flat: Path, tmp_path: Path) -> None:
+    """A CSV given to predict is a list of images (its path column, labels or not), answered in its order."""
+    from transferkit import predict, train
+
+    table = write_csv(tmp_path / "labels.csv", ["filename", "class"], rows_of(flat, tmp_path))
+    run = train(table, **{**TINY, "epochs": 1}, out=str(tmp_path / "run")).run_dir
+    images = sorted(flat.rglob("*.*"))[::3]
+    listed = write_csv(tmp_path / "todo.csv", ["image"], [[str(p.relative_to(tmp_path))] for p in images]
+                       + [["images/red/gone.jpg"]])  # fmt: skip
+    answers = predict(run, listed, runtime="torch")
+    assert [r["path"] for r in answers] == [str(p) for p in images] + [str(tmp_path / "images/red/gone.jpg")]
+    assert answers[:-1] == predict(run, images, runtime="torch")
+    assert answers[-1] == {"path": str(tmp_path / "images/red/gone.jpg"), "error": "no such file", "predictions": []}
+    with pytest.raises(TransferkitError, match=r"has no path column \(its columns: class\); name the column of "
+                                               r"image paths 'path'"):  # fmt: skip
+        predict(run, write_csv(tmp_path / "classes.csv", ["class"], [["red"]]))
+
+
 def test_multi_label_csv_trains_a_sigmoid_head_with_tuned_thresholds(tmp_path: Path) -> None:
     from transferkit import evaluate, predict, train
 

@@ -307,9 +307,13 @@ def _held_out_rows(
     return relabelled(chosen, found.class_names, model.class_names, found.root), len(found.skipped)
 
 
+LISTS = (".csv", ".tsv")  # label files (or plain lists with a path column): their images are predicted
+
+
 def collect_images(paths: list[str | Path]) -> list[str]:
     """Image files among ``paths``; folders are searched recursively, hidden files ignored; a packed
-    folder or URL (``transferkit pack``) gives its images, every split's."""
+    folder or URL (``transferkit pack``) gives its images, every split's; a CSV file the images in its path column."""
+    from .label_tables import listed_images
     from .shards import is_packed_source, packed_images
 
     found: list[str] = []
@@ -317,6 +321,8 @@ def collect_images(paths: list[str | Path]) -> list[str]:
         p = Path(raw).expanduser()
         if is_url(str(raw)) or is_packed_source(p):  # a folder (or URL) of `transferkit pack`: its images
             found += packed_images(raw)
+        elif p.suffix.lower() in LISTS and p.is_file():
+            found += listed_images(p, IMAGE_EXTENSIONS)
         elif p.is_dir():
             for dirpath, subdirs, files in os.walk(p):
                 subdirs[:] = sorted(s for s in subdirs if not s.startswith("."))

@@ -122,6 +122,22 @@ def read_label_table(
     return table_
 
 
+def listed_images(table: str | Path, extensions: tuple[str, ...] = ()) -> list[str]:
+    """The images a label file names in its path column, resolved as for training (labels, if any, unread):
+    what ``predict RUN table.csv`` predicts. Files are not vetted here: the prediction lists each bad one."""
+    source = Path(table).expanduser()
+    header, records = _read_csv(source)
+    path_col = _column(header, None, PATH_COLUMNS, "path", "", source, required=False)
+    if path_col is None:
+        raise TransferkitError(f"{source} has no path column (its columns: {', '.join(header)}); name the column "
+                               f"of image paths 'path' (or give the images or their folder instead)")  # fmt: skip
+    paths, ext = [], None
+    for line, record in records:
+        path, ext = _resolve(record[path_col], source.parent, ext, extensions, source, line)
+        paths.append(path)
+    return paths
+
+
 def label_file_header(source: str | Path) -> list[str]:
     """The column names in a label file's first line (none where it cannot be read: its reader says why)."""
     try:

@@ -21,6 +21,7 @@ from .backbones import Preprocessing
 from .data import BadImage, Sample, build_transform, make_loader
 from .errors import TransferkitError
 from .model import TransferModel
+from .shards import is_packed_image
 from .performance import (
     autocast,
     batch_to,
@@ -241,7 +242,7 @@ def top_k_results(
     results: list[dict[str, Any]] = []
     for i, file in enumerate(files):
         if i not in by_position:
-            results.append({"path": file, "error": "cannot decode image", "predictions": []})
+            results.append({"path": file, "error": _why_not_predicted(file), "predictions": []})
             continue
         if thresholds is not None:
             results.append({"path": file, "predictions": labels_over_threshold(by_position[i], class_names, thresholds)})
@@ -254,6 +255,11 @@ def top_k_results(
             ],
         })  # fmt: skip
     return results
+
+
+def _why_not_predicted(file: str) -> str:
+    # A file named in a label file may be missing (a named file or a folder's is checked before).
+    return "no such file" if not is_packed_image(file) and not Path(file).exists() else "cannot decode image"
 
 
 # --------------------------------------------------------------------------- export files

@@ -49,7 +49,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run directory, its model.pt, or an ONNX export (.onnx)")
-    p.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
+    p.add_argument("paths", nargs="+", help="image files, folders (searched recursively), or CSV files listing "
+                                             "images in a path column")  # fmt: skip
     p.add_argument("--top-k", type=bounded(int, 1), default=3,
                    help="labels shown per image, most probable first (a multi-label run shows every label at or over "
                         "its threshold instead)")  # fmt: skip
