@@ -21,7 +21,6 @@ from .backbones import Preprocessing
 from .data import BadImage, Sample, build_transform, make_loader
 from .errors import TransferkitError
 from .model import TransferModel
-from .shards import is_packed_image
 from .performance import (
     autocast,
     batch_to,
@@ -31,6 +30,7 @@ from .performance import (
     resolve_precision,
     to_fast_layout,
 )
+from .shards import is_packed_image
 
 SIDECAR_FORMAT = "transferkit-export/1"
 
