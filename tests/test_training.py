@@ -244,7 +244,7 @@ def test_ctrl_c_is_a_keyboard_interrupt_and_the_run_says_how_to_continue(tiny_da
     assert resume_training(run).metrics["epochs_run"] == 3
 
 
-def test_a_run_resumed_with_quiet_shows_no_progress_and_reaches_its_own_result(
+def test_a_run_resumed_with_quiet_shows_no_progress_and_leaves_nothing_half_written(
     tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """--quiet is the one option --resume takes with it: it changes what is shown, not what is trained."""
@@ -254,9 +254,17 @@ def test_a_run_resumed_with_quiet_shows_no_progress_and_reaches_its_own_result(
     with pytest.raises(RuntimeError, match="on purpose"):
         train(tiny_dataset, epochs=2, out=str(run), callbacks=[_FailAtEpoch(1)], **{**TINY, "quiet": False})
     capsys.readouterr()
+    # What a process killed mid-write leaves: atomic_write's temporary file, a report's staged figures.
+    leftovers = [run / ".model.pt.k1ll3d.tmp", run / "checkpoints" / ".last.ckpt.k1ll3d.tmp", run / ".report-x.tmp"]
+    for path in leftovers[:2]:
+        path.write_bytes(b"half")
+    (leftovers[2] / "curves.png").parent.mkdir()
+    (leftovers[2] / "curves.png").write_bytes(b"half")
     assert main(["train", "--resume", str(run), "--quiet"]) == 0
-    shown = capsys.readouterr()
-    assert shown.out == f"{run}\n" and "Epoch" not in shown.err, shown
+    assert not any(path.exists() for path in leftovers)
+    shown = capsys.readouterr()  # (the killed run's epoch-0 bar may still be closing: only epoch 1 is resumed)
+    assert shown.out.endswith(f"\n{run}\n") or shown.out == f"{run}\n", shown
+    assert "Epoch 1" not in shown.out + shown.err and "resuming" not in shown.out + shown.err, shown
     assert json.loads((run / "metrics.json").read_text())["epochs_run"] == 2
     assert main(["train", "--resume", str(run), "--quiet", "--epochs", "3"]) == 2
     assert "leave out --epochs (to change them, start a new run)" in capsys.readouterr().err

@@ -47,6 +47,21 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
         raise
 
 
+def remove_leftovers(folder: Path) -> list[Path]:
+    """Remove what a killed process left half-written directly in ``folder``: the hidden ``.NAME.*.tmp``
+    files of :func:`atomic_write` and the staged ``.*.tmp`` folders that are renamed into place when
+    complete. For a folder no other process is writing (a run being resumed); returns what went."""
+    import shutil
+
+    leftovers = [p for p in folder.glob(".*.tmp") if not p.is_symlink()] if folder.is_dir() else []
+    for path in leftovers:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return leftovers
+
+
 def new_or_empty_folder(out: str | Path, option: str) -> Path:
     """``out`` as a path if it is new or an empty folder (nothing there is lost); else the one-line error."""
     path = Path(out).expanduser()

@@ -20,7 +20,7 @@ from .prediction import TTA_VIEWS, AugmentedRunner, EagerRunner, inference_preci
 from .prediction import top_k_results
 from .runs import with_run_columns
 from .runtimes import ensemble, fold_models, runner_for
-from .shards import is_url
+from .shards import is_packed_image, is_url
 
 
 @dataclass
@@ -369,7 +369,13 @@ def predict(
     files = collect_images([paths] if isinstance(paths, (str, Path)) else list(paths))
     runner = runner_for(run, runtime, len(files), precision, compile, calibrated, tta)
     result = predict_samples(runner, files, batch_size, num_workers)
-    return top_k_results(files, result.by_position(), runner.class_names, top_k, runner.thresholds)
+    results = top_k_results(files, result.by_position(), runner.class_names, top_k, runner.thresholds)
+    return [{**r, "error": "no such file"} if r.get("error") and _missing(r["path"]) else r for r in results]
+
+
+def _missing(path: str) -> bool:
+    # A file a label file lists may be missing (a file or folder given is checked before it is read).
+    return not is_packed_image(path) and not Path(path).exists()
 
 
 def format_predictions(results: list[dict[str, Any]]) -> str:

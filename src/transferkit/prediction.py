@@ -30,7 +30,6 @@ from .performance import (
     resolve_precision,
     to_fast_layout,
 )
-from .shards import is_packed_image
 
 SIDECAR_FORMAT = "transferkit-export/1"
 
@@ -242,7 +241,7 @@ def top_k_results(
     results: list[dict[str, Any]] = []
     for i, file in enumerate(files):
         if i not in by_position:
-            results.append({"path": file, "error": _why_not_predicted(file), "predictions": []})
+            results.append({"path": file, "error": "cannot decode image", "predictions": []})
             continue
         if thresholds is not None:
             results.append({"path": file, "predictions": labels_over_threshold(by_position[i], class_names, thresholds)})
@@ -255,11 +254,6 @@ def top_k_results(
             ],
         })  # fmt: skip
     return results
-
-
-def _why_not_predicted(file: str) -> str:
-    # A file named in a label file may be missing (a named file or a folder's is checked before).
-    return "no such file" if not is_packed_image(file) and not Path(file).exists() else "cannot decode image"
 
 
 # --------------------------------------------------------------------------- export files

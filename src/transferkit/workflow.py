@@ -31,7 +31,7 @@ from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from .data import ImageFolderSplits, Sample, discover_for
 from .discovery import warn_unused_val_split
 from .errors import TransferkitError
-from .files import check_writable_folder, write_json
+from .files import check_writable_folder, remove_leftovers, write_json
 from .inference import Evaluation, evaluate_cached_features, evaluate_samples
 from .model import TransferModel
 from .multilabel import targets_of, tune_thresholds
@@ -235,6 +235,8 @@ def _resume_fit(
 ) -> TrainResult:  # fmt: skip
     """Continue the run in ``run_dir`` from its last checkpoint, on ``splits`` (its own data), and finish it."""
     config = _saved_config(json.loads((run_dir / "config.json").read_text()), quiet)
+    for folder in (run_dir, run_dir / "checkpoints"):  # the interrupted process's half-written files
+        remove_leftovers(folder)
     with open(run_dir / "command.txt", "a") as f:
         f.write((command or " ".join(sys.argv)) + "\n")
     started = time.time()

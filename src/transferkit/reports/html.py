@@ -61,7 +61,7 @@ def write_report(
     """
     run = load_run(run_dir)
     # Drawn beside the report first: until the new page replaces it, the old one keeps every figure it shows.
-    staging = Path(tempfile.mkdtemp(prefix=f".{REPORT_DIR}-", dir=run.path))
+    staging = Path(tempfile.mkdtemp(prefix=f".{REPORT_DIR}-", suffix=".tmp", dir=run.path))
     try:
         page = _render_report(run, draw_figures(run, staging, splits, val_predictions, model))
         _replace_report(run.path, staging, page)
