@@ -137,6 +137,9 @@ def test_clear_cache_and_cache_info(images: list, tmp_path: Path, capsys: pytest
     assert clear_cache(tmp_path / "shared") == {"features": 6, "exports": 0, "shards": 0}
     assert sorted(p for p in (tmp_path / "shared").rglob("*") if p.is_file()) == sorted(mine)
     assert cache_info(tmp_path / "shared")["features"] == {"count": 0, "bytes": 0}
+    for action in ("info", "clear"):
+        assert main(["cache", action, "--cache-dir", str(mine[0])]) == 2
+        assert f"--cache-dir {mine[0]} is a file, not a folder; give the cache's folder" in capsys.readouterr().err
 
 
 def test_feature_extract_training_uses_the_cache(tiny_dataset: Path, tmp_path: Path) -> None:
