@@ -40,7 +40,7 @@ def _truncated_jpeg() -> bytes:
     return buf.getvalue()[: len(buf.getvalue()) // 2]
 
 
-UNUSABLE = {"truncated.jpg", "empty.jpg", "notes.jpg", "bomb.png", "needle.png", "postscript.jpg"}
+UNUSABLE = {"truncated.jpg", "empty.jpg", "notes.jpg", "bomb.png", "needle.png", "postscript.jpg", "IMG_0001.HEIC"}
 
 
 @pytest.fixture
@@ -55,6 +55,7 @@ def messy_dataset(tmp_path: Path) -> Path:
     (red / "bomb.png").write_bytes(_png_claiming(60000, 60000))
     Image.new("RGB", (1, 400)).save(red / "needle.png")  # resized to 256 wide: 102,400 pixels tall
     (red / "postscript.jpg").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
+    (red / "IMG_0001.HEIC").write_bytes(b"\0\0\0\x18ftypheic")  # an iPhone's photo: a format PIL needs a plug-in for
     Image.new("CMYK", (40, 48), (0, 255, 255, 0)).save(red / "cmyk.jpg")
     Image.fromarray(np.full((48, 40), 60000, np.uint16)).save(red / "grey16.png")
     Image.new("RGBA", (40, 48), (230, 20, 20, 128)).save(red / "alpha.png")
@@ -74,6 +75,8 @@ def test_discovery_uses_the_good_skips_the_bad_by_name(messy_dataset: Path) -> N
         splits = discover(messy_dataset)
     skipped = {Path(p).name for p, _ in splits.skipped}
     assert {"empty.jpg", "notes.jpg", "bomb.png", "needle.png", "postscript.jpg"} <= skipped  # by the header check
+    heic = next(reason for path, reason in splits.skipped if path.endswith("IMG_0001.HEIC"))
+    assert heic == "HEIC images are not read; convert them to JPEG or PNG"  # named, not "not an image file extension"
     used = {Path(p).name for p, _ in splits.train}
     assert {"cmyk.jpg", "grey16.png", "alpha.png", "palette.gif", "animated.gif", "inner.png",
             "ünïcode name with spaces.png"} <= used  # fmt: skip
@@ -86,6 +89,15 @@ def test_discovery_uses_the_good_skips_the_bad_by_name(messy_dataset: Path) -> N
         load_image(str(messy_dataset / "train" / "red" / "needle.png"))
     with pytest.raises(Exception, match="cannot identify"):
         load_image(str(messy_dataset / "train" / "red" / "postscript.jpg"))
+
+
+def test_predict_answers_each_image_it_cannot_read_with_the_reason(messy_dataset: Path, tmp_path: Path) -> None:
+    from transferkit import predict
+
+    run = train(messy_dataset / "train", epochs=1, out=str(tmp_path / "run"), **TINY).run_dir
+    answers = {Path(r["path"]).name: r for r in predict(run, [messy_dataset / "train" / "red"])}
+    assert answers["IMG_0001.HEIC"]["error"] == "HEIC images are not read; convert them to JPEG or PNG"
+    assert answers["truncated.jpg"]["error"] == "cannot decode image" and answers["cmyk.jpg"]["predictions"]
 
 
 @pytest.mark.parametrize("strategy", ["fine-tune", "feature-extract"])

@@ -28,7 +28,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS  # noqa: E402
 from .errors import TransferkitError  # noqa: E402
 from .exclusion import exclude_key, read_exclude_list, warn_names_none  # noqa: E402,F401  (re-exported)
 from .files import is_not  # noqa: E402
-from .image_files import MAX_IMAGE_PIXELS, image_file_problem  # noqa: E402,F401  (re-exported)
+from .image_files import MAX_IMAGE_PIXELS, image_file_problem, unread_format  # noqa: E402,F401  (re-exported)
 from .label_tables import LabelColumns, LabelRow, LabelTable, read_label_table, warn_skipped  # noqa: E402
 from .shards import is_packed_source, packed_samples, packed_split  # noqa: E402
 
@@ -120,7 +120,7 @@ def scan_class_folder(
                 if f.startswith(".") or _is_hidden(path, folder):
                     continue
                 if not f.lower().endswith(IMAGE_EXTENSIONS):
-                    skipped.append((str(path), "not an image file extension"))
+                    skipped.append((str(path), unread_format(path) or "not an image file extension"))
                     continue
                 reason = image_file_problem(path) if check else None
                 if reason:

@@ -30,8 +30,23 @@ def shape_problem(width: int, height: int) -> str | None:
     return None
 
 
+# Image formats people have that transferkit does not read (PIL needs plug-ins for them): named when
+# such a file is skipped, so that a folder of iPhone photos is not just "not an image file extension".
+UNREAD_FORMATS = {".heic": "HEIC", ".heif": "HEIF", ".avif": "AVIF", ".jxl": "JPEG XL", ".dcm": "DICOM",
+                  ".dng": "DNG raw", ".cr2": "Canon raw", ".cr3": "Canon raw", ".nef": "Nikon raw",
+                  ".arw": "Sony raw", ".svg": "SVG"}  # fmt: skip
+
+
+def unread_format(path: str | Path) -> str | None:
+    """Why an image in a format transferkit does not read is skipped (its format named), or None."""
+    name = UNREAD_FORMATS.get(Path(path).suffix.lower())
+    return f"{name} images are not read; convert them to JPEG or PNG" if name else None
+
+
 def image_file_problem(path: Path) -> str | None:
     """Why ``path`` cannot be used, from a cheap header read; None if it looks like an image."""
+    if unread_format(path):
+        return unread_format(path)
     try:
         if path.stat().st_size == 0:
             return "empty file"

@@ -14,6 +14,7 @@ from .checkpoint import load_checkpoint
 from .data import IMAGE_EXTENSIONS, VAL_DIR_NAMES, Sample, scan_class_folder
 from .errors import TransferkitError
 from .files import is_not
+from .image_files import unread_format
 from .model import TransferModel
 from .performance import PRECISION_NAMES, pick_device
 from .prediction import TTA_VIEWS, AugmentedRunner, EagerRunner, inference_precision, predict_samples
@@ -329,7 +330,7 @@ def collect_images(paths: list[str | Path]) -> list[str]:
                 found += [
                     str(Path(dirpath) / f)
                     for f in sorted(files)
-                    if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
+                    if (f.lower().endswith(IMAGE_EXTENSIONS) or unread_format(f)) and not f.startswith(".")
                 ]
         elif p.is_file():
             found.append(str(p))
@@ -370,12 +371,15 @@ def predict(
     runner = runner_for(run, runtime, len(files), precision, compile, calibrated, tta)
     result = predict_samples(runner, files, batch_size, num_workers)
     results = top_k_results(files, result.by_position(), runner.class_names, top_k, runner.thresholds)
-    return [{**r, "error": "no such file"} if r.get("error") and _missing(r["path"]) else r for r in results]
+    return [{**r, "error": _why_not_predicted(r["path"])} if r.get("error") else r for r in results]
 
 
-def _missing(path: str) -> bool:
-    # A file a label file lists may be missing (a file or folder given is checked before it is read).
-    return not is_packed_image(path) and not Path(path).exists()
+def _why_not_predicted(path: str) -> str:
+    if is_packed_image(path):
+        return "cannot decode image"
+    if not Path(path).exists():  # listed in a label file (a file or folder given is checked before)
+        return "no such file"
+    return unread_format(path) or "cannot decode image"
 
 
 def format_predictions(results: list[dict[str, Any]]) -> str:
