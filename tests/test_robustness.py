@@ -288,9 +288,11 @@ def test_evaluation_lists_each_decoded_image_under_its_own_name(tiny_dataset: Pa
         (["pack", "data", "--out", "shards", "--seed", "-1"], "argument --seed: must be from 0 to 4294967295, got -1"),
         # Several numbers given space-separated: the comma-separated form, not "unrecognized arguments: 0.5 0.5".
         (["train", "data", "--weights", "w.pth", "--mean", "0.5", "0.5", "0.5"],
-         "--mean takes one number or three separated by commas: --mean 0.5,0.5,0.5"),
+         "--mean takes its values in one argument, separated by commas: --mean 0.5,0.5,0.5"),
         (["features", "data", "--std", "0.2", ".3", "4e-1", "--out", "f.npz"],
-         "--std takes one number or three separated by commas: --std 0.2,.3,4e-1"),
+         "--std takes its values in one argument, separated by commas: --std 0.2,.3,4e-1"),
+        (["train", "--strategy", "auto", "--models", "resnet18", "mobilenet_v2", "data"],  # DATA after them
+         "--models takes its values in one argument, separated by commas: --models resnet18,mobilenet_v2"),
         (["evaluate", "run", "data", "--std", "0.2", "0.3"], "unrecognized arguments: --std 0.2 0.3"),  # none there
         (["train", "data", "--epochs", "3", "4"], "unrecognized arguments: 4"),
     ],

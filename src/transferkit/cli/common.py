@@ -53,19 +53,23 @@ class Parser(argparse.ArgumentParser):
         return parsed
 
 
-# Options that take several numbers in one value (``floats``): given space-separated, argparse would
-# call all but the first "unrecognized arguments".
-COMMA_SEPARATED = ("--mean", "--std")
+# Options that take several values in one argument, comma-separated: given space-separated, argparse
+# would call all but the first "unrecognized arguments" (or take the next one for DATA).
+COMMA_SEPARATED = ("--mean", "--std", "--models", "--unfreeze-at")
 
 
 def comma_separated_hint(given: Sequence[str], extras: Sequence[str]) -> str | None:
-    """``--mean takes one number or three separated by commas: --mean 0.5,0.5,0.5`` for ``--mean 0.5 0.5 0.5``
-    (where the command has ``--mean``: else it is among the ``extras`` argparse did not recognise)."""
+    """``--mean takes its values in one argument, separated by commas: --mean 0.5,0.5,0.5`` for
+    ``--mean 0.5 0.5 0.5`` (where the command has ``--mean``: else it is among the ``extras``)."""
     for i, token in enumerate(given):
-        if token in COMMA_SEPARATED and token not in extras:
-            numbers = list(itertools.takewhile(_is_number, given[i + 1:]))
-            if len(numbers) > 1:
-                return f"{token} takes one number or three separated by commas: {token} {','.join(numbers)}"
+        if token not in COMMA_SEPARATED or token in extras:
+            continue
+        values = list(itertools.takewhile(lambda v: not v.startswith("-") or _is_number(v), given[i + 1:]))
+        if not set(values[1:]) & set(extras):
+            continue
+        # Numbers are all the option's; a name may be DATA's, so two are enough to show the form.
+        shown = values if all(map(_is_number, values)) else values[:2]
+        return f"{token} takes its values in one argument, separated by commas: {token} {','.join(shown)}"
     return None
 
 
