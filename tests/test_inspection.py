@@ -10,6 +10,7 @@ from __future__ import annotations
 import colorsys
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -138,6 +139,8 @@ def test_outlier_and_undecodable_images_are_found(inspected: tuple, planted: dic
     bad = {u.path: u.reason for u in result.undecodable}
     assert set(bad) == {str(p) for p in planted["undecodable"]}
     assert bad[str(planted["undecodable"][1])] == "empty file"
+    assert re.search(r"\n  undecodable +2  files not usable as images: damaged, empty, a format not read\n",
+                     result.summary())  # fmt: skip
 
 
 def test_outputs_are_a_page_a_json_and_an_exclude_list_train_accepts(inspected: tuple, planted: dict) -> None:

@@ -195,7 +195,7 @@ class Inspection:
             ("duplicates", len(self.duplicates), "within a split"),
             ("identical files", len(self.identical_files), "groups of files with the same bytes"),
             ("outliers", len(self.outliers), f"the {s['outlier_fraction']:.0%} least like the rest"),
-            ("undecodable", len(self.undecodable), ""),
+            ("undecodable", len(self.undecodable), "files not usable as images: damaged, empty, a format not read"),
         ]
         head = (f"inspected {sum(self.images.values())} images of {self.data} with {self.backbone} ({self.layer}): "
                 f"features {t.get('features', 0):.1f} s ({cache.get('misses', 0)} computed, {cache.get('hits', 0)} "
