@@ -117,7 +117,33 @@ def main() -> None:
     defer_dynamo()  # the command's process is ours: torch._dynamo is imported only if something compiles
     from .cli import main as cli_main
 
-    exit_now(cli_main())
+    try:
+        code = cli_main()
+    except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise
+        code = SIGPIPE_EXIT
+    exit_now(code)
+
+
+# The exit code of a command whose reader went away (| head), as a Unix tool killed by SIGPIPE has.
+SIGPIPE_EXIT = 128 + 13
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether nothing reads standard output any more (the other end of its pipe closed): then the
+    command stops quietly; the rest of its output goes nowhere."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        gone = any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError):
+        return False
+    if gone:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return gone
 
 
 def exit_now(code: int) -> None:
@@ -150,6 +176,8 @@ def exit_now(code: int) -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (OSError, ValueError):  # a closed pipe (| head): nothing more can be said
+        except BrokenPipeError:  # its reader went away (| head) before the last of the output
+            code = code or SIGPIPE_EXIT
+        except (OSError, ValueError):  # nothing more can be said
             pass
     os._exit(code or 0)

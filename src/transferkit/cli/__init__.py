@@ -12,7 +12,6 @@ import contextlib
 import errno
 import functools
 import os
-import signal
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -82,9 +81,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"transferkit: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except BrokenPipeError:  # the reader of the output went away (| head): stop quietly, as Unix tools do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the rest of the output goes nowhere
-        return 128 + signal.SIGPIPE
     except OSError as exc:
         if debug or exc.filename is None:  # not about a file the user named: a fault to report, with its traceback
             raise
