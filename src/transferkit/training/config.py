@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
 
 from ..backbones import DEFAULT_BACKBONE
+from ..backbones.weights import FileWeights, resolve_weights_argument
 from ..errors import TransferkitError
 from ..heads import HeadSpec
+from ..shards import is_url
 from ..strategies import STRATEGIES, StrategySpec, parse_group_lrs, parse_unfreeze
 from .loggers import check_loggers
 
@@ -100,6 +103,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self._check_number_types()
+        # config.json is read again from any working directory (report, --resume, inspect --run).
+        for name in ("data", "labels", "exclude", "out"):
+            setattr(self, name, _absolute(getattr(self, name)))
+        if isinstance(resolve_weights_argument(self.weights), FileWeights):
+            self.weights = _absolute(self.weights)
         if self.calibration not in ("temperature", "none"):
             raise TransferkitError(f"unknown --calibration {self.calibration!r}; choose temperature or none")
         # Strategy options are parsed and checked by StrategySpec alone; the config keeps their JSON form.
@@ -199,6 +207,13 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _absolute(path: Any) -> Any:
+    """A local path as an absolute one; a URL (a packed dataset in a store), or no path, as it is."""
+    if not path or is_url(str(path)):
+        return path
+    return os.path.abspath(os.path.expanduser(str(path)))
 
 
 @dataclass
