@@ -270,6 +270,22 @@ def test_a_run_resumed_with_quiet_shows_no_progress_and_leaves_nothing_half_writ
     assert "leave out --epochs (to change them, start a new run)" in capsys.readouterr().err
 
 
+def test_a_run_given_relative_paths_is_found_again_from_any_working_directory(
+    tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DATA and --out relative to where train ran: the report, drawn from elsewhere, still finds the images."""
+    from transferkit import write_report
+
+    monkeypatch.chdir(tmp_path)
+    data = os.path.relpath(tiny_dataset, tmp_path)
+    run = train(data, epochs=1, out="runs/rel", **TINY).run_dir
+    saved = json.loads((tmp_path / "runs/rel/config.json").read_text())
+    assert saved["data"] == str(tiny_dataset) and saved["out"] == str(tmp_path / "runs/rel")
+    monkeypatch.chdir(tiny_dataset / "train")  # anywhere else
+    page = write_report(tmp_path / "runs/rel").read_text(encoding="utf-8")
+    assert "image grids not drawn" not in page and "val_predictions.png" in page, run
+
+
 def test_inception_trained_below_its_auxiliary_classifiers_input_size_is_an_error_before_the_run(
     tiny_dataset: Path, tmp_path: Path
 ) -> None:
