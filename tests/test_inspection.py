@@ -132,6 +132,21 @@ def test_planted_duplicates_and_leaks_are_found_and_the_right_copy_is_listed(ins
     assert any("labelled 'green' there 'red'" in why for why in result.suspects()[str(planted["duplicates"][0][0])])
 
 
+def test_the_pages_thumbnails_show_a_sideways_photo_upright(tmp_path: Path) -> None:
+    """As the model saw the image (load_image turns it by its EXIF orientation), and as a viewer shows it."""
+    from PIL import Image
+
+    from transferkit.reports.inspection_page import _Thumbnails
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 200 wide, 100 tall; shown turned a quarter, 100 wide, 200 tall
+    Image.new("RGB", (200, 100), (200, 30, 30)).save(tmp_path / "portrait.jpg", exif=exif)
+    _Thumbnails(tmp_path).img(str(tmp_path / "portrait.jpg"))
+    (thumb,) = (tmp_path / "thumbs").iterdir()
+    with Image.open(thumb) as im:
+        assert im.height > im.width
+
+
 def test_outlier_and_undecodable_images_are_found(inspected: tuple, planted: dict) -> None:
     result, _ = inspected
     assert str(planted["odd"]) in {o.path for o in result.outliers}

@@ -49,6 +49,10 @@ from .shards import read_packed
 
 JPEG_EXTENSIONS = (".jpg", ".jpeg")
 AUGMENTATIONS = ("none", "light", "strong")
+# An image's EXIF is read for its orientation alone: PIL's warning of a damaged EXIF block (common in
+# photos, harmless here) would repeat for every such image, in every loader worker.
+warnings.filterwarnings("ignore", message="Corrupt EXIF data|Tag offset too large|Tag data larger than file",
+                        category=UserWarning, module=r"PIL\.")  # fmt: skip
 
 
 # --------------------------------------------------------------------------- decoding

@@ -135,7 +135,7 @@ CACHE_ENTRIES = {
 def cache_info(cache_dir: str | Path | None = None) -> dict[str, dict[str, int]]:
     """What transferkit keeps in the cache, by folder: ``{"features": {"count": vectors, "bytes": ...},
     "exports": {"count": ONNX exports, ...}, "shards": {"count": fetched chunks, ...}}``."""
-    return {folder: {"count": sum(count for _, count, _ in entries), "bytes": sum(size for *_, size in entries)}
+    return {folder: {"count": sum(count for _, count in entries), "bytes": sum(_bytes(p) for p, _ in entries)}
             for folder, entries in _cache_entries(cache_root(cache_dir)).items()}  # fmt: skip
 
 
@@ -147,8 +147,8 @@ def clear_cache(cache_dir: str | Path | None = None) -> dict[str, int]:
     root = cache_root(cache_dir)
     removed = {}
     for folder, entries in _cache_entries(root).items():
-        removed[folder] = sum(count for _, count, _ in entries)
-        for p, *_ in entries:
+        removed[folder] = sum(count for _, count in entries)
+        for p, _ in entries:
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p)
             else:
@@ -158,15 +158,15 @@ def clear_cache(cache_dir: str | Path | None = None) -> dict[str, int]:
     return removed
 
 
-def _cache_entries(root: Path) -> dict[str, list[tuple[Path, int, int]]]:
-    """transferkit's own entries in each cache folder: (path, what it holds, its bytes)."""
+def _cache_entries(root: Path) -> dict[str, list[tuple[Path, int]]]:
+    """transferkit's own entries in each cache folder: (path, how many vectors, exports or chunks it holds)."""
     count = {"features": _feature_vectors, "exports": lambda p: int(p.name.endswith(".onnx")),
              "shards": lambda p: sum(1 for _ in p.rglob("chunk-*.bin"))}  # fmt: skip
     found = {}
     for folder, entry in CACHE_ENTRIES.items():
         path = root / folder
         own = [p for p in path.iterdir() if entry.fullmatch(p.name)] if path.is_dir() else []
-        found[folder] = [(p, count[folder](p), _bytes(p)) for p in own]
+        found[folder] = [(p, count[folder](p)) for p in own]
     return found
 
 
@@ -184,5 +184,5 @@ def _bytes(path: Path) -> int:
 def _feature_vectors(store: Path) -> int:
     """Vectors in a feature store folder: 20 bytes of key each in its shards (or a ``.npy`` file each, as
     a cache of an earlier version kept them)."""
-    keys = sum(p.stat().st_size // 20 for p in store.rglob("*.keys"))
+    keys = sum(_bytes(p) // 20 for p in store.rglob("*.keys"))  # a shard renamed away meanwhile: 0
     return keys + sum(1 for p in store.rglob("*.npy") if not p.name.endswith(".rows.npy"))

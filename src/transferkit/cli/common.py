@@ -62,14 +62,16 @@ def comma_separated_hint(given: Sequence[str], extras: Sequence[str]) -> str | N
     """``--mean takes its values in one argument, separated by commas: --mean 0.5,0.5,0.5`` for
     ``--mean 0.5 0.5 0.5`` (where the command has ``--mean``: else it is among the ``extras``)."""
     for i, token in enumerate(given):
-        if token not in COMMA_SEPARATED or token in extras:
+        option, joined, first = token.partition("=")  # --mean 0.5 or --mean=0.5
+        if option not in COMMA_SEPARATED or token in extras:
             continue
-        values = list(itertools.takewhile(lambda v: not v.startswith("-") or _is_number(v), given[i + 1:]))
+        following = itertools.takewhile(lambda v: not v.startswith("-") or _is_number(v), given[i + 1:])
+        values = [first] * bool(joined) + list(following)
         if not set(values[1:]) & set(extras):
             continue
         # Numbers are all the option's; a name may be DATA's, so two are enough to show the form.
         shown = values if all(map(_is_number, values)) else values[:2]
-        return f"{token} takes its values in one argument, separated by commas: {token} {','.join(shown)}"
+        return f"{option} takes its values in one argument, separated by commas: {option} {','.join(shown)}"
     return None
 
 

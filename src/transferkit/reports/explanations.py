@@ -22,7 +22,7 @@ from ..runs import Run
 from .figures import PREDICTION_SAMPLES, Prediction, Tile, _spread, plot_tiles, prediction_title, top_losses
 
 REPORT_DIR = "report"  # html.REPORT_DIR, which imports this module
-# The figures this section draws, by key; html.FIGURES lists them so that a new report removes stale ones.
+# The figures this section draws, by key; drawing.FIGURES lists them so that a new report removes stale ones.
 EXPLANATION_FIGURES = {
     "explained_predictions": "gradcam_predictions.png",
     "explained_top_losses": "gradcam_top_losses.png",
