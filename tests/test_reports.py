@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -244,6 +245,17 @@ def test_a_report_regenerated_and_interrupted_leaves_the_old_one_whole(
         write_report(run)
     assert {src: (run / src).read_bytes() for src in references(page).images} == shown
     assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []  # nothing half-drawn is left
+
+    # What a SIGKILL while drawing leaves: the staged figures, removed by a later report once they are
+    # old; a recent one may be another process's report being drawn, and stays.
+    monkeypatch.undo()
+    stale, recent = run / ".report-k1ll3d.tmp", run / ".report-drawing.tmp"
+    for staged in (stale, recent):
+        staged.mkdir()
+        (staged / "curves.png").write_bytes(b"half")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    write_report(run)
+    assert not stale.exists() and recent.is_dir()
 
 
 def test_report_refuses_to_label_images_with_classes_the_model_lacks(runs: dict[str, Path], tmp_path: Path) -> None:

@@ -247,11 +247,13 @@ def test_two_processes_sharing_the_cache_do_not_corrupt_it(tmp_path: Path) -> No
     assert len(paths) == 80 and (where >= 0).all() and torch.equal(torch.from_numpy(store.read(where)), a)
 
 
-def test_of_two_trainings_given_the_same_out_at_once_the_second_is_refused(tmp_path: Path) -> None:
+def test_of_two_trainings_given_the_same_out_at_once_the_second_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The run directory is claimed when it is made: a second claim of the same --out (another process
     that checked it was empty at the same moment) is refused, never shared."""
     from transferkit.training import TrainConfig
-    from transferkit.workflow import create_run_dir
+    from transferkit.runs import create_run_dir
 
     for out in (tmp_path / "new", tmp_path / "empty"):
         (tmp_path / "empty").mkdir(exist_ok=True)
@@ -259,6 +261,11 @@ def test_of_two_trainings_given_the_same_out_at_once_the_second_is_refused(tmp_p
         assert create_run_dir(config) == out
         with pytest.raises(TransferkitError, match=f"run directory {out} already exists; choose another --out"):
             create_run_dir(config)
+        # The other process looked before this one claimed the folder, so found it empty: the claim still holds.
+        with monkeypatch.context() as m:
+            m.setattr(Path, "iterdir", lambda self: iter(()))
+            with pytest.raises(TransferkitError, match=f"run directory {out} already exists"):
+                create_run_dir(config)
 
 
 def test_evaluation_lists_each_decoded_image_under_its_own_name(tiny_dataset: Path, tmp_path: Path) -> None:
@@ -291,6 +298,8 @@ def test_evaluation_lists_each_decoded_image_under_its_own_name(tiny_dataset: Pa
          "--mean takes its values in one argument, separated by commas: --mean 0.5,0.5,0.5"),
         (["features", "data", "--std", "0.2", ".3", "4e-1", "--out", "f.npz"],
          "--std takes its values in one argument, separated by commas: --std 0.2,.3,4e-1"),
+        (["train", "data", "--weights", "w.pth", "--mean=0.5", "0.4", "0.3"],
+         "--mean takes its values in one argument, separated by commas: --mean 0.5,0.4,0.3"),
         (["train", "--strategy", "auto", "--models", "resnet18", "mobilenet_v2", "data"],  # DATA after them
          "--models takes its values in one argument, separated by commas: --models resnet18,mobilenet_v2"),
         (["evaluate", "run", "data", "--std", "0.2", "0.3"], "unrecognized arguments: --std 0.2 0.3"),  # none there

@@ -22,9 +22,9 @@ from .errors import TransferkitError
 from .files import atomic_write
 from .heads import LinearProbe
 from .model import ModelRecord, TransferModel
+from .runs import CHECKPOINT_NAME
 
 FORMAT = "transferkit-checkpoint/1"
-CHECKPOINT_NAME = "model.pt"
 
 
 def save_checkpoint(

@@ -1,4 +1,5 @@
-"""A run directory's files, read and written in one place: training writes them, reports read them back.
+"""A run directory and its files, in one place: made for a new run (never reusing one), written by
+training, read back by reports.
 
 A finished run directory written by ``transferkit train`` holds ``config.json`` (the
 ``TrainConfig``), ``metrics.json`` (the final evaluation) and ``history.csv`` (one row per
@@ -16,16 +17,24 @@ This module imports nothing heavier than the standard library, so that any other
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import TransferkitError
 from .files import atomic_write, is_not
 from .label_tables import label_file_header
 
+if TYPE_CHECKING:
+    from .training.config import TrainConfig
+
+CHECKPOINT_NAME = "model.pt"  # the trained model (transferkit.checkpoint writes and reads it)
 CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.json"
 HISTORY_NAME = "history.csv"
@@ -127,3 +136,47 @@ def with_run_columns(run: Any, data: str | Path, options: dict[str, Any] | None)
     if given.get("label_sep") is None and config.get("label_sep"):
         given["label_sep"] = config["label_sep"]
     return given
+
+
+def create_run_dir(config: TrainConfig) -> Path:
+    """A new run directory; an existing one is never reused (that would overwrite a run).
+
+    An empty ``--out`` folder is claimed by creating its ``command.txt`` exclusively, so that of two
+    processes given the same ``--out`` at once one trains and the other is refused.
+    """
+    if config.out:
+        run_dir = Path(config.out).expanduser()
+        taken = TransferkitError(f"run directory {run_dir} already exists; choose another --out or remove it "
+                                 f"(runs are never overwritten)")  # fmt: skip
+        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+            raise taken
+        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            (run_dir / "command.txt").open("x").close()
+        except FileExistsError:
+            raise taken from None
+        return run_dir
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(config.runs_root) / f"{config.model.replace('/', '_')}-{config.strategy}-{stamp}"
+    for i in range(1, 1000):
+        candidate = base if i == 1 else base.with_name(f"{base.name}-{i}")
+        try:
+            candidate.mkdir(parents=True, exist_ok=False)
+            return candidate
+        except FileExistsError:
+            continue
+    raise TransferkitError(f"could not create a new run directory next to {base}")
+
+
+@contextlib.contextmanager
+def removed_unless_trained(run_dir: Path, keep_dir: bool) -> Iterator[None]:
+    """A new run that fails before its first checkpoint has nothing to resume or keep: its directory is
+    removed, so that the same ``--out`` can be given again once the error is fixed."""
+    try:
+        yield
+    except BaseException:
+        if not (run_dir / CHECKPOINT_NAME).exists() and not any((run_dir / "checkpoints").glob("*.ckpt")):
+            shutil.rmtree(run_dir, ignore_errors=True)
+            if keep_dir:
+                run_dir.mkdir(parents=True, exist_ok=True)
+        raise

@@ -11,12 +11,9 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import asdict
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +32,7 @@ from .files import check_writable_folder, remove_leftovers, write_json
 from .inference import Evaluation, evaluate_cached_features, evaluate_samples
 from .model import TransferModel
 from .multilabel import targets_of, tune_thresholds
-from .runs import write_history
+from .runs import create_run_dir, removed_unless_trained, write_history
 from .training import Fitted, TrainConfig, TrainResult, find_lr, fit, model_and_strategy, quiet_lightning
 from .training.fit import RUN_DIR_ENV, add_skipped, check_launch, join_as_worker_rank, say
 from .training.loggers import log_run_files
@@ -98,7 +95,7 @@ def _train_resolved(
     new = run_dir is None
     given_empty_dir = new and config.out is not None and Path(config.out).expanduser().is_dir()
     run_dir = run_dir or create_run_dir(config)
-    with _removed_unless_trained(run_dir, keep_dir=given_empty_dir) if new else contextlib.nullcontext():
+    with removed_unless_trained(run_dir, keep_dir=given_empty_dir) if new else contextlib.nullcontext():
         if lr_finder is not None:
             lr_finder.plot(run_dir / "lr_find.png")
         with open(run_dir / "command.txt", "a") as f:
@@ -107,20 +104,6 @@ def _train_resolved(
         os.environ[RUN_DIR_ENV] = str(run_dir.resolve())
         fitted = fit(run_dir, config, splits, model, spec, callbacks=callbacks)
     return finish_run(fitted, config, splits, started)
-
-
-@contextlib.contextmanager
-def _removed_unless_trained(run_dir: Path, keep_dir: bool) -> Iterator[None]:
-    """A new run that fails before its first checkpoint has nothing to resume or keep: its directory is
-    removed, so that the same ``--out`` can be given again once the error is fixed."""
-    try:
-        yield
-    except BaseException:
-        if not (run_dir / CHECKPOINT_NAME).exists() and not any((run_dir / "checkpoints").glob("*.ckpt")):
-            shutil.rmtree(run_dir, ignore_errors=True)
-            if keep_dir:
-                run_dir.mkdir(parents=True, exist_ok=True)
-        raise
 
 
 def _train_folds(
@@ -221,8 +204,15 @@ def resume_training(
     L.seed_everything(config.seed, workers=True, verbose=False)
     splits = discover_for(config)
     if config.folds:
+        _remove_leftovers_of(run_dir)  # the k-fold run's own files; each fold's as it is resumed
         return _train_folds(config, splits, command, callbacks, parent=run_dir)
     return _resume_fit(run_dir, splits, command, callbacks, config.quiet)
+
+
+def _remove_leftovers_of(run_dir: Path) -> None:
+    """The files the interrupted process was writing when it died, in a run being resumed."""
+    for folder in (run_dir, run_dir / "checkpoints"):
+        remove_leftovers(folder)
 
 
 def _saved_config(saved: dict[str, Any], quiet: bool | None) -> TrainConfig:
@@ -235,8 +225,7 @@ def _resume_fit(
 ) -> TrainResult:  # fmt: skip
     """Continue the run in ``run_dir`` from its last checkpoint, on ``splits`` (its own data), and finish it."""
     config = _saved_config(json.loads((run_dir / "config.json").read_text()), quiet)
-    for folder in (run_dir, run_dir / "checkpoints"):  # the interrupted process's half-written files
-        remove_leftovers(folder)
+    _remove_leftovers_of(run_dir)
     with open(run_dir / "command.txt", "a") as f:
         f.write((command or " ".join(sys.argv)) + "\n")
     started = time.time()
@@ -276,36 +265,6 @@ def _check_same_fold(fold_dir: Path, fold_config: TrainConfig, k: int) -> None:
     if recorded not in (None, fold_config.resolved_from["fold_images"]):  # None: a run of a version before the check
         raise TransferkitError(f"{fold_dir} trained on other images than fold {k} of {fold_config.data} has now (the "
                                f"data changed since the k-fold run started); start a new k-fold run")  # fmt: skip
-
-
-def create_run_dir(config: TrainConfig) -> Path:
-    """A new run directory; an existing one is never reused (that would overwrite a run).
-
-    An empty ``--out`` folder is claimed by creating its ``command.txt`` exclusively, so that of two
-    processes given the same ``--out`` at once one trains and the other is refused.
-    """
-    if config.out:
-        run_dir = Path(config.out).expanduser()
-        taken = TransferkitError(f"run directory {run_dir} already exists; choose another --out or remove it "
-                                 f"(runs are never overwritten)")  # fmt: skip
-        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-            raise taken
-        run_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            (run_dir / "command.txt").open("x").close()
-        except FileExistsError:
-            raise taken from None
-        return run_dir
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path(config.runs_root) / f"{config.model.replace('/', '_')}-{config.strategy}-{stamp}"
-    for i in range(1, 1000):
-        candidate = base if i == 1 else base.with_name(f"{base.name}-{i}")
-        try:
-            candidate.mkdir(parents=True, exist_ok=False)
-            return candidate
-        except FileExistsError:
-            continue
-    raise TransferkitError(f"could not create a new run directory next to {base}")
 
 
 SEARCH_PROGRESS = "selection.json"  # an unfinished --strategy auto search: what --resume continues
@@ -356,6 +315,7 @@ def _resume_search(run_dir: Path, command: str | None, callbacks: list[Callback]
 
     state = json.loads((run_dir / SEARCH_PROGRESS).read_text())
     config = _saved_config(state["config"], quiet)
+    _remove_leftovers_of(run_dir)
     started = time.time()
     L.seed_everything(config.seed, workers=True, verbose=False)
     splits = discover_for(config)

@@ -7,9 +7,11 @@ entry where it should appear; the section's id is the first word of its title, l
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -60,6 +62,7 @@ def write_report(
     ``model.pt`` the report still shows everything else, and says what it could not show.
     """
     run = load_run(run_dir)
+    _remove_stale_staging(run.path)
     # Drawn beside the report first: until the new page replaces it, the old one keeps every figure it shows.
     staging = Path(tempfile.mkdtemp(prefix=f".{REPORT_DIR}-", suffix=".tmp", dir=run.path))
     try:
@@ -68,6 +71,17 @@ def write_report(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return run.path / REPORT_NAME
+
+
+# A staging folder this old was left by a process killed while drawing (a report takes seconds to draw).
+STALE_STAGING_S = 3600
+
+
+def _remove_stale_staging(run_dir: Path) -> None:
+    for staging in run_dir.glob(f".{REPORT_DIR}-*.tmp"):
+        with contextlib.suppress(OSError):  # another process's, removed meanwhile
+            if time.time() - staging.stat().st_mtime > STALE_STAGING_S and not staging.is_symlink():
+                shutil.rmtree(staging)
 
 
 def _replace_report(run_dir: Path, staging: Path, page: str) -> None:
