@@ -85,6 +85,29 @@ def test_a_photo_taken_sideways_is_decoded_upright_as_its_exif_says(
     assert half.all() and red.sum() == half.numel()
 
 
+def test_runs_and_inspections_written_inside_the_data_folder_are_not_read_as_images(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`transferkit train .` from within a folder of class folders makes runs/ there; the next run must not
+    learn a class "runs" from the first one's report figures (nor a class's images gain a run's PNGs)."""
+    from transferkit import train
+
+    data = make_colour_folder(tmp_path / "photos", 4)
+    before = discover(data)
+    monkeypatch.chdir(data)
+    options = {"model": "resnet18", "weights": "none", "image_size": 32, "epochs": 1, "quiet": True}
+    train(".", **options)  # into ./runs, the default
+    train(".", out="red/my-run", **options)  # a run inside a class folder
+    assert list((data / "runs").glob("*/report/*.png")) and list((data / "red/my-run/report").glob("*.png"))
+    (data / "blue" / "inspected").mkdir()
+    (data / "blue" / "inspected" / "inspection.json").write_text("{}")
+    Image.new("RGB", (40, 48)).save(data / "blue" / "inspected" / "thumb.png")
+    with pytest.warns(UserWarning, match=r"photos: runs not read as a class: transferkit's own output"):
+        after = discover(data)
+    assert after.class_names == before.class_names == ["blue", "red"]
+    assert sorted(after.train + after.val) == sorted(before.train + before.val)
+
+
 def test_hymenoptera_gif_decodes() -> None:
     gif = requires_shared("datasets", "hymenoptera", "train", "ants", "imageNotFound.gif")
     assert load_image(str(gif)).shape[0] == 3

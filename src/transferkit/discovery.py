@@ -30,6 +30,7 @@ from .exclusion import exclude_key, read_exclude_list, warn_names_none  # noqa: 
 from .files import is_not  # noqa: E402
 from .image_files import MAX_IMAGE_PIXELS, image_file_problem, unread_format  # noqa: E402,F401  (re-exported)
 from .label_tables import LabelColumns, LabelRow, LabelTable, read_label_table, warn_skipped  # noqa: E402
+from .runs import is_transferkit_output  # noqa: E402
 from .shards import is_packed_source, packed_samples, packed_split  # noqa: E402
 
 # torchvision's ImageFolder extensions, and GIF (its first frame), which PIL reads and torchvision does not list.
@@ -82,16 +83,19 @@ def _is_hidden(path: Path, root: Path) -> bool:
 
 
 def _class_dirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if outputs := [d.name for d in dirs if is_transferkit_output(d)]:
+        warnings.warn(f"{folder}: {', '.join(outputs)} not read as a class: transferkit's own output (runs, "
+                      f"an inspection)", stacklevel=4)  # fmt: skip
+    return [d for d in dirs if d.name not in outputs]
 
 
 def scan_class_folder(
     folder: Path, class_names: list[str] | None = None, check: bool = True
 ) -> tuple[list[str], list[Sample], list[tuple[str, str]]]:
-    """(class names, samples, skipped files) of a ``<class>/*`` folder; nested folders are walked.
-
-    One split of a packed folder (``SHARDS/val``) reads as the class folder it was packed from.
-    """
+    """(class names, samples, skipped files) of a ``<class>/*`` folder; nested folders are walked (not
+    transferkit's own output). One split of a packed folder (``SHARDS/val``) reads as the folder it was
+    packed from."""
     packed = packed_split(folder)
     if packed is not None:
         return _packed_split(*packed, class_names)
@@ -114,7 +118,8 @@ def scan_class_folder(
     for d in dirs:
         found = 0
         for dirpath, subdirs, files in os.walk(d):
-            subdirs[:] = sorted(s for s in subdirs if not s.startswith("."))
+            subdirs[:] = sorted(s for s in subdirs
+                                if not s.startswith(".") and not is_transferkit_output(Path(dirpath) / s))  # fmt: skip
             for f in sorted(files):
                 path = Path(dirpath) / f
                 if f.startswith(".") or _is_hidden(path, folder):

@@ -138,6 +138,21 @@ def with_run_columns(run: Any, data: str | Path, options: dict[str, Any] | None)
     return given
 
 
+def is_transferkit_output(folder: Path) -> bool:
+    """Whether ``folder`` is what transferkit wrote: a run, an inspection's ``--out``, or a folder of runs.
+
+    Data discovery passes over them: a run made inside the data folder (``transferkit train .`` from
+    within it, runs/ by default) would otherwise be read as a class of its report's PNGs.
+    """
+    def is_run(path: Path) -> bool:
+        return (path / CONFIG_NAME).is_file() and (path / "command.txt").is_file()
+
+    if is_run(folder) or (folder / "inspection.json").is_file():
+        return True
+    children = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    return bool(children) and all(p.is_dir() and is_run(p) for p in children)
+
+
 def create_run_dir(config: TrainConfig) -> Path:
     """A new run directory; an existing one is never reused (that would overwrite a run).
 
