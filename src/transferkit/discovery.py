@@ -30,7 +30,7 @@ from .exclusion import exclude_key, read_exclude_list, warn_names_none  # noqa: 
 from .files import is_not  # noqa: E402
 from .image_files import MAX_IMAGE_PIXELS, image_file_problem, unread_format  # noqa: E402,F401  (re-exported)
 from .label_tables import LabelColumns, LabelRow, LabelTable, read_label_table, warn_skipped  # noqa: E402
-from .runs import is_transferkit_output  # noqa: E402
+from .runs import folders_to_walk, is_transferkit_output  # noqa: E402
 from .shards import is_packed_source, packed_samples, packed_split  # noqa: E402
 
 # torchvision's ImageFolder extensions, and GIF (its first frame), which PIL reads and torchvision does not list.
@@ -118,8 +118,7 @@ def scan_class_folder(
     for d in dirs:
         found = 0
         for dirpath, subdirs, files in os.walk(d):
-            subdirs[:] = sorted(s for s in subdirs
-                                if not s.startswith(".") and not is_transferkit_output(Path(dirpath) / s))  # fmt: skip
+            subdirs[:] = folders_to_walk(dirpath, subdirs)
             for f in sorted(files):
                 path = Path(dirpath) / f
                 if f.startswith(".") or _is_hidden(path, folder):

@@ -19,7 +19,7 @@ from .model import TransferModel
 from .performance import PRECISION_NAMES, pick_device
 from .prediction import TTA_VIEWS, AugmentedRunner, EagerRunner, inference_precision, predict_samples
 from .prediction import top_k_results
-from .runs import with_run_columns
+from .runs import folders_to_walk, with_run_columns
 from .runtimes import ensemble, fold_models, runner_for
 from .shards import is_packed_image, is_url
 
@@ -326,7 +326,7 @@ def collect_images(paths: list[str | Path]) -> list[str]:
             found += listed_images(p, IMAGE_EXTENSIONS)
         elif p.is_dir():
             for dirpath, subdirs, files in os.walk(p):
-                subdirs[:] = sorted(s for s in subdirs if not s.startswith("."))
+                subdirs[:] = folders_to_walk(dirpath, subdirs)
                 found += [
                     str(Path(dirpath) / f)
                     for f in sorted(files)

@@ -153,6 +153,12 @@ def is_transferkit_output(folder: Path) -> bool:
     return bool(children) and all(p.is_dir() and is_run(p) for p in children)
 
 
+def folders_to_walk(parent: str, names: list[str]) -> list[str]:
+    """Of the folders ``names`` in ``parent`` (an ``os.walk`` step), those that may hold images: not hidden,
+    not transferkit's own output, in order."""
+    return sorted(name for name in names if not name.startswith(".") and not is_transferkit_output(Path(parent, name)))
+
+
 def create_run_dir(config: TrainConfig) -> Path:
     """A new run directory; an existing one is never reused (that would overwrite a run).
 
