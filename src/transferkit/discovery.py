@@ -85,8 +85,8 @@ def _is_hidden(path: Path, root: Path) -> bool:
 def _class_dirs(folder: Path) -> list[Path]:
     dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if outputs := [d.name for d in dirs if is_transferkit_output(d)]:
-        warnings.warn(f"{folder}: {', '.join(outputs)} not read as a class: transferkit's own output (runs, "
-                      f"an inspection)", stacklevel=4)  # fmt: skip
+        warnings.warn(f"{folder.absolute()}: {', '.join(outputs)} not read as a class: transferkit's own output "
+                      f"(runs, an inspection)", stacklevel=4)  # fmt: skip
     return [d for d in dirs if d.name not in outputs]
 
 
