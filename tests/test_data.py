@@ -99,6 +99,8 @@ def test_runs_and_inspections_written_inside_the_data_folder_are_not_read_as_ima
     train(".", **options)  # into ./runs, the default
     train(".", out="red/my-run", **options)  # a run inside a class folder
     assert list((data / "runs").glob("*/report/*.png")) and list((data / "red/my-run/report").glob("*.png"))
+    (data / "runs" / "auto-search").mkdir()  # --strategy auto, still measuring: its progress alone so far
+    (data / "runs" / "auto-search" / "selection.json").write_text("{}")
     (data / "blue" / "inspected").mkdir()
     (data / "blue" / "inspected" / "inspection.json").write_text("{}")
     Image.new("RGB", (40, 48)).save(data / "blue" / "inspected" / "thumb.png")

@@ -38,6 +38,7 @@ CHECKPOINT_NAME = "model.pt"  # the trained model (transferkit.checkpoint writes
 CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.json"
 HISTORY_NAME = "history.csv"
+SEARCH_PROGRESS = "selection.json"  # an unfinished --strategy auto search: what --resume continues
 # A label file given to evaluate a run is usually written like the one it was trained on: its
 # columns are read by the names the run used, where the file has them and the command names none.
 RUN_LABEL_COLUMNS = ("path_col", "label_col", "split_col")
@@ -144,8 +145,8 @@ def is_transferkit_output(folder: Path) -> bool:
     Data discovery passes over them: a run made inside the data folder (``transferkit train .`` from
     within it, runs/ by default) would otherwise be read as a class of its report's PNGs.
     """
-    def is_run(path: Path) -> bool:
-        return (path / CONFIG_NAME).is_file() and (path / "command.txt").is_file()
+    def is_run(path: Path) -> bool:  # a search still measuring has only its progress yet
+        return (path / CONFIG_NAME).is_file() and (path / "command.txt").is_file() or (path / SEARCH_PROGRESS).is_file()
 
     if is_run(folder) or (folder / "inspection.json").is_file():
         return True

@@ -32,7 +32,7 @@ from .files import check_writable_folder, remove_leftovers, write_json
 from .inference import Evaluation, evaluate_cached_features, evaluate_samples
 from .model import TransferModel
 from .multilabel import targets_of, tune_thresholds
-from .runs import create_run_dir, removed_unless_trained, write_history
+from .runs import SEARCH_PROGRESS, create_run_dir, removed_unless_trained, write_history
 from .training import Fitted, TrainConfig, TrainResult, find_lr, fit, model_and_strategy, quiet_lightning
 from .training.fit import RUN_DIR_ENV, add_skipped, check_launch, join_as_worker_rank, say
 from .training.loggers import log_run_files
@@ -267,7 +267,6 @@ def _check_same_fold(fold_dir: Path, fold_config: TrainConfig, k: int) -> None:
                                f"data changed since the k-fold run started); start a new k-fold run")  # fmt: skip
 
 
-SEARCH_PROGRESS = "selection.json"  # an unfinished --strategy auto search: what --resume continues
 
 
 class _SearchProgress:
