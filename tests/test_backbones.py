@@ -51,6 +51,12 @@ def test_local_state_dict_file_loads_and_keeps_tensors(tmp_path: Path) -> None:
     bb = load_backbone("resnet18", weights=str(path), preprocessing=prep)
     assert torch.equal(bb.model.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
     assert bb.preprocessing.mean == (0.5, 0.5, 0.5)
+    # A pathlib.Path, as a notebook passes one, is the same file (a config stores it as an absolute path).
+    from transferkit.training import TrainConfig
+
+    by_path = load_backbone("resnet18", weights=path, preprocessing=prep)
+    assert torch.equal(by_path.model.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
+    assert TrainConfig(data=str(tmp_path), weights=path).to_dict()["weights"] == str(path)
 
 
 def test_safetensors_file_loads(tmp_path: Path) -> None:

@@ -91,8 +91,10 @@ class PackageWeights:
 WeightsSource = Union[NoWeights, FileWeights, TorchvisionWeights, TimmHubWeights, PackageWeights]
 
 
-def resolve_weights_argument(weights: str | None) -> NoWeights | FileWeights | NamedWeights:
+def resolve_weights_argument(weights: str | os.PathLike[str] | None) -> NoWeights | FileWeights | NamedWeights:
     """The source-independent part: no weights, a local file, or a name for the backbone's source."""
+    if isinstance(weights, os.PathLike):
+        return FileWeights(Path(weights).expanduser())
     if weights is None or weights.strip().lower() in NO_WEIGHTS:
         return NoWeights()
     if weights.lower().endswith(WEIGHT_FILE_SUFFIXES) or os.sep in weights or Path(weights).expanduser().is_file():

@@ -106,7 +106,7 @@ class TrainConfig:
         # config.json is read again from any working directory (report, --resume, inspect --run).
         for name in ("data", "labels", "exclude", "out"):
             setattr(self, name, _absolute(getattr(self, name)))
-        if isinstance(resolve_weights_argument(self.weights), FileWeights):
+        if isinstance(resolve_weights_argument(self.weights), FileWeights):  # a path, given as text or a Path
             self.weights = _absolute(self.weights)
         if self.calibration not in ("temperature", "none"):
             raise TransferkitError(f"unknown --calibration {self.calibration!r}; choose temperature or none")
