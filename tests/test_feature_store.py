@@ -62,6 +62,35 @@ def test_a_writer_splits_its_rows_into_shards(tmp_path: Path, monkeypatch: pytes
     assert store.read(store.locate([_key(i) for i in range(10)]))[:, 0].tolist() == list(range(10))
 
 
+# A process whose soft limit of open files is below the store's shard count (each shard's memory map
+# holds a descriptor): every shard must still be read. Prints the rows found and the soft limit after.
+FEW_OPEN_FILES = """
+import resource, sys, warnings
+from transferkit.feature_store import FeatureStore
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+warnings.simplefilter("error")  # an ignored shard ("Too many open files") fails the run
+store = FeatureStore(sys.argv[1])
+print(len(store), resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+"""
+
+
+def test_a_store_of_more_shards_than_the_open_file_limit_is_read_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(feature_store, "SHARD_ROWS", 1)
+    with FeatureStore(tmp_path / "s").writer() as writer:
+        for i in range(100):
+            writer.add(_key(i), np.full(3, i, np.float32))
+    script = tmp_path / "few_files.py"
+    script.write_text(FEW_OPEN_FILES)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "s")], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows, soft = map(int, proc.stdout.split())
+    assert rows == 100 and soft > 100
+
+
 def test_an_unfinished_or_damaged_shard_is_not_read(tmp_path: Path) -> None:
     store = FeatureStore(tmp_path)
     with store.writer() as writer:

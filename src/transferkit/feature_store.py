@@ -60,8 +60,10 @@ class FeatureStore:
         known = set(self.names)
         found = sorted(e.name[: -len(KEYS_SUFFIX)] for e in os.scandir(self.shard_dir)
                        if e.name.endswith(KEYS_SUFFIX) and not e.name.startswith("."))  # fmt: skip
+        new = [name for name in found if name not in known]
+        allow_open_files(len(new))
         keys, where = [self._sorted_keys], [self._where]
-        for name in (n for n in found if n not in known):
+        for name in new:
             shard_keys = self._open_shard(name)
             if shard_keys is None:
                 continue
@@ -167,6 +169,23 @@ class ShardWriter:
         if kind is None or issubclass(kind, Exception):
             self.flush()
         self.store.refresh()
+
+
+def allow_open_files(more: int) -> None:
+    """Room for ``more`` open files: each shard's memory map holds one for as long as the store is open,
+    and a store of millions of images has hundreds of shards, past the usual soft limit (1024, 256 on
+    macOS). The soft limit is raised toward the hard one where needed, as a user's ``ulimit -n`` would."""
+    try:
+        import resource
+    except ImportError:  # Windows: no such limit on memory maps
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fd_dir = Path("/proc/self/fd") if Path("/proc/self/fd").is_dir() else Path("/dev/fd")
+    wanted = len(os.listdir(fd_dir)) + more + 64  # and a margin for the files a run opens meanwhile
+    if soft == resource.RLIM_INFINITY or wanted <= soft:
+        return
+    raised = wanted * 2 if hard == resource.RLIM_INFINITY else min(hard, wanted * 2)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
 
 
 def _save_rows(tmp: Path, rows: np.ndarray) -> None:
