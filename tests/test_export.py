@@ -122,6 +122,26 @@ def test_failed_check_raises_and_leaves_no_file(run_dir: Path, tmp_path: Path) -
     assert list(tmp_path.iterdir()) == []
 
 
+def test_weights_past_the_external_data_size_are_exported_beside_the_model_under_its_name(
+    run_dir: Path, tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model of over 1.5 GB keeps its weights in NAME.onnx.data, which the model names: the pair is
+    written under its final names (never a temporary one), so it can be moved and served as a pair."""
+    import onnx
+
+    from transferkit import exports
+
+    monkeypatch.setattr(exports, "ONNX_EXTERNAL_DATA_BYTES", 0)  # this small model as if it were that large
+    written = export(run_dir, "onnx", out=tmp_path / "big" / "model.onnx").path
+    assert sorted(p.name for p in written.parent.iterdir()) == ["model.onnx", "model.onnx.data", "model.onnx.json"]
+    proto = onnx.load(str(written), load_external_data=False)
+    locations = {entry.value for t in proto.graph.initializer for entry in t.external_data if entry.key == "location"}
+    assert locations == {"model.onnx.data"}
+    moved = Path(shutil.copytree(written.parent, tmp_path / "moved"))
+    image = str(tiny_dataset / "val" / "red" / "0.png")
+    assert transferkit.predict(moved / "model.onnx", image) == transferkit.predict(written, image)
+
+
 def test_existing_output_is_kept_without_force(
     run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -35,7 +35,7 @@ from torch import nn
 from .backbones import Preprocessing
 from .checkpoint import load_checkpoint, resolve_checkpoint_path
 from .errors import TransferkitError
-from .files import atomic_write, cache_root
+from .files import atomic_write, atomic_write_with_companions, cache_root
 from .model import TransferModel
 from .prediction import SIDECAR_FORMAT, EagerRunner, ExportedProgramRunner, OnnxRunner, read_sidecar, sidecar_path
 from .quantize import (
@@ -205,7 +205,7 @@ def export_model(
         _write_sidecar(model, ExportResult(out, sidecar_path(out), format, checked_on, diff, tolerance), source)
 
     with torch.no_grad():
-        atomic_write(out, write_and_verify)
+        atomic_write_with_companions(out, write_and_verify)
     return ExportResult(out, sidecar_path(out), format, checked_on, diff, tolerance)
 
 
@@ -356,11 +356,17 @@ def _batch_free() -> dict[str, Any]:
     return {"x": {0: torch.export.Dim("batch", min=1)}}
 
 
+# Weights past this size go to NAME.onnx.data beside the model (protobuf's limit is 2 GB); the exporter
+# decides so by the same size, and this says it where the size is known.
+ONNX_EXTERNAL_DATA_BYTES = 1536 << 20
+
+
 def _write_onnx(net: nn.Module, example: torch.Tensor, path: Path) -> None:
     # torch.export-based exporter (onnxscript), PyTorch's current one; the TorchScript-based one is deprecated.
     program = torch.onnx.export(net, (example,), dynamo=True, dynamic_shapes=_batch_free(), verbose=False,
                                 input_names=[INPUT_NAME], output_names=[OUTPUT_NAME])  # fmt: skip
-    program.save(str(path))
+    weights = sum(t.numel() * t.element_size() for t in net.state_dict().values())
+    program.save(str(path), external_data=weights > ONNX_EXTERNAL_DATA_BYTES)
 
 
 def _write_pt2(net: nn.Module, example: torch.Tensor, path: Path) -> None:

@@ -47,6 +47,29 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
         raise
 
 
+def atomic_write_with_companions(path: Path, write: Callable[[Path], Any]) -> None:
+    """:func:`atomic_write` for a writer that may put files named after ``path`` beside it (an ONNX
+    model's weights past 1.5 GB go to ``NAME.data``, which the model refers to by that name): they are
+    written in a staging folder under their final names, then renamed in, ``path`` last, so that it
+    never refers to a file that is not there, nor to a temporary name."""
+    import shutil
+
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as exc:  # named by the file asked for, as atomic_write names it
+        raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
+    try:
+        write(staging / path.name)
+        for written in sorted(staging.iterdir(), key=lambda p: p.name == path.name):
+            with open(written, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(written, path.parent / written.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def remove_leftovers(folder: Path) -> list[Path]:
     """Remove what a killed process left half-written directly in ``folder``: the hidden ``.NAME.*.tmp``
     files of :func:`atomic_write` and the staged ``.*.tmp`` folders that are renamed into place when
