@@ -59,6 +59,30 @@ def test_local_state_dict_file_loads_and_keeps_tensors(tmp_path: Path) -> None:
     assert TrainConfig(data=str(tmp_path), weights=path).to_dict()["weights"] == str(path)
 
 
+def test_a_googlenet_weights_file_is_built_as_torchvisions_own_weights_unless_its_normalisation_is_given(
+    tmp_path: Path,
+) -> None:
+    """torchvision's Inception v3 and GoogLeNet weights expect inputs in [-1, 1], made by ``transform_input``
+    of the ImageNet-normalised ones: a copy of them given as a file reads right with the usual preprocessing."""
+    source = load_backbone("googlenet", weights="none").model
+    path = tmp_path / "googlenet.pth"
+    torch.save(source.state_dict(), path)
+    usual = load_backbone("googlenet", weights=str(path))
+    assert usual.model.transform_input and usual.model_kwargs["transform_input"]  # kept for the checkpoint
+    resized = load_backbone("googlenet", weights=str(path),
+                            preprocessing=usual.preprocessing.with_overrides(image_size=64))  # fmt: skip
+    assert resized.model.transform_input  # a size alone does not change the normalisation
+    own = Preprocessing(224, 256, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert not load_backbone("googlenet", weights=str(path), preprocessing=own).model.transform_input
+    # The same image through both: ImageNet-normalised with transform_input equals [-1, 1] without it.
+    image = torch.rand(1, 3, 64, 64)
+    imagenet = (image - torch.tensor(usual.preprocessing.mean).view(1, 3, 1, 1)) / torch.tensor(
+        usual.preprocessing.std).view(1, 3, 1, 1)  # fmt: skip
+    plain = load_backbone("googlenet", weights=str(path), preprocessing=own).model.eval()
+    with torch.no_grad():
+        assert torch.allclose(usual.model.eval()(imagenet), plain((image - 0.5) / 0.5), atol=1e-4)
+
+
 def test_safetensors_file_loads(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 

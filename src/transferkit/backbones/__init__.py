@@ -92,11 +92,14 @@ def load_backbone(
     resolved = resolve_weights(name, weights)
     if model_kwargs and not isinstance(resolved, NoWeights):
         raise TransferkitError("model_kwargs change the architecture and are only allowed with weights='none'")
+    default_prep = source.preprocessing(name, resolved)
     if preprocessing is not None:  # a ViT built for one input size is built for the one asked for
         model_kwargs = {**source.input_size_kwargs(name, preprocessing.image_size), **(model_kwargs or {})} or None
+    usual = preprocessing is None or (preprocessing.mean, preprocessing.std) == (default_prep.mean, default_prep.std)
+    if isinstance(resolved, FileWeights) and usual:  # the usual normalisation: built as the source's weights are
+        model_kwargs = {**source.file_weights_kwargs(name), **(model_kwargs or {})} or None
     model, kwargs = source.build(name, resolved, model_kwargs)
     classifier_path, extra = source.classifier_paths(model, name)
-    default_prep = source.preprocessing(name, resolved)
     if isinstance(resolved, FileWeights):
         load_weights_file(model, resolved.path, name, (classifier_path, *extra))
         if preprocessing is None:

@@ -79,6 +79,10 @@ class TimmSource:
     def architecture(self, name: str, model_kwargs: dict[str, Any] | None = None) -> nn.Module:
         return _timm().create_model(self.arch(name), pretrained=False, **dict(model_kwargs or {}))
 
+    def file_weights_kwargs(self, name: str) -> dict[str, Any]:
+        """timm builds every model the same whatever its weights: nothing to add for a weights file."""
+        return {}
+
     def input_size_kwargs(self, name: str, image_size: int) -> dict[str, Any]:
         """``img_size`` where timm builds ``name`` for one input size only (ViTs: DINOv2 at 518, SigLIP,
         EVA): timm then makes its position embeddings for that size, resampling pretrained ones."""

@@ -63,6 +63,12 @@ class TorchvisionSource:
         """``image_size`` for a ViT, which torchvision builds for one input size (its position embeddings)."""
         return {"image_size": image_size} if name.startswith("vit_") and image_size != VIT_IMAGE_SIZE else {}
 
+    def file_weights_kwargs(self, name: str) -> dict[str, Any]:
+        """How to build ``name`` for a weights file given without its normalisation: as torchvision's own
+        weights are built. Inception v3 and GoogLeNet's were trained on inputs scaled to [-1, 1], which
+        their ``transform_input`` makes of the ImageNet-normalised ones that the usual preprocessing gives."""
+        return {"transform_input": True} if name in _AUX_FAMILIES else {}
+
     def architecture(self, name: str, model_kwargs: dict[str, Any] | None = None) -> nn.Module:
         kwargs = dict(model_kwargs or {})
         if name in _AUX_FAMILIES:
