@@ -62,7 +62,8 @@ class FeatureStore:
         found = sorted(e.name[: -len(KEYS_SUFFIX)] for e in os.scandir(self.shard_dir)
                        if e.name.endswith(KEYS_SUFFIX) and not e.name.startswith("."))  # fmt: skip
         new = [name for name in found if name not in known]
-        allow_open_files(len(new))
+        if new:
+            allow_open_files(len(new))
         keys, where = [self._sorted_keys], [self._where]
         for name in new:
             shard_keys = self._open_shard(name)

@@ -70,13 +70,20 @@ def atomic_write_with_companions(path: Path, write: Callable[[Path], Any]) -> No
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def remove_leftovers(folder: Path) -> list[Path]:
+def remove_leftovers(folder: Path, older_than_s: float = 0) -> list[Path]:
     """Remove what a killed process left half-written directly in ``folder``: the hidden ``.NAME.*.tmp``
     files of :func:`atomic_write` and the staged ``.*.tmp`` folders that are renamed into place when
-    complete. For a folder no other process is writing (a run being resumed); returns what went."""
+    complete; returns what went. ``older_than_s`` spares those another process may still be writing (0:
+    a folder no other process writes, such as a run being resumed)."""
     import shutil
+    import time
 
-    leftovers = [p for p in folder.glob(".*.tmp") if not p.is_symlink()] if folder.is_dir() else []
+    def stale(path: Path) -> bool:
+        with contextlib.suppress(OSError):  # gone meanwhile: its writer finished
+            return not path.is_symlink() and time.time() - path.lstat().st_mtime >= older_than_s
+        return False
+
+    leftovers = [p for p in folder.glob(".*.tmp") if stale(p)] if folder.is_dir() else []
     for path in leftovers:
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)

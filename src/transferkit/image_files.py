@@ -45,8 +45,8 @@ def unread_format(path: str | Path) -> str | None:
 
 def image_file_problem(path: Path) -> str | None:
     """Why ``path`` cannot be used, from a cheap header read; None if it looks like an image."""
-    if unread_format(path):
-        return unread_format(path)
+    if unread := unread_format(path):
+        return unread
     try:
         if path.stat().st_size == 0:
             return "empty file"

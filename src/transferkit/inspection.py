@@ -46,17 +46,17 @@ from .inspection_checks import (
 from .model import TransferModel
 from .performance import pick_device, resolve_precision
 from .reports.inspection_page import write_inspection_page
+from .runs import INSPECTION_JSON
 from .shards import is_url
 
-# A pair is a near-duplicate when its cosine distance is under this fraction of the data's median
-# nearest-neighbour distance: a rule that adapts to how alike the images are (cleanlab's Datalab uses
-# the same rule with 0.13). On hymenoptera (efficientnet_lite0) it means similarity >= 0.92: re-saved,
-# brightened copies are found, distinct photos (at most 0.81 alike there) are not.
+# A pair is a near-duplicate when its cosine distance is under this fraction of the data's median nearest-
+# neighbour distance: a rule that adapts to how alike the images are (cleanlab's Datalab uses it with 0.13). On
+# hymenoptera (efficientnet_lite0): similarity >= 0.92, re-saved or brightened copies, not distinct photos (<= 0.81).
 DUPLICATE_RATIO = 0.25
 OUTLIER_FRACTION = 0.01  # the share of images listed as outliers, the least alike first
 SPLITS = ("train", "val", "test")
 LABEL_FILE_OPTIONS = tuple(name for name in DATA_OPTIONS if name not in ("labels", "exclude"))  # its columns
-JSON_NAME, PAGE_NAME, SUSPECTS_NAME = "inspection.json", "inspection.html", "suspects.txt"
+JSON_NAME, PAGE_NAME, SUSPECTS_NAME = INSPECTION_JSON, "inspection.html", "suspects.txt"
 
 
 @dataclass

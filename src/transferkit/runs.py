@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import itertools
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,6 +41,7 @@ CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.json"
 HISTORY_NAME = "history.csv"
 SEARCH_PROGRESS = "selection.json"  # an unfinished --strategy auto search: what --resume continues
+INSPECTION_JSON = "inspection.json"  # what marks an inspection's --out (transferkit.inspection writes it)
 # A label file given to evaluate a run is usually written like the one it was trained on: its
 # columns are read by the names the run used, where the file has them and the command names none.
 RUN_LABEL_COLUMNS = ("path_col", "label_col", "split_col")
@@ -148,10 +151,13 @@ def is_transferkit_output(folder: Path) -> bool:
     def is_run(path: Path) -> bool:  # a search still measuring has only its progress yet
         return (path / CONFIG_NAME).is_file() and (path / "command.txt").is_file() or (path / SEARCH_PROGRESS).is_file()
 
-    if is_run(folder) or (folder / "inspection.json").is_file():
+    if is_run(folder) or (folder / INSPECTION_JSON).is_file():
         return True
-    children = [p for p in folder.iterdir() if not p.name.startswith(".")]
-    return bool(children) and all(p.is_dir() and is_run(p) for p in children)
+    # Read lazily: a folder of images stops at its first entry, whatever its size.
+    with os.scandir(folder) as entries:
+        children = (Path(entry.path) for entry in entries if not entry.name.startswith("."))
+        first = next(children, None)
+        return first is not None and all(is_run(child) for child in itertools.chain([first], children))
 
 
 def folders_to_walk(parent: str, names: list[str]) -> list[str]:

@@ -7,18 +7,16 @@ entry where it should appear; the section's id is the first word of its title, l
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from ..data import ImageFolderSplits
-from ..files import atomic_write
+from ..files import atomic_write, remove_leftovers
 from ..model import TransferModel
 from ..runs import HISTORY_FIELDS, HISTORY_NAME, Run, load_run
 from ..strategies import DEFAULT_LR_DECAY
@@ -62,7 +60,7 @@ def write_report(
     ``model.pt`` the report still shows everything else, and says what it could not show.
     """
     run = load_run(run_dir)
-    _remove_stale_staging(run.path)
+    remove_leftovers(run.path, older_than_s=STALE_LEFTOVER_S)
     # Drawn beside the report first: until the new page replaces it, the old one keeps every figure it shows.
     staging = Path(tempfile.mkdtemp(prefix=f".{REPORT_DIR}-", suffix=".tmp", dir=run.path))
     try:
@@ -73,15 +71,8 @@ def write_report(
     return run.path / REPORT_NAME
 
 
-# A staging folder this old was left by a process killed while drawing (a report takes seconds to draw).
-STALE_STAGING_S = 3600
-
-
-def _remove_stale_staging(run_dir: Path) -> None:
-    for staging in run_dir.glob(f".{REPORT_DIR}-*.tmp"):
-        with contextlib.suppress(OSError):  # another process's, removed meanwhile
-            if time.time() - staging.stat().st_mtime > STALE_STAGING_S and not staging.is_symlink():
-                shutil.rmtree(staging)
+# A staging folder or temporary file this old in a run was left by a killed process (reports take seconds).
+STALE_LEFTOVER_S = 3600
 
 
 def _replace_report(run_dir: Path, staging: Path, page: str) -> None:
