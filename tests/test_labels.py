@@ -305,6 +305,10 @@ def test_predict_takes_a_csv_listing_images_and_answers_each_row(flat: Path, tmp
     assert [r["path"] for r in answers] == [str(p) for p in images] + [str(tmp_path / "images/red/gone.jpg")]
     assert answers[:-1] == predict(run, images, runtime="torch")
     assert answers[-1] == {"path": str(tmp_path / "images/red/gone.jpg"), "error": "no such file", "predictions": []}
+    # A list to predict may name files outside its own folder (a label file for training may not).
+    (tmp_path / "lists").mkdir()
+    beside = write_csv(tmp_path / "lists/todo.csv", ["image"], [[f"../{p.relative_to(tmp_path)}"] for p in images])
+    assert predict(run, beside, runtime="torch") == answers[:-1]
     with pytest.raises(TransferkitError, match=r"has no path column \(its columns: class\); name the column of "
                                                r"image paths 'path'"):  # fmt: skip
         predict(run, write_csv(tmp_path / "classes.csv", ["class"], [["red"]]))

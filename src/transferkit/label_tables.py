@@ -133,7 +133,7 @@ def listed_images(table: str | Path, extensions: tuple[str, ...] = ()) -> list[s
                                f"of image paths 'path' (or give the images or their folder instead)")  # fmt: skip
     paths, ext = [], None
     for line, record in records:
-        path, ext = _resolve(record[path_col], source.parent, ext, extensions, source, line)
+        path, ext = _resolve(record[path_col], source.parent, ext, extensions, source, line, only_inside=False)
         paths.append(path)
     return paths
 
@@ -247,9 +247,12 @@ def _split(value: str | None, source: Path, line: int) -> str | None:
 
 
 def _resolve(
-    cell: str, base: Path, ext: str | None, extensions: tuple[str, ...], source: Path, line: int
-) -> tuple[str, str | None]:
-    """The row's file as an absolute path, and the image extension learnt from it (Kaggle ids have none)."""
+    cell: str, base: Path, ext: str | None, extensions: tuple[str, ...], source: Path, line: int,
+    only_inside: bool = True,
+) -> tuple[str, str | None]:  # fmt: skip
+    """The row's file as an absolute path, and the image extension learnt from it (Kaggle ids have none).
+    ``only_inside``: refuse relative paths that leave ``base`` (a run's data stays in its folder; a list of
+    images to predict may name any file)."""
     if not cell:
         raise TransferkitError(f"row {line} of {source} has an empty path; fill it in or remove the row")
     path = Path(cell).expanduser()
@@ -259,7 +262,7 @@ def _resolve(
         # Inside base as written: a folder linked in from elsewhere (images -> /mnt/images) is inside.
         inside = Path(os.path.normpath(base.absolute() / path)).is_relative_to(os.path.normpath(base.absolute()))
         path = (base / path).resolve()
-        if not inside:
+        if only_inside and not inside:
             raise TransferkitError(f"row {line} of {source}: {cell} lies outside {base}; give paths inside it "
                                    f"(or absolute paths)")  # fmt: skip
     if path.suffix == "" or not re.fullmatch(r"\.[A-Za-z0-9]{2,5}", path.suffix):
