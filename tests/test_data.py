@@ -171,6 +171,7 @@ def test_batches_decoded_on_threads_equal_one_by_one(tmp_path: Path) -> None:
             batch = dataset.__getitems__(keys)
             one_by_one = [dataset[k] for k in keys]
             assert isinstance(batch[-1], BadImage) and batch[-1].path.endswith("missing.jpg")
+            assert batch[-1].reason == one_by_one[-1].reason == "no such file"
             for got, want in zip(batch[:-1], one_by_one[:-1]):
                 assert got[1] == want[1] and torch.equal(got[0], want[0])
     finally:

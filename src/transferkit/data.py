@@ -203,6 +203,8 @@ class ImageDataset(Dataset):
         path = self.samples[key[0] if isinstance(key, tuple) else key][0]
         try:
             return load_image(path)
+        except FileNotFoundError:  # listed in a label file, or removed since it was found
+            return BadImage(path, "no such file")
         except Exception as exc:  # one bad file must never end an epoch
             return BadImage(path, f"cannot decode ({type(exc).__name__}: {exc})"[:200])
 
