@@ -67,6 +67,16 @@ def test_predict_files_and_folders(trained_run: Path, tiny_dataset: Path) -> Non
     assert "red" in tk("predict", str(trained_run), str(tiny_dataset / "val" / "red" / "0.png")).stdout
 
 
+def test_commands_that_cache_take_cache_dir(trained_run: Path, tiny_dataset: Path, tmp_path: Path) -> None:
+    """predict keeps its ONNX export, and features its vectors, under --cache-dir, as train does."""
+    image = str(tiny_dataset / "val" / "red" / "0.png")
+    tk("predict", str(trained_run), image, "--runtime", "onnx", "--cache-dir", str(tmp_path / "a"))
+    assert sorted(p.suffix for p in (tmp_path / "a" / "exports").iterdir()) == [".json", ".onnx"]
+    tk("features", str(tiny_dataset), "--model", "resnet18", "--weights", "none", "--image-size", "32",
+       "--out", str(tmp_path / "f.npz"), "--cache-dir", str(tmp_path / "b"))  # fmt: skip
+    assert any((tmp_path / "b" / "features").iterdir())
+
+
 def test_existing_run_directory_is_never_overwritten(trained_run: Path, tiny_dataset: Path) -> None:
     before = (trained_run / "model.pt").stat().st_mtime_ns
     proc = tk("train", str(tiny_dataset), "--model", "resnet18", "--weights", "none", "--out", str(trained_run), check=False)

@@ -71,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = args.debug or os.environ.get("TRANSFERKIT_DEBUG") == "1"
     shown = warnings.showwarning
     if not debug:
-        warnings.showwarning = functools.partial(_show_warning, shown)
+        warnings.showwarning = functools.partial(_show_warning, shown, set())
     try:
         with _one_cache(getattr(args, "cache_dir", None)):
             code: int = args.handler(args)
@@ -114,13 +114,16 @@ def _file_error(exc: OSError) -> str:
 
 
 def _show_warning(
-    shown: Callable[..., None], message: Warning | str, category: type[Warning], filename: str, lineno: int,
-    file: TextIO | None = None, line: str | None = None,
+    shown: Callable[..., None], printed: set[str], message: Warning | str, category: type[Warning], filename: str,
+    lineno: int, file: TextIO | None = None, line: str | None = None,
 ) -> None:  # fmt: skip
-    """transferkit's own warnings (a skipped file, a repeated row) in one line each, as its errors are;
-    other libraries' as Python shows them, with their source line (``--debug``: all of them so)."""
+    """transferkit's own warnings (a skipped file, a repeated row) in one line each, as its errors are, and
+    each once: a command that reads the data twice (advise) says so once. Other libraries' warnings as
+    Python shows them, with their source line (``--debug``: all of them so)."""
     if Path(filename).resolve().is_relative_to(PACKAGE_DIR):
-        print(f"transferkit: warning: {message}", file=file or sys.stderr)
+        if str(message) not in printed:
+            printed.add(str(message))
+            print(f"transferkit: warning: {message}", file=file or sys.stderr)
     else:
         shown(message, category, filename, lineno, file, line)
 

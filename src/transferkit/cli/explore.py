@@ -12,6 +12,7 @@ from .common import (
     backbone_options,
     batch_size_option,
     bounded,
+    cache_dir_option,
     data_options,
     data_options_given,
     image_size_option,
@@ -123,10 +124,12 @@ transferkit features data/hymenoptera --layer layer3 --out layer3.pt
 transferkit features images/ --labels labels.csv --out feats.npz
 transferkit features data/fashion --image-size 64 --out small.npz
 """, _features_arguments, _features,
-            parents=(backbone_options, image_size_option, batch_size_option, precision_option, data_options)),
+            parents=(backbone_options, image_size_option, batch_size_option, precision_option, data_options,
+                     cache_dir_option)),
     Command("advise", "Measure a dataset and recommend a strategy (size x similarity to ImageNet).", """
 transferkit advise data/hymenoptera
 transferkit advise data/xrays --model resnet50 --json
 transferkit advise images/ --labels labels.csv --label-col diagnosis
-""", _advise_arguments, _advise, parents=(backbone_options, image_size_option, precision_option, data_options)),
+""", _advise_arguments, _advise,
+            parents=(backbone_options, image_size_option, precision_option, data_options, cache_dir_option)),
 )  # fmt: skip

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import ApiChoices, Command, bounded
+from .common import ApiChoices, Command, bounded, cache_dir_option
 
 
 def _export_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,5 +46,5 @@ transferkit export runs/my-run                                   # runs/my-run/m
 transferkit export runs/my-run --format pt2 --out classifier.pt2   # + classifier.pt2.json
 transferkit export runs/my-run --quantize int8                  # runs/my-run/model.int8.onnx, accuracy checked
 transferkit predict runs/my-run/model.onnx photos/              # runs it with ONNX Runtime
-""", _export_arguments, _export),
+""", _export_arguments, _export, parents=(cache_dir_option,)),
 )  # fmt: skip

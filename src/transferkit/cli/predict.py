@@ -11,6 +11,7 @@ from .common import (
     Command,
     batch_size_option,
     bounded,
+    cache_dir_option,
     checkpoint_run_options,
     data_options,
     data_options_given,
@@ -86,10 +87,11 @@ COMMANDS = (
 transferkit evaluate runs/efficientnet_lite0-feature-extract-20260101-120000 data/hymenoptera/val
 transferkit evaluate runs/my-run data/test --json > metrics.json
 transferkit evaluate runs/my-run test_images/ --labels test.csv --label-col diagnosis
-""", _evaluate_arguments, _evaluate, parents=(batch_size_option, checkpoint_run_options, data_options)),
+""", _evaluate_arguments, _evaluate, parents=(batch_size_option, checkpoint_run_options, data_options,
+                                                                 cache_dir_option)),
     Command("predict", "Predict labels of image files or folders.", """
 transferkit predict runs/my-run photo.jpg more_photos/ --top-k 3
 transferkit predict runs/my-run photos/ --json
 transferkit predict runs/my-run photos/ --explain heatmaps/
-""", _predict_arguments, _predict, parents=(batch_size_option, checkpoint_run_options)),
+""", _predict_arguments, _predict, parents=(batch_size_option, checkpoint_run_options, cache_dir_option)),
 )  # fmt: skip

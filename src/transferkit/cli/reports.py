@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import Command
+from .common import Command, cache_dir_option
 
 
 def _report_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,7 +41,7 @@ def _compare(args: argparse.Namespace) -> int:
 COMMANDS = (
     Command("report", "Write a run's HTML report (curves, metrics, confusion matrix, mistakes).", """
 transferkit report runs/efficientnet_lite0-feature-extract-20260101-120000
-""", _report_arguments, _report),
+""", _report_arguments, _report, parents=(cache_dir_option,)),
     Command("compare", "Compare runs side by side: metrics, strategies and times.", """
 transferkit compare runs/*
 transferkit compare runs/a runs/b --out comparison.html

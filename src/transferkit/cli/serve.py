@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import ApiChoices, Command, bounded
+from .common import ApiChoices, Command, bounded, cache_dir_option
 
 
 def _serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,5 +43,5 @@ COMMANDS = (
 transferkit serve runs/my-run                        # then open http://127.0.0.1:8000/ and drop photos
 transferkit serve runs/my-run/model.int8.onnx --port 9000
 curl -F files=@photo.jpg http://127.0.0.1:8000/predict
-""", _serve_arguments, _serve),
+""", _serve_arguments, _serve, parents=(cache_dir_option,)),
 )  # fmt: skip

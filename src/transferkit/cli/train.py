@@ -218,5 +218,6 @@ transferkit train labels.csv --label-col diagnosis --split-col fold
 transferkit lr-find data/hymenoptera --strategy fine-tune --unfreeze 2 --plot lr.png
 transferkit train data/hymenoptera --lr auto
 """, _lr_find_arguments, _lr_find,
-            parents=(backbone_options, image_size_option, batch_size_option, precision_option, data_options)),
+            parents=(backbone_options, image_size_option, batch_size_option, precision_option, data_options,
+                     cache_dir_option)),
 )  # fmt: skip
