@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TextIO
 
 from .. import TransferkitError
-from ..files import CACHE_ENV
+from ..files import CACHE_ENV, is_not
 from . import explore, export, inspect, maintenance, pack, predict, reports, serve, train
 from .common import Command, HelpFormatter, Parser
 
@@ -50,8 +50,11 @@ def _one_cache(cache_dir: str | None) -> Iterator[None]:
     if not cache_dir:
         yield
         return
+    root = Path(cache_dir).expanduser()
+    if root.exists() and not root.is_dir():
+        raise TransferkitError(f"--cache-dir {root} {is_not(root)}; give the cache's folder")
     before = os.environ.get(CACHE_ENV)
-    os.environ[CACHE_ENV] = str(Path(cache_dir).expanduser())
+    os.environ[CACHE_ENV] = str(root)
     try:
         yield
     finally:

@@ -17,12 +17,9 @@ def _cache_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _cache(args: argparse.Namespace) -> int:
-    from .. import TransferkitError, cache_info, cache_root, clear_cache
-    from ..files import is_not
+    from .. import cache_info, cache_root, clear_cache
 
-    root = cache_root(args.cache_dir)
-    if root.exists() and not root.is_dir():
-        raise TransferkitError(f"--cache-dir {root} {is_not(root)}; give the cache's folder")
+    root = cache_root(args.cache_dir)  # not a file: main checked it
     if args.action == "path":
         print(root)
     elif args.action == "info":
