@@ -137,7 +137,8 @@ def test_clear_cache_and_cache_info(images: list, tmp_path: Path, capsys: pytest
     assert clear_cache(tmp_path / "shared") == {"features": 6, "exports": 0, "shards": 0}
     assert sorted(p for p in (tmp_path / "shared").rglob("*") if p.is_file()) == sorted(mine)
     assert cache_info(tmp_path / "shared")["features"] == {"count": 0, "bytes": 0}
-    for command in (["cache", "info"], ["cache", "clear"], ["features", str(tmp_path), "--out", str(tmp_path / "f.npz")]):
+    features = ["features", str(tmp_path), "--out", str(tmp_path / "f.npz")]
+    for command in (["cache", "info"], ["cache", "clear"], features):
         assert main([*command, "--cache-dir", str(mine[0])]) == 2
         assert f"--cache-dir {mine[0]} is a file, not a folder; give the cache's folder" in capsys.readouterr().err
 
