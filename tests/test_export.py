@@ -140,6 +140,11 @@ def test_weights_past_the_external_data_size_are_exported_beside_the_model_under
     moved = Path(shutil.copytree(written.parent, tmp_path / "moved"))
     image = str(tiny_dataset / "val" / "red" / "0.png")
     assert transferkit.predict(moved / "model.onnx", image) == transferkit.predict(written, image)
+    # Exported again as a small model (its weights inside it), the large one's weights file goes.
+    monkeypatch.setattr(exports, "ONNX_EXTERNAL_DATA_BYTES", 1536 << 20)
+    assert export(run_dir, "onnx", out=written, force=True).path == written
+    assert sorted(p.name for p in written.parent.iterdir()) == ["model.onnx", "model.onnx.json"]
+    assert transferkit.predict(written, image) == transferkit.predict(moved / "model.onnx", image)
 
 
 def test_existing_output_is_kept_without_force(

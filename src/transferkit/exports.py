@@ -205,7 +205,7 @@ def export_model(
         _write_sidecar(model, ExportResult(out, sidecar_path(out), format, checked_on, diff, tolerance), source)
 
     with torch.no_grad():
-        atomic_write_with_companions(out, write_and_verify)
+        atomic_write_with_companions(out, write_and_verify, companions=(f"{out.name}.data",))
     return ExportResult(out, sidecar_path(out), format, checked_on, diff, tolerance)
 
 

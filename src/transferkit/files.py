@@ -47,11 +47,14 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
         raise
 
 
-def atomic_write_with_companions(path: Path, write: Callable[[Path], Any]) -> None:
+def atomic_write_with_companions(path: Path, write: Callable[[Path], Any], companions: tuple[str, ...] = ()) -> None:
     """:func:`atomic_write` for a writer that may put files named after ``path`` beside it (an ONNX
     model's weights past 1.5 GB go to ``NAME.data``, which the model refers to by that name): they are
     written in a staging folder under their final names, then renamed in, ``path`` last, so that it
-    never refers to a file that is not there, nor to a temporary name."""
+    never refers to a file that is not there, nor to a temporary name.
+
+    ``companions``: the names such files may have; one this write did not make is removed once ``path``
+    is in place (a large model's weights, replaced by a small model that holds its own)."""
     import shutil
 
     path = Path(path)
@@ -62,10 +65,13 @@ def atomic_write_with_companions(path: Path, write: Callable[[Path], Any]) -> No
         raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
     try:
         write(staging / path.name)
-        for written in sorted(staging.iterdir(), key=lambda p: p.name == path.name):
-            with open(written, "rb") as f:
+        written = sorted(staging.iterdir(), key=lambda p: p.name == path.name)
+        for file in written:
+            with open(file, "rb") as f:
                 os.fsync(f.fileno())
-            os.replace(written, path.parent / written.name)
+            os.replace(file, path.parent / file.name)
+        for stale in set(companions) - {file.name for file in written}:
+            (path.parent / stale).unlink(missing_ok=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
