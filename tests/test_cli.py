@@ -166,3 +166,12 @@ def test_the_parser_is_built_without_importing_torch() -> None:
     # The command re-executes itself with another allocator before torch loads, and --help answers at once.
     code = "import sys; from transferkit.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+def test_version_is_the_installed_packages() -> None:
+    from importlib.metadata import version
+
+    import transferkit
+
+    assert tk("--version").stdout == f"transferkit {transferkit.__version__}\n"
+    assert version("transferkit") == transferkit.__version__  # pyproject reads it from the package, one place

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
-from .. import TransferkitError
+from .. import TransferkitError, __version__
 from ..files import CACHE_ENV, is_not
 from . import explore, export, inspect, maintenance, pack, predict, reports, serve, train
 from .common import Command, HelpFormatter, Parser
@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser.add_argument("--version", action="version", version=f"transferkit {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in COMMANDS:
         command.register(subparsers)
