@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +145,24 @@ def test_bad_layouts_are_one_line_errors(tmp_path: Path) -> None:
     make_colour_folder(tmp_path / "mismatch" / "val", 2, classes=("red", "green"))
     with pytest.raises(TransferkitError, match="differ"):
         discover(tmp_path / "mismatch")
+    # Images straight in DATA, not in class folders: said so (not "0 class folders"), with the layout to use.
+    flat = tmp_path / "flat"
+    for path in make_colour_folder(tmp_path / "sorted", 2).rglob("*.*"):
+        flat.mkdir(exist_ok=True)
+        shutil.copy(path, flat / f"{path.parent.name}-{path.name}")
+    with pytest.raises(TransferkitError, match=rf"^{flat} holds images but no class folders; put each class's "
+                                               rf"images in a sub-folder named after it \({flat}/<class>/\)"):  # fmt: skip
+        discover(flat)
+
+
+def test_an_image_beside_the_class_folders_is_skipped_with_a_warning(tmp_path: Path) -> None:
+    data = make_colour_folder(tmp_path / "data", 3)
+    stray = data / "stray.png"
+    shutil.copy(next(data.glob("red/*.png")), stray)
+    with pytest.warns(UserWarning, match=rf"skipping {stray}: not in a class folder"):
+        splits = discover(data)
+    assert (str(stray), "not in a class folder") in splits.skipped
+    assert str(stray) not in [path for path, _ in splits.train + splits.val]
 
 
 def test_unreadable_files_are_skipped_with_their_names(tmp_path: Path) -> None:

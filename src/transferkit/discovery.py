@@ -114,7 +114,11 @@ def scan_class_folder(
     _check_case_clashes(names, folder)
     known = class_names or names
     samples: list[Sample] = []
-    skipped: list[tuple[str, str]] = []
+    # An image beside the class folders has no class: said, not passed over in silence.
+    skipped: list[tuple[str, str]] = [(str(p), "not in a class folder") for p in loose_images(folder)]
+    if skipped and not dirs:
+        raise TransferkitError(f"{folder} holds images but no class folders; put each class's images in a "
+                               f"sub-folder named after it ({folder}/<class>/), or give a CSV label file")  # fmt: skip
     for d in dirs:
         found = 0
         for dirpath, subdirs, files in os.walk(d):
@@ -275,6 +279,13 @@ def _every_in_folders(root: Path) -> LabelledImages:
         found.class_names, found.skipped = names, found.skipped + skipped
         found.samples, found.splits = found.samples + samples, found.splits + [split] * len(samples)
     return found
+
+
+def loose_images(folder: Path) -> list[Path]:
+    """The image files directly in ``folder``, beside its class folders."""
+    with os.scandir(folder) as entries:
+        return sorted(Path(e.path) for e in entries
+                      if not e.name.startswith(".") and e.name.lower().endswith(IMAGE_EXTENSIONS) and e.is_file())
 
 
 def _discover_folders(root: Path, val_split: float, seed: int) -> ImageFolderSplits:
