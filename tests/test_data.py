@@ -150,8 +150,8 @@ def test_bad_layouts_are_one_line_errors(tmp_path: Path) -> None:
     for path in make_colour_folder(tmp_path / "sorted", 2).rglob("*.*"):
         flat.mkdir(exist_ok=True)
         shutil.copy(path, flat / f"{path.parent.name}-{path.name}")
-    with pytest.raises(TransferkitError, match=rf"^{flat} holds images but no class folders; put each class's "
-                                               rf"images in a sub-folder named after it \({flat}/<class>/\)"):  # fmt: skip
+    with pytest.raises(TransferkitError, match=rf"^{flat} holds images but no class folders; put each "
+                                               rf"class's images in a sub-folder named after it \({flat}/<class>/\)"):
         discover(flat)
 
 

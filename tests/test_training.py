@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -304,3 +305,35 @@ def test_a_val_split_for_data_with_its_own_validation_images_is_said_to_do_nothi
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="--val-split")
         train(tiny_dataset / "train", epochs=1, val_split=0.3, out=str(tmp_path / "b"), **TINY)  # split by it
+
+
+def test_evaluating_a_run_on_the_data_it_split_measures_its_validation_images_only(tmp_path: Path) -> None:
+    """A run that drew its validation images from DATA (--val-split), evaluated on DATA, is measured on
+    those images as it drew them, not on every image (most of which it trained on): the numbers it saved."""
+    from helpers import make_colour_folder
+
+    from transferkit import evaluate
+
+    data = make_colour_folder(tmp_path / "photos", 10)
+    run = train(data, epochs=1, val_split=0.25, out=str(tmp_path / "run"), **TINY)
+    own = evaluate(run.run_dir, data)
+    assert own.num_images == 4 and own.accuracy == run.metrics["val_accuracy"] and own.loss == run.metrics["val_loss"]
+    assert own.evaluated_on == (f"the run's validation images of {data}, drawn as it drew them; it trained on the "
+                                f"other 16")  # fmt: skip
+    assert evaluate(run.run_dir, tmp_path / "photos" / ".." / "photos").num_images == 4  # the same folder, spelt so
+    linked = tmp_path / "linked"
+    linked.symlink_to(data, target_is_directory=True)
+    assert evaluate(run.run_dir, linked).num_images == 4  # the same folder through a link
+    copy = shutil.copytree(data, tmp_path / "copy")
+    assert evaluate(run.run_dir, copy).num_images == 20  # a folder the run did not train on: every image in it
+    table = tmp_path / "photos.csv"
+    table.write_text("path,label\n" + "".join(f"{p.relative_to(tmp_path)},{p.parent.name}\n"
+                                               for p in sorted(data.rglob("*.*"))))  # fmt: skip
+    from_table = train(table, epochs=1, val_split=0.25, out=str(tmp_path / "from-table"), **TINY)
+    assert evaluate(from_table.run_dir, table).accuracy == from_table.metrics["val_accuracy"]
+    assert evaluate(from_table.run_dir, table).num_images == 4
+    # A k-fold run trained on every image (each in all folds but one): measured on all, with a warning.
+    folds = train(data, epochs=1, folds=2, out=str(tmp_path / "folds"), **TINY)
+    with pytest.warns(UserWarning, match=r"photos is the data this 2-fold run trained on: each image trained 1 of "
+                                         r"its 2 models, so this accuracy overstates"):  # fmt: skip
+        assert evaluate(folds.run_dir, data).num_images == 20

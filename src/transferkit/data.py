@@ -30,15 +30,17 @@ from .discovery import (  # noqa: F401  (re-exported)
     MAX_IMAGE_PIXELS,
     VAL_DIR_NAMES,
     ImageFolderSplits,
-    Sample,
     discover,
-    class_counts,
     discover_for,
+    read_exclude_list,
+    scan_class_folder,
+)
+from .samples import (  # noqa: F401  (re-exported)
+    Sample,
+    class_counts,
     first_label,
     label_indices,
     relabelled,
-    read_exclude_list,
-    scan_class_folder,
     shuffled_by_class,
     stratified_split,
 )

@@ -10,14 +10,13 @@ packed from.
 from __future__ import annotations
 
 import os
-import random
 import shlex
 import warnings
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, Union
+from typing import Any
 
 
 from .lean_imports import import_torchvision
@@ -31,6 +30,15 @@ from .files import is_not  # noqa: E402
 from .image_files import MAX_IMAGE_PIXELS, image_file_problem, unread_format  # noqa: E402,F401  (re-exported)
 from .label_tables import LabelColumns, LabelRow, LabelTable, read_label_table, warn_skipped  # noqa: E402
 from .runs import folders_to_walk, is_transferkit_output  # noqa: E402
+from .samples import (  # noqa: E402,F401  (re-exported)
+    Sample,
+    class_counts,
+    first_label,
+    label_indices,
+    relabelled,
+    shuffled_by_class,
+    stratified_split,
+)
 from .shards import is_packed_source, packed_samples, packed_split  # noqa: E402
 
 # torchvision's ImageFolder extensions, and GIF (its first frame), which PIL reads and torchvision does not list.
@@ -39,9 +47,6 @@ VAL_DIR_NAMES = ("val", "valid", "validation")
 DEFAULT_VAL_SPLIT = 0.2  # of each class, where the data has no validation images of its own
 # train's options for reading a data source's labels: a label file, its columns, an exclude list.
 DATA_OPTIONS = ("labels", "exclude", "path_col", "label_col", "split_col", "label_sep", "image_ext")
-# (path, class index), or (path, 0/1 per class) for multi-label data.
-Sample = tuple[str, Union[int, tuple[int, ...]]]
-T = TypeVar("T")
 
 
 @dataclass
@@ -396,65 +401,3 @@ def _exclude(splits: ImageFolderSplits, excluded: set[str], source: Path) -> Non
         names = ", ".join(splits.class_names[i] for i in lost)
         raise TransferkitError(f"--exclude {source} leaves class(es) {names} without training images; keep some of "
                                f"them, or remove the class from the data")  # fmt: skip
-
-
-def shuffled_by_class(items: Sequence[T], label: Callable[[T], int], seed: int) -> list[list[T]]:
-    """``items`` grouped by class (classes in label order), each group in a seeded random order.
-
-    The one per-class sampler: the train/val split, advise's sample and the report's grids all draw
-    from it, so a seed means the same thing everywhere.
-    """
-    rng = random.Random(seed)
-    groups: dict[int, list[T]] = {}
-    for item in items:
-        groups.setdefault(label(item), []).append(item)
-    ordered = [groups[k] for k in sorted(groups)]
-    for group in ordered:
-        rng.shuffle(group)
-    return ordered
-
-
-def stratified_split(samples: list[Sample], val_split: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """Split each class by ``val_split``, the same way for the same seed (multi-label: by first label)."""
-    if not 0 < val_split < 1:
-        raise TransferkitError(f"--val-split must be between 0 and 1, got {val_split}")
-    train: list[Sample] = []
-    val: list[Sample] = []
-    for members in shuffled_by_class(samples, first_label, seed):
-        n_val = min(len(members) - 1, max(1, round(len(members) * val_split))) if len(members) > 1 else 0
-        val += members[:n_val]
-        train += members[n_val:]
-    return sorted(train), sorted(val)
-
-
-def label_indices(label: int | tuple[int, ...]) -> tuple[int, ...]:
-    """The classes a sample belongs to: its class index, or the 1s of a multi-label sample's 0/1 tuple."""
-    return tuple(i for i, v in enumerate(label) if v) if isinstance(label, tuple) else (label,)
-
-
-def first_label(sample: Sample) -> int:
-    """A sample's class, or its first class (multi-label): what stratified splits go by."""
-    return label_indices(sample[1])[0]
-
-
-def class_counts(samples: Sequence[Sample], num_classes: int) -> list[int]:
-    """Images per class (a multi-label image counts for each of its classes)."""
-    counts = Counter(i for _, label in samples for i in label_indices(label))
-    return [counts.get(i, 0) for i in range(num_classes)]
-
-
-def relabelled(samples: Sequence[Sample], names: list[str], target: list[str], source: object) -> list[Sample]:
-    """``samples`` labelled by the classes ``names``, relabelled by ``target`` (a model's classes)."""
-    if names == target:
-        return list(samples)
-    unknown = sorted(set(names) - set(target))
-    if unknown:
-        raise TransferkitError(f"{source} has classes the model does not know: {', '.join(unknown)}; expected a "
-                               f"subset of: {', '.join(target)}")  # fmt: skip
-    position = [target.index(name) for name in names]
-
-    def mapped(label: int | tuple[int, ...]) -> int | tuple[int, ...]:
-        ids = {position[i] for i in label_indices(label)}
-        return tuple(int(i in ids) for i in range(len(target))) if isinstance(label, tuple) else min(ids)
-
-    return [(path, mapped(label)) for path, label in samples]

@@ -14,7 +14,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .discovery import Sample, first_label
+from .samples import Sample, first_label
 from .errors import TransferkitError
 
 FOLDS_NAME = "folds.json"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,8 @@ from typing import Any
 import torch
 
 from .checkpoint import load_checkpoint
-from .data import IMAGE_EXTENSIONS, VAL_DIR_NAMES, Sample, scan_class_folder
+from .data import IMAGE_EXTENSIONS, VAL_DIR_NAMES, ImageFolderSplits, Sample, discover_for, relabelled
+from .data import scan_class_folder
 from .errors import TransferkitError
 from .files import is_not
 from .image_files import unread_format
@@ -19,7 +21,7 @@ from .model import TransferModel
 from .performance import PRECISION_NAMES, pick_device
 from .prediction import TTA_VIEWS, AugmentedRunner, EagerRunner, inference_precision, predict_samples
 from .prediction import top_k_results
-from .runs import folders_to_walk, with_run_columns
+from .runs import CONFIG_NAME, folders_to_walk, read_json, with_run_columns
 from .runtimes import ensemble, fold_models, runner_for
 from .shards import is_packed_image, is_url
 
@@ -43,6 +45,7 @@ class Evaluation:
     micro_f1: float | None = None  # multi-label
     probabilities: torch.Tensor | None = field(default=None, repr=False)  # (N, classes), the decoded images'
     tta: dict[str, Any] | None = None  # with test-time augmentation: its views, the plain numbers, the gain and cost
+    evaluated_on: str | None = None  # which of the images given, where not all of them (a run's own validation split)
 
     def to_dict(self, with_predictions: bool = False) -> dict[str, Any]:
         d = {
@@ -52,6 +55,7 @@ class Evaluation:
             **({"multi_label": True, "mean_average_precision": self.mean_average_precision,
                 "micro_f1": self.micro_f1} if self.multi_label else {}),
             **({"tta": self.tta} if self.tta else {}),
+            **({"evaluated_on": self.evaluated_on} if self.evaluated_on else {}),
             "loss": self.loss,
             "precision": self.precision,
             "num_images": self.num_images,
@@ -69,7 +73,8 @@ class Evaluation:
         accuracy = "exact-match accuracy" if self.multi_label else "accuracy"
         lines = [
             f"{accuracy} {self.accuracy:.4f} on {self.num_images} images (loss {self.loss:.4f}; "
-            f"precision {PRECISION_NAMES.get(self.precision, self.precision)})",
+            f"precision {PRECISION_NAMES.get(self.precision, self.precision)}"
+            + (f"; {self.evaluated_on})" if self.evaluated_on else ")"),
             f"balanced accuracy {self.balanced_accuracy:.4f}, macro-F1 {self.macro_f1:.4f}"
             + (f", micro-F1 {self.micro_f1:.4f}, mAP {self.mean_average_precision:.4f}" if self.multi_label else ""),
             "",
@@ -266,7 +271,10 @@ def evaluate(
     """
     members = fold_models(run)
     model = members[0] if members else run if isinstance(run, TransferModel) else load_checkpoint(run)
-    if data_options or Path(data_dir).suffix.lower() == ".csv" or is_url(str(data_dir)):  # a URL: packed shards
+    own = _runs_own_split(run, data_dir, data_options)
+    if own is not None:
+        samples, skipped = relabelled(own.test or own.val, own.class_names, model.class_names, own.root), 0
+    elif data_options or Path(data_dir).suffix.lower() == ".csv" or is_url(str(data_dir)):  # a URL: packed shards
         samples, skipped = _held_out_rows(model, data_dir, with_run_columns(run, data_dir, data_options))
     else:
         folder = _evaluation_folder(Path(data_dir).expanduser())
@@ -280,6 +288,10 @@ def evaluate(
         options["runner"] = ensemble(members, precision, compile, calibrated)
     started = time.perf_counter()
     plain = evaluate_samples(model, samples, batch_size, num_workers, **options)
+    if own is not None:
+        split = "test" if own.test else "validation"
+        plain.evaluated_on = (f"the run's {split} images of {data_dir}, drawn as it drew them; it trained on the "
+                              f"other {len(own.train)}")  # fmt: skip
     if not tta:
         return plain
     plain_seconds, started = time.perf_counter() - started, time.perf_counter()
@@ -291,11 +303,39 @@ def evaluate(
     return augmented
 
 
+def _runs_own_split(run: Any, data: str | Path, options: dict[str, Any] | None) -> ImageFolderSplits | None:
+    """The run's splits, where ``data`` (and its label file) is the very data ``run`` trained on and the run
+    drew its validation images from it (``--val-split``): every image of it would count those it trained on."""
+    if not isinstance(run, (str, Path)):
+        return None
+    path = Path(run).expanduser()
+    config_file = (path if path.is_dir() else path.parent) / CONFIG_NAME
+    if not config_file.is_file():
+        return None
+    config = read_json(config_file)
+
+    def same(given: Any, trained: Any) -> bool:
+        return given == trained or (None not in (given, trained) and not is_url(str(given))
+                                    and Path(given).expanduser().resolve() == Path(trained).expanduser().resolve())
+
+    labels = (options or {}).get("labels")
+    if not (same(str(data), config.get("data")) and same(labels, config.get("labels"))):
+        return None
+    splits = discover_for(config)
+    if config.get("folds") and not splits.test:  # the folds pool training and validation images: none is held out
+        k = config["folds"]
+        warnings.warn(f"{data} is the data this {k}-fold run trained on: each image trained {k - 1} of its {k} "
+                      f"models, so this accuracy overstates; its metrics.json holds the k-fold estimate",
+                      stacklevel=3)  # fmt: skip
+        return None
+    return splits if "split" in splits.layout else None
+
+
 def _held_out_rows(
     model: TransferModel, data: str | Path, options: dict[str, Any] | None
 ) -> tuple[list[Sample], int]:  # fmt: skip
     """A label file's test rows, else its val rows, else (no row split) every row, labelled by the model's classes."""
-    from .discovery import every_image, relabelled
+    from .discovery import every_image
 
     found = every_image(data, options)
     by_split: dict[str, list[Sample]] = {}

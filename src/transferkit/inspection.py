@@ -28,8 +28,8 @@ import numpy as np
 
 from .backbones import DEFAULT_BACKBONE, Preprocessing, load_backbone
 from .checkpoint import load_checkpoint
-from .data import ImageFolderSplits, discover_for, load_image
-from .discovery import DATA_OPTIONS, data_flags, label_indices, warn_unused_val_split
+from .data import ImageFolderSplits, discover_for, label_indices, load_image
+from .discovery import DATA_OPTIONS, data_flags, warn_unused_val_split
 from .errors import TransferkitError
 from .features import extract_features
 from .files import new_or_empty_folder, write_json

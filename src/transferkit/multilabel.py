@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .discovery import Sample
+from .samples import Sample
 from .errors import TransferkitError
 
 # Candidate thresholds: fine enough for F1, coarse enough not to fit the validation noise.

@@ -26,7 +26,8 @@ import torch
 
 from .backbones import Preprocessing
 from .data import build_transform, make_loader
-from .discovery import Sample, discover_for, shuffled_by_class
+from .discovery import discover_for
+from .samples import Sample, shuffled_by_class
 from .errors import TransferkitError
 from .prediction import OnnxRunner, predict_samples
 
