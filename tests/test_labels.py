@@ -117,6 +117,16 @@ def test_missing_files_are_skipped_and_counted_and_repeated_rows_read_once(flat:
     assert len(splits.train) + len(splits.val) == len(rows)
 
 
+def test_labels_that_differ_only_in_case_are_an_error_naming_their_rows(flat: Path, tmp_path: Path) -> None:
+    """'Red' and 'red' would train as two classes, as class folders so named are refused."""
+    rows = rows_of(flat, tmp_path)
+    rows[7][1] = rows[7][1].capitalize()  # one of the red rows (blue's come first)
+    table = write_csv(tmp_path / "labels.csv", ["path", "label"], rows)
+    with pytest.raises(TransferkitError, match=rf"^labels of {table} differ only in case: 'red' \(row 8\), 'Red' "
+                                               rf"\(row 9\); write each class one way$"):  # fmt: skip
+        discover(table)
+
+
 @pytest.mark.parametrize(
     "header, extra_row, message",
     [

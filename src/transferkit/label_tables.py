@@ -301,6 +301,13 @@ def _check_classes(table: LabelTable) -> None:
     source = table.source
     if len(table.class_names) < 2 and not table.multi_label:
         raise TransferkitError(f"{source} has {len(table.class_names)} label(s); a classifier needs at least 2")
+    lowered = Counter(label.lower() for label in table.class_names)
+    if clashes := [label for label in table.class_names if lowered[label.lower()] > 1]:
+        first = dict(sorted(((label, next(r.line for r in table.rows if label in r.labels)) for label in clashes),
+                            key=lambda pair: pair[1]))
+        raise TransferkitError(f"labels of {source} differ only in case: "
+                               f"{', '.join(f'{label!r} (row {line})' for label, line in first.items())}; "
+                               f"write each class one way")  # fmt: skip
     trained = {label for r in table.rows if r.split in (None, "train") for label in r.labels}
     unusable = [label for label in table.class_names if not any(label in r.labels for r in table.rows)]
     if unusable:  # every row of the class was skipped (above): it would be a class never trained on
