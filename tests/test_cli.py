@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import subprocess
@@ -65,6 +67,15 @@ def test_predict_files_and_folders(trained_run: Path, tiny_dataset: Path) -> Non
         assert len(probs) == 2 and probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1, abs=1e-4)
         assert {p["label"] for p in item["predictions"]} == {"red", "blue"}
     assert "red" in tk("predict", str(trained_run), str(tiny_dataset / "val" / "red" / "0.png")).stdout
+    # --csv: the same answers, one row per image, for a spreadsheet
+    rows = list(csv.DictReader(io.StringIO(tk("predict", str(trained_run), str(tiny_dataset / "val" / "red"),
+                                              str(tiny_dataset / "val" / "blue" / "1.jpg"), "--top-k", "2",
+                                              "--csv").stdout)))  # fmt: skip
+    assert [row["path"] for row in rows] == [item["path"] for item in out]
+    for row, item in zip(rows, out):
+        assert [(row[f"label_{i}"], float(row[f"probability_{i}"])) for i in (1, 2)] == [
+            (p["label"], pytest.approx(p["probability"], abs=1e-6)) for p in item["predictions"]]
+        assert row["error"] == ""
 
 
 def test_commands_that_cache_take_cache_dir(trained_run: Path, tiny_dataset: Path, tmp_path: Path) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
+from typing import Any, TextIO
 
 from .common import (
     ApiChoices,
@@ -59,7 +61,10 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
                    help="%(choices)s. auto: ONNX Runtime (when installed, on a CPU where the run's precision is fp32) "
                    "if the run has an export of its model.pt as it is now, or there are 256+ images (exported "
                    "once, verified, cached); else PyTorch")  # fmt: skip
-    p.add_argument("--json", action="store_true", help='print [{"path", "predictions": [{"label", "probability"}]}]')
+    output = p.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help='print [{"path", "predictions": [{"label", "probability"}]}]')
+    output.add_argument("--csv", action="store_true", help="print CSV for a spreadsheet: path, label_1, probability_1, "
+                        "..., error; one row per image, in order")  # fmt: skip
     p.add_argument("--explain", metavar="DIR", help="also write DIR/<image>_gradcam.png: Grad-CAM of the predicted "
                    "class over the image as the model saw it (its input size); DIR must be new or empty")  # fmt: skip
     _trust_options(p)
@@ -74,12 +79,25 @@ def _predict(args: argparse.Namespace) -> int:
     results = predict(args.run, args.paths, top_k=args.top_k, batch_size=args.batch_size, precision=args.precision,
                       compile=args.compile, runtime=args.runtime, tta=args.tta,
                       calibrated=args.calibration != "none")  # fmt: skip
-    print(json.dumps(results, indent=2) if args.json else format_predictions(results))
+    if args.csv:
+        _write_csv(results, sys.stdout)
+    else:
+        print(json.dumps(results, indent=2) if args.json else format_predictions(results))
     if args.explain:
         written = write_overlays(args.run, [r["path"] for r in results if not r.get("error")], args.explain,
                                  precision=args.precision)  # fmt: skip
         print(f"wrote {len(written)} Grad-CAM overlays to {args.explain}", file=sys.stderr)
     return 0 if all(not r.get("error") for r in results) else 1
+
+
+def _write_csv(results: list[dict[str, Any]], out: TextIO) -> None:
+    """One row per image: its labels and probabilities, most probable first, or why it has none."""
+    ranks = range(1, 1 + max((len(r["predictions"]) for r in results), default=0))
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["path", *(f"{kind}_{i}" for i in ranks for kind in ("label", "probability")), "error"])
+    for r in results:
+        cells = [cell for p in r["predictions"] for cell in (p["label"], f"{p['probability']:.6f}")]
+        writer.writerow([r["path"], *cells, *[""] * (2 * len(ranks) - len(cells)), r.get("error", "")])
 
 
 COMMANDS = (
@@ -92,6 +110,7 @@ transferkit evaluate runs/my-run test_images/ --labels test.csv --label-col diag
     Command("predict", "Predict labels of image files or folders.", """
 transferkit predict runs/my-run photo.jpg more_photos/ --top-k 3
 transferkit predict runs/my-run photos/ --json
+transferkit predict runs/my-run photos/ --csv > predictions.csv
 transferkit predict runs/my-run photos/ --explain heatmaps/
 """, _predict_arguments, _predict, parents=(batch_size_option, checkpoint_run_options, cache_dir_option)),
 )  # fmt: skip
