@@ -250,6 +250,16 @@ def test_multi_label_issues_find_flipped_labels() -> None:
 
 
 @pytest.mark.slow
+def test_an_image_beside_the_class_folders_is_not_called_undecodable(tmp_path: Path) -> None:
+    """It has no label (the scan says so); its file is fine, so it is not listed among the bad files."""
+    data = make_colour_folder(tmp_path / "data", 6)
+    shutil.copy(next(data.glob("red/*.png")), data / "stray.png")
+    with pytest.warns(UserWarning, match="stray.png: not in a class folder"):
+        result = inspect_data(data, model="resnet18", weights="none",
+                              preprocessing=explicit_preprocessing("resnet18", image_size=32))
+    assert result.undecodable == [] and str(data / "stray.png") not in result.suspects()
+
+
 def test_a_runs_cached_features_are_reused(tmp_path: Path) -> None:
     from transferkit import train
 

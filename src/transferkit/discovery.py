@@ -44,6 +44,7 @@ from .shards import is_packed_source, packed_samples, packed_split  # noqa: E402
 # torchvision's ImageFolder extensions, and GIF (its first frame), which PIL reads and torchvision does not list.
 IMAGE_EXTENSIONS = (*IMG_EXTENSIONS, ".gif")
 VAL_DIR_NAMES = ("val", "valid", "validation")
+NOT_IN_A_CLASS_FOLDER = "not in a class folder"  # an image beside the class folders: no label, not a bad file
 DEFAULT_VAL_SPLIT = 0.2  # of each class, where the data has no validation images of its own
 # train's options for reading a data source's labels: a label file, its columns, an exclude list.
 DATA_OPTIONS = ("labels", "exclude", "path_col", "label_col", "split_col", "label_sep", "image_ext")
@@ -120,7 +121,7 @@ def scan_class_folder(
     known = class_names or names
     samples: list[Sample] = []
     # An image beside the class folders has no class: said, not passed over in silence.
-    skipped: list[tuple[str, str]] = [(str(p), "not in a class folder") for p in loose_images(folder)]
+    skipped: list[tuple[str, str]] = [(str(p), NOT_IN_A_CLASS_FOLDER) for p in loose_images(folder)]
     if skipped and not dirs:
         raise TransferkitError(f"{folder} holds images but no class folders; put each class's images in a "
                                f"sub-folder named after it ({folder}/<class>/), or give a CSV label file")  # fmt: skip

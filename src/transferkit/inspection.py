@@ -29,7 +29,7 @@ import numpy as np
 from .backbones import DEFAULT_BACKBONE, Preprocessing, load_backbone
 from .checkpoint import load_checkpoint
 from .data import ImageFolderSplits, discover_for, label_indices, load_image
-from .discovery import DATA_OPTIONS, data_flags, warn_unused_val_split
+from .discovery import DATA_OPTIONS, NOT_IN_A_CLASS_FOLDER, data_flags, warn_unused_val_split
 from .errors import TransferkitError
 from .features import extract_features
 from .files import new_or_empty_folder, write_json
@@ -203,7 +203,7 @@ class Inspection:
         lines = [head, *(f"  {name:<16}{count:>6}  {what}" for name, count, what in rows), *self.notes]
         if self.out:
             out = Path(self.out)
-            lines += [f"wrote {out / PAGE_NAME}, {JSON_NAME} and {SUSPECTS_NAME} ({len(self.suspects())} images)",
+            lines += [f"wrote {out / PAGE_NAME}, {JSON_NAME} and {SUSPECTS_NAME} ({len(self.suspects())} to review)",
                       f"review the page, then: {self.train_command()}"]  # fmt: skip
         return "\n".join(lines)
 
@@ -439,7 +439,7 @@ def _absolute(path: str) -> str:
 def _undecodable(splits: ImageFolderSplits, failed: list[str]) -> list[Undecodable]:
     """Files the data scan refused from their header, and those that failed to decode in full."""
     found = [Undecodable(_absolute(p), reason) for p, reason in splits.skipped
-             if not reason.startswith("not an image file extension")]  # fmt: skip
+             if not reason.startswith(("not an image file extension", NOT_IN_A_CLASS_FOLDER))]  # fmt: skip
     for path in failed:
         try:
             load_image(path)
