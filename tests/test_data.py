@@ -109,7 +109,7 @@ def test_runs_and_inspections_written_inside_the_data_folder_are_not_read_as_ima
         after = discover(data)
     assert after.class_names == before.class_names == ["blue", "red"]
     assert sorted(after.train + after.val) == sorted(before.train + before.val)
-    from transferkit.inference import collect_images  # predict's: the same images, no report figures
+    from transferkit.prediction_inputs import collect_images  # predict's: the same images, no report figures
 
     assert sorted(collect_images([data])) == sorted(path for path, _ in before.train + before.val)
 

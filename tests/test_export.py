@@ -323,3 +323,33 @@ def test_a_linear_probe_exports_without_the_layers_after_its_own(tiny_dataset: P
         modules = [str(node.meta.get("nn_module_stack", "")) for node in program.graph.nodes]
     # The network ran to its end while it was traced; what the probe does not use was removed from the file.
     assert any("net.layer3" in m for m in modules) and not any("net.layer4" in m or "net.fc" in m for m in modules)
+
+
+def test_images_in_memory_are_predicted_as_their_files_are(tiny_dataset: Path, tmp_path: Path) -> None:
+    """A notebook's PIL images and uint8 arrays: the same answers as their files, under their names."""
+    from PIL import Image
+
+    from transferkit import TransferModel, load_backbone
+    from transferkit.backbones import explicit_preprocessing
+
+    backbone = load_backbone("resnet18", "none", preprocessing=explicit_preprocessing("resnet18", image_size=32))
+    torch.manual_seed(0)
+    model = TransferModel(backbone, ["a", "b", "c"]).eval()  # a random head: every image answered differently
+    files = [str(p) for p in sorted((tiny_dataset / "val").rglob("*.*"))[:3]]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # a photo taken sideways: predicted upright, from its file or from memory
+    Image.open(files[0]).convert("RGB").save(tmp_path / "sideways.jpg", exif=exif, quality=95)
+    files.append(str(tmp_path / "sideways.jpg"))
+    from_files = transferkit.predict(model, files, top_k=3)
+    assert len({json.dumps(r["predictions"]) for r in from_files}) == len(files)
+    opened = [Image.open(f) for f in files]
+    assert transferkit.predict(model, opened, top_k=3) == from_files  # answered under their file names
+    from transferkit.data import upright
+
+    arrays = [np.asarray(upright(im).convert("RGB")) for im in opened]
+    from_arrays = transferkit.predict(model, arrays, top_k=3)
+    assert [r["path"] for r in from_arrays] == ["<image 0>", "<image 1>", "<image 2>", "<image 3>"]
+    assert [r["predictions"] for r in from_arrays] == [r["predictions"] for r in from_files]
+    assert transferkit.predict(model, arrays[1], top_k=3)[0]["predictions"] == from_files[1]["predictions"]
+    with pytest.raises(transferkit.TransferkitError, match=r"image 0 is a float32 array of shape \(8, 8, 3\); give uint8 pixels"):
+        transferkit.predict(model, [np.zeros((8, 8, 3), dtype=np.float32)])

@@ -78,7 +78,7 @@ def load_image(path: str) -> torch.Tensor:
     with Image.open(path if packed is None else io.BytesIO(packed), formats=IMAGE_FORMATS) as im:
         _checked(im)
         im.seek(0)  # first frame of an animated GIF
-        return v2.functional.pil_to_tensor(_to_rgb(upright(im)))
+        return v2.functional.pil_to_tensor(to_rgb(upright(im)))
 
 
 def upright(im: Image.Image) -> Image.Image:
@@ -97,7 +97,7 @@ def _checked(image: Any) -> Any:
     return image
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+def to_rgb(im: Image.Image) -> Image.Image:
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16-bit greyscale: scale to 8 bits instead of clipping everything above 255 to white.
         import numpy as np

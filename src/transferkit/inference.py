@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -12,18 +11,22 @@ from typing import Any
 import torch
 
 from .checkpoint import load_checkpoint
-from .data import IMAGE_EXTENSIONS, VAL_DIR_NAMES, ImageFolderSplits, Sample, discover_for, relabelled
-from .data import scan_class_folder
+from .data import (
+    VAL_DIR_NAMES,
+    ImageFolderSplits,
+    Sample,
+    discover_for,
+    relabelled,
+    scan_class_folder,
+)
 from .errors import TransferkitError
-from .files import is_not
-from .image_files import unread_format
 from .model import TransferModel
 from .performance import PRECISION_NAMES, pick_device
-from .prediction import TTA_VIEWS, AugmentedRunner, EagerRunner, inference_precision, predict_samples
-from .prediction import top_k_results
-from .runs import CONFIG_NAME, folders_to_walk, read_json, with_run_columns
+from .prediction import TTA_VIEWS, AugmentedRunner, EagerRunner, inference_precision, predict_samples, top_k_results
+from .prediction_inputs import collect_images, images_as_files, why_not_predicted
+from .runs import CONFIG_NAME, read_json, with_run_columns
 from .runtimes import ensemble, fold_models, runner_for
-from .shards import is_packed_image, is_url
+from .shards import is_url
 
 
 @dataclass
@@ -348,44 +351,9 @@ def _held_out_rows(
     return relabelled(chosen, found.class_names, model.class_names, found.root), len(found.skipped)
 
 
-LISTS = (".csv", ".tsv")  # label files (or plain lists with a path column): their images are predicted
-
-
-def collect_images(paths: list[str | Path]) -> list[str]:
-    """Image files among ``paths``; folders are searched recursively, hidden files ignored; a packed
-    folder or URL (``transferkit pack``) gives its images, every split's; a CSV file the images in its path column."""
-    from .label_tables import listed_images
-    from .shards import is_packed_source, packed_images
-
-    found: list[str] = []
-    for raw in paths:
-        p = Path(raw).expanduser()
-        if is_url(str(raw)) or is_packed_source(p):  # a folder (or URL) of `transferkit pack`: its images
-            found += packed_images(raw)
-        elif p.suffix.lower() in LISTS and p.is_file():
-            found += listed_images(p, IMAGE_EXTENSIONS)
-        elif p.is_dir():
-            for dirpath, subdirs, files in os.walk(p):
-                subdirs[:] = folders_to_walk(dirpath, subdirs)
-                found += [
-                    str(Path(dirpath) / f)
-                    for f in sorted(files)
-                    if (f.lower().endswith(IMAGE_EXTENSIONS) or unread_format(f)) and not f.startswith(".")
-                ]
-        elif p.is_file():
-            found.append(str(p))
-        else:
-            raise TransferkitError(f"{p} {is_not(p)}; give image files or folders")
-    if not paths:
-        raise TransferkitError("no images given; give image files or folders")
-    if not found:
-        raise TransferkitError(f"no image files found in {', '.join(map(str, paths))}")
-    return found
-
-
 def predict(
     run: str | Path | TransferModel,
-    paths: list[str | Path] | str | Path,
+    paths: list[str | Path | Any] | str | Path | Any,
     top_k: int = 3,
     batch_size: int = 32,
     num_workers: int | None = None,
@@ -397,6 +365,9 @@ def predict(
 ) -> list[dict[str, Any]]:
     """Top-k labels with probabilities for each image: ``[{"path", "predictions": [{"label", "probability"}]}]``.
 
+    ``paths``: image files, folders, label files listing images, packed shards, or images in memory
+    (PIL images, ``uint8`` arrays H x W or H x W x 3), answered under their file name or ``<image N>``.
+
     An image that cannot be decoded gets ``"error"`` instead of predictions. ``runtime``: ``torch``
     (eager PyTorch), ``onnx`` (ONNX Runtime on ``run`` if it is an ``.onnx`` file, else on the run's
     ``model.onnx`` if exported from its ``model.pt`` as it is now, else on a verified export made once
@@ -407,19 +378,13 @@ def predict(
     """
     if top_k < 1:
         raise TransferkitError(f"--top-k must be at least 1, got {top_k}")
-    files = collect_images([paths] if isinstance(paths, (str, Path)) else list(paths))
-    runner = runner_for(run, runtime, len(files), precision, compile, calibrated, tta)
-    result = predict_samples(runner, files, batch_size, num_workers)
-    results = top_k_results(files, result.by_position(), runner.class_names, top_k, runner.thresholds)
-    return [{**r, "error": _why_not_predicted(r["path"])} if r.get("error") else r for r in results]
-
-
-def _why_not_predicted(path: str) -> str:
-    if is_packed_image(path):
-        return "cannot decode image"
-    if not Path(path).exists():  # listed in a label file (a file or folder given is checked before)
-        return "no such file"
-    return unread_format(path) or "cannot decode image"
+    with images_as_files(paths) as (given, names):
+        files = collect_images(given)
+        runner = runner_for(run, runtime, len(files), precision, compile, calibrated, tta)
+        result = predict_samples(runner, files, batch_size, num_workers)
+        results = top_k_results(files, result.by_position(), runner.class_names, top_k, runner.thresholds)
+        results = [{**r, "error": why_not_predicted(r["path"])} if r.get("error") else r for r in results]
+    return [{**r, "path": names.get(r["path"], r["path"])} for r in results]
 
 
 def format_predictions(results: list[dict[str, Any]]) -> str:
