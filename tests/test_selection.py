@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from transferkit import TransferkitError, advise, train
 from transferkit.data import discover
@@ -18,7 +19,7 @@ TINY = {"model": "resnet18", "weights": "none", "image_size": 32, "epochs": 2, "
 @pytest.fixture(scope="module")
 def auto_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("auto") / "run"
-    # inception_v3's ImageNet weights cannot be fetched (the tests are offline): a candidate that fails.
+    # inception_v3 does not run on 32-pixel inputs (its aux classifier): a candidate that fails.
     train(tiny_dataset, strategy="auto", budget="2m", models=["resnet18", "inception_v3"], out=str(out), **TINY)
     return out
 
@@ -41,7 +42,7 @@ def test_auto_records_a_leaderboard_and_trains_the_winner(auto_run: Path) -> Non
     assert selection["train_images"] + selection["holdout_images"] == 20  # the 20 training images, not the 8 val
     assert selection["used_seconds"] <= selection["budget_seconds"]
     failed = [t for t in board if t["backbone"] == "inception_v3"]
-    assert failed and failed[0]["status"] == "failed" and "weights" in failed[0]["note"]
+    assert failed and failed[0]["status"] == "failed" and "does not run on 32-pixel inputs" in failed[0]["note"]
     winner = selection["winner"]
     assert winner == board[0] and metrics["strategy"] == winner["strategy"] and metrics["model"] == "resnet18"
     assert f"--strategy {winner['strategy']}" in selection["command"]
@@ -88,13 +89,31 @@ def test_advise_prints_the_fast_stage_of_the_measurement(tiny_dataset: Path, cap
 
 
 def test_a_winning_other_backbone_trains_with_its_own_weights(tiny_dataset: Path, tmp_path: Path) -> None:
+    import torchvision
+
     from transferkit import train
 
-    result = train(tiny_dataset, model="resnet18", weights="none", strategy="auto", models=["efficientnet_lite0"],
-                   budget="60s", image_size=32, epochs=1, batch_size=4, quiet=True,
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "resnet18.pth")  # the run's own model's file
+    result = train(tiny_dataset, model="resnet18", weights=str(tmp_path / "resnet18.pth"), strategy="auto",
+                   models=["efficientnet_lite0"], budget="60s", image_size=32, epochs=1, batch_size=4, quiet=True,
                    out=str(tmp_path / "run"))  # fmt: skip
     config = json.loads((Path(result.run_dir) / "config.json").read_text())
-    assert (config["model"], config["weights"]) == ("efficientnet_lite0", "DEFAULT")  # not resnet18's "none"
+    assert (config["model"], config["weights"]) == ("efficientnet_lite0", "DEFAULT")  # not resnet18's file
+
+
+def test_random_weights_asked_for_are_every_candidates(tiny_dataset: Path, tmp_path: Path) -> None:
+    """--weights none with --models: each candidate measured and trained from random weights (offline here,
+    where their default weights would be downloaded), not the run's default model alone."""
+    from transferkit import train
+
+    result = train(tiny_dataset, weights="none", strategy="auto", models=["resnet18", "mobilenet_v3_small"],
+                   budget="60s", image_size=32, epochs=1, batch_size=4, quiet=True,
+                   out=str(tmp_path / "run"))  # fmt: skip
+    trials = result.metrics["selection"]["leaderboard"]
+    assert {t["backbone"] for t in trials} == {"resnet18", "mobilenet_v3_small"}
+    assert not [t for t in trials if t["status"] == "failed"], trials
+    config = json.loads((Path(result.run_dir) / "config.json").read_text())
+    assert config["model"] in ("resnet18", "mobilenet_v3_small") and config["weights"] == "none"
 
 
 def test_the_winner_takes_the_runs_weights_only_where_it_is_the_runs_own_model() -> None:
@@ -114,6 +133,8 @@ def test_the_winner_takes_the_runs_weights_only_where_it_is_the_runs_own_model()
     assert selection.command("d") == "transferkit train d --model efficientnet_lite0 --strategy feature-extract"
     selection.image_size = 64  # every candidate's: the command keeps it whoever wins
     assert selection.command("d").endswith("--strategy feature-extract --image-size 64")
+    selection.own_model = {"model": "resnet18", "weights": "none", "mean": None, "std": None}
+    assert selection.winner_options()["weights"] == "none"  # random weights asked for are every candidate's
 
 
 def test_a_layer_given_to_auto_is_one_more_probe_and_not_the_winners_unless_it_wins(

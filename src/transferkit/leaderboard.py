@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .backbones.weights import NO_WEIGHTS
 from .discovery import command_flags
 
 
@@ -52,7 +53,7 @@ class Selection:
     metric: str = "accuracy"  # what scores the holdout: macro_f1 for imbalanced classes
     class_counts: dict[str, int] = field(default_factory=dict)  # training images per class
     # The run's own model and the weights it was given (weights, mean, std): other candidates load
-    # their default weights, so only a winning own model takes these.
+    # their default weights (:meth:`weights_of`), so only a winning own model takes these.
     own_model: dict[str, Any] = field(default_factory=dict)
     image_size: int | None = None  # every candidate's input size, where the run gave one
     precision: str = "32"  # what the candidates' features and speeds were measured at
@@ -74,10 +75,15 @@ class Selection:
         """The TrainConfig fields that train the winner: its options, and the run's weights if it is the run's model."""
         if self.winner is None:
             return {}
-        chosen = self.winner.options()
-        if self.winner.backbone == self.own_model.get("model"):
-            return {**chosen, **{k: v for k, v in self.own_model.items() if k != "model"}}
-        return {**chosen, "weights": "DEFAULT", "mean": None, "std": None}
+        return {**self.winner.options(), **self.weights_of(self.winner.backbone)}
+
+    def weights_of(self, backbone: str) -> dict[str, Any]:
+        """The weights (and mean, std) ``backbone`` is measured and trained with: the run's own for its own
+        model, and for every model where the run asked for random weights; else each model's default."""
+        own = self.own_model
+        if backbone == own.get("model") or str(own.get("weights", "")).lower() in NO_WEIGHTS:
+            return {k: v for k, v in own.items() if k != "model"}
+        return {"weights": "DEFAULT", "mean": None, "std": None}
 
     def command(self, data: str) -> str:
         """The ``transferkit train`` command that trains the winner (on ``data``: DATA and its data flags)."""

@@ -298,8 +298,8 @@ class Search:
     def _model(self, name: str, config: TrainConfig | None = None) -> TransferModel:
         """``name`` with the run's head; with ``config``, its strategy applied (a trainable trial)."""
         cfg = config or TrainConfig(**{**self.config.to_dict(), "model": name, "resolved_from": {}})
-        if cfg.model != self.config.model:  # the run's own weights (and their mean/std) belong to its own model
-            cfg.weights, cfg.mean, cfg.std = "DEFAULT", None, None
+        for field_name, value in self.selection.weights_of(cfg.model).items():
+            setattr(cfg, field_name, value)
         model = build_model(cfg, self.splits.class_names)
         if self.splits.multi_label:
             model.record = model.record.with_extra(multi_label=True)
