@@ -177,3 +177,14 @@ def test_an_interrupted_search_resumes_from_its_measured_trials(
         assert sum(t == before for t in board) == 1
     assert {"fine-tune", "full"} <= {t["strategy"] for t in board if t["status"] == "done"}
     assert (out / "config.json").is_file() and result.metrics["strategy"] == result.metrics["selection"]["winner"]["strategy"]
+
+
+def test_a_search_whose_every_candidate_fails_says_why_with_the_fix(tiny_dataset: Path, tmp_path: Path) -> None:
+    """Offline, resnet18's default weights cannot be had: the error gives the reason whole, fix included."""
+    with pytest.raises(TransferkitError, match=r"^no candidate could be measured: resnet18 feature-extract: "
+                                               r"TransferkitError: could not get resnet18 weights .*; connect once "
+                                               r"to download them, .* or pass a local file with --weights FILE \(or "
+                                               r"--weights none\)$"):  # fmt: skip
+        train(tiny_dataset, strategy="auto", budget="60s", models=["resnet18"], image_size=32, quiet=True,
+              out=str(tmp_path / "run"))  # fmt: skip
+    assert not (tmp_path / "run").exists()

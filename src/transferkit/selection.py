@@ -395,7 +395,8 @@ def _score(logits: torch.Tensor, labels: torch.Tensor, metric: str) -> float:
 
 
 def _reason(exc: Exception) -> str:
-    return f"{type(exc).__name__}: {exc}"[:160]
+    # Long enough for transferkit's own errors, whose fix comes last ("connect once ..., or --weights none").
+    return f"{type(exc).__name__}: {exc}"[:400]
 
 
 def measure_candidates(

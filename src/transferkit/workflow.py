@@ -272,7 +272,8 @@ def _check_same_fold(fold_dir: Path, fold_config: TrainConfig, k: int) -> None:
 class _SearchProgress:
     """Saves a search after each trial, in the run directory, made when the first trial is measured.
 
-    Bad input (an unknown model, a budget too small) is refused before that, so it leaves nothing.
+    Bad input (an unknown model, a budget too small) is refused before that, and a search whose every
+    trial failed (weights that cannot be had offline) has nothing to resume: both leave nothing.
     """
 
     def __init__(self, config: TrainConfig, command: str | None, run_dir: Path | None = None) -> None:
@@ -281,6 +282,8 @@ class _SearchProgress:
 
     def __call__(self, selection: Any) -> None:
         if self.run_dir is None:
+            if all(trial.score is None for trial in selection.trials):
+                return
             self.run_dir = create_run_dir(TrainConfig(**self.config))
         state = {"config": self.config, "command": self.command, "spent_seconds": selection.used_s,
                  "trials": [asdict(t) for t in selection.trials]}  # fmt: skip
