@@ -6,6 +6,7 @@ import contextlib
 import csv
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,24 @@ def test_missing_files_are_skipped_and_counted_and_repeated_rows_read_once(flat:
     assert splits.skipped == [(str((tmp_path / "images/red/gone.jpg").resolve()), "file not found")]
     assert splits.repeated_rows == 1 and splits.summary()["repeated_rows"] == 1
     assert len(splits.train) + len(splits.val) == len(rows)
+
+
+def test_labels_that_look_space_separated_are_pointed_out(flat: Path, tmp_path: Path) -> None:
+    """'red odd' beside 'red': probably two tags (as some Kaggle sets write them); class names with spaces
+    alone ('border collie') are left as they are, without a word."""
+    rows = rows_of(flat, tmp_path)
+    for row in rows[::3]:
+        row[1] += " odd"
+    table = write_csv(tmp_path / "tags.csv", ["path", "label"], rows)
+    with pytest.warns(UserWarning, match=r"tags.csv: labels such as 'blue odd' look like several labels separated "
+                                         r"by spaces .*give --label-sep ' '"):  # fmt: skip
+        assert discover(table).class_names == ["blue", "blue odd", "red", "red odd"]
+    split = discover(table, columns=LabelColumns(separator=" "))
+    assert split.multi_label and split.class_names == ["blue", "odd", "red"]
+    named = write_csv(tmp_path / "dogs.csv", ["path", "label"], [[p, f"{c} dog"] for p, c in rows_of(flat, tmp_path)])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*separated by spaces")
+        assert discover(named).class_names == ["blue dog", "red dog"]
 
 
 def test_labels_that_differ_only_in_case_are_an_error_naming_their_rows(flat: Path, tmp_path: Path) -> None:

@@ -94,6 +94,8 @@ def read_label_table(
         raise TransferkitError(f"{source} has no label column (its columns: {', '.join(header)}); name it with "
                                f"--label-col, or give one 0/1 column per class")  # fmt: skip
     separator = (columns.separator or _separator([r[label_col] for _, r in records])) if label_col else None
+    if label_col and separator is None:
+        _warn_space_separated({r[label_col].strip() for _, r in records}, source)
     ext = image_ext if image_ext is None or image_ext.startswith(".") else f".{image_ext}"
     rows: list[LabelRow] = []
     for line, record in records:
@@ -221,6 +223,16 @@ def _separator(cells: list[str]) -> str | None:
         if any(sep in cell.strip() for cell in cells):
             return sep
     return None
+
+
+def _warn_space_separated(labels: set[str], source: Path) -> None:
+    """Tags separated by spaces (``haze primary``, as some Kaggle sets write them) are not split by default:
+    class names may hold spaces. Where a word of such a label is a label of its own, say how to split."""
+    combined = sorted(label for label in labels if " " in label and any(w in labels for w in label.split()))
+    if combined:
+        warnings.warn(f"{source.name}: labels such as {combined[0]!r} look like several labels separated by spaces "
+                      f"(a word of it is a label of its own); if they are, give --label-sep ' ' (a multi-label "
+                      f"classifier)", stacklevel=4)  # fmt: skip
 
 
 def _labels(
