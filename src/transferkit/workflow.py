@@ -48,7 +48,20 @@ def train(data: str | Path, callbacks: list[Callback] = (), **options: Any) -> T
     >>> result.val_accuracy, result.run_dir
     """
     command = options.pop("_command", None)
+    _check_option_names(options)
     return run_training(TrainConfig(data=str(data), **options), command=command, callbacks=list(callbacks))
+
+
+def _check_option_names(options: dict[str, Any]) -> None:
+    """A misspelt option (``epoch=5``) is a one-line error with the names it may have meant, not a TypeError."""
+    import difflib
+
+    known = [f.name for f in dataclasses.fields(TrainConfig) if f.init and f.name != "data"]
+    for name in options:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=3)
+            hint = f"did you mean {', '.join(close)}?" if close else "see help(transferkit.TrainConfig) for the options"
+            raise TransferkitError(f"train() has no option {name!r}; {hint}")
 
 
 def run_training(config: TrainConfig, command: str | None = None, callbacks: list[Callback] = ()) -> TrainResult:  # type: ignore[assignment]
