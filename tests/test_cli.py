@@ -46,6 +46,16 @@ def test_train_writes_a_complete_run_directory(trained_run: Path) -> None:
 
 
 @pytest.mark.precision
+def test_train_prints_its_progress_on_stderr_and_only_the_run_directory_on_stdout(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
+    """RUN=$(transferkit train ...) holds the run directory: Lightning's progress bar goes to stderr."""
+    proc = tk("train", str(tiny_dataset), "--model", "resnet18", "--weights", "none", "--image-size", "32",
+              "--epochs", "2", "--out", str(tmp_path / "run"))  # fmt: skip
+    assert proc.stdout == f"{tmp_path / 'run'}\n"
+    assert "Epoch 1" in proc.stderr and "val_accuracy" in proc.stderr
+
+
 def test_evaluate_in_a_new_process_matches_the_run(trained_run: Path, tiny_dataset: Path) -> None:
     result = json.loads(tk("evaluate", str(trained_run), str(tiny_dataset / "val"), "--json").stdout)
     metrics = json.loads((trained_run / "metrics.json").read_text())

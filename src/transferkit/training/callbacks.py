@@ -1,14 +1,17 @@
-"""Lightning callbacks of a run: the kept checkpoint, the history, gradual unfreezing, resumable state."""
+"""Lightning callbacks of a run: the kept checkpoint, the history, gradual unfreezing, resumable state,
+and the progress bar."""
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from ..checkpoint import save_checkpoint
@@ -16,6 +19,23 @@ from ..files import atomic_write
 from ..model import TransferModel
 from ..runs import write_history
 from ..strategies import StrategySpec, apply_strategy
+
+
+class StderrProgressBar(TQDMProgressBar):
+    """Lightning's progress bar on stderr, where transferkit's own messages go: stdout keeps the result
+    alone (the run directory), so ``RUN=$(transferkit train ...)`` holds a path, not the bar's lines."""
+
+    def init_sanity_tqdm(self) -> Any:
+        with contextlib.redirect_stdout(sys.stderr):  # Lightning's bars write to sys.stdout as it is when made
+            return super().init_sanity_tqdm()
+
+    def init_train_tqdm(self) -> Any:
+        with contextlib.redirect_stdout(sys.stderr):
+            return super().init_train_tqdm()
+
+    def init_validation_tqdm(self) -> Any:
+        with contextlib.redirect_stdout(sys.stderr):
+            return super().init_validation_tqdm()
 
 
 class GradualUnfreezing(Callback):

@@ -19,7 +19,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, ProgressBar
 from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
@@ -34,7 +34,14 @@ from ..model import TransferModel
 from ..performance import compile_in_place, pick_device, resolve_precision, to_fast_layout
 from ..runs import write_history
 from ..strategies import StrategySpec, apply_strategy, param_groups
-from .callbacks import AtomicCheckpointIO, BestModelCheckpoint, GradualUnfreezing, HistoryCSV, ResumableState
+from .callbacks import (
+    AtomicCheckpointIO,
+    BestModelCheckpoint,
+    GradualUnfreezing,
+    HistoryCSV,
+    ResumableState,
+    StderrProgressBar,
+)
 from .config import LIGHTNING_PRECISION, TrainConfig
 from .feature_data import FeatureData
 from .loggers import build_loggers
@@ -215,6 +222,8 @@ def fit(
     own: list[Callback] = [history, best, last, ResumableState(sampler), *([gradual] if gradual else [])]
     if config.patience:
         own.append(EarlyStopping(selection_metric, mode="max", patience=config.patience))
+    if not config.quiet and not any(isinstance(c, ProgressBar) for c in callbacks):
+        own.append(StderrProgressBar())
     trainer = L.Trainer(
         max_epochs=config.epochs,
         accelerator=device.type if config.accelerator == "auto" else config.accelerator,
