@@ -342,6 +342,6 @@ def test_evaluating_a_run_on_the_data_it_split_measures_its_validation_images_on
 def test_a_misspelt_option_is_a_one_line_error_naming_the_likely_one(tiny_dataset: Path, tmp_path: Path) -> None:
     with pytest.raises(TransferkitError, match=r"^train\(\) has no option 'epoch'; did you mean epochs\?$"):
         train(tiny_dataset, epoch=3, out=str(tmp_path / "run"), **TINY)
-    with pytest.raises(TransferkitError, match=r"^train\(\) has no option 'colour'; see help\(transferkit.TrainConfig\)"):
+    with pytest.raises(TransferkitError, match=r"^train\(\) has no option 'colour'; see help\(transferkit"):
         train(tiny_dataset, colour="red", **TINY)
     assert not (tmp_path / "run").exists()

@@ -121,7 +121,7 @@ def scan_class_folder(
     known = class_names or names
     samples: list[Sample] = []
     # An image beside the class folders has no class: said, not passed over in silence.
-    skipped: list[tuple[str, str]] = [(str(p), NOT_IN_A_CLASS_FOLDER) for p in loose_images(folder)]
+    skipped: list[tuple[str, str]] = [(str(p), NOT_IN_A_CLASS_FOLDER) for p in _loose_images(folder)]
     if skipped and not dirs:
         raise TransferkitError(f"{folder} holds images but no class folders; put each class's images in a "
                                f"sub-folder named after it ({folder}/<class>/), or give a CSV label file")  # fmt: skip
@@ -287,7 +287,7 @@ def _every_in_folders(root: Path) -> LabelledImages:
     return found
 
 
-def loose_images(folder: Path) -> list[Path]:
+def _loose_images(folder: Path) -> list[Path]:
     """The image files directly in ``folder``, beside its class folders."""
     with os.scandir(folder) as entries:
         return sorted(Path(e.path) for e in entries

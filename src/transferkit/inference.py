@@ -313,9 +313,10 @@ def _runs_own_split(run: Any, data: str | Path, options: dict[str, Any] | None) 
         return None
     path = Path(run).expanduser()
     config_file = (path if path.is_dir() else path.parent) / CONFIG_NAME
-    if not config_file.is_file():
+    try:
+        config = read_json(config_file)
+    except (TransferkitError, OSError):  # none, or damaged: the model alone is evaluated, on every image given
         return None
-    config = read_json(config_file)
 
     def same(given: Any, trained: Any) -> bool:
         return given == trained or (None not in (given, trained) and not is_url(str(given))

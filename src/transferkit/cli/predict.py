@@ -62,7 +62,8 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
                    "if the run has an export of its model.pt as it is now, or there are 256+ images (exported "
                    "once, verified, cached); else PyTorch")  # fmt: skip
     output = p.add_mutually_exclusive_group()
-    output.add_argument("--json", action="store_true", help='print [{"path", "predictions": [{"label", "probability"}]}]')
+    output.add_argument("--json", action="store_true",
+                        help='print [{"path", "predictions": [{"label", "probability"}]}]')
     output.add_argument("--csv", action="store_true", help="print CSV for a spreadsheet: path, label_1, probability_1, "
                         "..., error; one row per image, in order")  # fmt: skip
     p.add_argument("--explain", metavar="DIR", help="also write DIR/<image>_gradcam.png: Grad-CAM of the predicted "
