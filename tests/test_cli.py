@@ -121,6 +121,9 @@ def test_existing_run_directory_is_never_overwritten(trained_run: Path, tiny_dat
                                                   "--strategy feature-extract would ignore it"),
         (["train", "{data}", "--optimizer", "adam", "--momentum", "0.5"], "--momentum applies to --optimizer sgd"),
         (["train", "{data}", "--gamma", "0.5"], "--gamma applies to --scheduler step; --scheduler cosine would"),
+        (["train", "{data}/train", "--val", "{data}/val"],  # argparse reads --val as --val-split
+         "--val-split: expected a share such as 0.2, got the folder"),
+        (["pack", "{data}", "--out", "shards", "--val-split", "1"], "--val-split: must be between 0 and 1"),
         (["train", "{data}", "--strategy", "linear-probe", "--epochs", "30"],  # scikit-learn fits it, epoch-less
          "--epochs applies to --strategy feature-extract, fine-tune, full, gradual or auto; --strategy linear-probe"),
     ],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
 import textwrap
 from collections.abc import Callable, Iterator, Sequence
@@ -173,6 +174,22 @@ def bounded(kind: type[int] | type[float], low: float, high: float | None = None
         return value
 
     return parse
+
+
+def val_split(text: str) -> float:
+    """``--val-split``'s type: a share of each class, between 0 and 1. A folder given instead (``--val
+    data/val``, which argparse reads as ``--val-split``) is told where validation images go."""
+    try:
+        value = float(text)
+    except ValueError:
+        if os.path.isdir(os.path.expanduser(text)):
+            raise argparse.ArgumentTypeError(f"expected a share such as 0.2, got the folder {text!r}; validation "
+                                             f"images go in DATA/val/<class>/ beside DATA/train/<class>/ (or in a "
+                                             f"label file's split column)") from None  # fmt: skip
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (a share of each class, such as 0.2), got {text}")
+    return value
 
 
 SEED = bounded(int, 0, 2**32 - 1)  # NumPy's seeds (training.config.MAX_SEED, which needs torch to be read)

@@ -15,6 +15,7 @@ from .common import (
     cache_dir_option,
     data_options,
     image_size_option,
+    val_split,
 )
 
 
@@ -31,7 +32,7 @@ def _inspect_arguments(p: argparse.ArgumentParser) -> None:
                    help="%(choices)s (default: the run's, else auto: bf16 where native, else fp32)")  # fmt: skip
     p.add_argument("--folds", type=bounded(int, 2), default=5, help="cross-validation folds of the linear probe behind label issues")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the folds (and of the train/val split, as for train)")
-    p.add_argument("--val-split", type=float, help="validation share when DATA has no val/ folder (default 0.2)")
+    p.add_argument("--val-split", type=val_split, help="validation share when DATA has no val/ folder (default 0.2)")
     p.add_argument("--neighbours", type=bounded(int, 1), default=5, help="nearest images shown beside a suspect, and averaged "
                    "over for the outlier score")  # fmt: skip
     p.add_argument("--duplicate-ratio", type=bounded(float, 0), default=0.25, help="near-duplicates: pairs whose cosine "

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import SEED, Command, data_options
+from .common import SEED, Command, data_options, val_split
 
 
 def _pack_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", help="DATA as for train: train/val(/test) class folders, DATA/<class>/*, or a CSV label file")
     p.add_argument("--out", required=True, metavar="SHARDS", help="a new local folder for the shards")
-    p.add_argument("--val-split", type=float, default=0.2, help="validation share when DATA has no val/ split "
+    p.add_argument("--val-split", type=val_split, default=0.2, help="validation share when DATA has no val/ split "
                    "(the split is made now and kept in the shards)")  # fmt: skip
     p.add_argument("--seed", type=SEED, default=0, help="seed of that split")
     p.add_argument("--chunk-bytes", default="64MB", help="size of each shard file (litdata's chunk_bytes)")

@@ -20,6 +20,7 @@ from .common import (
     epochs,
     image_size_option,
     precision_option,
+    val_split,
 )
 
 
@@ -59,7 +60,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gamma", type=float, default=0.1, help="step scheduler: LR factor at each drop")
     p.add_argument("--augment", default="light", choices=ApiChoices("AUGMENTATIONS"), metavar="NAME",
                    help="%(choices)s (light: random resized crop + flip)")  # fmt: skip
-    p.add_argument("--val-split", type=float, default=0.2, help="validation share when DATA has no val/ folder")
+    p.add_argument("--val-split", type=val_split, default=0.2, help="validation share when DATA has no val/ folder")
     p.add_argument("--folds", type=int, metavar="K", help="k-fold estimate: K runs on K stratified splits of the "
                    "train and val images pooled, each metric as mean ± std; predict then averages the K models")
     p.add_argument("--calibration", default="temperature", choices=("temperature", "none"),
