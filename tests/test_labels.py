@@ -483,6 +483,15 @@ def test_features_writes_a_label_files_images_with_its_labels_and_splits(flat: P
                            preprocessing=explicit_preprocessing("efficientnet_lite0", image_size=32))  # fmt: skip
     assert again["hits"] == len(expected) and np.array_equal(np.load(tmp_path / "again.npz")["features"],
                                                               saved["features"])  # fmt: skip
+    # The same as a CSV file, a row per image, for a spreadsheet: each cell as the .npz holds it (7 digits).
+    assert main([*args[:-1], str(tmp_path / "f.csv")]) == 0
+    with open(tmp_path / "f.csv", newline="") as f:
+        written = list(csv.DictReader(f))
+    assert [(r["path"], r["label"], r["split"]) for r in written] == [
+        (str(p), str(saved["class_names"][label]), str(split))
+        for p, label, split in zip(saved["paths"], saved["labels"], saved["splits"])]  # fmt: skip
+    as_read = np.array([[float(r[f"f{i}"]) for i in range(1280)] for r in written], dtype=np.float32)
+    assert np.allclose(as_read, saved["features"], rtol=1e-6, atol=0)
     assert main([*args[:-1], str(tmp_path / "g.npz"), "--label-col", "diagnosis"]) == 2  # named, not guessed
     assert not (tmp_path / "g.npz").exists()
 
@@ -501,6 +510,10 @@ def test_features_of_multi_label_data_are_written_with_one_0_1_column_per_class(
     expected = {str((tmp_path / path).resolve()): {names.index(c) for c in labels.split("|")} for path, labels in rows}
     got = {str(Path(p).resolve()): set(np.flatnonzero(row).tolist()) for p, row in zip(saved["paths"], saved["labels"])}
     assert got == expected and set(saved["splits"]) == {"all"}
+    write_features(table, tmp_path / "f.csv", "resnet18", "none")
+    with open(tmp_path / "f.csv", newline="") as f:
+        written = list(csv.DictReader(f))
+    assert [[int(r[name]) for name in names] for r in written] == saved["labels"].tolist()
 
 
 def test_advise_reads_a_label_file_and_scores_multi_label_data_by_macro_f1(tmp_path: Path) -> None:

@@ -246,6 +246,19 @@ def _save_npz(tmp: Path, arrays: dict[str, np.ndarray]) -> None:
         np.savez(f, **arrays)
 
 
+def _save_csv(tmp: Path, arrays: dict[str, np.ndarray], multi_label: bool) -> None:
+    import csv
+
+    names, features = [str(n) for n in arrays["class_names"]], arrays["features"]
+    label_columns = names if multi_label else ["label"]
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "split", *label_columns, *(f"f{i}" for i in range(features.shape[1]))])
+        for path, split, label, row in zip(arrays["paths"], arrays["splits"], arrays["labels"], features):
+            labels = [int(v) for v in label] if multi_label else [names[int(label)]]
+            writer.writerow([path, split, *labels, *(f"{v:.7g}" for v in row)])
+
+
 def _write_spec(root: Path, spec: FeatureSpec) -> None:
     target = root / "spec.json"
     if not target.exists():
@@ -288,19 +301,21 @@ def write_features(
     precision: str = "auto",
     data_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Pooled features of every image of ``data_dir`` (all splits) to ``out`` (.npz or .pt).
+    """Pooled features of every image of ``data_dir`` (all splits) to ``out`` (.npz, .pt or .csv).
 
     ``data_dir`` is read as ``train`` reads it: class folders, packed shards, or a label file
     (``data_options``: ``labels``, its columns, ``exclude``; see :data:`transferkit.discovery.DATA_OPTIONS`).
     The file holds ``features`` (N, D), ``labels`` (N,) or, for multi-label data, (N, classes) of 0/1,
     ``paths``, ``splits`` (train/val/test as the data gives them, else "all") and ``class_names``.
+    A .csv file (for a spreadsheet, R or pandas) has a row per image: ``path``, ``split``, ``label`` (the
+    class name; multi-label: one 0/1 column per class) and the features ``f0`` ... ``f{D-1}``.
     """
     from .backbones import load_backbone
     from .discovery import every_image
 
     out = Path(out)
-    if out.suffix not in (".npz", ".pt"):
-        raise TransferkitError(f"--out {out} must end in .npz or .pt")
+    if out.suffix not in (".npz", ".pt", ".csv"):
+        raise TransferkitError(f"--out {out} must end in .npz, .pt or .csv")
     new_files("--out", out)
     found = every_image(data_dir, data_options)
     class_names = found.class_names
@@ -315,6 +330,8 @@ def write_features(
                "splits": np.array(split_of), "class_names": np.array(class_names)}  # fmt: skip
     if out.suffix == ".npz":
         atomic_write(out, lambda tmp: _save_npz(tmp, payload))
+    elif out.suffix == ".csv":
+        atomic_write(out, lambda tmp: _save_csv(tmp, payload, found.multi_label))
     else:
         tensors = {"features": result.features, "labels": result.labels, "paths": result.paths, "splits": split_of,
                    "class_names": class_names}  # fmt: skip

@@ -68,7 +68,7 @@ def _features_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", help="an image folder (all of train/val/test, or DATA/<class>/*), a label file or "
                    "packed shards")  # fmt: skip
     p.add_argument("--layer", help="layer group (see the model's groups) or module path; default: the penultimate features")
-    p.add_argument("--out", required=True, help="output file, .npz or .pt")
+    p.add_argument("--out", required=True, help="output file, .npz, .pt or .csv (a row per image)")
     p.add_argument("--no-cache", action="store_true", help="recompute features that are in the feature cache")
 
 
