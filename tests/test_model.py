@@ -109,3 +109,13 @@ def test_an_image_size_the_architecture_cannot_run_is_a_one_line_error_at_load()
     with pytest.raises(TransferkitError, match="--image-size 32: maxvit_t does not run on 32-pixel inputs "
                                                r"\(RuntimeError\); give its own size, 224"):  # fmt: skip
         load_backbone("maxvit_t", "none", preprocessing=prep)  # was a reshape error at the first batch
+
+
+def test_a_run_without_a_model_yet_and_a_folder_that_is_no_run_are_told_apart(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")  # made, killed in its first epoch
+    with pytest.raises(TransferkitError, match=r"run is a run with no model.pt yet \(in its first epoch, or stopped "
+                                               r"there: start it again\)"):  # fmt: skip
+        load_checkpoint(tmp_path / "run")
+    with pytest.raises(TransferkitError, match=r"holds no model.pt; give a run directory written by transferkit train"):
+        load_checkpoint(tmp_path)

@@ -81,8 +81,11 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
                 raise TransferkitError(f"{p.parent} is a k-fold run (an ensemble of {len(folds)} models, no "
                                        f"{CHECKPOINT_NAME} of its own); give one of its folds, "
                                        f"e.g. {folds[0]}")  # fmt: skip
-            raise TransferkitError(f"{p.parent} holds no {CHECKPOINT_NAME}; is it a finished transferkit run "
-                                   f"directory?")  # fmt: skip
+            if (p.parent / "config.json").is_file():  # a run made, with no model yet
+                raise TransferkitError(f"{p.parent} is a run with no {CHECKPOINT_NAME} yet (in its first epoch, or "
+                                       f"stopped there: start it again); give a run that has trained")  # fmt: skip
+            raise TransferkitError(f"{p.parent} holds no {CHECKPOINT_NAME}; give a run directory written by "
+                                   f"transferkit train, or its {CHECKPOINT_NAME}")  # fmt: skip
     elif not p.is_file():
         raise TransferkitError(f"{p} does not exist; give a run directory or its {CHECKPOINT_NAME}")
     return p
