@@ -43,6 +43,9 @@ def test_a_csv_with_paths_and_labels_is_the_same_data_as_the_folders(flat: Path,
     assert from_csv.class_names == from_folders.class_names == ["blue", "red"]
     assert sorted(from_csv.train + from_csv.val) == sorted(from_folders.train + from_folders.val)
     assert from_csv.layout.startswith("label file") and not from_csv.multi_label
+    tsv = tmp_path / "labels.tsv"  # tab-separated, given as DATA as a .csv is
+    tsv.write_text("".join(f"{path}\t{label}\n" for path, label in [["filename", "class"], *rows_of(flat, tmp_path)]))
+    assert discover(tsv).train == from_csv.train and discover(tsv).val == from_csv.val
 
 
 @pytest.mark.parametrize("delimiter", [";", "\t"], ids=["semicolon", "tab"])

@@ -28,7 +28,14 @@ from .errors import TransferkitError  # noqa: E402
 from .exclusion import exclude_key, read_exclude_list, warn_names_none  # noqa: E402,F401  (re-exported)
 from .files import is_not  # noqa: E402
 from .image_files import MAX_IMAGE_PIXELS, image_file_problem, unread_format  # noqa: E402,F401  (re-exported)
-from .label_tables import LabelColumns, LabelRow, LabelTable, read_label_table, warn_skipped  # noqa: E402
+from .label_tables import (  # noqa: E402
+    LABEL_FILE_SUFFIXES,
+    LabelColumns,
+    LabelRow,
+    LabelTable,
+    read_label_table,
+    warn_skipped,
+)
 from .runs import folders_to_walk, is_transferkit_output  # noqa: E402
 from .samples import (  # noqa: E402,F401  (re-exported)
     Sample,
@@ -167,7 +174,7 @@ def discover(
     root = Path(data_dir).expanduser()
     if labels is None and is_packed_source(data_dir):  # transferkit pack's shards, a folder or a URL
         splits = _discover_packed(str(data_dir))
-    elif labels is not None or (root.suffix.lower() == ".csv" and root.is_file()):
+    elif labels is not None or (root.suffix.lower() in LABEL_FILE_SUFFIXES and root.is_file()):
         splits = _discover_table(root, labels, columns, image_ext, val_split, seed)
     else:
         splits = _discover_folders(root, val_split, seed)
@@ -249,7 +256,7 @@ def every_image(data: str | Path, options: Mapping[str, Any] | None = None) -> L
         found = LabelledImages(Path(str(data)), manifest["class_names"], [], [], manifest["multi_label"])
         for split, samples in packed.items():
             found.samples, found.splits = found.samples + samples, found.splits + [split] * len(samples)
-    elif get("labels") is not None or (root.suffix.lower() == ".csv" and root.is_file()):
+    elif get("labels") is not None or (root.suffix.lower() in LABEL_FILE_SUFFIXES and root.is_file()):
         table = _read_table(root, get("labels"), _columns(get), get("image_ext"), to_train=False)
         rows = [(sample, row.split or "all") for sample, row in zip(_table_samples(table), table.rows)]
         found = LabelledImages(table.source, table.class_names, [s for s, _ in rows], [split for _, split in rows],

@@ -20,6 +20,7 @@ from .data import (
     scan_class_folder,
 )
 from .errors import TransferkitError
+from .label_tables import LABEL_FILE_SUFFIXES
 from .model import TransferModel
 from .performance import PRECISION_NAMES, pick_device
 from .prediction import TTA_VIEWS, AugmentedRunner, EagerRunner, inference_precision, predict_samples, top_k_results
@@ -277,7 +278,7 @@ def evaluate(
     own = _runs_own_split(run, data_dir, data_options)
     if own is not None:
         samples, skipped = relabelled(own.test or own.val, own.class_names, model.class_names, own.root), 0
-    elif data_options or Path(data_dir).suffix.lower() == ".csv" or is_url(str(data_dir)):  # a URL: packed shards
+    elif data_options or Path(data_dir).suffix.lower() in LABEL_FILE_SUFFIXES or is_url(str(data_dir)):  # URL: shards
         samples, skipped = _held_out_rows(model, data_dir, with_run_columns(run, data_dir, data_options))
     else:
         folder = _evaluation_folder(Path(data_dir).expanduser())

@@ -29,7 +29,7 @@ import numpy as np
 from .backbones import DEFAULT_BACKBONE, Preprocessing, load_backbone
 from .checkpoint import load_checkpoint
 from .data import ImageFolderSplits, discover_for, label_indices, load_image
-from .discovery import DATA_OPTIONS, NOT_IN_A_CLASS_FOLDER, data_flags, warn_unused_val_split
+from .discovery import DATA_OPTIONS, LABEL_FILE_SUFFIXES, NOT_IN_A_CLASS_FOLDER, data_flags, warn_unused_val_split
 from .errors import TransferkitError
 from .features import extract_features
 from .files import new_or_empty_folder, write_json
@@ -231,7 +231,7 @@ class Inspection:
 def default_out_dir(data: str | Path | None, run: str | Path | None = None) -> Path:
     """``<DATA name>-inspection`` in the current folder (``<RUN name>-inspection`` for a run's own data)."""
     source = Path(data if data is not None else run or ".").expanduser().absolute()
-    name = source.stem if source.suffix.lower() == ".csv" else source.name
+    name = source.stem if source.suffix.lower() in LABEL_FILE_SUFFIXES else source.name
     return Path(f"{name or 'data'}-inspection")
 
 

@@ -35,6 +35,7 @@ SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "va
 # Several labels in one cell: the first of these that occurs in the column separates them. Not a
 # space (class names have spaces: "golden retriever") nor a comma: give those with --label-sep.
 LABEL_SEPARATORS = ("|", ";")
+LABEL_FILE_SUFFIXES = (".csv", ".tsv")  # DATA given as a file of these is a label file (the delimiter is sniffed)
 SKIPS_NAMED = 10  # skipped files warned one by one; the rest in one line
 
 

@@ -17,10 +17,10 @@ from .data import IMAGE_EXTENSIONS, to_rgb, upright
 from .errors import TransferkitError
 from .files import is_not
 from .image_files import unread_format
+from .label_tables import LABEL_FILE_SUFFIXES
 from .runs import folders_to_walk
 from .shards import is_packed_image, is_url
 
-LISTS = (".csv", ".tsv")  # label files (or plain lists with a path column): their images are predicted
 
 
 def collect_images(paths: list[str | Path]) -> list[str]:
@@ -34,7 +34,7 @@ def collect_images(paths: list[str | Path]) -> list[str]:
         p = Path(raw).expanduser()
         if is_url(str(raw)) or is_packed_source(p):  # a folder (or URL) of `transferkit pack`: its images
             found += packed_images(raw)
-        elif p.suffix.lower() in LISTS and p.is_file():
+        elif p.suffix.lower() in LABEL_FILE_SUFFIXES and p.is_file():  # a list of images: its path column
             found += listed_images(p, IMAGE_EXTENSIONS)
         elif p.is_dir():
             for dirpath, subdirs, files in os.walk(p):
