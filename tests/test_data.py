@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -153,6 +154,21 @@ def test_bad_layouts_are_one_line_errors(tmp_path: Path) -> None:
     with pytest.raises(TransferkitError, match=rf"^{flat} holds images but no class folders; put each "
                                                rf"class's images in a sub-folder named after it \({flat}/<class>/\)"):
         discover(flat)
+
+
+def test_an_unlabelled_test_folder_of_loose_images_is_no_test_split_as_before(tmp_path: Path) -> None:
+    """Kaggle's layout: train/<class>/, val/<class>/ and test/ of unlabelled images to submit answers for."""
+    make_colour_folder(tmp_path / "train", 3)
+    make_colour_folder(tmp_path / "val", 2)
+    make_colour_folder(tmp_path / "unsorted", 2)
+    (tmp_path / "test").mkdir()
+    for path in sorted((tmp_path / "unsorted").rglob("*.*")):
+        shutil.copy(path, tmp_path / "test" / f"{path.parent.name}-{path.name}")
+    shutil.rmtree(tmp_path / "unsorted")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*not in a class folder")
+        splits = discover(tmp_path)
+    assert not splits.test and len(splits.train) == 6 and len(splits.val) == 4
 
 
 def test_an_image_beside_the_class_folders_is_skipped_with_a_warning(tmp_path: Path) -> None:

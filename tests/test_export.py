@@ -353,3 +353,5 @@ def test_images_in_memory_are_predicted_as_their_files_are(tiny_dataset: Path, t
     assert transferkit.predict(model, arrays[1], top_k=3)[0]["predictions"] == from_files[1]["predictions"]
     with pytest.raises(transferkit.TransferkitError, match=r"image 0 is a float32 array of shape \(8, 8, 3\)"):
         transferkit.predict(model, [np.zeros((8, 8, 3), dtype=np.float32)])
+    with pytest.raises(transferkit.TransferkitError, match=r"uint8 arrays \(H x W x 3\), not tensors"):
+        transferkit.predict(model, torch.zeros(2, 3, 8, 8))

@@ -141,6 +141,10 @@ def test_clear_cache_and_cache_info(images: list, tmp_path: Path, capsys: pytest
     for command in (["cache", "info"], ["cache", "clear"], features):
         assert main([*command, "--cache-dir", str(mine[0])]) == 2
         assert f"--cache-dir {mine[0]} is a file, not a folder; give the cache's folder" in capsys.readouterr().err
+    with pytest.MonkeyPatch.context() as patch:  # the cache named by the variable instead
+        patch.setenv("TRANSFERKIT_CACHE_DIR", str(mine[0]))
+        assert main(["cache", "clear"]) == 2
+        assert f"TRANSFERKIT_CACHE_DIR {mine[0]} is a file, not a folder" in capsys.readouterr().err
 
 
 def test_feature_extract_training_uses_the_cache(tiny_dataset: Path, tmp_path: Path) -> None:

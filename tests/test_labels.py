@@ -147,6 +147,9 @@ def test_labels_that_differ_only_in_case_are_an_error_naming_their_rows(flat: Pa
     with pytest.raises(TransferkitError, match=rf"^labels of {table} differ only in case: 'red' \(row 8\), 'Red' "
                                                rf"\(row 9\); write each class one way$"):  # fmt: skip
         discover(table)
+    rows[7][0] = "images/red/gone.png"  # 'Red' on a missing file alone: named without a row
+    with pytest.raises(TransferkitError, match=r"differ only in case: 'Red', 'red' \(row 8\); write each class"):
+        discover(write_csv(tmp_path / "gone.csv", ["path", "label"], rows))
 
 
 @pytest.mark.parametrize(

@@ -119,3 +119,8 @@ def test_a_run_without_a_model_yet_and_a_folder_that_is_no_run_are_told_apart(tm
         load_checkpoint(tmp_path / "run")
     with pytest.raises(TransferkitError, match=r"holds no model.pt; give a run directory written by transferkit train"):
         load_checkpoint(tmp_path)
+    (tmp_path / "search").mkdir()
+    (tmp_path / "search" / "selection.json").write_text("{}")  # a --strategy auto search stopped while measuring
+    with pytest.raises(TransferkitError, match=r"search is a --strategy auto search that has not finished; continue "
+                                               r"it with transferkit train --resume"):  # fmt: skip
+        load_checkpoint(tmp_path / "search")

@@ -318,8 +318,7 @@ def test_evaluating_a_run_on_the_data_it_split_measures_its_validation_images_on
     run = train(data, epochs=1, val_split=0.25, out=str(tmp_path / "run"), **TINY)
     own = evaluate(run.run_dir, data)
     assert own.num_images == 4 and own.accuracy == run.metrics["val_accuracy"] and own.loss == run.metrics["val_loss"]
-    assert own.evaluated_on == (f"the run's validation images of {data}, drawn as it drew them; it trained on the "
-                                f"other 16")  # fmt: skip
+    assert own.evaluated_on == f"the run's validation images of {data}, drawn as it drew them (it trained on 16 others)"
     assert evaluate(run.run_dir, tmp_path / "photos" / ".." / "photos").num_images == 4  # the same folder, spelt so
     linked = tmp_path / "linked"
     linked.symlink_to(data, target_is_directory=True)
@@ -334,9 +333,16 @@ def test_evaluating_a_run_on_the_data_it_split_measures_its_validation_images_on
     assert evaluate(from_table.run_dir, table).num_images == 4
     # A k-fold run trained on every image (each in all folds but one): measured on all, with a warning.
     folds = train(data, epochs=1, folds=2, out=str(tmp_path / "folds"), **TINY)
-    with pytest.warns(UserWarning, match=r"photos is the data this 2-fold run trained on: each image trained 1 of "
-                                         r"its 2 models, so this accuracy overstates"):  # fmt: skip
-        assert evaluate(folds.run_dir, data).num_images == 20
+    for model in (folds.run_dir, Path(folds.run_dir) / "fold-1"):  # the ensemble, and one fold of it
+        with pytest.warns(UserWarning, match=r"photos is the data this k-fold run \(or fold of one\) trained on: "
+                                             r"most of its images trained the model, so this accuracy overstates"):
+            assert evaluate(model, data).num_images == 20
+    # With test-time augmentation, the same images and the same note.
+    assert evaluate(run.run_dir, data, tta=True).evaluated_on == own.evaluated_on
+    # Images added since: the split cannot be drawn again, and every image is evaluated, with a warning.
+    shutil.copy(next(data.glob("red/*.png")), data / "red" / "new.png")
+    with pytest.warns(UserWarning, match=r"photos has changed since the run trained on it"):
+        assert evaluate(run.run_dir, data).num_images == 21
 
 
 def test_a_misspelt_option_is_a_one_line_error_naming_the_likely_one(tiny_dataset: Path, tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from .errors import TransferkitError
 from .files import atomic_write
 from .heads import LinearProbe
 from .model import ModelRecord, TransferModel
-from .runs import CHECKPOINT_NAME
+from .runs import CHECKPOINT_NAME, SEARCH_PROGRESS
 
 FORMAT = "transferkit-checkpoint/1"
 
@@ -81,6 +81,9 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
                 raise TransferkitError(f"{p.parent} is a k-fold run (an ensemble of {len(folds)} models, no "
                                        f"{CHECKPOINT_NAME} of its own); give one of its folds, "
                                        f"e.g. {folds[0]}")  # fmt: skip
+            if (p.parent / SEARCH_PROGRESS).is_file() and not (p.parent / "config.json").is_file():
+                raise TransferkitError(f"{p.parent} is a --strategy auto search that has not finished; continue it "
+                                       f"with transferkit train --resume {p.parent}")  # fmt: skip
             if (p.parent / "config.json").is_file():  # a run made, with no model yet
                 raise TransferkitError(f"{p.parent} is a run with no {CHECKPOINT_NAME} yet (in its first epoch, or "
                                        f"stopped there: start it again); give a run that has trained")  # fmt: skip

@@ -127,11 +127,13 @@ def scan_class_folder(
     _check_case_clashes(names, folder)
     known = class_names or names
     samples: list[Sample] = []
-    # An image beside the class folders has no class: said, not passed over in silence.
-    skipped: list[tuple[str, str]] = [(str(p), NOT_IN_A_CLASS_FOLDER) for p in _loose_images(folder)]
-    if skipped and not dirs:
+    loose = _loose_images(folder)
+    if loose and not dirs and class_names is None:
         raise TransferkitError(f"{folder} holds images but no class folders; put each class's images in a "
                                f"sub-folder named after it ({folder}/<class>/), or give a CSV label file")  # fmt: skip
+    # An image beside the class folders has no class: said, not passed over in silence. A split with no
+    # class folders at all (Kaggle's unlabelled test/) is no labelled split, as before.
+    skipped: list[tuple[str, str]] = [(str(p), NOT_IN_A_CLASS_FOLDER) for p in loose] if dirs else []
     for d in dirs:
         found = 0
         for dirpath, subdirs, files in os.walk(d):

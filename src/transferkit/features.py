@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -246,11 +247,22 @@ def _save_npz(tmp: Path, arrays: dict[str, np.ndarray]) -> None:
         np.savez(f, **arrays)
 
 
+def _csv_label_columns(class_names: list[str], multi_label: bool) -> list[str]:
+    """``label``, or (multi-label) a 0/1 column per class, which must not take a fixed column's name."""
+    if not multi_label:
+        return ["label"]
+    clash = [n for n in class_names if n in ("path", "split") or re.fullmatch(r"f\d+", n)]
+    if clash:
+        raise TransferkitError(f"class {clash[0]!r} would name a column of the CSV file as a fixed one does; write "
+                               f"the features to .npz or .pt instead")  # fmt: skip
+    return class_names
+
+
 def _save_csv(tmp: Path, arrays: dict[str, np.ndarray], multi_label: bool) -> None:
     import csv
 
     names, features = [str(n) for n in arrays["class_names"]], arrays["features"]
-    label_columns = names if multi_label else ["label"]
+    label_columns = _csv_label_columns(names, multi_label)
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "split", *label_columns, *(f"f{i}" for i in range(features.shape[1]))])
@@ -319,6 +331,8 @@ def write_features(
     new_files("--out", out)
     found = every_image(data_dir, data_options)
     class_names = found.class_names
+    if out.suffix == ".csv":
+        _csv_label_columns(class_names, found.multi_label)  # before the features are computed
     backbone = load_backbone(model_name, weights, preprocessing=preprocessing)
     model = TransferModel(backbone, class_names if len(class_names) > 1 else [*class_names, "_"]).eval()
     precision = resolve_precision(precision, pick_device())

@@ -277,7 +277,8 @@ def evaluate(
     model = members[0] if members else run if isinstance(run, TransferModel) else load_checkpoint(run)
     own = _runs_own_split(run, data_dir, data_options)
     if own is not None:
-        samples, skipped = relabelled(own.test or own.val, own.class_names, model.class_names, own.root), 0
+        samples = relabelled(own.test or own.val, own.class_names, model.class_names, own.root)
+        skipped = len(own.skipped)
     elif data_options or Path(data_dir).suffix.lower() in LABEL_FILE_SUFFIXES or is_url(str(data_dir)):  # URL: shards
         samples, skipped = _held_out_rows(model, data_dir, with_run_columns(run, data_dir, data_options))
     else:
@@ -293,9 +294,8 @@ def evaluate(
     started = time.perf_counter()
     plain = evaluate_samples(model, samples, batch_size, num_workers, **options)
     if own is not None:
-        split = "test" if own.test else "validation"
-        plain.evaluated_on = (f"the run's {split} images of {data_dir}, drawn as it drew them; it trained on the "
-                              f"other {len(own.train)}")  # fmt: skip
+        plain.evaluated_on = (f"the run's {'test' if own.test else 'validation'} images of {data_dir}, drawn as it "
+                              f"drew them (it trained on {len(own.train)} others)")  # fmt: skip
     if not tta:
         return plain
     plain_seconds, started = time.perf_counter() - started, time.perf_counter()
@@ -304,6 +304,7 @@ def evaluate(
     augmented.tta = {"views": list(TTA_VIEWS), "accuracy_without": plain.accuracy, "loss_without": plain.loss,
                      "accuracy_gain": augmented.accuracy - plain.accuracy, "seconds_without": round(plain_seconds, 2),
                      "seconds_with": round(seconds, 2), "cost": round(seconds / max(plain_seconds, 1e-9), 2)}  # fmt: skip
+    augmented.evaluated_on = plain.evaluated_on
     return augmented
 
 
@@ -323,17 +324,32 @@ def _runs_own_split(run: Any, data: str | Path, options: dict[str, Any] | None) 
         return given == trained or (None not in (given, trained) and not is_url(str(given))
                                     and Path(given).expanduser().resolve() == Path(trained).expanduser().resolve())
 
-    labels = (options or {}).get("labels")
-    if not (same(str(data), config.get("data")) and same(labels, config.get("labels"))):
+    given = {"labels": None, **(options or {})}  # read otherwise than the run read it: not the run's split
+    if not same(str(data), config.get("data")) or not all(same(v, config.get(k)) for k, v in given.items()):
         return None
     splits = discover_for(config)
-    if config.get("folds") and not splits.test:  # the folds pool training and validation images: none is held out
-        k = config["folds"]
-        warnings.warn(f"{data} is the data this {k}-fold run trained on: each image trained {k - 1} of its {k} "
-                      f"models, so this accuracy overstates; its metrics.json holds the k-fold estimate",
+    if (config.get("folds") or (config.get("resolved_from") or {}).get("fold_images")) and not splits.test:
+        # The folds pool training and validation images, each split its own way: none is held out from all.
+        warnings.warn(f"{data} is the data this k-fold run (or fold of one) trained on: most of its images "
+                      f"trained the model, so this accuracy overstates; its metrics.json holds the k-fold "
+                      f"estimate", stacklevel=3)  # fmt: skip
+        return None
+    recorded = _recorded_counts(config_file.parent)
+    if recorded and recorded != {k: splits.summary()[k] for k in recorded}:
+        warnings.warn(f"{data} has changed since the run trained on it (its images per class differ): its "
+                      f"validation images cannot be drawn again, so every image given is evaluated",
                       stacklevel=3)  # fmt: skip
         return None
     return splits if "split" in splits.layout else None
+
+
+def _recorded_counts(run_dir: Path) -> dict[str, Any]:
+    """The images per class of each split a run recorded (``metrics.json``), to check a split drawn again."""
+    try:
+        data = read_json(run_dir / "metrics.json").get("data") or {}
+    except (TransferkitError, OSError):
+        return {}
+    return {k: data[k] for k in ("train_counts", "val_counts") if k in data}
 
 
 def _held_out_rows(

@@ -316,11 +316,11 @@ def _check_classes(table: LabelTable) -> None:
         raise TransferkitError(f"{source} has {len(table.class_names)} label(s); a classifier needs at least 2")
     lowered = Counter(label.lower() for label in table.class_names)
     if clashes := [label for label in table.class_names if lowered[label.lower()] > 1]:
-        first = dict(sorted(((label, next(r.line for r in table.rows if label in r.labels)) for label in clashes),
-                            key=lambda pair: pair[1]))
-        raise TransferkitError(f"labels of {source} differ only in case: "
-                               f"{', '.join(f'{label!r} (row {line})' for label, line in first.items())}; "
-                               f"write each class one way")  # fmt: skip
+        # A spelling whose every row was skipped (missing files) has no row among the kept ones.
+        first = {label: next((r.line for r in table.rows if label in r.labels), 0) for label in clashes}
+        named = [f"{label!r}" + (f" (row {line})" if line else "") for label, line in
+                 sorted(first.items(), key=lambda pair: pair[1])]  # fmt: skip
+        raise TransferkitError(f"labels of {source} differ only in case: {', '.join(named)}; write each class one way")
     trained = {label for r in table.rows if r.split in (None, "train") for label in r.labels}
     unusable = [label for label in table.class_names if not any(label in r.labels for r in table.rows)]
     if unusable:  # every row of the class was skipped (above): it would be a class never trained on

@@ -72,6 +72,9 @@ def images_as_files(given: Any) -> Iterator[tuple[list[str | Path], dict[str, st
 
     single = isinstance(given, (str, Path, Image.Image)) or (isinstance(given, np.ndarray) and given.ndim in (2, 3))
     items = [given] if single else list(given)
+    if any(type(item).__module__.startswith("torch") for item in items):  # (C, H, W) floats, normalised or not
+        raise TransferkitError("predict takes image files, PIL images or uint8 arrays (H x W x 3), not tensors: "
+                               "give the images the tensors were made from")  # fmt: skip
     if not any(isinstance(item, (Image.Image, np.ndarray)) for item in items):
         yield items, {}
         return
@@ -95,6 +98,7 @@ def _as_pil(item: Any, position: int) -> Any:
     if isinstance(item, Image.Image):
         return item
     if item.dtype != "uint8" or item.ndim not in (2, 3) or (item.ndim == 3 and item.shape[2] not in (1, 3, 4)):
-        raise TransferkitError(f"image {position} is a {item.dtype} array of shape {tuple(item.shape)}; give uint8 "
-                               f"pixels (0-255), H x W or H x W x 3 (RGB)")  # fmt: skip
+        raise TransferkitError(f"image {position} is a {item.dtype} array of shape {tuple(item.shape)}; give an "
+                               f"image as uint8 pixels (0-255), H x W or H x W x 3 (RGB), and several as a list "
+                               f"(list(batch))")  # fmt: skip
     return Image.fromarray(item[..., 0] if item.ndim == 3 and item.shape[2] == 1 else item)

@@ -17,9 +17,12 @@ def _cache_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _cache(args: argparse.Namespace) -> int:
-    from .. import cache_info, cache_root, clear_cache
+    from .. import TransferkitError, cache_info, cache_root, clear_cache
+    from ..files import CACHE_ENV, is_not
 
-    root = cache_root(args.cache_dir)  # not a file: main checked it
+    root = cache_root(args.cache_dir)
+    if root.exists() and not root.is_dir():  # --cache-dir was checked by main; $TRANSFERKIT_CACHE_DIR is checked here
+        raise TransferkitError(f"{CACHE_ENV} {root} {is_not(root)}; give the cache's folder")
     if args.action == "path":
         print(root)
     elif args.action == "info":
