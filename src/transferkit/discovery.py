@@ -37,15 +37,7 @@ from .label_tables import (  # noqa: E402
     warn_skipped,
 )
 from .runs import folders_to_walk, is_transferkit_output  # noqa: E402
-from .samples import (  # noqa: E402,F401  (re-exported)
-    Sample,
-    class_counts,
-    first_label,
-    label_indices,
-    relabelled,
-    shuffled_by_class,
-    stratified_split,
-)
+from .samples import Sample, class_counts, label_indices, relabelled, stratified_split  # noqa: E402
 from .shards import is_packed_source, packed_samples, packed_split  # noqa: E402
 
 # torchvision's ImageFolder extensions, and GIF (its first frame), which PIL reads and torchvision does not list.
