@@ -87,5 +87,5 @@ def test_the_advise_command_says_each_warning_once(tmp_path: Path, capsys: pytes
     assert code == 0
     assert any((tmp_path / "cache" / "features").iterdir())  # advise uses the cache --cache-dir names
     warned = [line for line in capsys.readouterr().err.splitlines() if "runs not read as a class" in line]
-    assert warned == [f"transferkit: warning: {data}: runs not read as a class: transferkit's own output (runs, "
-                      f"an inspection)"]  # fmt: skip
+    expected = f"transferkit: warning: {data}: runs not read as a class: transferkit's own output (runs, an inspection)"
+    assert warned == [expected]

@@ -14,8 +14,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .samples import Sample, first_label
 from .errors import TransferkitError
+from .samples import Sample, first_label
 
 FOLDS_NAME = "folds.json"
 # Numbers summarised across folds (when a fold has them): the headline metrics and the calibration's.

@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from .samples import Sample
 from .errors import TransferkitError
+from .samples import Sample
 
 # Candidate thresholds: fine enough for F1, coarse enough not to fit the validation noise.
 THRESHOLD_GRID = tuple(round(0.05 * i, 2) for i in range(1, 20))

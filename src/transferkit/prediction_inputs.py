@@ -22,7 +22,6 @@ from .runs import folders_to_walk
 from .shards import is_packed_image, is_url
 
 
-
 def collect_images(paths: list[str | Path]) -> list[str]:
     """Image files among ``paths``; folders are searched recursively, hidden files ignored; a packed
     folder or URL (``transferkit pack``) gives its images, every split's; a CSV file the images in its path column."""

@@ -27,9 +27,9 @@ import torch
 from .backbones import Preprocessing
 from .data import build_transform, make_loader
 from .discovery import discover_for
-from .samples import Sample, shuffled_by_class
 from .errors import TransferkitError
 from .prediction import OnnxRunner, predict_samples
+from .samples import Sample, shuffled_by_class
 
 QUANTIZATIONS = ("int8",)
 DEFAULT_MAX_DROP = 2.0  # accuracy points an int8 model may lose against fp32 on the validation images
