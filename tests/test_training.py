@@ -351,3 +351,19 @@ def test_a_misspelt_option_is_a_one_line_error_naming_the_likely_one(tiny_datase
     with pytest.raises(TransferkitError, match=r"^train\(\) has no option 'colour'; see help\(transferkit"):
         train(tiny_dataset, colour="red", **TINY)
     assert not (tmp_path / "run").exists()
+
+
+def test_evaluating_a_run_on_its_own_train_val_data_says_nothing_of_its_training_files(tmp_path: Path) -> None:
+    """DATA with train/ and val/: evaluate reads val/ alone, and warns of no training file it skipped."""
+    from helpers import make_colour_folder
+
+    from transferkit import evaluate
+
+    make_colour_folder(tmp_path / "data" / "train", 4)
+    make_colour_folder(tmp_path / "data" / "val", 2)
+    (tmp_path / "data" / "train" / "red" / "broken.jpg").write_text("not an image")
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        run = train(tmp_path / "data", epochs=1, out=str(tmp_path / "run"), **TINY)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*broken.jpg")
+        assert evaluate(run.run_dir, tmp_path / "data").num_images == 4

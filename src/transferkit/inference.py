@@ -327,7 +327,9 @@ def _runs_own_split(run: Any, data: str | Path, options: dict[str, Any] | None) 
     given = {"labels": None, **(options or {})}  # read otherwise than the run read it: not the run's split
     if not same(str(data), config.get("data")) or not all(same(v, config.get(k)) for k, v in given.items()):
         return None
-    splits = discover_for(config)
+    with warnings.catch_warnings(record=True) as said:  # said again below only if this reading is the one used
+        warnings.simplefilter("always")
+        splits = discover_for(config)
     if (config.get("folds") or (config.get("resolved_from") or {}).get("fold_images")) and not splits.test:
         # The folds pool training and validation images, each split its own way: none is held out from all.
         warnings.warn(f"{data} is the data this k-fold run (or fold of one) trained on: most of its images "
@@ -340,7 +342,11 @@ def _runs_own_split(run: Any, data: str | Path, options: dict[str, Any] | None) 
                       f"validation images cannot be drawn again, so every image given is evaluated",
                       stacklevel=3)  # fmt: skip
         return None
-    return splits if "split" in splits.layout else None
+    if "split" not in splits.layout:  # its own validation (or test) folder: read as any folder is
+        return None
+    for warning in said:  # a skipped file, as the data's reading said it
+        warnings.warn(warning.message, warning.category, stacklevel=3)
+    return splits
 
 
 def _recorded_counts(run_dir: Path) -> dict[str, Any]:
