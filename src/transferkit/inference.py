@@ -25,7 +25,7 @@ from .model import TransferModel
 from .performance import PRECISION_NAMES, pick_device
 from .prediction import TTA_VIEWS, AugmentedRunner, EagerRunner, inference_precision, predict_samples, top_k_results
 from .prediction_inputs import collect_images, images_as_files, why_not_predicted
-from .runs import CONFIG_NAME, read_json, with_run_columns
+from .runs import CONFIG_NAME, METRICS_NAME, run_json, with_run_columns
 from .runtimes import ensemble, fold_models, runner_for
 from .shards import is_url
 
@@ -311,13 +311,8 @@ def evaluate(
 def _runs_own_split(run: Any, data: str | Path, options: dict[str, Any] | None) -> ImageFolderSplits | None:
     """The run's splits, where ``data`` (and its label file) is the very data ``run`` trained on and the run
     drew its validation images from it (``--val-split``): every image of it would count those it trained on."""
-    if not isinstance(run, (str, Path)):
-        return None
-    path = Path(run).expanduser()
-    config_file = (path if path.is_dir() else path.parent) / CONFIG_NAME
-    try:
-        config = read_json(config_file)
-    except (TransferkitError, OSError):  # none, or damaged: the model alone is evaluated, on every image given
+    config = run_json(run, CONFIG_NAME)
+    if config is None:  # a model object, or no (or a damaged) config.json: every image given is evaluated
         return None
 
     def same(given: Any, trained: Any) -> bool:
@@ -327,17 +322,21 @@ def _runs_own_split(run: Any, data: str | Path, options: dict[str, Any] | None) 
     given = {"labels": None, **(options or {})}  # read otherwise than the run read it: not the run's split
     if not same(str(data), config.get("data")) or not all(same(v, config.get(k)) for k, v in given.items()):
         return None
+    k_fold = config.get("folds") or (config.get("resolved_from") or {}).get("fold_images")
+    recorded = (run_json(run, METRICS_NAME) or {}).get("data") or {}
+    if not k_fold and "split" not in recorded.get("layout", "split"):  # its own val/ folder: read as any folder
+        return None
     with warnings.catch_warnings(record=True) as said:  # said again below only if this reading is the one used
         warnings.simplefilter("always")
         splits = discover_for(config)
-    if (config.get("folds") or (config.get("resolved_from") or {}).get("fold_images")) and not splits.test:
+    if k_fold and not splits.test:
         # The folds pool training and validation images, each split its own way: none is held out from all.
         warnings.warn(f"{data} is the data this k-fold run (or fold of one) trained on: most of its images "
                       f"trained the model, so this accuracy overstates; its metrics.json holds the k-fold "
                       f"estimate", stacklevel=3)  # fmt: skip
         return None
-    recorded = _recorded_counts(config_file.parent)
-    if recorded and recorded != {k: splits.summary()[k] for k in recorded}:
+    counts = {k: recorded[k] for k in ("train_counts", "val_counts") if k in recorded}
+    if counts and counts != {k: splits.summary()[k] for k in counts}:
         warnings.warn(f"{data} has changed since the run trained on it (its images per class differ): its "
                       f"validation images cannot be drawn again, so every image given is evaluated",
                       stacklevel=3)  # fmt: skip
@@ -347,15 +346,6 @@ def _runs_own_split(run: Any, data: str | Path, options: dict[str, Any] | None) 
     for warning in said:  # a skipped file, as the data's reading said it
         warnings.warn(warning.message, warning.category, stacklevel=3)
     return splits
-
-
-def _recorded_counts(run_dir: Path) -> dict[str, Any]:
-    """The images per class of each split a run recorded (``metrics.json``), to check a split drawn again."""
-    try:
-        data = read_json(run_dir / "metrics.json").get("data") or {}
-    except (TransferkitError, OSError):
-        return {}
-    return {k: data[k] for k in ("train_counts", "val_counts") if k in data}
 
 
 def _held_out_rows(

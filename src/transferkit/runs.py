@@ -120,20 +120,29 @@ def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write(path, write)
 
 
+def run_json(run: Any, name: str) -> dict[str, Any] | None:
+    """The JSON object ``name`` (:data:`CONFIG_NAME`, :data:`METRICS_NAME`) of ``run``, a run directory or a
+    file in one; None for a model object, and where the file is missing or damaged (the model alone is used)."""
+    if not isinstance(run, (str, Path)):
+        return None
+    path = Path(run).expanduser()
+    try:
+        return read_json((path if path.is_dir() else path.parent) / name)
+    except (TransferkitError, OSError):
+        return None
+
+
 def with_run_columns(run: Any, data: str | Path, options: dict[str, Any] | None) -> dict[str, Any] | None:
     """A label file's data ``options`` completed with the column names (and multi-label separator) of
     ``run`` (a run directory or a file in one), where the options leave them unset and the file has them."""
-    if not isinstance(run, (str, Path)):
-        return options  # a model object: no run directory to read
-    path = Path(run).expanduser()
-    config_file = (path if path.is_dir() else path.parent) / CONFIG_NAME
     table = Path((options or {}).get("labels") or data).expanduser()
-    if not config_file.is_file() or not table.is_file():
+    config = run_json(run, CONFIG_NAME) if table.is_file() else None
+    if config is None:
         return options
     try:
-        config, given, header = read_json(config_file), dict(options or {}), set(label_file_header(table))
-    except (TransferkitError, OSError, UnicodeDecodeError, csv.Error):
-        return options  # a damaged config.json, or a file the label reader will refuse with its own error
+        given, header = dict(options or {}), set(label_file_header(table))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return options  # a file the label reader will refuse with its own error
     for name in RUN_LABEL_COLUMNS:
         if given.get(name) is None and config.get(name) in header:
             given[name] = config[name]
