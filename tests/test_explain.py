@@ -233,16 +233,19 @@ def test_the_report_shows_where_a_probe_on_an_earlier_layer_looked(tiny_dataset:
     assert not (probe / "report" / "gradcam_predictions.png").exists()
 
 
-def test_repeated_names_get_their_own_overlay(run: Path, tmp_path: Path) -> None:
+def test_overlays_keep_their_images_sub_folders_and_repeated_names_get_their_own(run: Path, tmp_path: Path) -> None:
     pixels = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
     for folder in ("a", "b"):
-        (tmp_path / folder).mkdir()
-        Image.fromarray(pixels).save(tmp_path / folder / "same.png")
-    (tmp_path / "a" / "broken.png").write_bytes(b"not a png")  # skipped with a warning: predict reports it
+        (tmp_path / "photos" / folder).mkdir(parents=True)
+        Image.fromarray(pixels).save(tmp_path / "photos" / folder / "same.png")
+    Image.fromarray(pixels).save(tmp_path / "photos" / "a" / "same.jpg")  # one stem twice in one folder
+    (tmp_path / "photos" / "a" / "broken.png").write_bytes(b"not a png")  # skipped with a warning: predict reports it
     with pytest.warns(UserWarning, match="skipping .*broken.png"):
-        written = write_overlays(run, _images(tmp_path), tmp_path / "out")
-    assert sorted(p.name for p in written) == ["same_2_gradcam.png", "same_gradcam.png"]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["same_2_gradcam.png", "same_gradcam.png"]
+        written = write_overlays(run, _images(tmp_path / "photos"), tmp_path / "out")
+    expected = ["a/same_2_gradcam.png", "a/same_gradcam.png", "b/same_gradcam.png"]
+    assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in written) == expected
+    on_disk = [p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.png")]
+    assert sorted(on_disk) == expected
 
 
 # --------------------------------------------------------------------------- does it look at the evidence?

@@ -128,8 +128,9 @@ def write_overlays(model: TransferModel | str | Path, files: Sequence[str], out:
                    batch_size: int = 16, precision: str | None = None) -> list[Path]:  # fmt: skip
     """``OUT/<image stem>_gradcam.png`` for each file (at the model's input size), all or nothing.
 
-    ``out`` must be new or empty. Files that do not decode are skipped with a warning (``predict``
-    reports them); repeated stems get ``_2``, ``_3`` … so that no overlay replaces another.
+    ``out`` must be new or empty. Images from several folders keep their sub-folders beneath the
+    folder common to all (``OUT/blue/0_gradcam.png``); files that do not decode are skipped with a
+    warning (``predict`` reports them); a stem repeated in one folder gets ``_2``, ``_3`` ….
     """
     target = check_explain_target(model, out)
     model = _eager_model(model)
@@ -141,6 +142,7 @@ def write_overlays(model: TransferModel | str | Path, files: Sequence[str], out:
     try:
         for e, name in zip(_explanations(model, readable, None, batch_size, precision), _overlay_names(readable)):
             picture = Image.fromarray(e.overlay())
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
             atomic_write(staging / name, lambda tmp: picture.save(tmp, format="PNG"))
             written.append(target / name)
         os.replace(staging, target)  # POSIX rename replaces an empty folder
@@ -393,9 +395,13 @@ def _token_grid(prefix: int, tokens: int, height: int, width: int) -> Callable[[
 
 
 def _overlay_names(files: Sequence[str]) -> list[str]:
+    """Each overlay's path in OUT: the image's own beneath the folder common to all, so that
+    ``blue/0.png`` and ``red/0.png`` read as such; a stem repeated in one folder gets ``_2``, ``_3`` …"""
+    parents = [Path(os.path.abspath(f)).parent for f in files]
+    root = Path(os.path.commonpath(parents)) if parents else Path()
     names, used = [], set()
-    for f in files:
-        stem, n = Path(f).stem, 1
+    for f, parent in zip(files, parents):
+        stem, n = (parent.relative_to(root) / Path(f).stem).as_posix(), 1
         while (name := f"{stem}{'' if n == 1 else f'_{n}'}{OVERLAY_SUFFIX}") in used:
             n += 1
         used.add(name)

@@ -67,7 +67,8 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     output.add_argument("--csv", action="store_true", help="print CSV for a spreadsheet: path, label_1, probability_1, "
                         "..., error; one row per image, in order")  # fmt: skip
     p.add_argument("--explain", metavar="DIR", help="also write DIR/<image>_gradcam.png: Grad-CAM of the predicted "
-                   "class over the image as the model saw it (its input size); DIR must be new or empty")  # fmt: skip
+                   "class over the image as the model saw it (its input size); images from several folders keep "
+                   "their sub-folders (DIR/bees/1_gradcam.png); DIR must be new or empty")  # fmt: skip
     _trust_options(p)
 
 
