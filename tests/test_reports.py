@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import html
 import json
 import math
@@ -314,6 +315,11 @@ def test_compare_prints_a_table_and_writes_a_page_with_a_plot(
     assert lines[0].split()[:3] == ["run", "model", "strategy"]
     assert lines[1].split()[:3] == ["fe", "resnet18", "feature-extract"]
     assert lines[2].split()[:3] == ["gradual", "resnet18", "gradual"]
+    # A gradual run's parameters after its last unfreeze, not the head's alone at the start.
+    history = (runs["gradual"] / "history.csv").read_text().splitlines()
+    trained = max(int(row["trainable_params"]) for row in csv.DictReader(history))
+    assert trained > json.loads((runs["gradual"] / "metrics.json").read_text())["trainable_params"]
+    assert lines[2].split()[3] == f"{trained:,}"
     assert lines[-1] == str(out)
     refs = references(out)
     assert refs.images == ["comparison_plot.png"] and refs.urls == refs.images

@@ -48,6 +48,13 @@ def _epochs(run: Run, folds: list[dict[str, Any]]) -> int | None:
     return run.metrics.get("epochs_run", len(run.history))
 
 
+def _trainable(run: Run, folds: list[dict[str, Any]]) -> int | None:
+    """The most parameters the run trained at once: a gradual run's count after its last unfreeze,
+    not the head's alone at the start (its metrics.json's ``trainable_params``)."""
+    counts = [row["trainable_params"] for row in run.history if isinstance(row.get("trainable_params"), int)]
+    return max(counts, default=run.metrics.get("trainable_params", next(iter(folds), {}).get("trainable_params")))
+
+
 def comparison_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
     """One row of headline numbers per run, in the order given (a k-fold run's: its folds' mean)."""
     folds = [_fold_metrics(r) for r in runs]
@@ -56,7 +63,7 @@ def comparison_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
             "run": label,
             "model": r.metrics.get("model", r.config.get("model")),
             "strategy": r.metrics.get("strategy", r.config.get("strategy")),
-            "trainable_params": r.metrics.get("trainable_params", next(iter(f), {}).get("trainable_params")),
+            "trainable_params": _trainable(r, f),
             "epochs": _epochs(r, f),
             "best_epoch": r.metrics.get("best_epoch"),
             "val_accuracy": r.metrics.get("val_accuracy"),
