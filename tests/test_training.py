@@ -231,7 +231,9 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_directory_and_a_
     assert (tmp_path / "later" / "checkpoints" / "last.ckpt").exists()  # epoch 0's: what --resume continues
 
 
-def test_ctrl_c_is_a_keyboard_interrupt_and_the_run_says_how_to_continue(tiny_dataset: Path, tmp_path: Path) -> None:
+def test_ctrl_c_is_a_keyboard_interrupt_and_the_run_says_how_to_continue(
+    tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import signal
 
     from transferkit import resume_training
@@ -242,7 +244,9 @@ def test_ctrl_c_is_a_keyboard_interrupt_and_the_run_says_how_to_continue(tiny_da
         train(tiny_dataset, epochs=3, out=str(run), callbacks=[_FailAtEpoch(1, KeyboardInterrupt)], **TINY)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Lightning had left Ctrl+C ignored
     assert resume_target(run) == run and resume_target(tmp_path) is None
-    assert resume_training(run).metrics["epochs_run"] == 3
+    monkeypatch.chdir(tmp_path)
+    resumed = resume_training("run")  # a relative path: the run directory it returns is absolute, as a new run's
+    assert resumed.metrics["epochs_run"] == 3 and resumed.run_dir == run.resolve()
 
 
 def test_a_run_resumed_with_quiet_shows_no_progress_and_leaves_nothing_half_written(

@@ -237,6 +237,7 @@ def _resume_fit(
     run_dir: Path, splits: ImageFolderSplits, command: str | None, callbacks: list[Callback], quiet: bool
 ) -> TrainResult:  # fmt: skip
     """Continue the run in ``run_dir`` from its last checkpoint, on ``splits`` (its own data), and finish it."""
+    run_dir = run_dir.resolve()  # the run directory printed and returned is absolute, as a new run's
     config = _saved_config(json.loads((run_dir / "config.json").read_text()), quiet)
     _remove_leftovers_of(run_dir)
     with open(run_dir / "command.txt", "a") as f:
