@@ -84,11 +84,16 @@ def test_discovery_uses_the_good_skips_the_bad_by_name(messy_dataset: Path) -> N
     assert all(any(n in str(w.message) for n in skipped) for w in record if "skipping" in str(w.message))
     # Files given by name skip that check (predict's): decoding refuses them the same way, as a skipped file.
     from transferkit.data import load_image
+    from transferkit.image_files import image_file_problem
 
     with pytest.raises(ValueError, match="too elongated"):
         load_image(str(messy_dataset / "train" / "red" / "needle.png"))
     with pytest.raises(Exception, match="cannot identify"):
         load_image(str(messy_dataset / "train" / "red" / "postscript.jpg"))
+    # A file cut within its header says so (PIL's message), not only "OSError".
+    cut = messy_dataset / "cut.jpg"
+    cut.write_bytes(_truncated_jpeg()[:300])
+    assert image_file_problem(cut) == "not a readable image (OSError: Truncated File Read)"
 
 
 def test_predict_answers_each_image_it_cannot_read_with_the_reason(messy_dataset: Path, tmp_path: Path) -> None:

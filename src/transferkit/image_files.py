@@ -54,5 +54,7 @@ def image_file_problem(path: Path) -> str | None:
             return shape_problem(*im.size)
     except Image.DecompressionBombError:
         return "too large (decompression bomb guard)"
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        return f"not a readable image ({type(exc).__name__})"
+    except UnidentifiedImageError:  # its message repeats the path
+        return "not a readable image (UnidentifiedImageError)"
+    except (OSError, ValueError) as exc:  # "Truncated File Read" says what is wrong with the file
+        return f"not a readable image ({type(exc).__name__}: {exc})"[:200]
