@@ -196,6 +196,13 @@ def test_a_frozen_backbone_run_writes_the_best_head_into_model_pt_without_rewrit
         ({"batch_size": "8"}, "--batch-size must be a whole number, got '8'"),  # from Python, as a notebook may
         ({"feature_views": 2.0}, "--views must be a whole number, got 2.0"),
         ({"momentum": "0.9"}, "--momentum must be a number, got '0.9'"),
+        # Not finite: nan passes every "at least" comparison, inf trains to nan losses.
+        ({"weight_decay": float("nan")}, "--weight-decay must be a finite number, got nan"),
+        ({"lr": float("inf")}, "--lr must be a positive number, got inf"),
+        ({"mean": [float("inf")] * 3, "std": [0.5] * 3}, "--mean must be finite numbers"),
+        ({"strategy": "fine-tune", "group_lr": "layer4=-1"}, "bad --group-lr item 'layer4=-1': an LR must be a "
+                                                             "positive number"),
+        ({"strategy": "fine-tune", "group_lr": {"layer4": float("nan")}}, "bad --group-lr item 'layer4=nan'"),
     ],
 )
 def test_options_torch_or_lightning_would_refuse_are_errors_before_the_run_directory(

@@ -142,6 +142,8 @@ def export(
     if quantize is not None and (quantize not in QUANTIZATIONS or format != "onnx"):
         raise TransferkitError(f"--quantize {quantize} is not available for --format {format}; "
                                f"choose --format onnx --quantize {' or '.join(QUANTIZATIONS)}")  # fmt: skip
+    if quantize is not None and not -100 <= max_drop <= 100:  # nan, too, which would refuse every model
+        raise TransferkitError(f"--max-drop is an accuracy drop in points, from -100 to 100; got {max_drop}")
     checkpoint = resolve_checkpoint_path(run)
     run_dir = checkpoint.parent
     model = load_checkpoint(checkpoint)
@@ -218,7 +220,7 @@ def _export_int8(
         raise TransferkitError("--quantize int8 is checked by top-1 accuracy, which a multi-label model does not "
                                "have; export it in fp32 (without --quantize)")  # fmt: skip
     _check_outputs(out, "onnx", force)
-    train, val = run_samples(run_dir)
+    train, val = run_samples(run_dir, model.class_names)
     quality: QuantizationCheck | None = None
     with tempfile.TemporaryDirectory(prefix="transferkit-export-") as tmp:
         fp32 = export_model(model, Path(tmp) / "fp32.onnx", "onnx", check=check, tolerance=tolerance, source=source)

@@ -29,7 +29,7 @@ from .data import build_transform, make_loader
 from .discovery import discover_for
 from .errors import TransferkitError
 from .prediction import OnnxRunner, predict_samples
-from .samples import Sample, shuffled_by_class
+from .samples import Sample, relabelled, shuffled_by_class
 
 QUANTIZATIONS = ("int8",)
 DEFAULT_MAX_DROP = 2.0  # accuracy points an int8 model may lose against fp32 on the validation images
@@ -70,8 +70,9 @@ class QuantizationCheck:
                 f"limit {self.max_drop:g}); calibrated on {self.calibration_images} training images")  # fmt: skip
 
 
-def run_samples(run_dir: Path) -> tuple[list[Sample], list[Sample]]:
-    """The run's training and validation images, found as training found them (folders or a label file)."""
+def run_samples(run_dir: Path, class_names: list[str] | None = None) -> tuple[list[Sample], list[Sample]]:
+    """The run's training and validation images, found as training found them (folders or a label file);
+    labelled by ``class_names`` (the model's) where given, whatever classes the data has gained or lost since."""
     try:
         config = json.loads((run_dir / "config.json").read_text())
         with warnings.catch_warnings():
@@ -86,7 +87,15 @@ def run_samples(run_dir: Path) -> tuple[list[Sample], list[Sample]]:
     if not splits.train or not splits.val:
         raise TransferkitError(f"the run's data under {config['data']} has no training or no validation images; "
                                "--quantize int8 needs both")  # fmt: skip
-    return splits.train, splits.val
+    if class_names is None:
+        return splits.train, splits.val
+    # By name: a class folder added since training would otherwise shift every label by one.
+    try:
+        return (relabelled(splits.train, splits.class_names, class_names, config["data"]),
+                relabelled(splits.val, splits.class_names, class_names, config["data"]))  # fmt: skip
+    except TransferkitError as exc:
+        raise TransferkitError(f"{exc}. --quantize int8 calibrates and checks on the run's data: give it back its "
+                               "classes, or export fp32 without --quantize") from None  # fmt: skip
 
 
 def spread(samples: list[Sample], count: int, seed: int = 0) -> list[Sample]:

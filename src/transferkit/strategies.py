@@ -14,6 +14,7 @@ Everything is a statement about the backbone's layer groups (ordered input → h
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -86,15 +87,19 @@ def parse_unfreeze(text: str) -> int | tuple[str, ...]:
     return names
 
 
-def parse_group_lrs(text: str) -> dict[str, float]:
-    """``"head=1e-3,layer4=1e-4"`` → {"head": 0.001, "layer4": 0.0001}."""
+def parse_group_lrs(text: str | dict[str, float]) -> dict[str, float]:
+    """``"head=1e-3,layer4=1e-4"`` (or that dict, from Python) → {"head": 0.001, "layer4": 0.0001}."""
+    items = text.items() if isinstance(text, dict) else (
+        (name.strip(), value) for name, _, value in (s.strip().partition("=") for s in text.split(",") if s.strip()))
     out: dict[str, float] = {}
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        name, _, value = item.partition("=")
+    for name, value in items:
         try:
-            out[name.strip()] = float(value)
-        except ValueError:
-            raise TransferkitError(f"bad --group-lr item {item!r}: use NAME=LR, e.g. layer4=1e-4") from None
+            lr = out[name] = float(value)
+        except (TypeError, ValueError):
+            raise TransferkitError(f"bad --group-lr item '{name}={value}': use NAME=LR, e.g. layer4=1e-4") from None
+        if not (lr > 0 and math.isfinite(lr)):  # a negative LR ascends the loss
+            raise TransferkitError(f"bad --group-lr item '{name}={value}': an LR must be a positive number, "
+                                   "e.g. layer4=1e-4")  # fmt: skip
     return out
 
 

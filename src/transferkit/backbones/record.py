@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -42,8 +43,10 @@ class Preprocessing:
     ) -> Preprocessing:
         if image_size is not None and image_size < 1:
             raise TransferkitError(f"--image-size must be at least 1 pixel, got {image_size}")
-        if std is not None and not all(s > 0 for s in std):
+        if std is not None and not all(s > 0 and math.isfinite(s) for s in std):
             raise TransferkitError(f"--std must be positive (images are divided by it), got {','.join(map(str, std))}")
+        if mean is not None and not all(math.isfinite(m) for m in mean):
+            raise TransferkitError(f"--mean must be finite numbers, got {','.join(map(str, mean))}")
         size = image_size or self.image_size
         resize = resize_size or (
             self.resize_size if image_size is None else round(size * self.resize_size / self.image_size)

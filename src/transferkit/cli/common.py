@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import os
 import sys
 import textwrap
@@ -166,6 +167,8 @@ def bounded(kind: type[int] | type[float], low: float, high: float | None = None
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {word}, got {text!r}") from None
+        if not math.isfinite(value):  # nan passes every comparison below
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
         too_low = value <= low if low_open else value < low
         if too_low or (high is not None and value > high):
             wanted = (f"from {shown(low)} to {shown(high)}" if high is not None else

@@ -18,8 +18,8 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=ApiChoices("QUANTIZATIONS"), metavar="TYPE",
                    help="int8: ONNX Runtime static quantization calibrated on the run's training images "
                    "(default --out RUN/model.int8.onnx), checked on its validation images")  # fmt: skip
-    p.add_argument("--max-drop", type=float, help="with --quantize: largest accepted accuracy drop against fp32, "
-                   "in points (default 2)")  # fmt: skip
+    p.add_argument("--max-drop", type=bounded(float, -100, 100), help="with --quantize: largest accepted accuracy "
+                   "drop against fp32, in points (default 2)")  # fmt: skip
     p.add_argument("--force", action="store_true", help="overwrite an existing output file and its sidecar; "
                    "with --quantize, keep a model whose accuracy dropped more than --max-drop")  # fmt: skip
     p.add_argument("--tolerance", type=bounded(float, 0, low_open=True), help="largest accepted difference between the export's and the "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from numbers import Integral, Real
@@ -114,8 +115,7 @@ class TrainConfig:
         if isinstance(self.unfreeze, str):
             parsed = parse_unfreeze(self.unfreeze)
             self.unfreeze = parsed if isinstance(parsed, int) else list(parsed)
-        if isinstance(self.group_lr, str):
-            self.group_lr = parse_group_lrs(self.group_lr)
+        self.group_lr = parse_group_lrs(self.group_lr)
         if self.optimizer not in OPTIMIZERS:
             raise TransferkitError(f"unknown --optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
         if self.scheduler not in SCHEDULERS:
@@ -146,8 +146,8 @@ class TrainConfig:
                 self.lr = float(self.lr)
             except ValueError:
                 raise TransferkitError(f"--lr must be a number or auto, got {self.lr!r}") from None
-            if not self.lr > 0:
-                raise TransferkitError("--lr must be positive")
+            if not (self.lr > 0 and math.isfinite(self.lr)):
+                raise TransferkitError(f"--lr must be a positive number, got {self.lr:g}")
 
     def _check_number_types(self) -> None:
         """From Python, ``epochs="3"`` is named here, not failing a comparison in the checks below."""
@@ -161,6 +161,9 @@ class TrainConfig:
         if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
             option = "--views" if name == "feature_views" else "--" + name.replace("_", "-")
             raise TransferkitError(f"{option} must be {words}, got {value!r}")
+        if value is not None and not isinstance(value, Integral) and not math.isfinite(value):
+            option = "--views" if name == "feature_views" else "--" + name.replace("_", "-")
+            raise TransferkitError(f"{option} must be a finite number, got {value!r}")
         if value is not None:  # NumPy's numbers as Python's, for config.json
             setattr(self, name, int(value) if isinstance(value, Integral) else float(value))
 
