@@ -132,6 +132,24 @@ def test_int8_accuracy_is_scored_by_class_name_when_the_data_changed_since_train
         transferkit.export(run, "onnx", quantize="int8", out=tmp_path / "other.onnx", max_drop=100)
 
 
+@pytest.mark.slow
+def test_an_int8_model_named_model_onnx_is_never_run_in_the_fp32_exports_place(
+    run_dir: Path, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("model.pt", "config.json"):
+        shutil.copy(run_dir / name, run / name)
+    transferkit.export(run, "onnx", quantize="int8", out=run / "model.onnx", max_drop=100)
+    val = [tiny_dataset / "val"]
+
+    def probabilities(**options: str) -> list[float]:
+        return [p["probability"] for r in transferkit.predict(run, val, **options) for p in r["predictions"]]
+
+    fp32 = probabilities(runtime="torch", precision="32")
+    assert probabilities(runtime="onnx") == pytest.approx(fp32, abs=1e-4)  # the fp32 export's, made anew
+
+
 def test_quantize_options_are_checked_first(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["export", str(tmp_path), "--format", "pt2", "--quantize", "int8"]) == 2
     assert "--quantize int8 is not available for --format pt2" in capsys.readouterr().err

@@ -112,12 +112,15 @@ def cached_export_path(checkpoint: Path) -> Path:
 
 
 def made_from(export_file: Path, checkpoint: Path) -> bool:
-    """Whether ``export_file`` was exported from ``checkpoint`` as it is now (its sidecar says so)."""
+    """Whether ``export_file`` is the fp32 export of ``checkpoint`` as it is now (its sidecar says so).
+
+    An int8 model is never taken for it, whatever its name: a lossy model is only run when asked for by name.
+    """
     try:
-        recorded = read_sidecar(export_file).get("checkpoint_sha256")
+        sidecar = read_sidecar(export_file)
     except TransferkitError:  # no sidecar, or not one
         return False
-    return recorded == checkpoint_digest(checkpoint)
+    return "quantization" not in sidecar and sidecar.get("checkpoint_sha256") == checkpoint_digest(checkpoint)
 
 
 def export(
