@@ -62,17 +62,18 @@ def images(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> list
 def start_service(*args: str) -> tuple[subprocess.Popen[str], str]:
     """``transferkit serve ARGS --port 0`` in its own process; its URL once ``/health`` answers."""
     proc = subprocess.Popen([sys.executable, "-m", "transferkit", "serve", *args, "--port", "0"],
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     lines: list[str] = []
     found: list[str] = []
 
-    def read() -> None:  # stderr is drained all along, so a chatty service never blocks on a full pipe
-        assert proc.stderr is not None
-        for line in proc.stderr:
+    def read() -> None:  # its output is drained all along, so a chatty service never blocks on a full pipe
+        assert proc.stdout is not None
+        for line in proc.stdout:
             lines.append(line)
             found.extend(re.findall(r"at (http://127\.0\.0\.1:\d+/)", line))
 
     threading.Thread(target=read, daemon=True).start()
+    proc.lines = lines  # type: ignore[attr-defined]  # what it has printed so far
     deadline = time.monotonic() + STARTUP_SECONDS
     while time.monotonic() < deadline and proc.poll() is None:
         if found:
@@ -316,6 +317,11 @@ def test_bad_requests_get_a_4xx_with_a_reason_and_the_service_goes_on(
     _refusal(requests.post(url, json={"pictures": []}, timeout=30), 422, "'images'")
     _refusal(requests.post(url, json={"images": []}, timeout=30), 422, "no images")
     _refusal(post_files(service, images[:1], top_k="many"), 422, "top_k")
+    b64 = base64.b64encode(image).decode()
+    for top_k in (1.9, True, "1.5"):  # int() would take each as 1
+        _refusal(requests.post(url, json={"images": [b64], "top_k": top_k}, timeout=30), 422, "top_k")
+    deep = b"[" * 100_000  # deeper than Python's stack: json.loads raises RecursionError, not ValueError
+    _refusal(requests.post(url, data=deep, headers={"Content-Type": "application/json"}, timeout=30), 400, "nested")
     _refusal(requests.post(url, files={"files": ("big.jpg", big)}, timeout=30), 413, "over the limit")
     _refusal(requests.get(service + "nowhere", timeout=30), 404, "Not Found")
     assert requests.get(service + "health", timeout=10).ok
@@ -327,13 +333,17 @@ def test_serve_an_int8_export_and_refuse_a_busy_port(run_dir: Path, images: list
     pytest.importorskip("onnxruntime", reason="ONNX exports need ONNX Runtime (the onnx extra)")
     # Random weights: int8 may lose their chance-level accuracy, so the limit is wide (the test is the serving).
     onnx = transferkit.export(run_dir, "onnx", out=tmp_path / "m.int8.onnx", quantize="int8", max_drop=100).path
-    proc, url = start_service(str(onnx))
+    proc, url = start_service(str(onnx), "--access-log")
     try:
         info = requests.get(url + "info", timeout=10).json()
         assert info["runtime"] == "onnxruntime" and info["model"]["file"] == str(onnx)
-        assert info["model"]["quantization"]["quantization"] == "int8"
+        assert info["model"]["quantization"]["quantization"] == "int8" and info["precision"] == "int8"
         answer = post_files(url, images)
         assert answer.json() == [{**r, "path": Path(r["path"]).name} for r in transferkit.predict(onnx, images)]
+        deadline = time.monotonic() + 10  # --access-log: a line per request, as uvicorn writes them
+        while not any('"POST /predict HTTP/1.1" 200' in line for line in proc.lines) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert any('"POST /predict HTTP/1.1" 200' in line for line in proc.lines), proc.lines
         port = url.rsplit(":", 1)[1].strip("/")
         busy = subprocess.run([sys.executable, "-m", "transferkit", "serve", str(onnx), "--port", port],
                               capture_output=True, text=True, timeout=300)  # fmt: skip

@@ -64,7 +64,7 @@ def test_the_temperature_is_the_one_scipys_bounded_search_finds(scale: float) ->
 
 
 def test_a_run_is_calibrated_on_validation_and_evaluate_uses_the_temperature(tiny_dataset: Path, tmp_path: Path) -> None:
-    from transferkit import evaluate, load_checkpoint, train
+    from transferkit import TransferkitError, evaluate, load_checkpoint, train
 
     result = train(tiny_dataset, **TINY, out=str(tmp_path / "run"))
     calibration = result.metrics["calibration"]
@@ -79,6 +79,12 @@ def test_a_run_is_calibrated_on_validation_and_evaluate_uses_the_temperature(tin
     page = (result.run_dir / "report.html").read_text(encoding="utf-8")
     assert "Calibration (temperature" in page and "report/reliability.png" in page
     assert (result.run_dir / "report" / "reliability.png").is_file()
+
+    from transferkit.runtimes import runner_for
+
+    # An export has the temperature inside: the uncalibrated network needs the run, and the error says so.
+    with pytest.raises(TransferkitError, match=r"--calibration none needs the run directory, not its export"):
+        runner_for(result.run_dir / "model.onnx", calibrated=False)
 
     off = train(tiny_dataset, **TINY, calibration="none", out=str(tmp_path / "off"))
     assert "calibration" not in off.metrics and load_checkpoint(off.run_dir).temperature == 1.0

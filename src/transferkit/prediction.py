@@ -114,6 +114,8 @@ class OnnxRunner:
         self.class_names = list(class_names or meta["class_names"])
         self.preprocessing = preprocessing or Preprocessing.from_dict(meta["preprocessing"])
         self.thresholds = meta.get("output", {}).get("thresholds")  # multi-label exports only
+        if meta.get("quantization"):  # what /info and evaluate report: its weights are int8, not fp32
+            self.precision = meta["quantization"]["quantization"]
         self.session = onnx_session(path)
         self.input_name = self.session.get_inputs()[0].name
 

@@ -30,6 +30,9 @@ def runner_for(
         raise TransferkitError(f"unknown --runtime {runtime!r}; choose one of: {', '.join(RUNTIMES)}")
     if not calibrated and runtime == "onnx":
         raise TransferkitError("--calibration none needs --runtime torch (an export has the temperature inside)")
+    if not calibrated and isinstance(run, (str, Path)) and Path(run).suffix.lower() == ".onnx":
+        raise TransferkitError(f"--calibration none needs the run directory, not its export {run} (an export has "
+                               "the temperature inside)")  # fmt: skip
     members = fold_models(run)
     onnx = None if members else _onnx_model_for(run, runtime if calibrated else "torch", images, precision, compile)
     if members:  # a k-fold run: the folds' models averaged

@@ -20,7 +20,8 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-batching", action="store_true",
                    help="run each request on its own instead of joining concurrent ones")  # fmt: skip
     p.add_argument("--max-upload-mb", type=bounded(float, 0, low_open=True), default=20.0, help="largest request body accepted")
-    p.add_argument("--access-log", action="store_true", help="log every request")
+    p.add_argument("--access-log", action="store_true", help="log every request, a line each on stdout "
+                   "(uvicorn's format)")
 
 
 def _serve(args: argparse.Namespace) -> int:

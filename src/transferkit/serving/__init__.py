@@ -47,7 +47,8 @@ def serve(
     app = create_app(service, top_k=top_k, batching=batching, max_batch=max_batch, max_wait_ms=max_wait_ms,
                      max_upload_mb=max_upload_mb)  # fmt: skip
     sock = _listen(host, port)
-    config = uvicorn.Config(app, log_level="warning", access_log=access_log)
+    # uvicorn logs each request at INFO: its access log shows only at that level.
+    config = uvicorn.Config(app, log_level="info" if access_log else "warning", access_log=access_log)
     url = f"http://{host}:{sock.getsockname()[1]}/"
     print(f"serving {run} ({service.info['runtime']}, {len(service.info['classes'])} classes) at {url}  "
           "(Ctrl+C stops)", file=sys.stderr, flush=True)  # fmt: skip

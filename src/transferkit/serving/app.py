@@ -160,6 +160,8 @@ async def _form_images(request: Request) -> tuple[list[tuple[str, bytes]], Any]:
 def _json_images(body: bytes) -> tuple[list[tuple[str, bytes]], Any]:
     try:
         payload = json.loads(body)
+    except RecursionError:  # "[[[[…" nested deeper than Python's stack
+        raise RequestProblem(400, f"the body's JSON is nested too deeply; send {JSON_FORMAT}") from None
     except ValueError as exc:
         raise RequestProblem(400, f"the body is not valid JSON ({exc}); send {JSON_FORMAT}") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("images"), list):
@@ -191,10 +193,13 @@ def _base64(name: str, data: str) -> bytes:
 def _top_k(value: Any, default: int) -> int:
     if value is None:
         return default
-    try:
+    k = 0  # refused below: true, 1.9 (int() would take both as 1), "two"
+    if isinstance(value, int) and not isinstance(value, bool):
+        k = value
+    elif isinstance(value, float) and value.is_integer():
         k = int(value)
-    except (TypeError, ValueError):
-        k = 0
+    elif isinstance(value, str) and value.strip().lstrip("+").isdigit():  # a form's field
+        k = int(value)
     if not 1 <= k <= MAX_TOP_K:
         raise RequestProblem(422, f"top_k must be a whole number from 1 to {MAX_TOP_K}, got {value!r}")
     return k
