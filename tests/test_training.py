@@ -87,6 +87,24 @@ def test_lr_finder_suggests_a_rate_and_lr_auto_uses_it(
         find_lr(TrainConfig(data=str(tiny_dataset), **TINY), num_training=0)  # said "division by zero"
 
 
+def test_the_lr_finder_sweeps_each_group_at_its_own_multiple_of_the_heads_lr(tiny_dataset: Path) -> None:
+    """fine-tune --unfreeze 2: layer3 at a hundredth of the head's LR and layer4 at a tenth, as in training;
+    Lightning's range test alone sets every group to the one swept LR."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    stepped: list[list[float]] = []
+    handle = register_optimizer_step_post_hook(lambda opt, *_: stepped.append([g["lr"] for g in opt.param_groups]))
+    try:
+        find_lr(TrainConfig(data=str(tiny_dataset), strategy="fine-tune", unfreeze=2, **TINY), num_training=12)
+    finally:
+        handle.remove()
+    # Each LR group in two (weights decay, biases and norms do not): layer3, layer3, layer4, layer4, head, head.
+    assert len(stepped) >= 10 and {len(lrs) for lrs in stepped} == {6}
+    for lrs in stepped:
+        assert [lr / lrs[-1] for lr in lrs] == pytest.approx([0.01, 0.01, 0.1, 0.1, 1, 1])
+    assert stepped[-1][-1] > 100 * stepped[0][-1]  # and the head's LR is swept
+
+
 @pytest.mark.slow
 def test_compile_trains_a_compiled_network_and_saves_plain_weights(tiny_dataset: Path, tmp_path: Path) -> None:
     from torch._dynamo.utils import counters

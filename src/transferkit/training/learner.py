@@ -49,6 +49,10 @@ class TransferLearner(L.LightningModule):
         self.channels_last = uses_convolutions(model) and not head_only
         self.skipped_files: set[tuple[str, str]] = set()
         self._frozen_digest: str | None = None
+        # Set by the LR finder: each group's LR as a multiple of --lr, which Lightning's range test
+        # would otherwise sweep at one LR for all (layer3 at the head's, not a hundredth of it).
+        self.lr_range_test = False
+        self._lr_ratios: list[float] = []
 
     def forward(self, x: torch.Tensor) -> Any:
         return self.model.head_module(x) if self.head_only else self.model(x)
@@ -120,6 +124,7 @@ class TransferLearner(L.LightningModule):
     def configure_optimizers(self) -> Any:
         cfg = self.config
         groups = without_decay_on_norms_and_biases(param_groups(self.model, self.spec), cfg.weight_decay)
+        self._lr_ratios = [g["lr"] / cfg.lr for g in groups]
         if cfg.optimizer == "sgd":
             opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
         elif cfg.optimizer == "adam":
@@ -127,6 +132,11 @@ class TransferLearner(L.LightningModule):
         else:
             opt = torch.optim.AdamW(groups, lr=cfg.lr)
         return {"optimizer": opt, "lr_scheduler": self._scheduler(opt)} if cfg.scheduler != "none" else opt
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.lr_range_test:  # the range test's scheduler sets every group to the swept LR before each step
+            for group, ratio in zip(optimizer.param_groups, self._lr_ratios, strict=True):
+                group["lr"] *= ratio
 
     def _scheduler(self, opt: torch.optim.Optimizer) -> dict[str, Any]:
         cfg = self.config

@@ -76,6 +76,7 @@ def find_lr(config: TrainConfig, splits: Any = None, num_training: int = 100) ->
     apply_strategy(model, spec)
     device = training_device(config)
     learner, train_loader, _, _ = learner_and_loaders(model, spec, splits, probe, device)
+    learner.lr_range_test = True  # each group swept at its own multiple of the head's LR, as it trains
     to_fast_layout(model)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = L.Trainer(accelerator=device.type, devices=1, logger=False, enable_checkpointing=False, max_epochs=-1,
