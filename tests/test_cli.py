@@ -126,6 +126,15 @@ def test_existing_run_directory_is_never_overwritten(trained_run: Path, tiny_dat
         (["pack", "{data}", "--out", "shards", "--val-split", "1"], "--val-split: must be between 0 and 1"),
         (["train", "{data}", "--strategy", "linear-probe", "--epochs", "30"],  # scikit-learn fits it, epoch-less
          "--epochs applies to --strategy feature-extract, fine-tune, full, gradual or auto; --strategy linear-probe"),
+        # Options the strategy would ignore: cached features have no BatchNorm to train, no group but the head.
+        (["train", "{data}", "--train-bn"], "--train-bn applies to --strategy fine-tune, gradual or auto"),
+        (["train", "{data}", "--lr-decay", "0.5"], "--lr-decay applies to --strategy fine-tune, full, gradual or"),
+        (["train", "{data}", "--augment", "strong"], "--augment with --strategy feature-extract needs --views K"),
+        (["train", "{data}", "--model", "resnet18", "--weights", "none", "--strategy", "fine-tune", "--group-lr",
+          "layer1=1e-4"],
+         "--group-lr names layer1, which fine-tune never trains here (it trains layer4, head)"),
+        (["train", "{data}", "--strategy", "gradual", "--unfreeze", "layer4"],
+         "--unfreeze with --strategy gradual takes a number"),
     ],
 )
 def test_bad_input_is_a_one_line_error(tiny_dataset: Path, args: list[str], message: str) -> None:

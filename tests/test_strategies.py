@@ -37,6 +37,24 @@ def test_explicit_group_lrs_as_in_seed_003(resnet: TransferModel) -> None:
     assert lrs == {"layer3": 5e-5, "layer4": 1e-4, "head": 1e-3}
 
 
+def test_gradual_unfreeze_is_a_count_of_at_least_one() -> None:
+    with pytest.raises(TransferkitError, match="--unfreeze with --strategy gradual takes a number"):
+        StrategySpec("gradual", unfreeze=("layer4",))  # it unfroze layer4, then layer3, ... regardless
+    with pytest.raises(TransferkitError, match="--unfreeze 0 with --strategy gradual unfreezes nothing"):
+        StrategySpec("gradual", unfreeze=0)  # it unfroze every group
+
+
+def test_an_lr_for_a_group_that_never_trains_is_an_error(resnet: TransferModel) -> None:
+    for spec in (StrategySpec("gradual", unfreeze=2, group_lrs={"layer2": 1e-4}),
+                 StrategySpec("feature-extract", group_lrs={"layer4": 1e-4})):  # fmt: skip
+        apply_strategy(resnet, spec)
+        with pytest.raises(TransferkitError, match=f"--group-lr names {next(iter(spec.group_lrs))}, which "):
+            param_groups(resnet, spec)
+    spec = StrategySpec("gradual", unfreeze=2, group_lrs={"layer3": 1e-4})  # frozen at first, trains later
+    apply_strategy(resnet, spec)
+    assert {g["name"]: g["lr"] for g in param_groups(resnet, spec)}["layer3"] == 1e-4
+
+
 def test_unfreezing_more_groups_than_there_are_unfreezes_them_all(resnet: TransferModel) -> None:
     every = trainable_group_names(resnet, StrategySpec("full"))  # stem, layer1-4 and the head
     assert trainable_group_names(resnet, StrategySpec("fine-tune", unfreeze=5)) == every

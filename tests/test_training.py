@@ -221,6 +221,7 @@ def test_a_frozen_backbone_run_writes_the_best_head_into_model_pt_without_rewrit
         ({"strategy": "fine-tune", "group_lr": "layer4=-1"}, "bad --group-lr item 'layer4=-1': an LR must be a "
                                                              "positive number"),
         ({"strategy": "fine-tune", "group_lr": {"layer4": float("nan")}}, "bad --group-lr item 'layer4=nan'"),
+        ({"strategy": "auto", "group_lr": "layer4=1e-4"}, "--group-lr sets the LRs of one strategy's groups"),
     ],
 )
 def test_options_torch_or_lightning_would_refuse_are_errors_before_the_run_directory(

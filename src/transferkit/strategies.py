@@ -53,6 +53,12 @@ class StrategySpec:
             self.unfreeze = tuple(self.unfreeze)
         if isinstance(self.unfreeze, int) and self.unfreeze < 0:
             raise TransferkitError("--unfreeze N must be 0 or more")
+        if self.name == "gradual" and isinstance(self.unfreeze, tuple):
+            raise TransferkitError("--unfreeze with --strategy gradual takes a number: at most N groups, nearest the "
+                                   "head first (names choose groups with --strategy fine-tune)")  # fmt: skip
+        if self.name == "gradual" and self.unfreeze == 0:
+            raise TransferkitError("--unfreeze 0 with --strategy gradual unfreezes nothing: use --strategy "
+                                   "feature-extract, or leave --unfreeze out to unfreeze every group in turn")  # fmt: skip
         if self.unfreeze_every < 1:
             raise TransferkitError("--unfreeze-every must be at least 1")
         self.unfreeze_at = tuple(sorted(self.unfreeze_at))
@@ -205,6 +211,12 @@ def param_groups(model: TransferModel, spec: StrategySpec) -> list[dict[str, Any
         group = group_of(name, model.groups)
         if param.requires_grad or (ever is not None and group in ever):
             by_group[group].append(param)  # type: ignore[index]
+    idle = sorted(set(spec.group_lrs) - {g for g, params in by_group.items() if params})
+    if idle:  # an LR for a group that never trains would change nothing
+        raise TransferkitError(
+            f"--group-lr names {', '.join(idle)}, which {spec.name} never trains here (it trains "
+            f"{', '.join(g for g, params in by_group.items() if params)}); leave it out or unfreeze it (--unfreeze)"
+        )
     return [
         {"name": g, "params": params, "lr": group_lr(model, spec, g)} for g, params in by_group.items() if params
     ]

@@ -114,6 +114,10 @@ READ_ONLY_WITH = {
     "--classifier": ("--strategy", ("linear-probe", "auto")),
     "--views": ("--strategy", ("feature-extract", "auto")),
     "--head": ("--strategy", GRADIENT_TRAINED),
+    "--group-lr": ("--strategy", GRADIENT_TRAINED),
+    # Only pretrained groups that train have a distance from the head, or BatchNorm to free.
+    "--lr-decay": ("--strategy", ("fine-tune", "full", "gradual", "auto")),
+    "--train-bn": ("--strategy", ("fine-tune", "gradual", "auto")),
     "--momentum": ("--optimizer", ("sgd",)),
     "--aux-weight": ("--model", ("inception_v3",)),  # the one backbone trained with an auxiliary classifier
     "--step-size": ("--scheduler", ("step",)),
@@ -133,6 +137,11 @@ def _check_options_are_read(args: argparse.Namespace) -> None:
                 named = ", ".join(values[:-1]) + " or " * (len(values) > 1) + values[-1]
                 raise TransferkitError(f"{flag} applies to {setting} {named}; {setting} {value} "
                                        f"would ignore it: leave it out or change {setting}")  # fmt: skip
+    if "--augment" in _given(args, [args.data]) and args.strategy == "feature-extract" and args.views == 1 \
+            and not args.no_cache:  # fmt: skip
+        raise TransferkitError("--augment with --strategy feature-extract needs --views K (K augmented views of "
+                               "each training image, their features cached) or --no-cache; with one view the head "
+                               "trains on the unaugmented images' features")  # fmt: skip
 
 
 def _train(args: argparse.Namespace) -> int:

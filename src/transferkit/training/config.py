@@ -128,6 +128,9 @@ class TrainConfig:
             self.models = [m.strip() for m in self.models.split(",") if m.strip()]
         if (self.budget is not None or self.models) and self.strategy != "auto":
             raise TransferkitError("--budget and --models apply to --strategy auto (the measured choice)")
+        if self.group_lr and self.strategy == "auto":  # names of groups that some candidates never train
+            raise TransferkitError("--group-lr sets the LRs of one strategy's groups: give it with the strategy "
+                                   "--strategy auto chooses (transferkit advise prints it), not with auto")  # fmt: skip
         if self.layer and self.strategy not in ("linear-probe", "auto"):
             raise TransferkitError("--layer applies to --strategy linear-probe (the other strategies train a head on the last layer)")
         self.loggers = check_loggers(self.loggers)
