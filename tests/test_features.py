@@ -175,6 +175,25 @@ def test_linear_probe_separates_a_separable_dataset(tmp_path: Path) -> None:
     assert noise.cv_accuracy < 0.6  # labels unrelated to features: about chance
 
 
+@pytest.mark.parametrize("classifier", ["logreg", "svm"])
+def test_a_balanced_linear_probe_finds_more_of_a_rare_class(classifier: str) -> None:
+    """90 images of one class, 10 of another, overlapping: weighing each class the same trades some
+    of the common class's recall for the rare one's, as a trained head's class-weighted loss does."""
+    from transferkit.probes import fit_linear_probe
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0] * 90 + [1] * 10)
+    feats = torch.randn(100, 8, generator=g)
+    feats[:, 0] += 1.5 * labels  # one feature tells the classes apart, not cleanly
+    plain = fit_linear_probe(feats, labels, 2, classifier)
+    balanced = fit_linear_probe(feats, labels, 2, classifier, balanced=True, by_macro_f1=True)
+
+    def rare_recall(probe: torch.nn.Module) -> float:
+        return float((probe(feats).argmax(1)[labels == 1] == 1).float().mean())
+
+    assert rare_recall(balanced.probe) > rare_recall(plain.probe)
+
+
 @pytest.mark.precision
 @pytest.mark.parametrize("classifier", ["logreg", "svm"])
 def test_linear_probe_run_evaluates_and_predicts_like_any_run(tiny_dataset: Path, tmp_path: Path, classifier: str) -> None:

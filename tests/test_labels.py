@@ -297,6 +297,24 @@ def test_an_imbalanced_run_weights_its_loss_and_is_chosen_by_macro_f1(tmp_path: 
     assert json.loads((result.run_dir / "config.json").read_text())["resolved_from"]["balance"]["mode"] == "loss"
 
 
+def test_an_imbalanced_linear_probe_is_weighted_and_chosen_by_macro_f1(tmp_path: Path) -> None:
+    from transferkit import train
+
+    make_colour_folder(tmp_path / "data" / "train", 16, classes=("red",), seed=1)
+    make_colour_folder(tmp_path / "data" / "train", 4, classes=("blue",), seed=2)
+    make_colour_folder(tmp_path / "data" / "val", 4, seed=3)
+    options = {**TINY, "strategy": "linear-probe"}
+    weighted = train(tmp_path / "data", **options, out=str(tmp_path / "weighted"))
+    plain = train(tmp_path / "data", **options, balance="none", out=str(tmp_path / "plain"))
+    assert weighted.metrics["balance"]["mode"] == "loss" and plain.metrics["balance"]["mode"] == "none"
+    # Both are chosen by macro-F1 (the classes are imbalanced); only --balance loss weighs the classes.
+    assert weighted.metrics["linear_probe"]["cv_scored_by"] == plain.metrics["linear_probe"]["cv_scored_by"] == "macro-F1"
+    probes = [{k: v for k, v in load_checkpoint(r.run_dir).state_dict().items() if "probe" in k}
+              for r in (weighted, plain)]  # fmt: skip
+    assert probes[0] and probes[0].keys() == probes[1].keys()
+    assert any(not probes[0][k].equal(probes[1][k]) for k in probes[0])
+
+
 def test_measured_selection_scores_imbalanced_classes_by_macro_f1(tmp_path: Path) -> None:
     from transferkit import measure_candidates
 

@@ -8,6 +8,7 @@ module, so the run's checkpoint predicts like any other.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ class ProbeFit:
     probe: LinearProbe
     classifier: str
     C: float
-    cv_accuracy: float  # multi-label: cross-validated macro-F1
+    cv_accuracy: float  # multi-label or balanced: cross-validated macro-F1
     folds: int
 
 
@@ -43,13 +44,17 @@ def fit_linear_probe(
     seed: int = 0,
     c_grid: tuple[float, ...] = C_GRID,
     max_folds: int = 5,
+    balanced: bool = False,
+    by_macro_f1: bool = False,
 ) -> ProbeFit:
-    """Standardise, choose C by cross-validation, refit on everything (``max_folds=0``: the first C, no CV)."""
-    from sklearn.linear_model import LogisticRegression
+    """Standardise, choose C by cross-validation, refit on everything (``max_folds=0``: the first C, no CV).
+
+    For imbalanced classes, as a trained head's loss and best epoch: ``balanced``, each class weighs
+    the same in the fit; ``by_macro_f1``, C is chosen by macro-F1 rather than accuracy.
+    """
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
-    from sklearn.svm import LinearSVC
 
     if classifier not in CLASSIFIERS:
         raise TransferkitError(f"unknown --classifier {classifier!r}; choose one of: {', '.join(CLASSIFIERS)}")
@@ -57,7 +62,7 @@ def fit_linear_probe(
     y = labels.numpy()
     if y.ndim == 2:  # multi-label (0/1 per class): one binary classifier per class
         return _fit_one_vs_rest(x, y, classifier, seed, c_grid, max_folds)
-    model = LogisticRegression(max_iter=2000) if classifier == "logreg" else LinearSVC(max_iter=10000)
+    model = _classifier(classifier, balanced=balanced)
     pipeline = make_pipeline(StandardScaler(), model)
     if max_folds == 0:  # a measurement, not a tuned classifier: one C, one fit
         pipeline.set_params(**{f"{type(model).__name__.lower()}__C": c_grid[0]}).fit(x, y)
@@ -65,6 +70,7 @@ def fit_linear_probe(
     else:
         folds = _folds(y, max_folds)
         search = GridSearchCV(pipeline, {f"{type(model).__name__.lower()}__C": list(c_grid)},
+                              scoring="f1_macro" if by_macro_f1 else None,
                               cv=StratifiedKFold(folds, shuffle=True, random_state=seed), n_jobs=1)  # fmt: skip
         search.fit(x, y)
         fitted_pipeline, cv_accuracy = search.best_estimator_, float(search.best_score_)
@@ -78,18 +84,27 @@ def fit_linear_probe(
     return ProbeFit(probe, classifier, float(best_c), cv_accuracy, folds)
 
 
+def _classifier(name: str, C: float = 1.0, balanced: bool = False) -> Any:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.svm import LinearSVC
+
+    weights = "balanced" if balanced else None
+    if name == "logreg":
+        return LogisticRegression(C=C, max_iter=2000, class_weight=weights)
+    return LinearSVC(C=C, max_iter=10000, class_weight=weights)
+
+
 def out_of_fold_logits(
-    features: torch.Tensor, labels: torch.Tensor, classifier: str, C: float, folds: int, seed: int = 0
-) -> torch.Tensor:
+    features: torch.Tensor, labels: torch.Tensor, classifier: str, C: float, folds: int, seed: int = 0,
+    balanced: bool = False,
+) -> torch.Tensor:  # fmt: skip
     """Each training image's probe logits from a probe that did not see it (scikit-learn's
     ``cross_val_predict``): held-out predictions to calibrate a probe on without a validation split."""
-    from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
-    from sklearn.svm import LinearSVC
 
-    model = LogisticRegression(C=C, max_iter=2000) if classifier == "logreg" else LinearSVC(C=C, max_iter=10000)
+    model = _classifier(classifier, C, balanced)
     x, y = features.double().numpy(), labels.numpy()
     cv = StratifiedKFold(max(2, min(folds or 5, int(np.bincount(y).min()))), shuffle=True, random_state=seed)
     scores = torch.from_numpy(cross_val_predict(make_pipeline(StandardScaler(), model), x, y, cv=cv,

@@ -339,13 +339,19 @@ def fit_linear_probe_run(
                              batch_size=config.batch_size, num_workers=config.num_workers, device=device,
                              precision=precision)  # fmt: skip
     feature_seconds = time.perf_counter() - t0
-    fit = fit_linear_probe(train.features, train.labels, len(splits.class_names), config.classifier, config.seed)
+    balance = config.resolved_from.get("balance") or {}
+    weighted = balance.get("mode") in ("loss", "sampler")  # a fit has no sampler: both weigh each class the same
+    by_macro_f1 = balance.get("selection_metric") == "val_macro_f1"  # imbalanced or multi-label classes
+    fit = fit_linear_probe(train.features, train.labels, len(splits.class_names), config.classifier, config.seed,
+                           balanced=weighted, by_macro_f1=by_macro_f1)  # fmt: skip
     model.attach_probe(fit.probe, config.layer)
     if config.calibration == "temperature" and not model.multi_label:  # calibrated on out-of-fold predictions
-        oof = out_of_fold_logits(train.features, train.labels, fit.classifier, fit.C, fit.folds, config.seed)
+        oof = out_of_fold_logits(train.features, train.labels, fit.classifier, fit.C, fit.folds, config.seed,
+                                 balanced=weighted)  # fmt: skip
         model.record = model.record.with_extra(temperature=fit_temperature(oof, train.labels),
                                                calibration_fitted_on="out-of-fold (training images)")  # fmt: skip
     probe_info = {"classifier": fit.classifier, "C": fit.C, "cv_accuracy": fit.cv_accuracy, "folds": fit.folds,
+                  "cv_scored_by": "macro-F1" if by_macro_f1 else "accuracy",
                   "layer": config.layer or "head-input"}  # fmt: skip
     save_checkpoint(model, run_dir / CHECKPOINT_NAME, epoch=0, linear_probe=probe_info, **extra)
     rows = [{"epoch": 0, "train_accuracy": round(fit.cv_accuracy, 6), "val_loss": None, "val_accuracy": None,
@@ -354,7 +360,7 @@ def fit_linear_probe_run(
     write_history(run_dir / "history.csv", rows)
     if not config.quiet:
         say(f"linear probe ({fit.classifier}, C={fit.C:g}) on {probe_info['layer']}: "
-            f"{fit.folds}-fold CV accuracy {fit.cv_accuracy:.4f}")  # fmt: skip
+            f"{fit.folds}-fold CV {probe_info['cv_scored_by']} {fit.cv_accuracy:.4f}")  # fmt: skip
     info = {
         "strategy": "linear-probe", "linear_probe": probe_info, "precision": precision,
         "trainable_params": rows[0]["trainable_params"], "total_params": model.parameter_counts()[1],
