@@ -323,6 +323,10 @@ def test_inception_trained_below_its_auxiliary_classifiers_input_size_is_an_erro
     with pytest.raises(TransferkitError, match="--image-size 75: inception_v3's auxiliary classifier trains on "
                                                "inputs of at least 299 pixels"):  # fmt: skip
         train(tiny_dataset, epochs=1, out=str(tmp_path / "run"), **options)  # was a pooling error in the first step
+    # feature-extract on images (no feature cache) runs the network in training mode, auxiliary classifier too.
+    options = {**TINY, "model": "inception_v3", "image_size": 75, "strategy": "feature-extract", "cache": False}
+    with pytest.raises(TransferkitError, match="--image-size 75: .* or more, or leave out --no-cache"):
+        train(tiny_dataset, epochs=1, out=str(tmp_path / "run"), **options)  # was the same error, mid-run
     assert not (tmp_path / "run").exists()
 
 

@@ -101,7 +101,7 @@ def model_and_strategy(config: TrainConfig, splits: ImageFolderSplits) -> tuple[
     spec = config.strategy_spec()
     apply_strategy(model, spec, epoch=0)
     param_groups(model, spec)  # validates --group-lr before anything is written
-    _check_auxiliary_input_size(model, spec)
+    _check_auxiliary_input_size(model, spec, cached=config.cache)
     return model, spec
 
 
@@ -110,13 +110,16 @@ def model_and_strategy(config: TrainConfig, splits: ImageFolderSplits) -> tuple[
 AUXILIARY_MIN_IMAGE_SIZE = 299
 
 
-def _check_auxiliary_input_size(model: TransferModel, spec: StrategySpec) -> None:
+def _check_auxiliary_input_size(model: TransferModel, spec: StrategySpec, cached: bool = True) -> None:
+    """The network runs in training mode (its auxiliary classifier too) on images, not cached features."""
     has_auxiliary = getattr(model.net, "aux_logits", False) and getattr(model.net, "AuxLogits", None) is not None
     size = model.preprocessing.image_size
-    if has_auxiliary and spec.name in ("fine-tune", "full", "gradual") and size < AUXILIARY_MIN_IMAGE_SIZE:
+    on_images = spec.name in ("fine-tune", "full", "gradual") or (spec.name == "feature-extract" and not cached)
+    if has_auxiliary and on_images and size < AUXILIARY_MIN_IMAGE_SIZE:
+        instead = "leave out --no-cache" if spec.name == "feature-extract" else "--strategy feature-extract"
         raise TransferkitError(f"--image-size {size}: {model.record.backbone}'s auxiliary classifier trains on inputs "
                                f"of at least {AUXILIARY_MIN_IMAGE_SIZE} pixels; give --image-size "
-                               f"{AUXILIARY_MIN_IMAGE_SIZE} or more, or --strategy feature-extract")  # fmt: skip
+                               f"{AUXILIARY_MIN_IMAGE_SIZE} or more, or {instead}")  # fmt: skip
 
 
 def training_device(config: TrainConfig) -> torch.device:
