@@ -116,7 +116,14 @@ class TransferLearner(L.LightningModule):
         return key.startswith("model.net.") and self.model.record.is_head_key(key.removeprefix("model.net."))
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        if len(batch[0]) == 1 and self._batchnorm_trains():
+            # An epoch's last batch of one image: BatchNorm in training mode cannot normalise a single
+            # value per channel (ResNet's 1x1 maps at 32 px); Lightning skips a step given None.
+            return None
         return self._step(batch, "train")
+
+    def _batchnorm_trains(self) -> bool:
+        return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training for m in self.model.modules())
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._step(batch, "val")
