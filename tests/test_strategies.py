@@ -219,3 +219,14 @@ def test_multi_label_metrics_read_logits_as_logits_even_when_they_all_lie_in_0_1
     with pytest.warns(UserWarning, match="self.log"):  # no Trainer: the metrics update all the same
         learner._step((torch.zeros(4, 512), torch.ones(4, 2, dtype=torch.long)), "val")
     assert learner.val_accuracy.compute() == 1.0 and learner.val_macro_f1.compute() == 1.0
+
+
+def test_multi_label_accuracy_during_training_is_exact_match_as_in_metrics_json() -> None:
+    model = TransferModel(load_backbone("resnet18", weights="none"), ["a", "b"])
+    model.record = model.record.with_extra(multi_label=True)
+    learner = TransferLearner(model, StrategySpec("feature-extract"), TrainConfig(data="."), head_only=True)
+    with torch.no_grad():
+        learner.model.head_module.weight.zero_(), learner.model.head_module.bias.fill_(0.3)  # yes to both labels
+    with pytest.warns(UserWarning, match="self.log"):
+        learner._step((torch.zeros(4, 512), torch.tensor([[1, 0]] * 4)), "val")  # half the yes/no answers right
+    assert learner.val_accuracy.compute() == 0.0  # no image has every label right (it read 0.5 per label)

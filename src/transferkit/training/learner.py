@@ -8,7 +8,14 @@ from typing import Any
 import lightning as L
 import torch
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MultilabelAccuracy, MultilabelF1Score
+from torchmetrics import Metric
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassF1Score,
+    MultilabelAccuracy,
+    MultilabelExactMatch,
+    MultilabelF1Score,
+)
 
 from ..balance import Balance
 from ..errors import TransferkitError
@@ -32,14 +39,16 @@ class TransferLearner(L.LightningModule):
         self.config = config
         n = len(model.class_names)
         self.multi_label = model.multi_label
-        if self.multi_label:  # accuracy: the share of right yes/no answers, over every image and class
+        if self.multi_label:  # accuracy: exact match (every label of an image right), as in metrics.json
             accuracy = functools.partial(MultilabelAccuracy, num_labels=n)
             f1 = functools.partial(MultilabelF1Score, num_labels=n)
+            self.train_accuracy: Metric = MultilabelExactMatch(num_labels=n)
+            self.val_accuracy: Metric = MultilabelExactMatch(num_labels=n)
         else:
             accuracy = functools.partial(MulticlassAccuracy, num_classes=n)
             f1 = functools.partial(MulticlassF1Score, num_classes=n)
-        self.train_accuracy = accuracy(average="micro")
-        self.val_accuracy = accuracy(average="micro")
+            self.train_accuracy = accuracy(average="micro")
+            self.val_accuracy = accuracy(average="micro")
         # For imbalanced classes (balance.py) and multi-label data: the numbers that choose the best epoch there.
         self.val_macro_f1 = f1(average="macro")
         self.val_balanced_accuracy = accuracy(average="macro")
