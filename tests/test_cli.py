@@ -135,6 +135,8 @@ def test_existing_run_directory_is_never_overwritten(trained_run: Path, tiny_dat
          "--group-lr names layer1, which fine-tune never trains here (it trains layer4, head)"),
         (["train", "{data}", "--strategy", "gradual", "--unfreeze", "layer4"],
          "--unfreeze with --strategy gradual takes a number"),
+        (["train", "{data}", "--strategy", "gradual", "--unfreeze-every", "2", "--unfreeze-at", "1,3"],
+         "--unfreeze-every and --unfreeze-at both set gradual's schedule; give one of them"),
     ],
 )
 def test_bad_input_is_a_one_line_error(tiny_dataset: Path, args: list[str], message: str) -> None:

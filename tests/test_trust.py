@@ -137,8 +137,10 @@ def test_folds_validate_every_image_once_and_never_train_on_it() -> None:
         assert not set(train) & set(val) and len(train) + len(val) == 30
         assert sorted(label for _, label in val) == [0, 0, 1, 1, 2, 2]  # stratified
     assert sorted(s for _, val in folds for s in val) == sorted(samples)
-    with pytest.raises(Exception, match="--folds 11"):
+    with pytest.raises(Exception, match="--folds 11: the smallest class has 10 image.*lower --folds to 10 "):
         stratified_folds(samples, 11)
+    with pytest.raises(Exception, match="--folds 5: the smallest class has 1 image, and k-fold needs at least 2"):
+        stratified_folds([*samples, ("lone.png", 3)], 5)  # it said "lower --folds to 2", which fails the same
 
 
 def test_k_fold_training_reports_mean_and_std_and_predicts_with_the_ensemble(tiny_dataset: Path, tmp_path: Path) -> None:

@@ -32,9 +32,12 @@ def stratified_folds(samples: list[Sample], k: int, seed: int = 0) -> list[tuple
         raise TransferkitError(f"--folds {k}: give at least 2 (5 is usual)")
     strata = [first_label(s) for s in samples]
     smallest = min(strata.count(c) for c in set(strata))
+    if smallest < 2:  # each fold validates on an image of every class: no --folds serves a class of one
+        raise TransferkitError(f"--folds {k}: the smallest class has 1 image, and k-fold needs at least 2 of "
+                               "each class; add images to it or leave out --folds")  # fmt: skip
     if smallest < k:
         raise TransferkitError(f"--folds {k}: the smallest class has {smallest} image(s), fewer than the folds; "
-                               f"lower --folds to {max(2, smallest)} or add images")  # fmt: skip
+                               f"lower --folds to {smallest} or add images")  # fmt: skip
     splitter = StratifiedKFold(k, shuffle=True, random_state=seed)
     return [([samples[i] for i in train], [samples[i] for i in val])
             for train, val in splitter.split(samples, strata)]  # fmt: skip

@@ -129,7 +129,8 @@ def _check_options_are_read(args: argparse.Namespace) -> None:
     """An option the chosen strategy, optimizer or scheduler would ignore is an error, not a quiet no-op."""
     from .. import TransferkitError
 
-    for flag in _given(args, [args.data]):
+    given = _given(args, [args.data])
+    for flag in given:
         if flag in READ_ONLY_WITH:
             setting, values = READ_ONLY_WITH[flag]
             value = getattr(args, setting.removeprefix("--"))
@@ -137,7 +138,9 @@ def _check_options_are_read(args: argparse.Namespace) -> None:
                 named = ", ".join(values[:-1]) + " or " * (len(values) > 1) + values[-1]
                 raise TransferkitError(f"{flag} applies to {setting} {named}; {setting} {value} "
                                        f"would ignore it: leave it out or change {setting}")  # fmt: skip
-    if "--augment" in _given(args, [args.data]) and args.strategy == "feature-extract" and args.views == 1 \
+    if "--unfreeze-every" in given and "--unfreeze-at" in given:
+        raise TransferkitError("--unfreeze-every and --unfreeze-at both set gradual's schedule; give one of them")
+    if "--augment" in given and args.strategy == "feature-extract" and args.views == 1 \
             and not args.no_cache:  # fmt: skip
         raise TransferkitError("--augment with --strategy feature-extract needs --views K (K augmented views of "
                                "each training image, their features cached) or --no-cache; with one view the head "
