@@ -218,8 +218,7 @@ def test_a_frozen_backbone_run_writes_the_best_head_into_model_pt_without_rewrit
         ({"weight_decay": float("nan")}, "--weight-decay must be a finite number, got nan"),
         ({"lr": float("inf")}, "--lr must be a positive number, got inf"),
         ({"mean": [float("inf")] * 3, "std": [0.5] * 3}, "--mean must be finite numbers"),
-        ({"strategy": "fine-tune", "group_lr": "layer4=-1"}, "bad --group-lr item 'layer4=-1': an LR must be a "
-                                                             "positive number"),
+        ({"strategy": "fine-tune", "group_lr": "layer4=-1"}, "bad --group-lr item 'layer4=-1': an LR must be"),
         ({"strategy": "fine-tune", "group_lr": {"layer4": float("nan")}}, "bad --group-lr item 'layer4=nan'"),
         ({"strategy": "auto", "group_lr": "layer4=1e-4"}, "--group-lr sets the LRs of one strategy's groups"),
     ],

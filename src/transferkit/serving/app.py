@@ -193,13 +193,10 @@ def _base64(name: str, data: str) -> bytes:
 def _top_k(value: Any, default: int) -> int:
     if value is None:
         return default
-    k = 0  # refused below: true, 1.9 (int() would take both as 1), "two"
-    if isinstance(value, int) and not isinstance(value, bool):
-        k = value
-    elif isinstance(value, float) and value.is_integer():
-        k = int(value)
-    elif isinstance(value, str) and value.strip().lstrip("+").isdigit():  # a form's field
-        k = int(value)
+    whole = (isinstance(value, int) and not isinstance(value, bool)) or (
+        isinstance(value, float) and value.is_integer()) or (
+        isinstance(value, str) and value.strip().lstrip("+").isdigit())  # a form's field  # fmt: skip
+    k = int(value) if whole else 0  # refused below: true, 1.9 (int() would take both as 1), "two"
     if not 1 <= k <= MAX_TOP_K:
         raise RequestProblem(422, f"top_k must be a whole number from 1 to {MAX_TOP_K}, got {value!r}")
     return k
