@@ -228,8 +228,16 @@ def test_an_exclude_list_leaves_its_files_out(flat: Path, tmp_path: Path) -> Non
     assert read_exclude_list(listing) == {str(Path(p).resolve()) for p in dropped}
     kept = discover(flat, exclude=listing)
     assert kept.excluded == 2 and not {p for p, _ in kept.train + kept.val} & set(dropped)
-    with pytest.raises(TransferkitError, match="--exclude"):
+    with pytest.raises(TransferkitError, match="--exclude .*missing.txt does not exist"):
         discover(flat, exclude=tmp_path / "missing.txt")
+    with pytest.raises(TransferkitError, match="--exclude .* is a folder, not a file"):
+        discover(flat, exclude=tmp_path)
+    # As Windows Notepad saves it: a byte-order mark before the first path, CRLF line ends.
+    listing.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(dropped).encode() + b"\r\n")
+    assert discover(flat, exclude=listing).excluded == 2  # the first path was read with the mark, matching nothing
+    listing.write_bytes(dropped[0].encode() + b"\n\xe9t\xe9.png\n")  # Latin-1, not UTF-8
+    with pytest.raises(TransferkitError, match="--exclude .*suspects.txt is not UTF-8 text \\(byte .*\\); save it"):
+        discover(flat, exclude=listing)  # was a UnicodeDecodeError traceback
 
 
 def test_an_exclude_list_that_empties_a_split_or_a_class_is_an_error_and_one_of_other_data_a_warning(

@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 from .errors import TransferkitError
+from .files import is_not
 from .shards import is_packed_image, is_url
 
 
@@ -17,8 +18,12 @@ def read_exclude_list(path: str | Path) -> set[str]:
     """The images an exclude list names, each as :func:`exclude_key` matches it."""
     source = Path(path).expanduser()
     if not source.is_file():
-        raise TransferkitError(f"--exclude {source} does not exist; give a file listing one image path per line")
-    lines = [line.strip() for line in source.read_text(encoding="utf-8").splitlines()]
+        raise TransferkitError(f"--exclude {source} {is_not(source)}; give a file listing one image path per line")
+    try:  # utf-8-sig: a list saved by Notepad starts with a byte-order mark, which is no part of its first path
+        text = source.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise TransferkitError(f"--exclude {source} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    lines = [line.strip() for line in text.splitlines()]
     return {exclude_key(line, source.parent) for line in lines if line and not line.startswith("#")}
 
 
