@@ -218,6 +218,10 @@ def test_a_table_that_is_not_utf8_or_breaks_its_rows_is_named_with_the_line_and_
     spaced.write_text("path,label\n\n" + "\n\n".join(f"{p},{c}" for p, c in rows[:3]) + "\n\nimages/red/0.png,\n")
     with pytest.raises(TransferkitError, match="row 9 of .*spaced.csv has no label"):
         discover(spaced)
+    # Rows of empty cells below the data, as a spreadsheet saves them: no rows at all, not rows without labels.
+    trailing = tmp_path / "trailing.csv"
+    trailing.write_text("path,label\n" + "\n".join(f"{p},{c}" for p, c in rows) + "\n,\n , \n   \n")
+    assert len(discover(trailing).train) + len(discover(trailing).val) == len(rows)
 
 
 def test_an_exclude_list_leaves_its_files_out(flat: Path, tmp_path: Path) -> None:

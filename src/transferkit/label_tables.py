@@ -193,7 +193,9 @@ def _read_records(source: Path) -> tuple[list[str], list[tuple[int, dict[str, st
             if extra:
                 raise TransferkitError(f"row {line} of {source} has {len(header) + len(extra)} cells but the header "
                                        f"names {len(header)} columns; name every column in the first line")  # fmt: skip
-            records.append((line, {k: (v or "").strip() for k, v in row.items()}))
+            cells = {k: (v or "").strip() for k, v in row.items()}
+            if any(cells.values()):  # a row of empty cells (",,", spaces), as spreadsheets leave below the data
+                records.append((line, cells))
     if not records:
         raise TransferkitError(f"{source} has a header but no rows; add one row per image")
     return header, records
