@@ -73,12 +73,12 @@ def test_hymenoptera_is_small_and_similar() -> None:
     assert advice.imagenet_confidence is not None and advice.imagenet_confidence > 0.4
 
 
-def test_the_advise_command_says_each_warning_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_advise_command_says_each_warning_once_and_quotes_the_commands_it_prints(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """advise reads the data twice (the rule, then the measured candidates); a folder of runs among the
     classes is still one warning, not two."""
     from transferkit.cli import main
 
-    data = make_colour_folder(tmp_path / "d", 6, size=(32, 32))
+    data = make_colour_folder(tmp_path / "my data", 6, size=(32, 32))
     (data / "runs" / "old").mkdir(parents=True)
     for name in ("config.json", "command.txt"):
         (data / "runs" / "old" / name).write_text("{}")
@@ -86,6 +86,10 @@ def test_the_advise_command_says_each_warning_once(tmp_path: Path, capsys: pytes
                  "--models", "resnet18", "--cache-dir", str(tmp_path / "cache")])  # fmt: skip
     assert code == 0
     assert any((tmp_path / "cache" / "features").iterdir())  # advise uses the cache --cache-dir names
-    warned = [line for line in capsys.readouterr().err.splitlines() if "runs not read as a class" in line]
+    shown = capsys.readouterr()
+    # The commands it prints paste into a shell: DATA with a space is quoted.
+    assert f"command: transferkit train '{data}' --model" in shown.out
+    assert f"best: transferkit train '{data}' --model" in shown.out
+    warned = [line for line in shown.err.splitlines() if "runs not read as a class" in line]
     expected = f"transferkit: warning: {data}: runs not read as a class: transferkit's own output (runs, an inspection)"
     assert warned == [expected]

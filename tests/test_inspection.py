@@ -275,6 +275,27 @@ def test_a_runs_cached_features_are_reused(tmp_path: Path) -> None:
         inspect_data(run=run, model="resnet50")
 
 
+def test_a_runs_own_data_is_split_as_the_run_split_it(tmp_path: Path) -> None:
+    """Class folders alone, split by the run's --val-split 0.5 and seed 3: inspecting that data with the
+    run finds leaks between the run's own splits, not between a split of inspect's default 0.2."""
+    import shlex
+
+    from transferkit import train
+
+    data = make_colour_folder(tmp_path / "my data", 12, seed=1)
+    run = train(data, model="resnet18", weights="none", image_size=32, epochs=1, val_split=0.5, seed=3,
+                out=str(tmp_path / "run"), quiet=True).run_dir  # fmt: skip
+    counts = json.loads((run / "metrics.json").read_text())["data"]
+    split_by_run = {"train": sum(counts["train_counts"].values()), "val": sum(counts["val_counts"].values()),
+                    "test": 0}  # fmt: skip
+    assert split_by_run == {"train": 12, "val": 12, "test": 0}
+    given = inspect_data(data, run=run, out=tmp_path / "my review")
+    assert given.images == inspect_data(run=run).images == split_by_run  # DATA given read 20 / 4
+    # The command to train without the suspects, pasted into a shell: DATA and the list quoted.
+    assert shlex.split(given.train_command()) == ["transferkit", "train", str(data), "--exclude",
+                                                  str(tmp_path / "my review" / "suspects.txt")]  # fmt: skip
+
+
 @pytest.mark.slow
 def test_command_line(tmp_path: Path) -> None:
     make_colour_folder(tmp_path / "colours", 10, seed=1)

@@ -18,6 +18,7 @@ measured here, hymenoptera gives similarity 0.93 / confidence 0.72, Fashion-MNIS
 
 from __future__ import annotations
 
+import shlex
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -193,7 +194,7 @@ def advise(
                f"{domain} data: linear-probe similarity {similarity:.2f} (threshold {similar_from:g})"
                + ("" if confidence is None else f", ImageNet confidence {confidence:.2f} (threshold {CONFIDENT_FROM:g})"),
                *reasons]  # fmt: skip
-    command = (f"transferkit train {data}{data_flags(data_options)} --model {model}"
+    command = (f"transferkit train {shlex.quote(str(data))}{data_flags(data_options)} --model {model}"
                f"{_model_flags(model, weights, preprocessing)} --strategy {strategy}{command_flags(options)}")
     return Advice(
         data=str(data), model=model, images_per_class=counts,

@@ -28,8 +28,8 @@ import numpy as np
 
 from .backbones import DEFAULT_BACKBONE, Preprocessing, load_backbone
 from .checkpoint import load_checkpoint
-from .data import ImageFolderSplits, discover_for, label_indices, load_image
-from .discovery import DATA_OPTIONS, LABEL_FILE_SUFFIXES, NOT_IN_A_CLASS_FOLDER, data_flags, warn_unused_val_split
+from .data import ImageFolderSplits, label_indices, load_image
+from .discovery import LABEL_FILE_SUFFIXES, NOT_IN_A_CLASS_FOLDER, warn_unused_val_split
 from .errors import TransferkitError
 from .features import extract_features
 from .files import new_or_empty_folder, write_json
@@ -43,6 +43,7 @@ from .inspection_checks import (
     outlier_scores,
     similar_pairs,
 )
+from .inspection_data import discover_as_run, train_data_argument
 from .model import TransferModel
 from .performance import pick_device, resolve_precision
 from .reports.inspection_page import write_inspection_page
@@ -55,7 +56,6 @@ from .shards import is_url
 DUPLICATE_RATIO = 0.25
 OUTLIER_FRACTION = 0.01  # the share of images listed as outliers, the least alike first
 SPLITS = ("train", "val", "test")
-LABEL_FILE_OPTIONS = tuple(name for name in DATA_OPTIONS if name not in ("labels", "exclude"))  # its columns
 JSON_NAME, PAGE_NAME, SUSPECTS_NAME = INSPECTION_JSON, "inspection.html", "suspects.txt"
 
 
@@ -184,7 +184,8 @@ class Inspection:
 
     def train_command(self) -> str:
         """The command that trains on the same data without the suspects."""
-        return f"transferkit train {self.train_data or self.data} --exclude {Path(self.out or '.') / SUSPECTS_NAME}"
+        suspects = shlex.quote(str(Path(self.out or ".") / SUSPECTS_NAME))
+        return f"transferkit train {self.train_data or shlex.quote(self.data)} --exclude {suspects}"
 
     def summary(self) -> str:
         """The command line's report: counts, thresholds, time, and where the files are."""
@@ -273,7 +274,7 @@ def inspect_data(
     started = time.perf_counter()
     net, config = _model(run, model, weights, preprocessing)
     options = {"labels": labels, "exclude": exclude, "val_split": val_split, **(data_options or {})}
-    splits = _discover(data, config, {key: value for key, value in options.items() if value is not None}, seed)
+    splits = discover_as_run(data, config, {key: value for key, value in options.items() if value is not None}, seed)
     warn_unused_val_split(val_split, splits)
     layer = layer if layer is not None else config.get("layer")
     device = pick_device()
@@ -290,7 +291,7 @@ def inspect_data(
                              precision=precision, cache_dir=Path(cache) if cache else None)  # fmt: skip
     features_done = time.perf_counter()
     result = Inspection(
-        data=str(splits.root), train_data=_train_data(data, config, options),
+        data=str(splits.root), train_data=train_data_argument(data, config, options),
         run=str(run) if run is not None else None, backbone=net.record.backbone,
         weights=net.record.weights, layer=layer or "head-input", precision=precision,
         class_names=list(splits.class_names), multi_label=splits.multi_label,
@@ -332,31 +333,6 @@ def _model(
     # A linear-probe run's probe reads the features itself; here the features are what is wanted.
     net.probe = None
     return net, dict(net.record.extra.get("train_config") or {})
-
-
-def _discover(data: str | Path | None, config: dict[str, Any], options: dict[str, Any], seed: int) -> ImageFolderSplits:
-    """The data as ``train`` reads it: DATA with ``options``, or the run's own data and options."""
-    unknown = sorted(set(options) - {"labels", "exclude", "val_split", *LABEL_FILE_OPTIONS})
-    if unknown:
-        raise TransferkitError(f"unknown data option(s) {', '.join(unknown)}; choose from: "
-                               f"{', '.join(LABEL_FILE_OPTIONS)}")  # fmt: skip
-    if data is None:
-        if not config.get("data"):
-            raise TransferkitError("give DATA (an image folder or label file) to inspect, or a --run that names its data")
-        return discover_for({**config, **options})
-    if is_url(str(data)):  # packed shards in an object store
-        return discover_for({"seed": seed, **options, "data": str(data)})
-    source = Path(data).expanduser()
-    if not source.exists():
-        raise TransferkitError(f"DATA {source} does not exist; give an image folder, a CSV label file or packed shards")
-    return discover_for({"seed": seed, **options, "data": str(source.absolute())})
-
-
-def _train_data(data: str | Path | None, config: dict[str, Any], options: dict[str, Any]) -> str:
-    """DATA and its label file options (not an exclude list: the suspects are the new one) for `train`."""
-    given = {**({} if data is not None else config), **{k: v for k, v in options.items() if v is not None}}
-    return shlex.quote(str(data if data is not None else config["data"])) + data_flags(
-        {name: given.get(name) for name in DATA_OPTIONS if name != "exclude"})
 
 
 def _label_text(label: Any, names: list[str]) -> str:

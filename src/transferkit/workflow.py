@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shlex
 import sys
 import time
 from dataclasses import asdict
@@ -318,7 +319,7 @@ def _measured_choice(
         setattr(config, key, value)
     config.epochs = selection.final_epochs(config.epochs)
     config.budget, config.models = None, None  # spent: the resolved config trains (or resumes) the winner
-    record = {**selection.to_dict(), "command": selection.command(config.data)}
+    record = {**selection.to_dict(), "command": selection.command(shlex.quote(config.data))}
     if not config.quiet:
         say(f"{selection.table()}\nchosen: {selection.winner.label} ({selection.used_s:.0f} s of "
             f"{selection.budget_s:.0f} s measuring); reproduce with: {record['command']}")  # fmt: skip

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from typing import Any
 
@@ -103,7 +104,7 @@ def _advise(args: argparse.Namespace) -> int:
     measured = measure_candidates(args.data, args.model, args.weights, models=args.models, budget=args.budget,
                                   mean=args.mean, std=args.std, data_options=options,
                                   image_size=args.image_size, precision=args.precision)  # fmt: skip
-    command = measured.command(args.data + data_flags(options))
+    command = measured.command(shlex.quote(args.data) + data_flags(options))
     if args.json:
         print(json.dumps({**advice.to_dict(), "measured": {**measured.to_dict(), "command": command}}, indent=2))
     else:

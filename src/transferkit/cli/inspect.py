@@ -46,7 +46,8 @@ def _inspect_arguments(p: argparse.ArgumentParser) -> None:
 
 def _inspect(args: argparse.Namespace) -> int:
     from .. import TransferkitError, explicit_preprocessing, inspect_data
-    from ..inspection import LABEL_FILE_OPTIONS, default_out_dir
+    from ..inspection import default_out_dir
+    from ..inspection_data import LABEL_FILE_OPTIONS
 
     if args.run and (args.mean or args.std or args.image_size):
         raise TransferkitError("--run brings its own preprocessing; leave out --mean, --std and --image-size")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import html
 import io
+import shlex
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -218,7 +219,7 @@ def _page(found: dict[str, Any], body: str) -> str:
 {notes}
 <p>Every image listed here is also in <code>{_e(out / "suspects.txt")}</code>, after a comment saying why.
 Delete the lines of the images you want to keep, then train without the rest:
-<code>transferkit train {_e(found.get("train_data") or found["data"])} --exclude {_e(out / "suspects.txt")}</code></p>
+<code>transferkit train {_e(found.get("train_data") or shlex.quote(found["data"]))} --exclude {_e(shlex.quote(str(out / "suspects.txt")))}</code></p>
 {body}
 <footer>Generated {datetime.now().strftime("%Y-%m-%d %H:%M")} by transferkit inspect · features: {cache.get("misses", 0)}
 computed, {cache.get("hits", 0)} from the cache · {_e(timing)}.</footer>
