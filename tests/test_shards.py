@@ -47,6 +47,24 @@ def test_a_failed_pack_leaves_nothing(tiny_dataset: Path, tmp_path: Path) -> Non
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
 
 
+def test_images_of_a_label_file_keep_their_folders_in_their_packed_names(tiny_dataset: Path, tmp_path: Path) -> None:
+    """A CSV beside red/0.png and blue/0.png: both were packed as "0.png" (names relative to the CSV
+    file itself, which no image lies under), so pages and predictions could not tell them apart."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset / "train", data)
+    rows = sorted(p.relative_to(data).as_posix() for p in data.rglob("*.*"))
+    (data / "labels.csv").write_text("path,label\n" + "".join(f"{r},{r.split('/')[0]}\n" for r in rows))
+    elsewhere = tmp_path / "elsewhere"  # a table listing images outside its folder: named under the common one
+    elsewhere.mkdir()
+    (elsewhere / "labels.csv").write_text("path,label\n" + "".join(f"{data / r},{r.split('/')[0]}\n" for r in rows))
+    for table, prefix in ((data / "labels.csv", ""), (elsewhere / "labels.csv", "data/")):
+        out = tmp_path / f"packed-{table.parent.name}"
+        pack(discover(table, val_split=0.25), out)
+        manifest = json.loads((out / "transferkit-pack.json").read_text())
+        names = [name for split in manifest["splits"].values() for name, _, _ in split]
+        assert sorted(names) == sorted(prefix + r for r in rows)
+
+
 def test_packed_data_is_discovered_as_the_folder_was(shards: Path, tiny_dataset: Path) -> None:
     folder, packed = discover(tiny_dataset), discover(shards)
     assert packed.class_names == folder.class_names and packed.layout == "packed shards (litdata)"

@@ -276,6 +276,7 @@ def pack(splits: Any, out: str | Path, chunk_bytes: str | int = DEFAULT_CHUNK_BY
     names = splits.class_names
     manifest: dict[str, Any] = {"format": FORMAT, "class_names": names, "multi_label": splits.multi_label,
                                 "source": str(splits.root), "layout": splits.layout, "splits": {}}  # fmt: skip
+    base = _names_base(splits)
     try:
         for split, samples in zip(SPLITS, (splits.train, splits.val, splits.test)):
             if not samples:
@@ -284,7 +285,7 @@ def pack(splits: Any, out: str | Path, chunk_bytes: str | int = DEFAULT_CHUNK_BY
             rows = []
             for index, (path, label) in enumerate(samples):
                 data = _read(path)
-                name = _relative_name(path, splits.root)
+                name = _relative_name(path, base)
                 writer[index] = {"name": name, "image": data, "labels": ";".join(_class_names(label, names))}
                 rows.append([name, list(label) if isinstance(label, tuple) else label, hashlib.sha1(data).hexdigest()])
             writer.done()
@@ -314,11 +315,19 @@ def _class_names(label: Any, names: list[str]) -> list[str]:
     return [names[i] for i, v in enumerate(label) if v] if isinstance(label, tuple) else [names[label]]
 
 
-def _relative_name(path: str, root: Path) -> str:
-    """The image's name under the data folder (class/file.jpg), kept so packed images read as the files did."""
-    try:
-        name = Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
-    except ValueError:
-        name = Path(path).name
+def _names_base(splits: Any) -> Path:
+    """The folder packed images are named under: the data folder, or a label file's, or (for a label file
+    listing images elsewhere) the folder common to all, so that two files never share a name."""
+    root = Path(splits.root).resolve()
+    base = root if root.is_dir() else root.parent
+    paths = [Path(p).resolve() for samples in (splits.train, splits.val, splits.test) for p, _ in samples or []]
+    if all(p.is_relative_to(base) for p in paths):
+        return base
+    return Path(os.path.commonpath([base, *paths]))
+
+
+def _relative_name(path: str, base: Path) -> str:
+    """The image's name under ``base`` (class/file.jpg), kept so packed images read as the files did."""
+    name = Path(path).resolve().relative_to(base).as_posix()
     name = re.sub(r"^(train|val|valid|validation|test)/", "", name)
     return name.replace(SEPARATOR, "_")
