@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 # Every test here runs the command line in a new process, as a user does: seconds each, so the quick
@@ -94,8 +95,9 @@ def test_commands_that_cache_take_cache_dir(trained_run: Path, tiny_dataset: Pat
     tk("predict", str(trained_run), image, "--runtime", "onnx", "--cache-dir", str(tmp_path / "a"))
     assert sorted(p.suffix for p in (tmp_path / "a" / "exports").iterdir()) == [".json", ".onnx"]
     tk("features", str(tiny_dataset), "--model", "resnet18", "--weights", "none", "--image-size", "32",
-       "--out", str(tmp_path / "f.npz"), "--cache-dir", str(tmp_path / "b"))  # fmt: skip
+       "--out", str(tmp_path / "F.NPZ"), "--cache-dir", str(tmp_path / "b"))  # fmt: skip
     assert any((tmp_path / "b" / "features").iterdir())
+    assert np.load(tmp_path / "F.NPZ")["features"].shape == (28, 512)  # an upper-case suffix is an .npz too
 
 
 def test_existing_run_directory_is_never_overwritten(trained_run: Path, tiny_dataset: Path) -> None:

@@ -326,12 +326,13 @@ def write_features(
     from .discovery import every_image
 
     out = Path(out)
-    if out.suffix not in (".npz", ".pt", ".csv"):
+    kind = out.suffix.lower()  # FEATURES.NPZ, as some systems name files, is an .npz file too
+    if kind not in (".npz", ".pt", ".csv"):
         raise TransferkitError(f"--out {out} must end in .npz, .pt or .csv")
     new_files("--out", out)
     found = every_image(data_dir, data_options)
     class_names = found.class_names
-    if out.suffix == ".csv":
+    if kind == ".csv":
         _csv_label_columns(class_names, found.multi_label)  # before the features are computed
     backbone = load_backbone(model_name, weights, preprocessing=preprocessing)
     model = TransferModel(backbone, class_names if len(class_names) > 1 else [*class_names, "_"]).eval()
@@ -342,9 +343,9 @@ def write_features(
     split_of = [s for (p, _), s in zip(found.samples, found.splits) if p in kept]
     payload = {"features": result.features.numpy(), "labels": result.labels.numpy(), "paths": np.array(result.paths),
                "splits": np.array(split_of), "class_names": np.array(class_names)}  # fmt: skip
-    if out.suffix == ".npz":
+    if kind == ".npz":
         atomic_write(out, lambda tmp: _save_npz(tmp, payload))
-    elif out.suffix == ".csv":
+    elif kind == ".csv":
         atomic_write(out, lambda tmp: _save_csv(tmp, payload, found.multi_label))
     else:
         tensors = {"features": result.features, "labels": result.labels, "paths": result.paths, "splits": split_of,
