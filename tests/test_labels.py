@@ -88,6 +88,10 @@ def test_kaggle_ids_beside_an_image_folder_with_labels(tmp_path: Path) -> None:
     splits = discover(images, labels=table)  # the extension is found by looking
     assert len(splits.train) + len(splits.val) == len(rows)
     assert discover(images, labels=table, image_ext="jpg").train == splits.train
+    for image in images.iterdir():  # as a camera names them: IMG_0001.JPG
+        image.rename(image.with_suffix(".JPG"))
+    found = discover(images, labels=table)
+    assert [Path(p).name for p, _ in found.train] == [Path(p).with_suffix(".JPG").name for p, _ in splits.train]
     with pytest.raises(TransferkitError, match="--path-col"):
         discover(images, labels=table, columns=LabelColumns(path="file"))
 

@@ -283,7 +283,8 @@ def _resolve(
     if path.suffix == "" or not re.fullmatch(r"\.[A-Za-z0-9]{2,5}", path.suffix):
         # The extension the last row had first (one look per row), then the others: a folder may mix them.
         # No extensions to try means --image-ext gave one: it is used whether the file is there or not.
-        tried = ([ext] if ext else []) + [e for e in extensions if e != ext]
+        # Upper-case too: a camera's IMG_0001.JPG on a file system that tells cases apart.
+        tried = ([ext] if ext else []) + [e for e in (*extensions, *map(str.upper, extensions)) if e != ext]
         found = next((e for e in tried if path.with_name(path.name + e).is_file()), None if extensions else ext)
         if found:
             path, ext = path.with_name(path.name + found), found
