@@ -73,7 +73,9 @@ def test_hymenoptera_is_small_and_similar() -> None:
     assert advice.imagenet_confidence is not None and advice.imagenet_confidence > 0.4
 
 
-def test_the_advise_command_says_each_warning_once_and_quotes_the_commands_it_prints(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_advise_command_says_each_warning_once_and_quotes_the_commands_it_prints(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """advise reads the data twice (the rule, then the measured candidates); a folder of runs among the
     classes is still one warning, not two."""
     from transferkit.cli import main

@@ -8,6 +8,7 @@ rest. Features come from the offline efficientnet_lite0 weights at 128 px (a sec
 from __future__ import annotations
 
 import colorsys
+import html
 import json
 import os
 import re
@@ -294,6 +295,8 @@ def test_a_runs_own_data_is_split_as_the_run_split_it(tmp_path: Path) -> None:
     # The command to train without the suspects, pasted into a shell: DATA and the list quoted.
     assert shlex.split(given.train_command()) == ["transferkit", "train", str(data), "--exclude",
                                                   str(tmp_path / "my review" / "suspects.txt")]  # fmt: skip
+    page = (tmp_path / "my review" / "inspection.html").read_text(encoding="utf-8")
+    assert f"<code>{html.escape(given.train_command())}</code>" in page  # the page shows the same command
 
 
 @pytest.mark.slow

@@ -315,7 +315,9 @@ def test_a_run_given_relative_paths_is_found_again_from_any_working_directory(
     assert "image grids not drawn" not in page and "val_predictions.png" in page, run
 
 
-def test_an_epochs_last_batch_of_one_image_is_skipped_where_batchnorm_trains(tiny_dataset: Path, tmp_path: Path) -> None:
+def test_an_epochs_last_batch_of_one_image_is_skipped_where_batchnorm_trains(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
     """20 training images in batches of 19: BatchNorm in training mode cannot normalise layer4's 1x1 maps
     (32 px) of a single image, which raised "Expected more than 1 value per channel" mid-run."""
     options = {**TINY, "batch_size": 19, "strategy": "fine-tune", "unfreeze": 1}

@@ -58,7 +58,8 @@ class StrategySpec:
                                    "head first (names choose groups with --strategy fine-tune)")  # fmt: skip
         if self.name == "gradual" and self.unfreeze == 0:
             raise TransferkitError("--unfreeze 0 with --strategy gradual unfreezes nothing: use --strategy "
-                                   "feature-extract, or leave --unfreeze out to unfreeze every group in turn")  # fmt: skip
+                                   "feature-extract, or leave --unfreeze out to unfreeze every group in "
+                                   "turn")  # fmt: skip
         if self.unfreeze_every < 1:
             raise TransferkitError("--unfreeze-every must be at least 1")
         self.unfreeze_at = tuple(sorted(self.unfreeze_at))

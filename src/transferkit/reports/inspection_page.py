@@ -202,6 +202,8 @@ def _page(found: dict[str, Any], body: str) -> str:
     images = ", ".join(f"{n} {split}" for split, n in found["images"].items() if n)
     notes = "".join(f'<p class="note">{_e(note)}</p>' for note in found["notes"])
     out = Path(found.get("out") or ".")
+    suspects = shlex.quote(str(out / "suspects.txt"))
+    train = f"{found.get('train_data') or shlex.quote(found['data'])} --exclude {suspects}"
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -219,7 +221,7 @@ def _page(found: dict[str, Any], body: str) -> str:
 {notes}
 <p>Every image listed here is also in <code>{_e(out / "suspects.txt")}</code>, after a comment saying why.
 Delete the lines of the images you want to keep, then train without the rest:
-<code>transferkit train {_e(found.get("train_data") or shlex.quote(found["data"]))} --exclude {_e(shlex.quote(str(out / "suspects.txt")))}</code></p>
+<code>transferkit train {_e(train)}</code></p>
 {body}
 <footer>Generated {datetime.now().strftime("%Y-%m-%d %H:%M")} by transferkit inspect · features: {cache.get("misses", 0)}
 computed, {cache.get("hits", 0)} from the cache · {_e(timing)}.</footer>
