@@ -132,6 +132,7 @@ def test_existing_run_directory_is_never_overwritten(trained_run: Path, tiny_dat
         (["train", "{data}", "--train-bn"], "--train-bn applies to --strategy fine-tune, gradual or auto"),
         (["train", "{data}", "--lr-decay", "0.5"], "--lr-decay applies to --strategy fine-tune, full, gradual or"),
         (["train", "{data}", "--augment", "strong"], "--augment with --strategy feature-extract needs --views K"),
+        (["train", "/nonexistent/data", "--augment", "none"], "does not exist"),  # none is what one view has
         (["train", "{data}", "--model", "resnet18", "--weights", "none", "--strategy", "fine-tune", "--group-lr",
           "layer1=1e-4"],
          "--group-lr names layer1, which fine-tune never trains here (it trains layer4, head)"),

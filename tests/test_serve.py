@@ -318,7 +318,7 @@ def test_bad_requests_get_a_4xx_with_a_reason_and_the_service_goes_on(
     _refusal(requests.post(url, json={"images": []}, timeout=30), 422, "no images")
     _refusal(post_files(service, images[:1], top_k="many"), 422, "top_k")
     b64 = base64.b64encode(image).decode()
-    for top_k in (1.9, True, "1.5"):  # int() would take each as 1
+    for top_k in (1.9, True, "1.5", "++1"):  # int() would take the first three as 1, and fail on the last
         _refusal(requests.post(url, json={"images": [b64], "top_k": top_k}, timeout=30), 422, "top_k")
     deep = b"[" * 100_000  # deeper than Python's stack: json.loads raises RecursionError, not ValueError
     _refusal(requests.post(url, data=deep, headers={"Content-Type": "application/json"}, timeout=30), 400, "nested")

@@ -103,6 +103,15 @@ def test_the_lr_finder_sweeps_each_group_at_its_own_multiple_of_the_heads_lr(tin
     for lrs in stepped:
         assert [lr / lrs[-1] for lr in lrs] == pytest.approx([0.01, 0.01, 0.1, 0.1, 1, 1])
     assert stepped[-1][-1] > 100 * stepped[0][-1]  # and the head's LR is swept
+    # An LR --group-lr gives is the group's own, in the range test as in training.
+    stepped.clear()
+    handle = register_optimizer_step_post_hook(lambda opt, *_: stepped.append([g["lr"] for g in opt.param_groups]))
+    try:
+        find_lr(TrainConfig(data=str(tiny_dataset), strategy="fine-tune", unfreeze=2, group_lr="layer4=1e-4", **TINY),
+                num_training=12)  # fmt: skip
+    finally:
+        handle.remove()
+    assert len(stepped) >= 10 and all(lrs[2:4] == [1e-4, 1e-4] for lrs in stepped)
 
 
 @pytest.mark.slow
@@ -272,6 +281,20 @@ def test_ctrl_c_is_a_keyboard_interrupt_and_the_run_says_how_to_continue(
     monkeypatch.chdir(tmp_path)
     resumed = resume_training("run")  # a relative path: the run directory it returns is absolute, as a new run's
     assert resumed.metrics["epochs_run"] == 3 and resumed.run_dir == run.resolve()
+
+
+def test_a_run_saved_with_options_this_version_refuses_says_so_on_resume(tiny_dataset: Path, tmp_path: Path) -> None:
+    """gradual --unfreeze 0 unfroze every group in earlier versions and is refused now: resuming such a run
+    names the run and its saved configuration, not an option the resuming command never gave."""
+    from transferkit import resume_training
+
+    run = tmp_path / "old"
+    run.mkdir()
+    saved = TrainConfig(data=str(tiny_dataset), strategy="gradual", out=str(run), **TINY).to_dict()
+    (run / "config.json").write_text(json.dumps({**saved, "unfreeze": 0}))
+    with pytest.raises(TransferkitError, match=f"cannot resume {run}: this version refuses its saved configuration "
+                                               r"\(--unfreeze 0 with --strategy gradual .*\); start the run again"):
+        resume_training(run)
 
 
 def test_a_run_resumed_with_quiet_shows_no_progress_and_leaves_nothing_half_written(

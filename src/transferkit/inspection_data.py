@@ -41,6 +41,7 @@ def _same_data(a: str, b: str) -> bool:
 
 def train_data_argument(data: str | Path | None, config: dict[str, Any], options: dict[str, Any]) -> str:
     """DATA and its label file options (not an exclude list: the suspects are the new one) for `train`."""
-    given = {**({} if data is not None else config), **{k: v for k, v in options.items() if v is not None}}
+    own = data is None or _same_data(str(data), str(config.get("data")))  # the run's label options apply
+    given = {**(config if own else {}), **{k: v for k, v in options.items() if v is not None}}
     return shlex.quote(str(data if data is not None else config["data"])) + data_flags(
         {name: given.get(name) for name in DATA_OPTIONS if name != "exclude"})

@@ -230,8 +230,16 @@ def _remove_leftovers_of(run_dir: Path) -> None:
 
 
 def _saved_config(saved: dict[str, Any], quiet: bool | None) -> TrainConfig:
-    """A run's configuration as saved, with the resuming command's ``quiet`` where it gave one."""
-    return TrainConfig(**{**saved, **({} if quiet is None else {"quiet": quiet})})
+    """A run's configuration as saved, with the resuming command's ``quiet`` where it gave one; one that
+    this version refuses (saved by an earlier one) is said to be the run's, not the resuming command's."""
+    try:
+        config = TrainConfig(**{**saved, **({} if quiet is None else {"quiet": quiet})})
+        if config.strategy != "auto" and config.lr != "auto":
+            config.strategy_spec()
+    except TransferkitError as exc:
+        raise TransferkitError(f"cannot resume {saved.get('out')}: this version refuses its saved configuration "
+                               f"({exc}); start the run again") from None
+    return config
 
 
 def _resume_fit(

@@ -140,8 +140,8 @@ def _check_options_are_read(args: argparse.Namespace) -> None:
                                        f"would ignore it: leave it out or change {setting}")  # fmt: skip
     if "--unfreeze-every" in given and "--unfreeze-at" in given:
         raise TransferkitError("--unfreeze-every and --unfreeze-at both set gradual's schedule; give one of them")
-    if "--augment" in given and args.strategy == "feature-extract" and args.views == 1 \
-            and not args.no_cache:  # fmt: skip
+    one_cached_view = args.strategy == "feature-extract" and args.views == 1 and not args.no_cache
+    if "--augment" in given and args.augment != "none" and one_cached_view:
         raise TransferkitError("--augment with --strategy feature-extract needs --views K (K augmented views of "
                                "each training image, their features cached) or --no-cache; with one view the head "
                                "trains on the unaugmented images' features")  # fmt: skip

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -195,7 +196,7 @@ def _top_k(value: Any, default: int) -> int:
         return default
     whole = (isinstance(value, int) and not isinstance(value, bool)) or (
         isinstance(value, float) and value.is_integer()) or (
-        isinstance(value, str) and value.strip().lstrip("+").isdigit())  # a form's field  # fmt: skip
+        isinstance(value, str) and re.fullmatch(r"\s*\+?[0-9]+\s*", value))  # a form's field  # fmt: skip
     k = int(value) if whole else 0  # refused below: true, 1.9 (int() would take both as 1), "two"
     if not 1 <= k <= MAX_TOP_K:
         raise RequestProblem(422, f"top_k must be a whole number from 1 to {MAX_TOP_K}, got {value!r}")

@@ -67,8 +67,7 @@ def quiet_lightning() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     for pattern in (".*does not have many workers.*", ".*LeafSpec.*", ".*TensorBoard.*", ".*num_nodes.*",
                     ".*is an invalid value.*", ".*Checkpoint directory.*exists and is not empty.*",
-                    ".*tensorboardX.*", ".*in eval mode at the start of training.*", ".*Total length of `.*`.*",
-                    ".*`training_step` returned `None`.*"):  # a batch skipped on purpose (TransferLearner)  # fmt: skip
+                    ".*tensorboardX.*", ".*in eval mode at the start of training.*", ".*Total length of `.*`.*"):  # fmt: skip
         warnings.filterwarnings("ignore", message=pattern)
 
 

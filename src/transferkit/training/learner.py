@@ -58,10 +58,11 @@ class TransferLearner(L.LightningModule):
         self.channels_last = uses_convolutions(model) and not head_only
         self.skipped_files: set[tuple[str, str]] = set()
         self._frozen_digest: str | None = None
-        # Set by the LR finder: each group's LR as a multiple of --lr, which Lightning's range test
-        # would otherwise sweep at one LR for all (layer3 at the head's, not a hundredth of it).
+        # Set by the LR finder: each group's LR as a multiple of --lr (or fixed by --group-lr), which
+        # Lightning's range test would otherwise sweep at one LR for all (layer3 at the head's, not a
+        # hundredth of it).
         self.lr_range_test = False
-        self._lr_ratios: list[float] = []
+        self._lr_sweep: list[tuple[float, float | None]] = []
 
     def forward(self, x: torch.Tensor) -> Any:
         return self.model.head_module(x) if self.head_only else self.model(x)
@@ -125,14 +126,19 @@ class TransferLearner(L.LightningModule):
         return key.startswith("model.net.") and self.model.record.is_head_key(key.removeprefix("model.net."))
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
-        if len(batch[0]) == 1 and self._batchnorm_trains():
-            # An epoch's last batch of one image: BatchNorm in training mode cannot normalise a single
-            # value per channel (ResNet's 1x1 maps at 32 px); Lightning skips a step given None.
-            return None
-        return self._step(batch, "train")
-
-    def _batchnorm_trains(self) -> bool:
-        return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training for m in self.model.modules())
+        # An epoch's last batch of one image: BatchNorm in training mode cannot normalise a single value
+        # per channel (ResNet's 1x1 maps at 32 px), so it normalises that image by its running statistics.
+        # The step is taken all the same (a skipped step is an error under DDP, and the image counts).
+        training = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+        if len(batch[0]) != 1 or not training:
+            return self._step(batch, "train")
+        for m in training:
+            m.eval()
+        try:
+            return self._step(batch, "train")
+        finally:
+            for m in training:
+                m.train()
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._step(batch, "val")
@@ -140,7 +146,8 @@ class TransferLearner(L.LightningModule):
     def configure_optimizers(self) -> Any:
         cfg = self.config
         groups = without_decay_on_norms_and_biases(param_groups(self.model, self.spec), cfg.weight_decay)
-        self._lr_ratios = [g["lr"] / cfg.lr for g in groups]
+        self._lr_sweep = [(g["lr"] / cfg.lr, g["lr"] if g["name"].partition("/")[0] in self.spec.group_lrs else None)
+                          for g in groups]  # fmt: skip
         if cfg.optimizer == "sgd":
             opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
         elif cfg.optimizer == "adam":
@@ -151,8 +158,8 @@ class TransferLearner(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.lr_range_test:  # the range test's scheduler sets every group to the swept LR before each step
-            for group, ratio in zip(optimizer.param_groups, self._lr_ratios, strict=True):
-                group["lr"] *= ratio
+            for group, (ratio, fixed) in zip(optimizer.param_groups, self._lr_sweep, strict=True):
+                group["lr"] = fixed if fixed is not None else group["lr"] * ratio
 
     def _scheduler(self, opt: torch.optim.Optimizer) -> dict[str, Any]:
         cfg = self.config
