@@ -129,9 +129,9 @@ class TransferLearner(L.LightningModule):
         # An epoch's last batch of one image: BatchNorm in training mode cannot normalise a single value
         # per channel (ResNet's 1x1 maps at 32 px), so it normalises that image by its running statistics.
         # The step is taken all the same (a skipped step is an error under DDP, and the image counts).
-        training = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
-        if len(batch[0]) != 1 or not training:
+        if len(batch[0]) != 1:  # first: the walk over modules below would cost every step of a long epoch
             return self._step(batch, "train")
+        training = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
         for m in training:
             m.eval()
         try:
