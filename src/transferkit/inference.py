@@ -25,7 +25,7 @@ from .model import TransferModel
 from .performance import PRECISION_NAMES, pick_device
 from .prediction import TTA_VIEWS, AugmentedRunner, EagerRunner, inference_precision, predict_samples, top_k_results
 from .prediction_inputs import collect_images, images_as_files, why_not_predicted
-from .runs import CONFIG_NAME, METRICS_NAME, run_json, with_run_columns
+from .runs import CONFIG_NAME, METRICS_NAME, run_json, same_data, with_run_columns
 from .runtimes import ensemble, fold_models, runner_for
 from .shards import is_url
 
@@ -315,12 +315,8 @@ def _runs_own_split(run: Any, data: str | Path, options: dict[str, Any] | None) 
     if config is None:  # a model object, or no (or a damaged) config.json: every image given is evaluated
         return None
 
-    def same(given: Any, trained: Any) -> bool:
-        return given == trained or (None not in (given, trained) and not is_url(str(given))
-                                    and Path(given).expanduser().resolve() == Path(trained).expanduser().resolve())
-
     given = {"labels": None, **(options or {})}  # read otherwise than the run read it: not the run's split
-    if not same(str(data), config.get("data")) or not all(same(v, config.get(k)) for k, v in given.items()):
+    if not same_data(str(data), config.get("data")) or not all(same_data(v, config.get(k)) for k, v in given.items()):
         return None
     k_fold = config.get("folds") or (config.get("resolved_from") or {}).get("fold_images")
     recorded = (run_json(run, METRICS_NAME) or {}).get("data") or {}

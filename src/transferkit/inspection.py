@@ -144,7 +144,7 @@ class Inspection:
     train_data: str = ""  # DATA with its label file options, as `transferkit train` takes them
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "suspects": len(self.suspects())}
+        return {**asdict(self), "suspects": len(self.suspects()), "train_command": self.train_command()}
 
     def suspects(self) -> dict[str, list[str]]:
         """Each image to review, once, with every reason; label issues first, as on the page."""

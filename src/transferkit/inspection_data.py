@@ -10,6 +10,7 @@ from typing import Any
 from .data import ImageFolderSplits, discover_for
 from .discovery import DATA_OPTIONS, data_flags
 from .errors import TransferkitError
+from .runs import same_data
 from .shards import is_url
 
 LABEL_FILE_OPTIONS = tuple(name for name in DATA_OPTIONS if name not in ("labels", "exclude"))  # its columns
@@ -31,17 +32,13 @@ def discover_as_run(
                                    "shards")  # fmt: skip
         data = str(source.absolute())
     # The run's own data is split as the run split it (its --val-split, seed and label options).
-    own = data is None or _same_data(str(data), str(config.get("data")))
+    own = data is None or same_data(str(data), config.get("data"))
     return discover_for({**(config if own else {"seed": seed}), **options, "data": data or config["data"]})
-
-
-def _same_data(a: str, b: str) -> bool:
-    return a == b or (not is_url(a) and not is_url(b) and Path(a).resolve() == Path(b).resolve())
 
 
 def train_data_argument(data: str | Path | None, config: dict[str, Any], options: dict[str, Any]) -> str:
     """DATA and its label file options (not an exclude list: the suspects are the new one) for `train`."""
-    own = data is None or _same_data(str(data), str(config.get("data")))  # the run's label options apply
+    own = data is None or same_data(str(data), config.get("data"))  # the run's label options apply
     given = {**(config if own else {}), **{k: v for k, v in options.items() if v is not None}}
     return shlex.quote(str(data if data is not None else config["data"])) + data_flags(
         {name: given.get(name) for name in DATA_OPTIONS if name != "exclude"})

@@ -116,14 +116,12 @@ def _fit_one_vs_rest(
     x: np.ndarray, y: np.ndarray, classifier: str, seed: int, c_grid: tuple[float, ...], max_folds: int
 ) -> ProbeFit:
     """scikit-learn's one-vs-rest over the classes, C chosen by K-fold macro-F1; rows of weights for sigmoids."""
-    from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GridSearchCV, KFold
     from sklearn.multiclass import OneVsRestClassifier
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
-    from sklearn.svm import LinearSVC
 
-    base = LogisticRegression(max_iter=2000) if classifier == "logreg" else LinearSVC(max_iter=10000)
+    base = _classifier(classifier)
     pipeline = make_pipeline(StandardScaler(), OneVsRestClassifier(base))
     grid = {"onevsrestclassifier__estimator__C": list(c_grid)}
     if max_folds == 0:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import TransferkitError
 from .files import atomic_write, is_not
 from .label_tables import label_file_header
+from .shards import is_url
 
 if TYPE_CHECKING:
     from .training.config import TrainConfig
@@ -130,6 +131,12 @@ def run_json(run: Any, name: str) -> dict[str, Any] | None:
         return read_json((path if path.is_dir() else path.parent) / name)
     except (TransferkitError, OSError):
         return None
+
+
+def same_data(given: Any, recorded: Any) -> bool:
+    """Whether ``given`` (a path, a URL or an option's value) is what a run recorded, however it is spelt."""
+    return given == recorded or (None not in (given, recorded) and not is_url(str(given))
+                                 and Path(given).expanduser().resolve() == Path(recorded).expanduser().resolve())
 
 
 def with_run_columns(run: Any, data: str | Path, options: dict[str, Any] | None) -> dict[str, Any] | None:

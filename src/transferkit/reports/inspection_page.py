@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import html
 import io
-import shlex
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -202,8 +201,6 @@ def _page(found: dict[str, Any], body: str) -> str:
     images = ", ".join(f"{n} {split}" for split, n in found["images"].items() if n)
     notes = "".join(f'<p class="note">{_e(note)}</p>' for note in found["notes"])
     out = Path(found.get("out") or ".")
-    suspects = shlex.quote(str(out / "suspects.txt"))
-    train = f"{found.get('train_data') or shlex.quote(found['data'])} --exclude {suspects}"
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -221,7 +218,7 @@ def _page(found: dict[str, Any], body: str) -> str:
 {notes}
 <p>Every image listed here is also in <code>{_e(out / "suspects.txt")}</code>, after a comment saying why.
 Delete the lines of the images you want to keep, then train without the rest:
-<code>transferkit train {_e(train)}</code></p>
+<code>{_e(found["train_command"])}</code></p>
 {body}
 <footer>Generated {datetime.now().strftime("%Y-%m-%d %H:%M")} by transferkit inspect · features: {cache.get("misses", 0)}
 computed, {cache.get("hits", 0)} from the cache · {_e(timing)}.</footer>

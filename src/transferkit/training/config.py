@@ -161,11 +161,10 @@ class TrainConfig:
 
     def _check_number_type(self, name: str, kind: type, words: str) -> None:
         value = getattr(self, name)
+        option = "--views" if name == "feature_views" else "--" + name.replace("_", "-")
         if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
-            option = "--views" if name == "feature_views" else "--" + name.replace("_", "-")
             raise TransferkitError(f"{option} must be {words}, got {value!r}")
         if value is not None and not isinstance(value, Integral) and not math.isfinite(value):
-            option = "--views" if name == "feature_views" else "--" + name.replace("_", "-")
             raise TransferkitError(f"{option} must be a finite number, got {value!r}")
         if value is not None:  # NumPy's numbers as Python's, for config.json
             setattr(self, name, int(value) if isinstance(value, Integral) else float(value))
