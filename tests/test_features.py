@@ -107,6 +107,24 @@ def test_layers_by_group_or_module_path(images: list, tmp_path: Path) -> None:
         resolve_layer(model, "layer9")
 
 
+def test_a_group_is_read_after_its_activation_and_at_its_own_modules() -> None:
+    x = torch.randn(2, 3, 32, 32)
+    resnet = _model()
+    with torch.no_grad():  # the stem is conv1, bn1 and relu: its output is what layer1 reads, not bn1's
+        stem = resnet.net.relu(resnet.net.bn1(resnet.net.conv1(x))).mean(dim=(2, 3))
+        assert torch.allclose(resnet.features(x, "stem"), stem)
+    torch.manual_seed(0)  # a ViT's first group is conv_proj (with the class token): not the whole encoder
+    vit = TransferModel(load_backbone("vit_b_16", weights="none", model_kwargs={"image_size": 32}), ["blue", "red"])
+    with torch.no_grad():
+        assert torch.allclose(vit.eval().features(x, "conv_proj"), vit.net.conv_proj(x).mean(dim=(2, 3)))
+    alexnet = TransferModel(load_backbone("alexnet", weights="none"), ["blue", "red"]).eval()
+    assert [g.name for g in alexnet.groups][:3] == ["features.0", "features.3", "features.6-10"]
+    with torch.no_grad():  # a module path that names one convolution reads that convolution
+        x = torch.randn(1, 3, 64, 64)
+        assert alexnet.features(x, "features.6").shape == (1, 384)
+        assert alexnet.features(x, "features.6-10").min() >= 0  # after features.10's ReLU
+
+
 def test_augmented_views_are_cached_and_deterministic(images: list, tmp_path: Path) -> None:
     model = _model()
     a = extract_features(model, images, augment="light", views=3, cache_dir=tmp_path / "a", num_workers=0)

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from transferkit import ModelRecord, TransferkitError, TransferModel, load_backbone, load_checkpoint
+from transferkit.checkpoint import save_checkpoint
+from transferkit.heads import LinearProbe
 from transferkit.backbones import get_module, resolve_weights
 from transferkit.backbones.weights import FileWeights, NoWeights, PackageWeights, TimmHubWeights, TorchvisionWeights
 
@@ -25,6 +27,24 @@ def test_a_checkpoint_of_format_1_still_loads_and_predicts_the_same() -> None:
     with torch.no_grad():
         probabilities = model(x).softmax(dim=1)
     assert torch.allclose(probabilities, torch.tensor(expected["probabilities"]), atol=1e-6)
+
+
+def test_a_probe_reads_the_module_its_checkpoint_recorded(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = TransferModel(load_backbone("resnet18", weights="none"), ["cat", "dog"]).eval()
+    probe = LinearProbe(torch.zeros(64), torch.ones(64), torch.randn(2, 64), torch.zeros(2))
+    model.attach_probe(probe, "stem")
+    save_checkpoint(model, tmp_path / "new.pt")
+    # A checkpoint written before probe_module was saved: its probe was fitted on bn1's output.
+    payload = torch.load(tmp_path / "new.pt", weights_only=True)
+    del payload["probe_module"]
+    torch.save(payload, tmp_path / "old.pt")
+    x = torch.randn(2, 3, 32, 32)
+    new, old = load_checkpoint(tmp_path / "new.pt"), load_checkpoint(tmp_path / "old.pt")
+    assert (new.probe_module, old.probe_module) == ("relu", "bn1")
+    with torch.no_grad():
+        assert torch.allclose(new(x), model(x))
+        assert torch.allclose(old(x), probe(model.net.bn1(model.net.conv1(x)).mean(dim=(2, 3))))
 
 
 def test_the_record_round_trips_and_keeps_extras_apart() -> None:

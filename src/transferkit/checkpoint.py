@@ -41,6 +41,7 @@ def save_checkpoint(
     if model.probe is not None:
         payload["probe"] = {k: v.detach().cpu().clone() for k, v in model.probe.state_dict().items()}
         payload["probe_layer"] = model.probe_layer or ""
+        payload["probe_module"] = model.probe_module or ""
     atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))
     return Path(path)
 
@@ -97,7 +98,8 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(metadata, state_dict) of a checkpoint, refusing anything that would need unpickling code.
 
-    A linear probe's tensors come back in the metadata under ``"_probe"`` (with ``"_probe_layer"``).
+    A linear probe's tensors come back in the metadata under ``"_probe"`` (with ``"_probe_layer"``, and
+    ``"_probe_module"`` where the checkpoint recorded the module the probe reads).
     """
     p = resolve_checkpoint_path(path)
     if not zipfile.is_zipfile(p):  # every torch.save since 1.6 writes a zip archive
@@ -116,6 +118,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.T
     meta = json.loads(payload["metadata"])
     if "probe" in payload:
         meta["_probe"], meta["_probe_layer"] = payload["probe"], payload.get("probe_layer") or None
+        meta["_probe_module"] = payload.get("probe_module")
     return meta, payload["state_dict"]
 
 
@@ -142,10 +145,13 @@ def load_checkpoint(path: str | Path, class_names: list[str] | None = None) -> T
             f"({', '.join(meta['class_names'])}), not on {len(class_names)} ({', '.join(class_names)})"
         )
     probe, probe_layer = meta.pop("_probe", None), meta.pop("_probe_layer", None)
+    probe_module = meta.pop("_probe_module", None)
     with _initialisers_skipped():  # every weight is replaced from the state_dict below (a missing one is an error)
         model = TransferModel.from_record(ModelRecord.from_dict(meta))
     if probe is not None:
-        model.attach_probe(LinearProbe.from_state_dict(probe), probe_layer)
+        # A checkpoint without "probe_module" reads its layer where versions before it hooked groups.
+        model.attach_probe(LinearProbe.from_state_dict(probe), probe_layer, probe_module or None,
+                           legacy=probe_module is None)  # fmt: skip
     missing, unexpected = model.net.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise TransferkitError(

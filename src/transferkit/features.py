@@ -31,7 +31,7 @@ from .shards import packed_identity
 from .data import ImageDataset, Sample, build_transform, check_loading, collate_skipping_bad, default_num_workers
 from .errors import TransferkitError
 from .feature_store import FeatureStore, StoredRows
-from .layers import StopForward, capture, resolve_layer
+from .layers import StopForward, capture, layer_path, resolve_layer
 from .model import TransferModel
 from .performance import autocast, batch_to, inference_mode, pick_device, resolve_precision, to_fast_layout
 
@@ -202,9 +202,11 @@ def store_features(
 
 
 def _spec(model: TransferModel, layer: str | None, augment: str, precision: str) -> FeatureSpec:
-    canonical_layer, _, _ = resolve_layer(model, layer)
+    name, path, head_input = layer_path(model, layer)
+    # A layer is keyed by the module read too: features cached when a group was read elsewhere are not reused.
+    key = name if head_input else f"{name}@{path}"
     prep = model.preprocessing.to_dict()
-    return FeatureSpec(model.record.backbone, weights_digest(model), canonical_layer, prep, augment, precision)
+    return FeatureSpec(model.record.backbone, weights_digest(model), key, prep, augment, precision)
 
 
 def _items(samples: list[Sample], view_count: int) -> list[tuple[int, str, int]]:

@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .backbones import Preprocessing
+from .backbones import Preprocessing, get_module
 from .checkpoint import load_checkpoint
 from .data import build_transform, check_whole_number, load_image
 from .errors import TransferkitError
@@ -333,12 +333,11 @@ def _channels_first(t: torch.Tensor) -> torch.Tensor:
 def _group_candidates(model: TransferModel) -> list[tuple[str, nn.Module]]:
     head = model.head_module
     paths = {id(m): path for path, m in model.net.named_modules()}
-    layers = [g.name for g in model.groups]
-    if model.probe is not None and model.probe_layer:  # the layer the probe reads, where the forward stops
-        layers.append(model.probe_layer)
+    layers = [resolve_layer(model, g.name)[:2] for g in model.groups]
+    if model.probe is not None and model.probe_module:  # the layer the probe reads, where the forward stops
+        layers.append((model.probe_module, get_module(model.net, model.probe_module)))
     out: list[tuple[str, nn.Module]] = []
-    for layer in layers:
-        name, module, _ = resolve_layer(model, layer)
+    for name, module in layers:
         if module is not head and all(module is not m for _, m in out):
             out.append((paths.get(id(module), name), module))
     return out

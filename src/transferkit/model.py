@@ -18,7 +18,7 @@ from torch import nn
 from .backbones import Backbone, LayerGroup, Preprocessing, build_architecture, get_module
 from .errors import TransferkitError
 from .heads import HeadSpec, LinearProbe
-from .layers import StopForward, capture
+from .layers import StopForward, capture, layer_path
 
 # The keys a checkpoint's metadata holds for the record; anything else in it is an extra.
 _RECORD_KEYS = ("backbone", "weights", "model_kwargs", "class_names", "head", "classifier_path", "extra_head_paths",
@@ -128,6 +128,7 @@ class TransferModel(nn.Module):
         self.record = ModelRecord.of(backbone, class_names, spec)
         self.probe: LinearProbe | None = None
         self.probe_layer: str | None = None
+        self.probe_module: str | None = None  # the module the probe reads (None: the head's input)
         self.folded_batchnorm: set[str] = set()
         self.find_folded_batchnorm()
 
@@ -154,16 +155,23 @@ class TransferModel(nn.Module):
         for random weights, whose fresh statistics are the identity too."""
         self.folded_batchnorm = folded_batchnorm_paths(self.net) if self.record.weights != "none" else set()
 
-    def attach_probe(self, probe: LinearProbe, layer: str | None) -> None:
-        """Classify with a linear probe on ``layer``'s pooled features instead of the head."""
-        self.probe, self.probe_layer = probe, layer
+    def attach_probe(self, probe: LinearProbe, layer: str | None, module_path: str | None = None,
+                     legacy: bool = False) -> None:  # fmt: skip
+        """Classify with a linear probe on ``layer``'s pooled features instead of the head.
 
-    def features(self, x: torch.Tensor, layer: str | None = None) -> torch.Tensor:
-        """Pooled features of ``layer`` (default: the head's input); the rest of the network is skipped.
+        ``module_path``: the module it reads, as its checkpoint recorded it; else ``layer``'s, found as
+        this version finds it (or, ``legacy``, as versions that did not record it did)."""
+        _, path, head_input = layer_path(self, layer, legacy)
+        self.probe, self.probe_layer = probe, layer
+        self.probe_module = None if head_input else module_path or path
+
+    def features(self, x: torch.Tensor, layer: str | None = None, module_path: str | None = None) -> torch.Tensor:
+        """Pooled features of ``layer`` (default: the head's input), or of the module at ``module_path``;
+        the rest of the network is skipped.
 
         While torch.export traces it (an export of a linear probe), the network runs to its end instead:
         an exception cannot be traced, and the exporters remove the layers whose outputs go unused."""
-        with capture(self, layer, stop=not torch.compiler.is_exporting()) as out:
+        with capture(self, layer, stop=not torch.compiler.is_exporting(), module_path=module_path) as out:
             try:
                 self.net(x)
             except StopForward:
@@ -211,7 +219,7 @@ class TransferModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Any:
         if self.probe is not None:
-            return self.probe(self.features(x, self.probe_layer))
+            return self.probe(self.features(x, self.probe_layer, self.probe_module))
         out = self.net(x)
         if isinstance(out, tuple) and hasattr(out, "logits"):  # torchvision's InceptionOutputs
             return (out.logits, out.aux_logits) if self.training else out.logits

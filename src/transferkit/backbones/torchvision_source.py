@@ -200,4 +200,7 @@ def _leaf_run_name(model: nn.Module, run: list[str], first: bool, head_paths: tu
         ]
         if siblings == run:
             return parent
+    if len(run) > 1 and all(path.rpartition(".")[0] == parent for path in run):
+        # VGG's convolutions between two poolings: features.6-8, not features.6 (that module alone).
+        return f"{run[0]}-{run[-1].rpartition('.')[2]}"
     return run[0]
