@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -387,6 +388,17 @@ def test_a_chart_laid_out_once_has_the_pixels_savefig_would_give(tmp_path: Path)
     chart().savefig(tmp_path / "savefig.png", format="png", dpi=100)  # constrained layout, run by savefig
     once, usual = (np.asarray(Image.open(tmp_path / f"{n}.png").convert("RGB")) for n in ("once", "savefig"))
     assert once.shape == usual.shape == (300, 500, 3) and np.array_equal(once, usual)
+
+
+def test_class_names_with_dollar_signs_are_drawn_as_written(tmp_path: Path) -> None:
+    """matplotlib reads text between two $ as TeX: "$5_to_$10" is no formula, "$5-$10" would lose its $."""
+    from transferkit.reports.figures import plot_confusion_matrix
+
+    names = ["$5_to_$10", "$5-$10", "日本語 bee"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a glyph DejaVu Sans lacks is no warning on the user's terminal
+        plot_confusion_matrix(names, [[2, 1, 0], [0, 3, 0], [1, 0, 2]], tmp_path / "cm.png")
+    assert Image.open(tmp_path / "cm.png").size[0] > 0
 
 
 @pytest.mark.parametrize("scale", [1e-4, 1.0, 2e3])

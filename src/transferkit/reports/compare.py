@@ -17,7 +17,7 @@ from matplotlib.ticker import MaxNLocator
 
 from ..files import atomic_write
 from ..runs import METRICS_NAME, Run, read_json
-from .figures import _figure, _save, _series
+from .figures import _figure, _save, _series, literal_text
 from .markup import CSS
 from .markup import escape as _e
 from .markup import table as _table
@@ -99,7 +99,7 @@ def format_comparison(runs: Sequence[Run]) -> str:
 
 def plot_comparison(runs: Sequence[Run], path: Path) -> Path:
     """Validation accuracy per epoch, final accuracies and time per run, side by side."""
-    labels = [f"{label}\n({r.metrics.get('strategy', r.config.get('strategy'))})"
+    labels = [literal_text(f"{label}\n({r.metrics.get('strategy', r.config.get('strategy'))})")
               for label, r in zip(_labels(runs), runs)]  # fmt: skip
     fig = _figure(COMPARE_INCHES)
     ax_curve, ax_acc, ax_time = fig.subplots(1, 3)

@@ -79,14 +79,18 @@ def _margins(
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    # savefig lays out a figure that has a layout engine with a draw of its own before the real one;
-    # laid out here once and then fixed, it is drawn once (the same pixels, a third less time).
-    engine = fig.get_layout_engine()
-    if engine is not None:
-        engine.execute(fig)
-        fig.set_layout_engine(None)
-    # No bbox_inches="tight": the PNG keeps exactly figsize x DPI pixels, which the page lays out by.
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
+    # A class name in a script DejaVu Sans lacks is drawn as boxes (the page has its text): matplotlib's
+    # warning per missing glyph would reach the user's terminal from the report's process.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        # savefig lays out a figure that has a layout engine with a draw of its own before the real one;
+        # laid out here once and then fixed, it is drawn once (the same pixels, a third less time).
+        engine = fig.get_layout_engine()
+        if engine is not None:
+            engine.execute(fig)
+            fig.set_layout_engine(None)
+        # No bbox_inches="tight": the PNG keeps exactly figsize x DPI pixels, which the page lays out by.
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
     return path
 
 
@@ -167,7 +171,7 @@ def plot_confusion_matrix(class_names: Sequence[str], matrix: Sequence[Sequence[
     for ax, values, title, fmt, top in zip(
         fig.subplots(1, 2),
         (counts, normalised),
-        ("counts", "row-normalised (recall on the diagonal)"),
+        ("counts", "row-normalised\n(recall on the diagonal)"),
         ("{:.0f}", "{:.2f}"),
         (max(1.0, counts.max()), 1.0),
     ):
@@ -177,8 +181,9 @@ def plot_confusion_matrix(class_names: Sequence[str], matrix: Sequence[Sequence[
             colorbar.locator = MaxNLocator(integer=True)
         ax.set(title=title, xlabel="predicted", ylabel="true")
         if n <= TICK_LABELS_MAX_CLASSES:
-            labels = [_short(c, 16) for c in class_names]
-            ax.set_xticks(range(n), labels, rotation=45 if n > 4 else 0, ha="right" if n > 4 else "center")
+            labels = [literal_text(_short(c, 16)) for c in class_names]
+            slanted = n > 4 or any(len(c) > 6 for c in class_names)  # long names side by side would overlap
+            ax.set_xticks(range(n), labels, rotation=45 if slanted else 0, ha="right" if slanted else "center")
             ax.set_yticks(range(n), labels)
         if n <= ANNOTATE_MAX_CLASSES:
             for (i, j), v in np.ndenumerate(values):
@@ -344,6 +349,11 @@ def prediction_title(p: Prediction, class_names: Sequence[str], with_loss: bool 
         return (f"{_short(class_names[p.predicted], 10)} / {_short(class_names[p.label], 10)}\n"
                 f"loss {p.loss:.2f} · p(true) {p.true_probability:.2f}")  # fmt: skip
     return f"{_short(class_names[p.predicted], 14)} {p.probability:.0%}\ntrue: {_short(class_names[p.label], 14)}"
+
+
+def literal_text(text: str) -> str:
+    """``text`` as matplotlib shows it as written: a class named ``$5_to_$10`` is no TeX formula to parse."""
+    return text.replace("$", r"\$")
 
 
 def _short(text: str, width: int) -> str:
