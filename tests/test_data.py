@@ -14,6 +14,7 @@ from helpers import make_colour_folder, requires_shared
 from PIL import Image
 
 from transferkit import Preprocessing, TransferkitError
+from transferkit.cli import main
 from transferkit.data import BadImage, ImageDataset, build_transform, discover, load_image, stratified_split
 
 
@@ -101,6 +102,7 @@ def test_runs_and_inspections_written_inside_the_data_folder_are_not_read_as_ima
     train(".", **options)  # into ./runs, the default
     train(".", out="red/my-run", **options)  # a run inside a class folder
     assert list((data / "runs").glob("*/report/*.png")) and list((data / "red/my-run/report").glob("*.png"))
+    assert main(["compare", *map(str, (data / "runs").iterdir()), "--out", str(data / "runs" / "compare.html")]) == 0
     (data / "runs" / "auto-search").mkdir()  # --strategy auto, still measuring: its progress alone so far
     (data / "runs" / "auto-search" / "selection.json").write_text("{}")
     (data / "blue" / "inspected").mkdir()

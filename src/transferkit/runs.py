@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import itertools
 import json
 import os
 import shutil
@@ -167,13 +166,22 @@ def is_transferkit_output(folder: Path) -> bool:
     def is_run(path: Path) -> bool:  # a search still measuring has only its progress yet
         return (path / CONFIG_NAME).is_file() and (path / "command.txt").is_file() or (path / SEARCH_PROGRESS).is_file()
 
+    def is_comparison(path: Path) -> bool:  # compare --out runs/compare.html, with its plot beside it
+        if path.suffix == ".html":
+            return path.with_name(f"{path.stem}_plot.png").is_file()
+        return path.name.endswith("_plot.png") and path.with_name(path.name.removesuffix("_plot.png") + ".html").is_file()
+
     if is_run(folder) or (folder / INSPECTION_JSON).is_file():
         return True
     # Read lazily: a folder of images stops at its first entry, whatever its size.
+    runs = 0
     with os.scandir(folder) as entries:
-        children = (Path(entry.path) for entry in entries if not entry.name.startswith("."))
-        first = next(children, None)
-        return first is not None and all(is_run(child) for child in itertools.chain([first], children))
+        for child in (Path(entry.path) for entry in entries if not entry.name.startswith(".")):
+            if is_run(child):
+                runs += 1
+            elif not is_comparison(child):
+                return False
+    return runs > 0
 
 
 def folders_to_walk(parent: str, names: list[str]) -> list[str]:
