@@ -146,7 +146,7 @@ def test_folds_validate_every_image_once_and_never_train_on_it() -> None:
 def test_k_fold_training_reports_mean_and_std_and_predicts_with_the_ensemble(tiny_dataset: Path, tmp_path: Path) -> None:
     import json
 
-    from transferkit import evaluate, predict, train
+    from transferkit import TransferkitError, evaluate, predict, train
 
     result = train(tiny_dataset, **TINY, folds=3, cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "folds"))
     m = result.metrics
@@ -166,6 +166,10 @@ def test_k_fold_training_reports_mean_and_std_and_predicts_with_the_ensemble(tin
     row = comparison_rows([load_run(result.run_dir)])[0]  # the folds' figures, not zero epochs
     assert row["run"] == "folds (3-fold mean)" and row["epochs"] == TINY["epochs"]
     assert row["trainable_params"] == fold_metrics[0]["trainable_params"] > 0
+    from transferkit.reports import write_report  # the root has no model or history: its folds do
+
+    with pytest.raises(TransferkitError, match=r"is a k-fold run: .*compare\.html; report one fold's run, e.g. .*"):
+        write_report(result.run_dir)
 
     ensemble = predict(result.run_dir, [tiny_dataset / "val"], top_k=2)
     members = [predict(r, [tiny_dataset / "val"], top_k=2, runtime="torch") for r in runs]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data import ImageFolderSplits
+from ..errors import TransferkitError
 from ..files import atomic_write, remove_leftovers
 from ..model import TransferModel
 from ..runs import HISTORY_FIELDS, HISTORY_NAME, Run, load_run
@@ -60,6 +61,10 @@ def write_report(
     ``model.pt`` the report still shows everything else, and says what it could not show.
     """
     run = load_run(run_dir)
+    if run.metrics.get("fold_runs"):  # no model and no history of its own: its folds' means
+        first = run.path / run.metrics["fold_runs"][0]
+        raise TransferkitError(f"{run.path} is a k-fold run: its folds are compared in {run.path / 'compare.html'}; "
+                               f"report one fold's run, e.g. {first}")  # fmt: skip
     remove_leftovers(run.path, older_than_s=STALE_LEFTOVER_S)
     # Drawn beside the report first: until the new page replaces it, the old one keeps every figure it shows.
     staging = Path(tempfile.mkdtemp(prefix=f".{REPORT_DIR}-", suffix=".tmp", dir=run.path))
