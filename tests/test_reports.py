@@ -436,3 +436,23 @@ def test_a_one_row_history_gets_its_table_instead_of_a_curve(runs: dict[str, Pat
     assert "One row, so no curve to draw" in page and "<table" in page.split('id="training"')[1].split("<section")[0]
     # Two rows or more: the curves, and the table folded under them.
     assert f"{REPORT_DIR}/{FIGURES['curves']}" in references(write_report(runs["feature-extract"])).images
+
+
+def test_small_learning_rates_and_a_macro_f1_selection_read_as_they_are(runs: dict[str, Path], tmp_path: Path) -> None:
+    run = tmp_path / "late-schedule"
+    shutil.copytree(runs["feature-extract"], run)
+    history = read_history(run / HISTORY_NAME)
+    for row, lr in zip(history, (2e-07, 5e-08)):  # the end of a cosine schedule from --lr 1e-5
+        row["lr"] = lr
+    write_history(run / HISTORY_NAME, history)
+    metrics = json.loads((run / "metrics.json").read_text())
+    candidate = {"backbone": "resnet18", "strategy": "full", "layer": None, "unfreeze": None, "epochs": 3,
+                 "score": 0.5, "seconds": 1.0, "images_per_s": 9.0, "status": "done", "note": ""}  # fmt: skip
+    metrics["selection"] = {"metric": "macro_f1", "leaderboard": [candidate], "holdout_images": 4}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    page = write_report(run).read_text(encoding="utf-8")
+    training = page.split('id="training"')[1].split("<section")[0]
+    assert "2e-07" in training and "5e-08" in training and "0.000000" not in training
+    selection = page.split('id="selection"')[1].split("<section")[0]
+    assert "<th>holdout macro-F1</th>" in selection and "holdout accuracy" not in selection
+    assert "<th>epochs</th>" in selection

@@ -137,7 +137,7 @@ def _draw_charts(run: Run, figures: Path) -> None:
         plot_confusion_matrix(run.metrics["class_names"], run.metrics["val_confusion_matrix"],
                               figures / FIGURES["confusion"])  # fmt: skip
     if (run.metrics.get("selection") or {}).get("leaderboard"):
-        plot_selection(run.metrics["selection"]["leaderboard"], figures / FIGURES["selection"])
+        plot_selection(run.metrics["selection"], figures / FIGURES["selection"])
     if run.metrics.get("calibration"):
         plot_reliability(run.metrics["calibration"], figures / FIGURES["reliability"])
 

@@ -126,11 +126,17 @@ def plot_curves(run: Run, path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_selection(leaderboard: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Each measured candidate of ``--strategy auto``: holdout accuracy against the seconds it took."""
+def selection_score_name(selection: dict[str, Any]) -> str:
+    """What scored ``--strategy auto``'s candidates (its metrics' ``selection``): macro-F1 for imbalanced classes."""
+    return "holdout accuracy" if selection.get("metric", "accuracy") == "accuracy" else "holdout macro-F1"
+
+
+def plot_selection(selection: dict[str, Any], path: Path) -> Path:
+    """Each measured candidate of ``--strategy auto``: its holdout score against the seconds it took."""
     fig = _figure((7.0, 4.5))
     ax = fig.subplots()
-    done = [t for t in leaderboard if t.get("score") is not None]
+    score = selection_score_name(selection)
+    done = [t for t in selection["leaderboard"] if t.get("score") is not None]
     for strategy in dict.fromkeys(t["strategy"] for t in done):
         rows = [t for t in done if t["strategy"] == strategy]
         ax.scatter([t["seconds"] for t in rows], [t["score"] for t in rows], label=strategy, s=40)
@@ -138,7 +144,7 @@ def plot_selection(leaderboard: Sequence[dict[str, Any]], path: Path) -> Path:
         best = done[0]  # the leaderboard is ranked
         ax.annotate(f"chosen: {best['backbone']} {best['strategy']}", (best["seconds"], best["score"]),
                     textcoords="offset points", xytext=(6, -12), fontsize=8)  # fmt: skip
-    ax.set(title="candidates: holdout accuracy against time", xlabel="seconds (measured)", ylabel="holdout accuracy")
+    ax.set(title=f"candidates: {score} against time", xlabel="seconds (measured)", ylabel=score)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)

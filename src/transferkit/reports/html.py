@@ -23,7 +23,7 @@ from ..runs import HISTORY_FIELDS, HISTORY_NAME, Run, load_run
 from ..strategies import DEFAULT_LR_DECAY
 from .drawing import FIGURES, DrawnFigures, draw_figures
 from .explanations import explanations_html
-from .figures import Prediction
+from .figures import Prediction, selection_score_name
 from .markup import CSS
 from .markup import definitions as _definitions
 from .markup import escape as _e
@@ -186,10 +186,16 @@ def _advice_html(advice: Any) -> str:
             f"<details><summary>measurements</summary>{_json_html(advice)}</details></div>")  # fmt: skip
 
 
+def _learning_rate(value: Any) -> str:
+    # Three significant digits: a cosine schedule's last LRs (2e-07) are not 0.000000.
+    return f"{value:.3g}" if isinstance(value, float) else _number(value)
+
+
 def _curves_html(run: Run, images: DrawnFigures) -> str:
     if not run.history:
         return f"<p>No per-epoch history in this run (no {HISTORY_NAME}).</p>"
-    rows = [[_number(r.get(k), 6 if k == "lr" else 4) for k in HISTORY_FIELDS] for r in run.history]
+    rows = [[_learning_rate(r.get(k)) if k == "lr" else _number(r.get(k)) for k in HISTORY_FIELDS]
+            for r in run.history]  # fmt: skip
     table = _table(list(HISTORY_FIELDS), rows, numeric_from=0)
     if len(run.history) == 1:
         return (f"<p>One row, so no curve to draw (a single epoch, or a linear probe's one fit); its numbers "
@@ -273,16 +279,18 @@ def _selection_html(run: Run, images: DrawnFigures) -> str:
     if not isinstance(selection, dict):
         return "<p>The strategy was given, not measured (<code>--strategy auto</code> measures candidates).</p>"
     rows = [[_number(i + 1), _e(t["backbone"]), _e(t["strategy"]), _e(t.get("layer") or t.get("unfreeze") or ""),
-             _number(t.get("score")), _number(t.get("seconds"), 1), _number(t.get("images_per_s"), 1),
+             _number(t.get("epochs")), _number(t.get("score")), _number(t.get("seconds"), 1),
+             _number(t.get("images_per_s"), 1),
              _e(t["status"] + (f": {t['note']}" if t.get("note") else ""))]
             for i, t in enumerate(selection.get("leaderboard", []))]  # fmt: skip
     summary = (f"<p>{_number(len(rows))} candidates scored on {_number(selection.get('holdout_images'))} held-out "
                f"training images (the validation images were not used to choose), in "
                f"{_number(selection.get('used_seconds'), 1)} s of a {_number(selection.get('budget_seconds'), 1)} s "
                f"budget. Reproduce the winner: <code>{_e(selection.get('command', ''))}</code></p>")  # fmt: skip
-    table = _table(["rank", "backbone", "strategy", "layer / unfreeze", "holdout accuracy", "seconds", "images/s",
+    score = selection_score_name(selection)
+    table = _table(["rank", "backbone", "strategy", "layer / unfreeze", "epochs", score, "seconds", "images/s",
                     "status"], rows, numeric_from=4)  # fmt: skip
-    return summary + table + _figure_html(images, "selection", "holdout accuracy against time per candidate")
+    return summary + table + _figure_html(images, "selection", f"{score} against time per candidate")
 
 
 # The report's sections in page order: a title (its first word, lower-cased, is the section's id)
