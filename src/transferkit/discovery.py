@@ -75,6 +75,9 @@ class ImageFolderSplits:
             "train_counts": counts(self.train),
             "val_counts": counts(self.val),
             "test_counts": counts(self.test),
+            # Per split: with several labels an image counts once per label above.
+            "images": {name: len(samples) for name, samples in
+                       (("train", self.train), ("val", self.val), ("test", self.test)) if samples is not None},
             "multi_label": self.multi_label,
             "skipped_files": len(self.skipped),
             "skipped": [{"path": p, "reason": r} for p, r in self.skipped],

@@ -126,8 +126,12 @@ def _data_html(run: Run, images: DrawnFigures) -> str:
     classes = data.get("classes") or []
     splits = [s for s in ("train", "val", "test") if data.get(f"{s}_counts")]
     rows = [[_e(c)] + [_number(data[f"{s}_counts"].get(c, 0)) for s in splits] for c in classes]
-    rows.append(["<strong>total</strong>"] + [f"<strong>{_number(sum(data[f'{s}_counts'].values()))}</strong>"
-                                              for s in splits])  # fmt: skip
+    images = data.get("images") or {}
+    if data.get("multi_label") and not images:  # a run from before the image counts were kept
+        totals, total_name = [sum(data[f"{s}_counts"].values()) for s in splits], "labels"
+    else:  # an image with several labels is one image
+        totals, total_name = [images.get(s, sum(data[f"{s}_counts"].values())) for s in splits], "images"
+    rows.append([f"<strong>{total_name}</strong>"] + [f"<strong>{_number(t)}</strong>" for t in totals])
     parts = [
         _definitions([("folder", f"<code>{_e(data.get('root', '?'))}</code>"), ("layout", _e(data.get("layout", "?"))),
                       ("classes", _number(len(classes)))]),  # fmt: skip
