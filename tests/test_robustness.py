@@ -96,13 +96,34 @@ def test_discovery_uses_the_good_skips_the_bad_by_name(messy_dataset: Path) -> N
     assert image_file_problem(cut) == "not a readable image (OSError: Truncated File Read)"
 
 
+def test_a_jpeg_claiming_a_huge_size_is_refused_before_it_is_decoded(tmp_path: Path) -> None:
+    """predict reads files given by name without discovery's header check: the decoder must not allocate
+    what a 700-byte JPEG claims (20000 x 20000 pixels, 1.2 GB)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(buf, "JPEG")
+    data = bytearray(buf.getvalue())
+    size_at = data.find(b"\xff\xc0") + 5  # the frame header: height, then width
+    data[size_at : size_at + 4] = struct.pack(">HH", 20000, 20000)
+    (tmp_path / "bomb.jpg").write_bytes(bytes(data))
+    measure = ("import resource, sys\nfrom transferkit.data import load_image\n"
+               "peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\nbefore = peak()\n"
+               "try:\n    load_image(sys.argv[1])\nexcept Exception as exc:\n    print(type(exc).__name__)\n"
+               "print((peak() - before) // 1024)")  # fmt: skip
+    refused, grown_mb = subprocess.run([sys.executable, "-c", measure, str(tmp_path / "bomb.jpg")], check=True,
+                                       capture_output=True, text=True).stdout.split()  # fmt: skip
+    assert refused == "DecompressionBombError" and int(grown_mb) < 100
+
+
 def test_predict_answers_each_image_it_cannot_read_with_the_reason(messy_dataset: Path, tmp_path: Path) -> None:
     from transferkit import predict
 
     run = train(messy_dataset / "train", epochs=1, out=str(tmp_path / "run"), **TINY).run_dir
     answers = {Path(r["path"]).name: r for r in predict(run, [messy_dataset / "train" / "red"])}
     assert answers["IMG_0001.HEIC"]["error"] == "HEIC images are not read; convert them to JPEG or PNG"
-    assert answers["truncated.jpg"]["error"] == "cannot decode image" and answers["cmyk.jpg"]["predictions"]
+    assert answers["cmyk.jpg"]["predictions"] and answers["truncated.jpg"]["error"].startswith("cannot decode (")
+    assert answers["notes.jpg"]["error"] == (
+        "cannot decode (UnidentifiedImageError: not an image format transferkit reads)"
+    )
 
 
 @pytest.mark.parametrize("strategy", ["fine-tune", "feature-extract"])

@@ -393,7 +393,9 @@ def predict(
         runner = runner_for(run, runtime, len(files), precision, compile, calibrated, tta)
         result = predict_samples(runner, files, batch_size, num_workers)
         results = top_k_results(files, result.by_position(), runner.class_names, top_k, runner.thresholds)
-        results = [{**r, "error": why_not_predicted(r["path"])} if r.get("error") else r for r in results]
+        reasons = {bad.path: bad.reason for bad in result.bad}
+        results = [{**r, "error": why_not_predicted(r["path"], reasons.get(r["path"]))} if r.get("error") else r
+                   for r in results]  # fmt: skip
     return [{**r, "path": names.get(r["path"], r["path"])} for r in results]
 
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from .backbones import DEFAULT_BACKBONE, Preprocessing, load_backbone
 from .checkpoint import load_checkpoint
-from .data import ImageFolderSplits, label_indices, load_image
+from .data import ImageFolderSplits, decode_failure, label_indices, load_image
 from .discovery import LABEL_FILE_SUFFIXES, NOT_IN_A_CLASS_FOLDER, warn_unused_val_split
 from .errors import TransferkitError
 from .features import extract_features
@@ -421,6 +421,6 @@ def _undecodable(splits: ImageFolderSplits, failed: list[str]) -> list[Undecodab
             load_image(path)
             reason = "failed to decode during feature extraction"
         except Exception as exc:  # whatever the decoder says is the reason
-            reason = f"cannot decode ({type(exc).__name__}: {exc})"[:200]
+            reason = decode_failure(exc)
         found.append(Undecodable(path, reason))
     return found

@@ -54,12 +54,13 @@ def collect_images(paths: list[str | Path]) -> list[str]:
     return found
 
 
-def why_not_predicted(path: str) -> str:
+def why_not_predicted(path: str, reason: str | None = None) -> str:
+    """What a result says of an image it has no answer for; ``reason``: the decoder's, where it gave one."""
     if is_packed_image(path):
-        return "cannot decode image"
+        return reason or "cannot decode image"
     if not Path(path).exists():  # listed in a label file (a file or folder given is checked before)
         return "no such file"
-    return unread_format(path) or "cannot decode image"
+    return unread_format(path) or reason or "cannot decode image"
 
 
 @contextlib.contextmanager
