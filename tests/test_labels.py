@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import make_colour_folder
 
 from transferkit import TransferkitError, load_checkpoint
@@ -295,6 +296,25 @@ def test_the_balanced_sampler_draws_classes_evenly_and_the_same_on_resume() -> N
     again = BalancedSampler(labels, seed=3, with_aug_seeds=False)
     again.epoch = 5  # as ResumableState restores it
     assert list(again) == epochs[5]
+
+
+def test_balanced_accuracy_leaves_out_a_class_no_image_has() -> None:
+    """Evaluated on images of two of three classes, with the third predicted twice: it has no recall."""
+    from sklearn.metrics import balanced_accuracy_score
+    from torchmetrics.functional.classification import multiclass_confusion_matrix
+
+    from transferkit.balance import balanced_accuracy
+    from transferkit.training.learner import BalancedAccuracy
+
+    truth, predicted = torch.tensor([1, 1, 1, 1, 1, 1, 2, 2]), torch.tensor([1, 1, 1, 0, 0, 2, 2, 0])
+    with warnings.catch_warnings():  # "y_pred contains classes not in y_true": the case at hand
+        warnings.simplefilter("ignore")
+        expected = balanced_accuracy_score(truth, predicted)  # (3/6 + 1/2) / 2, not / 3
+    assert balanced_accuracy(multiclass_confusion_matrix(predicted, truth, num_classes=3)) == pytest.approx(expected)
+    epoch = BalancedAccuracy(num_classes=3)  # training's, per validation epoch, in two batches
+    epoch.update(torch.nn.functional.one_hot(predicted[:5], 3).float(), truth[:5])
+    epoch.update(torch.nn.functional.one_hot(predicted[5:], 3).float(), truth[5:])
+    assert float(epoch.compute()) == pytest.approx(expected)
 
 
 def test_an_imbalanced_run_weights_its_loss_and_is_chosen_by_macro_f1(tmp_path: Path) -> None:

@@ -87,3 +87,11 @@ class BalancedSampler(EpochSeededSampler):
         drawn = torch.multinomial(self.weights, self.length, replacement=True, generator=g).tolist()
         for position, index in enumerate(drawn):  # an image drawn twice gets two different crops
             yield (index, hash((self.seed, epoch, position)) & 0x7FFFFFFF) if self.with_aug_seeds else index
+
+
+def balanced_accuracy(confusion: torch.Tensor) -> float:
+    """The mean recall of the classes the images have (scikit-learn's ``balanced_accuracy_score``), from
+    a confusion matrix (rows: true classes): a class no image has is left out, not a recall of 0."""
+    support = confusion.sum(dim=1)
+    present = support > 0
+    return float((confusion.diag()[present].double() / support[present]).mean()) if present.any() else 0.0

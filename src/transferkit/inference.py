@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from .balance import balanced_accuracy
 from .checkpoint import load_checkpoint
 from .data import (
     VAL_DIR_NAMES,
@@ -182,16 +183,17 @@ def _evaluation(
     scores = {metric: fn(predicted, labels, **per_class).tolist() for metric, fn in
               (("precision", multiclass_precision), ("recall", multiclass_recall), ("f1", multiclass_f1_score))}  # fmt: skip
     support = torch.bincount(labels, minlength=len(names)).tolist()
+    confusion = multiclass_confusion_matrix(predicted, labels, num_classes=len(names))
     return Evaluation(
         accuracy=float(multiclass_accuracy(predicted, labels, num_classes=len(names), average="micro")),
         num_images=len(labels),
         class_names=names,
         per_class={name: {**{m: float(v[i]) for m, v in scores.items()}, "support": int(support[i])}
                    for i, name in enumerate(names)},  # fmt: skip
-        confusion_matrix=multiclass_confusion_matrix(predicted, labels, num_classes=len(names)).tolist(),
+        confusion_matrix=confusion.tolist(),
         loss=float(torch.nn.functional.nll_loss(probs.clamp_min(1e-12).log(), labels)),
         macro_f1=float(multiclass_f1_score(predicted, labels, num_classes=len(names), average="macro")),
-        balanced_accuracy=float(multiclass_accuracy(predicted, labels, num_classes=len(names), average="macro")),
+        balanced_accuracy=balanced_accuracy(confusion),
         precision=precision,
         skipped_files=skipped + len(bad),
         skipped=bad,

@@ -11,13 +11,14 @@ from torch import nn
 from torchmetrics import Metric
 from torchmetrics.classification import (
     MulticlassAccuracy,
+    MulticlassConfusionMatrix,
     MulticlassF1Score,
     MultilabelAccuracy,
     MultilabelExactMatch,
     MultilabelF1Score,
 )
 
-from ..balance import Balance
+from ..balance import Balance, balanced_accuracy
 from ..errors import TransferkitError
 from ..model import TransferModel
 from ..performance import batch_to, uses_convolutions
@@ -26,6 +27,14 @@ from .config import TrainConfig
 
 FROZEN_BACKBONE_KEY = "transferkit_frozen_backbone_digest"
 
+
+
+class BalancedAccuracy(MulticlassConfusionMatrix):
+    """:func:`balanced_accuracy` of the epoch, as evaluation computes it (torchmetrics' macro accuracy
+    counts a class the validation images lack, but which was predicted, as a recall of 0)."""
+
+    def compute(self) -> torch.Tensor:
+        return torch.tensor(balanced_accuracy(super().compute()))
 
 class TransferLearner(L.LightningModule):
     """Cross-entropy training of a :class:`TransferModel` (plus Inception's aux loss)."""
@@ -51,7 +60,8 @@ class TransferLearner(L.LightningModule):
             self.val_accuracy = accuracy(average="micro")
         # For imbalanced classes (balance.py) and multi-label data: the numbers that choose the best epoch there.
         self.val_macro_f1 = f1(average="macro")
-        self.val_balanced_accuracy = accuracy(average="macro")
+        self.val_balanced_accuracy = MultilabelAccuracy(num_labels=n, average="macro") if self.multi_label \
+            else BalancedAccuracy(num_classes=n)  # fmt: skip
         balance = config.resolved_from.get("balance")
         weights = Balance.from_dict(balance).class_weights() if balance else None
         self.register_buffer("class_weights", weights, persistent=False)
