@@ -172,6 +172,9 @@ def test_k_fold_training_reports_mean_and_std_and_predicts_with_the_ensemble(tin
         write_report(result.run_dir)
 
     ensemble = predict(result.run_dir, [tiny_dataset / "val"], top_k=2)
+    with pytest.raises(TransferkitError, match=r"--runtime onnx runs one model, and .* is a k-fold run of 3: give "
+                                               r"--runtime torch \(their average\), or one fold's run, e\.g\. "):
+        predict(result.run_dir, [tiny_dataset / "val"], runtime="onnx")  # it ran the eager average, silently
     members = [predict(r, [tiny_dataset / "val"], top_k=2, runtime="torch") for r in runs]
     for i, answer in enumerate(ensemble):
         for p in answer["predictions"]:

@@ -10,6 +10,7 @@ from typing import Any
 
 from .checkpoint import load_checkpoint, read_metadata, resolve_checkpoint_path
 from .errors import TransferkitError
+from .folds import fold_dirs
 from .model import TransferModel
 from .performance import pick_device
 from .prediction import AugmentedRunner, EagerRunner, OnnxRunner, inference_precision
@@ -33,7 +34,11 @@ def runner_for(
     if not calibrated and isinstance(run, (str, Path)) and Path(run).suffix.lower() == ".onnx":
         raise TransferkitError(f"--calibration none needs the run directory, not its export {run} (an export has "
                                "the temperature inside)")  # fmt: skip
-    members = fold_models(run)
+    folds = fold_dirs(run) or []
+    if folds and runtime == "onnx":
+        raise TransferkitError(f"--runtime onnx runs one model, and {run} is a k-fold run of {len(folds)}: give "
+                               f"--runtime torch (their average), or one fold's run, e.g. {folds[0]}")  # fmt: skip
+    members = [load_checkpoint(d) for d in folds]
     onnx = None if members else _onnx_model_for(run, runtime if calibrated else "torch", images, precision, compile)
     if members:  # a k-fold run: the folds' models averaged
         runner: Any = ensemble(members, precision, compile, calibrated)
@@ -46,8 +51,6 @@ def runner_for(
 
 
 def fold_models(run: Any) -> list[TransferModel]:
-    from .folds import fold_dirs
-
     return [load_checkpoint(d) for d in fold_dirs(run) or []]
 
 
