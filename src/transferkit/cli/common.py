@@ -199,11 +199,14 @@ SEED = bounded(int, 0, 2**32 - 1)  # NumPy's seeds (training.config.MAX_SEED, wh
 
 
 def epochs(text: str) -> list[int]:
-    """``2,4,6``: comma-separated epoch numbers (empty items ignored)."""
+    """``2,4,6``: comma-separated epoch numbers (empty items ignored, but not all of them)."""
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
+        numbers = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated epochs, got {text!r}") from None
+        numbers = []
+    if not numbers:
+        raise argparse.ArgumentTypeError(f"expected comma-separated epochs, e.g. 2,4,6; got {text!r}")
+    return numbers
 
 
 # --------------------------------------------------------------------------- shared options (parent parsers)

@@ -191,9 +191,21 @@ class TrainConfig:
             raise TransferkitError(f"--folds {self.folds}: give at least 2 (5 is usual)")
         if not 0 <= self.seed <= MAX_SEED:
             raise TransferkitError(f"--seed must be from 0 to {MAX_SEED} (NumPy's seeds), got {self.seed}")
+        self._check_unfreeze_schedule()
         if not _valid_devices(self.devices):
             raise TransferkitError(f"--devices must be auto, a count of at least 1, -1 (all) or device indices such as "
                                    f"0,1; got {self.devices!r}")  # fmt: skip
+
+    def _check_unfreeze_schedule(self) -> None:
+        if any(isinstance(e, bool) or not isinstance(e, Integral) or e < 0 for e in self.unfreeze_at):
+            raise TransferkitError(f"--unfreeze-at takes epochs 0 or more (counted from 0), e.g. 2,4,6; got "
+                                   f"{','.join(map(str, self.unfreeze_at))}")  # fmt: skip
+        self.unfreeze_at = [int(e) for e in self.unfreeze_at]
+        first = min(self.unfreeze_at) if self.unfreeze_at else self.unfreeze_every
+        if self.strategy == "gradual" and first >= self.epochs:  # it would train the head alone, as feature-extract
+            raise TransferkitError(f"--strategy gradual unfreezes its first group at epoch {first} (counted from 0), "
+                                   f"after the last of --epochs {self.epochs}: give more --epochs, or an earlier "
+                                   f"{'--unfreeze-at' if self.unfreeze_at else '--unfreeze-every'}")  # fmt: skip
 
     def strategy_spec(self) -> StrategySpec:
         if self.lr == "auto":
