@@ -24,7 +24,15 @@ from .errors import TransferkitError
 from .label_tables import LABEL_FILE_SUFFIXES
 from .model import TransferModel
 from .performance import PRECISION_NAMES, pick_device
-from .prediction import TTA_VIEWS, AugmentedRunner, EagerRunner, inference_precision, predict_samples, top_k_results
+from .prediction import (
+    TTA_VIEWS,
+    AugmentedRunner,
+    EagerRunner,
+    Predictions,
+    inference_precision,
+    predict_samples,
+    top_k_results,
+)
 from .prediction_inputs import collect_images, images_as_files, why_not_predicted
 from .runs import CONFIG_NAME, METRICS_NAME, run_json, same_data, with_run_columns
 from .runtimes import ensemble, fold_models, runner_for
@@ -121,10 +129,16 @@ def evaluate_samples(
     runner = runner or EagerRunner(model, device, precision, compile, calibrated)
     if tta_views:
         runner = AugmentedRunner(runner, tta_views)
-    result = predict_samples(runner, samples, batch_size, num_workers)
+    return _evaluated(model, samples, predict_samples(runner, samples, batch_size, num_workers), skipped,
+                      runner.thresholds)  # fmt: skip
+
+
+def _evaluated(
+    model: TransferModel, samples: list[Sample], result: Predictions, skipped: int, thresholds: list[float] | None
+) -> Evaluation:
     decoded_samples = [samples[i] for i in result.positions.tolist()]
     bad = [(b.path, b.reason) for b in result.bad]
-    return _evaluation(model, result.probabilities, decoded_samples, result.precision, skipped, bad, runner.thresholds)
+    return _evaluation(model, result.probabilities, decoded_samples, result.precision, skipped, bad, thresholds)
 
 
 def evaluate_cached_features(
@@ -290,23 +304,28 @@ def evaluate(
             raise TransferkitError(f"no images found in {folder}; give a folder with one sub-folder per class")
         skipped = len(bad)
     samples = _labels_as_the_model_reads_them(model, samples, data_dir)
-    options: dict[str, Any] = {"precision": precision, "skipped": skipped, "compile": compile, "calibrated": calibrated}
-    if members:  # a k-fold run: the folds' models averaged
-        options["runner"] = ensemble(members, precision, compile, calibrated)
-    started = time.perf_counter()
-    plain = evaluate_samples(model, samples, batch_size, num_workers, **options)
-    if own is not None:
-        plain.evaluated_on = (f"the run's {'test' if own.test else 'validation'} images of {data_dir}, drawn as it "
-                              f"drew them (it trained on {len(own.train)} others)")  # fmt: skip
+    runner = ensemble(members, precision, compile, calibrated) if members else \
+        EagerRunner(model, None, precision, compile, calibrated)  # fmt: skip
+    evaluated_on = None if own is None else (
+        f"the run's {'test' if own.test else 'validation'} images of {data_dir}, drawn as it drew them (it trained on "
+        f"{len(own.train)} others)")  # fmt: skip
     if not tta:
+        plain = evaluate_samples(model, samples, batch_size, num_workers, skipped=skipped, runner=runner)
+        plain.evaluated_on = evaluated_on
         return plain
-    plain_seconds, started = time.perf_counter() - started, time.perf_counter()
-    augmented = evaluate_samples(model, samples, batch_size, num_workers, tta_views=TTA_VIEWS, **options)
-    seconds = time.perf_counter() - started
+    # A batch first, untimed: the plain pass would pay alone what both share (first forwards, the loader).
+    predict_samples(runner, samples[:batch_size], batch_size, num_workers, warn_undecodable=False)
+    passes = []
+    for each in (runner, AugmentedRunner(runner, TTA_VIEWS)):
+        started = time.perf_counter()
+        result = predict_samples(each, samples, batch_size, num_workers, warn_undecodable=each is runner)
+        seconds = time.perf_counter() - started
+        passes.append((_evaluated(model, samples, result, skipped, each.thresholds), seconds))
+    (plain, plain_seconds), (augmented, seconds) = passes
     augmented.tta = {"views": list(TTA_VIEWS), "accuracy_without": plain.accuracy, "loss_without": plain.loss,
                      "accuracy_gain": augmented.accuracy - plain.accuracy, "seconds_without": round(plain_seconds, 2),
                      "seconds_with": round(seconds, 2), "cost": round(seconds / max(plain_seconds, 1e-9), 2)}  # fmt: skip
-    augmented.evaluated_on = plain.evaluated_on
+    augmented.evaluated_on = evaluated_on
     return augmented
 
 
