@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import re
@@ -217,6 +218,11 @@ def test_a_frozen_backbone_run_writes_the_best_head_into_model_pt_without_rewrit
         ({"num_workers": -2}, "--num-workers must not be negative"),
         ({"gamma": 0.0}, "--gamma must be positive"),
         ({"mean": [0.5] * 3, "std": [0.0] * 3}, "--std must be positive"),
+        ({"mean": [0.5, 0.5]}, "--mean takes 1 or 3 numbers (one per RGB channel), got 2: 0.5,0.5"),
+        ({"devices": -1}, "--devices -1: on a CPU give a count of processes (--devices 2) or auto"),
+        ({"devices": "0,1"}, "--devices 0,1: on a CPU give a count of processes"),
+        pytest.param({"dist": "deepspeed"}, "--dist deepspeed needs the deepspeed package: pip install deepspeed",
+                     marks=pytest.mark.skipif(bool(importlib.util.find_spec("deepspeed")), reason="deepspeed here")),
         ({"image_size": -5}, "--image-size must be at least 1 pixel, got -5"),
         ({"folds": 0}, "--folds 0: give at least 2"),
         ({"seed": -1}, "--seed must be from 0 to 4294967295"),

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from torch import nn
 
 from ..errors import TransferkitError
+
+
+def _per_channel(option: str, values: Sequence[float] | None) -> tuple[float, ...] | None:
+    """An RGB image's three values; one value stands for all three (greyscale's statistics)."""
+    if values is None or len(values) == 0:
+        return None
+    if len(values) not in (1, 3):
+        raise TransferkitError(f"{option} takes 1 or 3 numbers (one per RGB channel), got {len(values)}: "
+                               f"{','.join(map(str, values))}")  # fmt: skip
+    return tuple(float(v) for v in values) * (3 if len(values) == 1 else 1)
 
 
 @dataclass(frozen=True)
@@ -43,6 +54,7 @@ class Preprocessing:
     ) -> Preprocessing:
         if image_size is not None and image_size < 1:
             raise TransferkitError(f"--image-size must be at least 1 pixel, got {image_size}")
+        mean, std = _per_channel("--mean", mean), _per_channel("--std", std)
         if std is not None and not all(s > 0 and math.isfinite(s) for s in std):
             raise TransferkitError(f"--std must be positive (images are divided by it), got {','.join(map(str, std))}")
         if mean is not None and not all(math.isfinite(m) for m in mean):

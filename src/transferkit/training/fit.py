@@ -6,6 +6,7 @@ metrics.json, the report) is the caller's: :mod:`transferkit.workflow`.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import signal
@@ -135,9 +136,16 @@ def check_launch(config: TrainConfig) -> None:
     if not available.get(config.accelerator, True):
         raise TransferkitError(f"--accelerator {config.accelerator}: this machine has no such device; "
                                f"use --accelerator auto or cpu")  # fmt: skip
+    if training_device(config).type == "cpu" and not (str(config.devices) == "auto" or str(config.devices).isdigit()):
+        # Lightning's CPU accelerator takes a count of processes, not -1 or GPU indices.
+        raise TransferkitError(f"--devices {config.devices}: on a CPU give a count of processes (--devices 2) or "
+                               f"auto")  # fmt: skip
     known = ("auto", *StrategyRegistry.available_strategies())
     if config.dist not in known:
         raise TransferkitError(f"unknown --dist {config.dist!r}; choose one of: {', '.join(known)}")
+    if config.dist.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        raise TransferkitError(f"--dist {config.dist} needs the deepspeed package: pip install deepspeed, or use "
+                               f"--dist ddp")  # fmt: skip
     check_sharding(config)
 
 
