@@ -12,6 +12,8 @@ from helpers import requires_shared
 from transferkit import TransferkitError, load_backbone
 from transferkit.backbones import Preprocessing, group_of, list_backbones, read_state_dict
 
+SMALL_HALF = Preprocessing(32, 36, (0.5,) * 3, (0.5,) * 3)
+
 
 def test_preprocessing_comes_from_the_weights_metadata() -> None:
     inception = load_backbone("inception_v3", weights="none").preprocessing
@@ -98,6 +100,36 @@ def test_weights_file_for_another_architecture_is_a_clear_error(tmp_path: Path) 
     torch.save(load_backbone("resnet18", weights="none").model.state_dict(), path)
     with pytest.raises(TransferkitError, match=r"does not fit mobilenet_v2.*--model"):
         load_backbone("mobilenet_v2", weights=str(path))
+
+
+def test_weights_files_as_other_tools_save_them_load(tmp_path: Path) -> None:
+    source = load_backbone("resnet18", weights="none").model
+    weights = source.state_dict()
+    saved = {  # a LightningModule with self.model and a class-weighted loss; transferkit's own last.ckpt
+        "lightning.ckpt": {"state_dict": {**{f"model.{k}": v for k, v in weights.items()},
+                                          "criterion.weight": torch.ones(5)}},  # fmt: skip
+        "transferkit-last.ckpt": {"state_dict": {f"model.net.{k}": v for k, v in weights.items()}},
+        # Saved before PyTorch 0.4.1 (as the widely shared ResNet files were): no BatchNorm step counters.
+        "old.pth": {k: v for k, v in weights.items() if not k.endswith("num_batches_tracked")},
+    }
+    for name, content in saved.items():
+        torch.save(content, tmp_path / name)
+        loaded = load_backbone("resnet18", weights=str(tmp_path / name), preprocessing=SMALL_HALF).model
+        assert torch.equal(loaded.layer4[1].conv2.weight, source.layer4[1].conv2.weight), name
+    with pytest.raises(TransferkitError, match=r"--weights .* is a folder: give the weights file in it"):
+        load_backbone("resnet18", weights=tmp_path)  # a Hugging Face snapshot's folder, say
+
+
+def test_a_timm_vit_weights_file_loads_at_another_image_size(tmp_path: Path) -> None:
+    """timm resamples a ViT's position embeddings to the patch grid of the size it builds the model for."""
+    from timm.layers import resample_abs_pos_embed
+
+    saved = load_backbone("timm/vit_tiny_patch16_224", weights="none").model.state_dict()
+    torch.save(saved, tmp_path / "vit.pth")
+    prep = Preprocessing(32, 36, (0.5,) * 3, (0.5,) * 3)
+    small = load_backbone("timm/vit_tiny_patch16_224", weights=str(tmp_path / "vit.pth"), preprocessing=prep).model
+    assert torch.equal(small.pos_embed, resample_abs_pos_embed(saved["pos_embed"], [2, 2], num_prefix_tokens=1))
+    assert torch.equal(small.blocks[0].attn.qkv.weight, saved["blocks.0.attn.qkv.weight"])
 
 
 def test_missing_weights_file_is_a_clear_error(tmp_path: Path) -> None:

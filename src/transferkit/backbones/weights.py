@@ -107,6 +107,9 @@ def resolve_weights_argument(weights: str | os.PathLike[str] | None) -> NoWeight
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors from a state_dict file, a dict holding one, or safetensors; never runs pickled code."""
+    if path.is_dir():
+        raise TransferkitError(f"--weights {path} is a folder: give the weights file in it (.pth, .pt, .bin or "
+                               f".safetensors)")  # fmt: skip
     if not path.is_file():
         raise TransferkitError(f"weights file {path} does not exist; check the path given to --weights")
     try:
@@ -135,12 +138,14 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def load_weights_file(model: nn.Module, path: Path, name: str, head_paths: tuple[str, ...]) -> None:
     """Load a local weights file into ``model``; a head of another class count is skipped."""
-    state = read_state_dict(Path(path))
     own = model.state_dict()
+    state = _under_best_prefix(read_state_dict(Path(path)), own)
     if not set(state) & set(own) and len(state) == len(own):
         state = _match_by_order(state, own, path, name)
+    state = _position_embedding_resampled(model, state, own)
     head_keys = {k for k in own if any(k.startswith(p + ".") for p in head_paths)}
-    missing = [k for k in own if k not in state and k not in head_keys]
+    # BatchNorm's step counters: files saved before PyTorch 0.4.1 have none, and nothing reads them in eval.
+    missing = [k for k in own if k not in state and k not in head_keys and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     wrong_shape = [k for k in state if k in own and state[k].shape != own[k].shape and k not in head_keys]
     if missing or unexpected or wrong_shape:
@@ -149,9 +154,43 @@ def load_weights_file(model: nn.Module, path: Path, name: str, head_paths: tuple
             for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
             if keys
         )
+        if any("pos_embed" in key for key in wrong_shape):  # torchvision's ViT, which cannot resample them
+            raise TransferkitError(f"weights file {path} has position embeddings for another image size than "
+                                   f"{name} here ({detail}); give the --image-size it was saved at")  # fmt: skip
         raise TransferkitError(f"weights file {path} does not fit {name} ({detail}); pass the --model it was saved from")
     usable = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
     model.load_state_dict(usable, strict=False)
+
+
+def _under_best_prefix(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of a wrapper's checkpoint (Lightning's ``self.model.``, a ``net.``, transferkit's
+    ``model.net.``) under the prefix whose names then match the model's best; the wrapper's others (a
+    loss's class weights) are left out. ``state`` itself where no prefix matches more of it."""
+    best, best_hits = state, len(state.keys() & own.keys())
+    if best_hits == len(state):
+        return state
+    prefixes = {".".join(key.split(".")[:n]) + "." for key in state for n in (1, 2, 3) if key.count(".") >= n}
+    for prefix in sorted(prefixes):
+        under = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+        hits = len(under.keys() & own.keys())
+        if hits > best_hits:
+            best, best_hits = under, hits
+    return best
+
+
+def _position_embedding_resampled(
+    model: nn.Module, state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """A timm ViT's position embeddings saved at another image size, resampled to this one's patch grid,
+    as timm does when it loads its own weights at another ``img_size``."""
+    saved, wanted = state.get("pos_embed"), own.get("pos_embed")
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if saved is None or wanted is None or saved.shape == wanted.shape or grid is None or saved.dim() != 3:
+        return state
+    from timm.layers import resample_abs_pos_embed
+
+    prefix_tokens = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
+    return {**state, "pos_embed": resample_abs_pos_embed(saved, list(grid), num_prefix_tokens=prefix_tokens)}
 
 
 def _match_by_order(
