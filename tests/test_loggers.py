@@ -30,6 +30,22 @@ def test_logger_names_are_checked_before_training(monkeypatch: pytest.MonkeyPatc
         transferkit.TrainConfig(data="x", loggers=("wandb",))
 
 
+def test_an_mlflow_file_store_is_refused_before_training(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """MLflow 3 refuses a file: store (a plain path is one) with its traceback once the run has begun."""
+    pytest.importorskip("mlflow", reason='--logger mlflow needs MLflow: pip install -e ".[loggers]"')
+    for uri in (str(tmp_path / "mlruns"), (tmp_path / "mlruns").as_uri(), "./mlruns"):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        with pytest.raises(transferkit.TransferkitError, match=r"is a file store, which MLflow 3 refuses: give "
+                                                                 r"sqlite:///PATH/mlflow.db"):
+            transferkit.TrainConfig(data="x", loggers=("mlflow",))
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # what MLflow itself asks for
+    assert transferkit.TrainConfig(data="x", loggers=("mlflow",)).loggers == ("mlflow",)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE")
+    for uri in ("databricks", "http://127.0.0.1:5000", f"sqlite:///{tmp_path / 'mlflow.db'}"):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        assert transferkit.TrainConfig(data="x", loggers=("mlflow",)).loggers == ("mlflow",)
+
+
 @pytest.fixture(scope="module")
 def mlflow_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> transferkit.TrainResult:
     pytest.importorskip("mlflow", reason='--logger mlflow needs MLflow: pip install -e ".[loggers]"')

@@ -58,7 +58,21 @@ def check_loggers(names: str | Sequence[str] | None) -> tuple[str, ...]:
         if package and not _installed(package):
             raise TransferkitError(f'--logger {name} needs the {package} package: pip install "transferkit[loggers]"'
                                    + (" wandb" if name == "wandb" else ""))  # fmt: skip
+    if "mlflow" in chosen:
+        _check_mlflow_store(os.environ.get("MLFLOW_TRACKING_URI"))
     return chosen
+
+
+def _check_mlflow_store(uri: str | None) -> None:
+    """MLflow 3 refuses a ``file:`` store (a plain path is one) unless ``MLFLOW_ALLOW_FILE_STORE`` is set:
+    said before the run, not as MLflow's traceback once it has begun."""
+    if not uri or os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("1", "true", "yes"):
+        return
+    is_path = "://" not in uri and not uri.lower().startswith("file:") and ("/" in uri or uri.startswith((".", "~")))
+    if uri.lower().startswith("file:") or is_path:  # not "databricks", which names a workspace
+        raise TransferkitError(f"MLFLOW_TRACKING_URI={uri} is a file store, which MLflow 3 refuses: give "
+                               f"sqlite:///PATH/mlflow.db (or a server's http:// address), or set "
+                               f"MLFLOW_ALLOW_FILE_STORE=true")  # fmt: skip
 
 
 def build_loggers(names: Sequence[str], run_dir: Path, config: dict[str, Any], global_zero: bool = True) -> list[Any]:
