@@ -149,6 +149,16 @@ def test_checkpoint_with_pickled_code_is_refused_and_never_runs(tmp_path: Path) 
     with pytest.raises(TransferkitError, match="pickled code"):
         load_checkpoint(run)
     assert not marker.exists()
+    # Damaged on disk (bytes zeroed inside its pickle): said to be damaged, not to hold code.
+    from transferkit import TransferModel, load_backbone
+    from transferkit.checkpoint import save_checkpoint
+
+    save_checkpoint(TransferModel(load_backbone("resnet18", weights="none"), ["a", "b"]), run / "model.pt")
+    with (run / "model.pt").open("r+b") as damaged:
+        damaged.seek(100)
+        damaged.write(bytes(50))
+    with pytest.raises(TransferkitError, match=r"model\.pt is damaged \(.+\); train the run again or restore the file"):
+        load_checkpoint(run)
 
 
 def test_checkpoint_as_weights_for_other_classes_and_other_architectures(tiny_dataset: Path, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import pickle
+import re
 import threading
 import zipfile
 from collections.abc import Iterator
@@ -106,7 +107,11 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.T
         raise TransferkitError(f"{p} is not a transferkit checkpoint; give a run directory or its {CHECKPOINT_NAME}")
     try:
         payload = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" not in str(exc):  # bytes no pickle writes: a damaged file, not a malicious one
+            found = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
+            raise TransferkitError(f"{p} is damaged ({found.group(1).strip() if found else 'its pickle does not read'})"
+                                   "; train the run again or restore the file") from None  # fmt: skip
         raise TransferkitError(
             f"refused to load {p}: it holds pickled code, which a transferkit checkpoint never does; "
             "only load files you trust, with torch.load(weights_only=False) outside transferkit"
