@@ -62,6 +62,17 @@ def test_every_image_mode_becomes_rgb(tmp_path: Path, mode: str) -> None:
     assert 150 < tensor.float().mean() < 256  # not clipped to black nor garbage
 
 
+def test_deep_images_are_scaled_by_their_format_not_by_their_brightest_pixel(tmp_path: Path) -> None:
+    """A dark 16-bit scan (its brightest pixel 200 of 65535) stays as dark as it is beside the others;
+    a float image's 0-1 values are not clipped to black."""
+    Image.fromarray(np.full((8, 8), 200, np.uint16)).save(tmp_path / "dark16.png")
+    Image.fromarray(np.full((8, 8), 51400, np.uint16)).save(tmp_path / "bright16.png")
+    Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(tmp_path / "half.tif")
+    assert load_image(str(tmp_path / "dark16.png")).unique().tolist() == [1]  # 200 / 257, not 200
+    assert load_image(str(tmp_path / "bright16.png")).unique().tolist() == [200]
+    assert load_image(str(tmp_path / "half.tif")).unique().tolist() == [128]
+
+
 # EXIF orientation -> where the stored image's left half (red) is once the image is upright.
 ORIENTATIONS = {1: "left", 3: "right", 6: "top", 8: "bottom"}
 

@@ -120,13 +120,20 @@ def _checked_size(width: int, height: int) -> None:
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit greyscale: scale to 8 bits instead of clipping everything above 255 to white.
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # Scaled to 8 bits instead of clipped to white above 255 (or to black below 1): 16-bit greyscale
+        # from its full range, whatever one image's brightest pixel (a dark scan stays as dark as it is
+        # beside the others); 32-bit integers, whose range is not known, by their values; floats from 0-1.
         import numpy as np
 
         arr = np.asarray(im, dtype=np.float32)
-        peak = 65535.0 if arr.max() > 255 else 255.0
-        im = Image.fromarray((arr * (255.0 / peak)).clip(0, 255).astype("uint8"), mode="L")
+        if im.mode.startswith("I;16"):
+            peak = 65535.0
+        elif im.mode == "F":
+            peak = 1.0 if arr.max(initial=0.0) <= 1.0 else 255.0
+        else:
+            peak = 65535.0 if arr.max(initial=0.0) > 255 else 255.0
+        im = Image.fromarray((arr * (255.0 / peak)).clip(0, 255).round().astype("uint8"), mode="L")
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
     if im.mode in ("RGBA", "LA", "PA"):

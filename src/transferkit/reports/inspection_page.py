@@ -18,7 +18,7 @@ from typing import Any
 
 from PIL import Image
 
-from ..data import upright
+from ..data import to_rgb, upright
 from ..files import atomic_write
 from ..shards import image_bytes, is_packed_image
 from .html import CSS
@@ -63,23 +63,12 @@ class _Thumbnails:
                 im.draft("RGB", (THUMB_PX, THUMB_PX))  # JPEG: decode at 1/2..1/8 scale, much faster
                 shown = upright(im)  # as the model saw it
                 shown.thumbnail((THUMB_PX, THUMB_PX))
-                rgb = _rgb(shown)
+                rgb = to_rgb(shown)  # as training reads it
         except Exception:  # an undecodable image is a finding, listed as such; no preview here
             return None
         (self.folder / THUMBS_DIR).mkdir(exist_ok=True)
         rgb.save(self.folder / THUMBS_DIR / name, format="JPEG", quality=85)
         return name
-
-
-def _rgb(im: Image.Image) -> Image.Image:
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        background = Image.new("RGB", im.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        return im.point(lambda v: v / 256).convert("RGB")
-    return im.convert("RGB")
 
 
 def write_inspection_page(path: Path, found: dict[str, Any]) -> Path:
