@@ -456,3 +456,17 @@ def test_small_learning_rates_and_a_macro_f1_selection_read_as_they_are(runs: di
     selection = page.split('id="selection"')[1].split("<section")[0]
     assert "<th>holdout macro-F1</th>" in selection and "holdout accuracy" not in selection
     assert "<th>epochs</th>" in selection
+
+
+def test_the_summary_says_when_the_kept_model_was_evaluated_at_another_precision(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
+    """The curves' epochs are validated at the training precision; the headline is the kept model at predict's."""
+    run = tmp_path / "mixed"
+    shutil.copytree(runs["feature-extract"], run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    for evaluated_at, label in (("bf16", "validation accuracy (at bf16, as predict runs it)"),
+                                ("32", "validation accuracy")):  # fmt: skip
+        (run / "metrics.json").write_text(json.dumps({**metrics, "precision": "32", "evaluation_precision": evaluated_at}))
+        summary = write_report(run).read_text(encoding="utf-8").split('id="summary"')[1].split("<section")[0]
+        assert f'<div class="label">{label}</div>' in summary

@@ -101,8 +101,11 @@ def _figure_html(images: DrawnFigures, key: str, alt: str, caption: str = "") ->
 
 def _summary_html(run: Run, images: DrawnFigures) -> str:
     m = run.metrics
+    trained_at, evaluated_at = str(m.get("precision", "")), str(m.get("evaluation_precision", ""))
+    # The curves' epochs were validated at the training precision, the kept model at predict's: they may differ.
+    at = f" (at {evaluated_at}, as predict runs it)" if evaluated_at and trained_at and evaluated_at != trained_at else ""
     cards = [
-        ("validation accuracy", _number(m.get("val_accuracy"))),
+        (f"validation accuracy{at}", _number(m.get("val_accuracy"))),
         ("validation loss", _number(m.get("val_loss"))),
         ("balanced accuracy · macro-F1", f"{_number(m.get('val_balanced_accuracy'))} · {_number(m.get('val_macro_f1'))}")
         if "val_macro_f1" in m else None,
