@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from transferkit import ModelRecord, TransferkitError, TransferModel, load_backbone, load_checkpoint
-from transferkit.checkpoint import save_checkpoint
-from transferkit.heads import LinearProbe
 from transferkit.backbones import get_module, resolve_weights
 from transferkit.backbones.weights import FileWeights, NoWeights, PackageWeights, TimmHubWeights, TorchvisionWeights
+from transferkit.checkpoint import save_checkpoint
+from transferkit.heads import LinearProbe
 
 DATA = Path(__file__).parent / "data"
 

@@ -467,6 +467,7 @@ def test_the_summary_says_when_the_kept_model_was_evaluated_at_another_precision
     metrics = json.loads((run / "metrics.json").read_text())
     for evaluated_at, label in (("bf16", "validation accuracy (at bf16, as predict runs it)"),
                                 ("32", "validation accuracy")):  # fmt: skip
-        (run / "metrics.json").write_text(json.dumps({**metrics, "precision": "32", "evaluation_precision": evaluated_at}))
+        mixed = {**metrics, "precision": "32", "evaluation_precision": evaluated_at}
+        (run / "metrics.json").write_text(json.dumps(mixed))
         summary = write_report(run).read_text(encoding="utf-8").split('id="summary"')[1].split("<section")[0]
         assert f'<div class="label">{label}</div>' in summary

@@ -169,7 +169,8 @@ def is_transferkit_output(folder: Path) -> bool:
     def is_comparison(path: Path) -> bool:  # compare --out runs/compare.html, with its plot beside it
         if path.suffix == ".html":
             return path.with_name(f"{path.stem}_plot.png").is_file()
-        return path.name.endswith("_plot.png") and path.with_name(path.name.removesuffix("_plot.png") + ".html").is_file()
+        page = path.with_name(path.name.removesuffix("_plot.png") + ".html")
+        return path.name.endswith("_plot.png") and page.is_file()
 
     if is_run(folder) or (folder / INSPECTION_JSON).is_file():
         return True

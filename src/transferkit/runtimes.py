@@ -96,8 +96,9 @@ def _onnx_model_for(run: Any, runtime: str, images: int, precision: str | None, 
         export(checkpoint, "onnx", out=cached, force=True)  # over a cached file left without its sidecar
     except (TransferkitError, OSError) as exc:  # e.g. an unexportable network, an unwritable cache
         if runtime == "onnx" and isinstance(exc, OSError):
-            raise TransferkitError(f"cannot write an ONNX export under {cached.parent} ({exc}); give a writable "
-                                   "--cache-dir (or TRANSFERKIT_CACHE_DIR), or run transferkit export RUN") from None  # fmt: skip
+            raise TransferkitError(f"cannot write an ONNX export under {cached.parent} ({exc}); give a "
+                                   "writable --cache-dir (or TRANSFERKIT_CACHE_DIR), or run transferkit export "
+                                   "RUN") from None  # fmt: skip
         if runtime == "onnx":
             raise  # the exporter's own one-line error
         warnings.warn(f"predicting with PyTorch: no ONNX export could be made ({exc})", stacklevel=3)

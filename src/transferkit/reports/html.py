@@ -103,7 +103,8 @@ def _summary_html(run: Run, images: DrawnFigures) -> str:
     m = run.metrics
     trained_at, evaluated_at = str(m.get("precision", "")), str(m.get("evaluation_precision", ""))
     # The curves' epochs were validated at the training precision, the kept model at predict's: they may differ.
-    at = f" (at {evaluated_at}, as predict runs it)" if evaluated_at and trained_at and evaluated_at != trained_at else ""
+    differ = evaluated_at and trained_at and evaluated_at != trained_at
+    at = f" (at {evaluated_at}, as predict runs it)" if differ else ""
     cards = [
         (f"validation accuracy{at}", _number(m.get("val_accuracy"))),
         ("validation loss", _number(m.get("val_loss"))),
