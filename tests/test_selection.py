@@ -188,3 +188,19 @@ def test_a_search_whose_every_candidate_fails_says_why_with_the_fix(tiny_dataset
         train(tiny_dataset, strategy="auto", budget="60s", models=["resnet18"], image_size=32, quiet=True,
               out=str(tmp_path / "run"))  # fmt: skip
     assert not (tmp_path / "run").exists()
+
+
+def test_a_class_of_one_training_image_is_measured_only_by_candidates_that_can_train_it(tmp_path: Path) -> None:
+    """A linear probe's final fit cross-validates C (2 images a class at least): it may not win the search."""
+    from helpers import make_colour_folder
+
+    make_colour_folder(tmp_path / "data" / "train", 8, classes=("red",))
+    make_colour_folder(tmp_path / "data" / "train", 1, classes=("blue",), seed=3)
+    make_colour_folder(tmp_path / "data" / "val", 2, classes=("red", "blue"), seed=1)
+    result = train(tmp_path / "data", strategy="auto", budget="60s", models=["resnet18"], out=str(tmp_path / "run"),
+                   **{**TINY, "epochs": 1})  # fmt: skip
+    board = result.metrics["selection"]["leaderboard"]
+    probes = [t for t in board if t["strategy"] == "linear-probe"]
+    assert probes and all(t["status"] == "skipped" and "at least 2 training images per class" in t["note"]
+                          for t in probes)  # fmt: skip
+    assert result.metrics["strategy"] != "linear-probe" and (result.run_dir / "model.pt").is_file()

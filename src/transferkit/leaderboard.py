@@ -99,7 +99,7 @@ class Selection:
         lines = []
         if self.class_counts:
             counts = ", ".join(f"{n} {c}" for n, c in self.class_counts.items())
-            scored = "accuracy" if self.metric == "accuracy" else "macro-F1 (the classes are imbalanced)"
+            scored = "accuracy" if self.metric == "accuracy" else "macro-F1 (imbalanced or multi-label classes)"
             lines.append(f"training images per class: {counts}; scored by {scored}")
         lines.append(f"{'candidate':<58} {heading:>11} {'seconds':>8} {'img/s':>7}  status")
         for t in self.ranked():

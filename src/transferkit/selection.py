@@ -176,13 +176,14 @@ class Search:
         images = len(self.learn) + len(self.holdout)
         speed *= self.loading_factor
         estimate = images * 1.6 / speed + 2  # the last layer, and an earlier one stopped ~60 % of the way
-        if not self.selection.trials and estimate > self.left():
+        if not self.selection.trials and not self.previous and estimate > self.left():  # a resumed search goes on
             raise TransferkitError(
                 f"--budget {self.selection.budget_s:.0f}s cannot fit even the cheapest candidate: features of "
                 f"{images} training images with {name} take about {estimate:.0f} s here; give --budget "
                 f"{math.ceil(estimate * 1.5 + 10)}s or more"
             )
-        if estimate > self.left():
+        measured_before = any(key[0] == name for key in self.previous)  # its trials are restored, not re-run
+        if estimate > self.left() and not measured_before:
             self.skip(Trial(name, "feature-extract", images_per_s=round(speed, 1)), estimate)
             return
         body = [g.name for g in model.groups if g.name != "head"]
@@ -204,14 +205,18 @@ class Search:
         trial = Trial(name, "linear-probe", layer=layer or "head-input")
         if self.restored(trial):
             return
+        if min(self.selection.class_counts.values()) < 2:  # the final fit cross-validates C: it could not train
+            trial.status, trial.note = "skipped", "a linear probe needs at least 2 training images per class"
+            self.record(trial)
+            return
         if estimate > self.left() and self.selection.trials:
             self.skip(trial, estimate)
             return
         try:
             learn, holdout, extraction = self._features(model, layer)
             # Scored on the holdout, so no inner cross-validation: one fit at C = 1 (the final run tunes C).
-            fitted = fit_linear_probe(learn.features, learn.labels, len(self.splits.class_names), "logreg",
-                                      self.config.seed, c_grid=(1.0,), max_folds=0)  # fmt: skip
+            fitted = fit_linear_probe(learn.features, learn.labels, len(self.splits.class_names),
+                                      self.config.classifier, self.config.seed, c_grid=(1.0,), max_folds=0)  # fmt: skip
             self.fit_seconds = max(self.fit_seconds, time.perf_counter() - t0 - extraction)
             with torch.no_grad():
                 trial.score = _score(fitted.probe(holdout.features), holdout.labels, self.metric)
@@ -279,9 +284,11 @@ class Search:
         t0 = time.perf_counter()
         lr = self.config.lr if self.config.lr != "auto" else 1e-3  # the LR finder runs for the winner only
         balance = {k: v for k, v in self.config.resolved_from.items() if k == "balance"}
+        # One process, no experiment loggers and no compile: a measurement, timed against the budget.
         cfg = TrainConfig(**{**self.config.to_dict(), "layer": None, **options, "model": trial.backbone,
                              "epochs": trial.epochs, "lr": lr, "budget": None, "models": None, "quiet": True,
-                             "out": None, "resolved_from": balance})  # fmt: skip
+                             "out": None, "resolved_from": balance, "loggers": (), "compile": False,
+                             "devices": 1, "num_nodes": 1, "dist": "auto"})  # fmt: skip
         trial_splits = ImageFolderSplits(self.splits.root, self.splits.class_names, self.learn, self.holdout)
         try:
             model = self._model(trial.backbone, cfg)
