@@ -204,3 +204,28 @@ def test_a_class_of_one_training_image_is_measured_only_by_candidates_that_can_t
     assert probes and all(t["status"] == "skipped" and "at least 2 training images per class" in t["note"]
                           for t in probes)  # fmt: skip
     assert result.metrics["strategy"] != "linear-probe" and (result.run_dir / "model.pt").is_file()
+
+
+def test_the_printed_command_reproduces_the_winner_with_the_runs_data_and_options(tmp_path: Path) -> None:
+    """It held the winner's options alone: on a label file with its own column names it failed outright."""
+    import shlex
+
+    from helpers import make_colour_folder
+
+    from transferkit.cli import main
+
+    images = make_colour_folder(tmp_path / "images", 10, size=(32, 32))
+    rows = [f"{path.relative_to(images)},{path.parent.name}" for path in sorted(images.rglob("*.png"))]
+    (images / "diag.csv").write_text("file,diagnosis\n" + "\n".join(rows) + "\n")
+    options = {**TINY, "epochs": 1, "seed": 3, "lr": 0.01, "head": "mlp:8"}
+    result = train(images / "diag.csv", strategy="auto", budget="60s", models=["resnet18"], label_col="diagnosis",
+                   out=str(tmp_path / "auto"), **options)  # fmt: skip
+    command = result.metrics["selection"]["command"]
+    assert "--label-col diagnosis" in command and "--seed 3" in command
+    if result.metrics["strategy"] != "linear-probe":  # which read these; a probe's command leaves them out
+        assert "--head mlp:8" in command and "--lr 0.01" in command
+    args = shlex.split(command)
+    assert args[:2] == ["transferkit", "train"]
+    assert main([*args[1:], "--out", str(tmp_path / "again"), "--quiet"]) == 0
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert again["strategy"] == result.metrics["strategy"] and again["val_accuracy"] == result.metrics["val_accuracy"]

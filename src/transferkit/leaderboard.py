@@ -5,10 +5,13 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .backbones.weights import NO_WEIGHTS
-from .discovery import command_flags
+from .discovery import DATA_OPTIONS, command_flags, data_flags
+
+if TYPE_CHECKING:
+    from .training import TrainConfig
 
 
 @dataclass
@@ -119,3 +122,26 @@ class Selection:
             "epoch_seconds": self.epoch_seconds,
             "metric": self.metric, "class_counts": self.class_counts, "precision": self.precision,
         }  # fmt: skip
+
+
+def reproducing_flags(config: TrainConfig) -> str:
+    """The flags besides the winner's own (``Selection.command``) that a resolved ``--strategy auto`` run
+    trained with: its data options, and the options it was given that the winner's strategy reads."""
+    from .training import TrainConfig  # here: Lightning's import is for a run that trains
+
+    read = ["val_split", "seed", "batch_size", "balance", "precision", "calibration"]
+    if config.strategy == "linear-probe":
+        read.append("classifier")
+    else:
+        read += ["epochs", "lr", "optimizer", "weight_decay", "scheduler", "patience", "augment", "head",
+                 "head_dropout"]  # fmt: skip
+        read += ["momentum"] * (config.optimizer == "sgd") + ["step_size", "gamma"] * (config.scheduler == "step")
+        read += ["lr_decay", "train_bn"] * (config.strategy in ("fine-tune", "full", "gradual"))
+        read += ["feature_views"] * (config.strategy == "feature-extract")
+    defaults = TrainConfig(data=config.data)
+    given = {name: getattr(config, name) for name in read if getattr(config, name) != getattr(defaults, name)}
+    switches = "".join(f" --{flag}" for flag, on in (("train-bn", given.pop("train_bn", False)),
+                                                       ("no-cache", not config.cache)) if on)  # fmt: skip
+    if "feature_views" in given:
+        given["views"] = given.pop("feature_views")
+    return data_flags({name: getattr(config, name) for name in DATA_OPTIONS}) + command_flags(given) + switches

@@ -31,6 +31,7 @@ from .discovery import warn_unused_val_split
 from .errors import TransferkitError
 from .files import check_writable_folder, remove_leftovers, write_json
 from .inference import Evaluation, evaluate_cached_features, evaluate_samples
+from .leaderboard import reproducing_flags
 from .model import TransferModel
 from .multilabel import targets_of, tune_thresholds
 from .runs import SEARCH_PROGRESS, create_run_dir, removed_unless_trained, write_history
@@ -327,7 +328,8 @@ def _measured_choice(
         setattr(config, key, value)
     config.epochs = selection.final_epochs(config.epochs)
     config.budget, config.models = None, None  # spent: the resolved config trains (or resumes) the winner
-    record = {**selection.to_dict(), "command": selection.command(shlex.quote(config.data))}
+    reproduced = selection.command(shlex.quote(config.data) + reproducing_flags(config))
+    record = {**selection.to_dict(), "command": reproduced}
     if not config.quiet:
         say(f"{selection.table()}\nchosen: {selection.winner.label} ({selection.used_s:.0f} s of "
             f"{selection.budget_s:.0f} s measuring); reproduce with: {record['command']}")  # fmt: skip
