@@ -229,3 +229,20 @@ def test_the_printed_command_reproduces_the_winner_with_the_runs_data_and_option
     assert main([*args[1:], "--out", str(tmp_path / "again"), "--quiet"]) == 0
     again = json.loads((tmp_path / "again" / "metrics.json").read_text())
     assert again["strategy"] == result.metrics["strategy"] and again["val_accuracy"] == result.metrics["val_accuracy"]
+
+
+def test_a_run_killed_after_its_search_trains_the_winner_on_resume(auto_run: Path, tmp_path: Path) -> None:
+    """Killed once config.json holds the winner but before its first checkpoint (a linear probe writes none):
+    --resume trains the winner; it said "start it again", and a new run with that --out was refused."""
+    import shutil
+
+    from transferkit import resume_training
+
+    run = Path(shutil.copytree(auto_run, tmp_path / "run"))
+    for path in list(run.iterdir()):
+        if path.name not in ("config.json", "selection.json", "command.txt"):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    result = resume_training(run)
+    winner = json.loads((auto_run / "metrics.json").read_text())
+    assert result.metrics["selection"] == winner["selection"] and (run / "model.pt").is_file()
+    assert result.metrics["strategy"] == winner["strategy"] and result.metrics["val_accuracy"] == winner["val_accuracy"]

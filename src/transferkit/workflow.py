@@ -213,11 +213,15 @@ def resume_training(
     if _is_k_fold_run(parent) and run_dir.resolve().name.startswith("fold-"):
         raise TransferkitError(f"{run_dir} is a fold of the k-fold run {parent}: resume the whole run, with "
                                f"transferkit train --resume {parent}")  # fmt: skip
-    if not config.folds and not last.is_file():
+    winner_unstarted = "selection" in config.resolved_from and not last.is_file()  # killed after its search
+    if not config.folds and not last.is_file() and not winner_unstarted:
         raise TransferkitError(f"run {run_dir} has no checkpoints/last.ckpt yet (killed in its first epoch); "
                                f"start it again")  # fmt: skip
     L.seed_everything(config.seed, workers=True, verbose=False)
     splits = discover_for(config)
+    if winner_unstarted:  # the measured choice stands: the winner is trained from its start, in the run
+        _remove_leftovers_of(run_dir)
+        return _train_resolved(config, splits, run_dir, command, callbacks, time.time())
     if config.folds:
         _remove_leftovers_of(run_dir)  # the k-fold run's own files; each fold's as it is resumed
         return _train_folds(config, splits, command, callbacks, parent=run_dir)
@@ -395,7 +399,9 @@ def finish_run(fitted: Fitted, config: TrainConfig, splits: ImageFolderSplits, s
     write_json(run_dir / "metrics.json", metrics)
     if not config.quiet:  # the result first; the report's figures take a few seconds more
         say(f"val_accuracy {val.accuracy:.4f} (best epoch {fitted.info.get('best_epoch')}) · run directory: {run_dir}")
-    _report(run_dir, splits, val, model)
+    from .reports import predictions_of, write_report  # matplotlib's import, for the report alone
+
+    write_report(run_dir, splits=splits, val_predictions=predictions_of(val), model=model)
     log_run_files(fitted.loggers, run_dir, metrics)  # --logger: final metrics, config, metrics and report
     return TrainResult(run_dir=run_dir, metrics=metrics, history=history)
 
@@ -440,9 +446,3 @@ def _final_evaluation(
 
 def _from_cached_features(info: dict[str, Any]) -> bool:
     return info.get("strategy") == "feature-extract" and "feature_cache" in info
-
-
-def _report(run_dir: Path, splits: ImageFolderSplits, val: Evaluation, model: TransferModel) -> None:
-    from .reports import predictions_of, write_report
-
-    write_report(run_dir, splits=splits, val_predictions=predictions_of(val), model=model)
