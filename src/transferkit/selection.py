@@ -354,19 +354,20 @@ def _inference_speed(model: TransferModel, device: torch.device, precision: str)
 
 
 def _train_head(model: TransferModel, learn: Any, holdout: Any, config: TrainConfig, metric: str = "accuracy") -> float:
-    """A copy of the new head trained on cached features as training would (AdamW, cosine, the run's epochs)."""
+    """A copy of the new head trained on cached features as training would (its optimizer and scheduler, the
+    run's epochs)."""
     import copy
 
-    from .training.learner import without_decay_on_norms_and_biases
+    from .training.learner import make_optimizer, make_scheduler, without_decay_on_norms_and_biases
 
     generator = torch.Generator().manual_seed(config.seed)
     head = copy.deepcopy(model.head_module).train()
     groups = without_decay_on_norms_and_biases([{"name": "head", "params": list(head.parameters())}],
                                                config.weight_decay)  # fmt: skip
-    lr = float(config.lr) if config.lr != "auto" else 1e-3
-    optimizer = torch.optim.AdamW(groups, lr=lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    optimizer = make_optimizer(groups, config, float(config.lr) if config.lr != "auto" else 1e-3)
     x, y = learn.features, learn.labels
+    steps = config.epochs * math.ceil(len(y) / config.batch_size)
+    schedule, interval = make_scheduler(optimizer, config, lambda: steps) or (None, "epoch")
     balance = config.resolved_from.get("balance")
     weight = Balance.from_dict(balance).class_weights() if balance else None
     best = 0.0
@@ -378,7 +379,10 @@ def _train_head(model: TransferModel, learn: Any, holdout: Any, config: TrainCon
                     else torch.nn.functional.cross_entropy(out, y[batch], weight=weight))  # fmt: skip
             loss.backward()
             optimizer.step()
-        schedule.step()
+            if schedule is not None and interval == "step":
+                schedule.step()
+        if schedule is not None and interval == "epoch":
+            schedule.step()
         with torch.no_grad():
             best = max(best, _score(head.eval()(holdout.features), holdout.labels, metric))  # the best epoch is kept
         head.train()

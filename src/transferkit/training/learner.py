@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -158,28 +159,36 @@ class TransferLearner(L.LightningModule):
         groups = without_decay_on_norms_and_biases(param_groups(self.model, self.spec), cfg.weight_decay)
         self._lr_sweep = [(g["lr"] / cfg.lr, g["lr"] if g["name"].partition("/")[0] in self.spec.group_lrs else None)
                           for g in groups]  # fmt: skip
-        if cfg.optimizer == "sgd":
-            opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-        elif cfg.optimizer == "adam":
-            opt = torch.optim.Adam(groups, lr=cfg.lr)
-        else:
-            opt = torch.optim.AdamW(groups, lr=cfg.lr)
-        return {"optimizer": opt, "lr_scheduler": self._scheduler(opt)} if cfg.scheduler != "none" else opt
+        opt = make_optimizer(groups, cfg, cfg.lr)
+        made = make_scheduler(opt, cfg, lambda: int(self.trainer.estimated_stepping_batches))
+        return opt if made is None else {"optimizer": opt, "lr_scheduler": {"scheduler": made[0], "interval": made[1]}}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.lr_range_test:  # the range test's scheduler sets every group to the swept LR before each step
             for group, (ratio, fixed) in zip(optimizer.param_groups, self._lr_sweep, strict=True):
                 group["lr"] = fixed if fixed is not None else group["lr"] * ratio
 
-    def _scheduler(self, opt: torch.optim.Optimizer) -> dict[str, Any]:
-        cfg = self.config
-        if cfg.scheduler == "step":
-            return {"scheduler": torch.optim.lr_scheduler.StepLR(opt, cfg.step_size, cfg.gamma), "interval": "epoch"}
-        if cfg.scheduler == "cosine":
-            return {"scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs), "interval": "epoch"}
-        total = int(self.trainer.estimated_stepping_batches)
-        onecycle = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total)
-        return {"scheduler": onecycle, "interval": "step"}
+
+def make_optimizer(groups: list[dict[str, Any]], config: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    """``--optimizer`` over ``groups`` (each may carry its own LR), at ``lr`` where a group has none."""
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=config.momentum)
+    return (torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW)(groups, lr=lr)
+
+
+def make_scheduler(
+    opt: torch.optim.Optimizer, config: TrainConfig, total_steps: Callable[[], int]
+) -> tuple[torch.optim.lr_scheduler.LRScheduler, str] | None:
+    """``--scheduler`` for ``opt`` and whether it steps each "epoch" or each "step" (``total_steps()`` of
+    them, read for onecycle alone); None for ``none``."""
+    if config.scheduler == "none":
+        return None
+    if config.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(opt, config.step_size, config.gamma), "epoch"
+    if config.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs), "epoch"
+    max_lr = [g["lr"] for g in opt.param_groups]
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=total_steps()), "step"
 
 
 def without_decay_on_norms_and_biases(groups: list[dict[str, Any]], weight_decay: float) -> list[dict[str, Any]]:
