@@ -215,8 +215,11 @@ class Search:
         try:
             learn, holdout, extraction = self._features(model, layer)
             # Scored on the holdout, so no inner cross-validation: one fit at C = 1 (the final run tunes C).
+            # Class-weighted where the run corrects for imbalanced classes, as the final fit will be.
+            weighted = (self.config.resolved_from.get("balance") or {}).get("mode") in ("loss", "sampler")
             fitted = fit_linear_probe(learn.features, learn.labels, len(self.splits.class_names),
-                                      self.config.classifier, self.config.seed, c_grid=(1.0,), max_folds=0)  # fmt: skip
+                                      self.config.classifier, self.config.seed, c_grid=(1.0,), max_folds=0,
+                                      balanced=weighted)  # fmt: skip
             self.fit_seconds = max(self.fit_seconds, time.perf_counter() - t0 - extraction)
             with torch.no_grad():
                 trial.score = _score(fitted.probe(holdout.features), holdout.labels, self.metric)
