@@ -141,6 +141,8 @@ def test_existing_run_directory_is_never_overwritten(trained_run: Path, tiny_dat
         (["train", "{data}", "--strategy", "gradual", "--unfreeze-every", "2", "--unfreeze-at", "1,3"],
          "--unfreeze-every and --unfreeze-at both set gradual's schedule; give one of them"),
         (["train", "{data}", "--strategy", "gradual", "--unfreeze-at=-1,2"], "--unfreeze-at takes epochs 0 or more"),
+        (["train", "{data}", "--strategy", "auto", "--unfreeze-every", "2"],  # gradual is no candidate of auto's
+         "--unfreeze-every applies to --strategy gradual; --strategy auto would ignore it"),
         (["train", "{data}", "--strategy", "gradual", "--unfreeze-at", ","], "--unfreeze-at: expected comma-separated"),
         (["train", "{data}", "--strategy", "gradual", "--epochs", "2", "--unfreeze-at", "5,7"],  # the head alone
          "--strategy gradual unfreezes its first group at epoch 5 (counted from 0), after the last of --epochs 2"),

@@ -141,11 +141,14 @@ def test_a_layer_given_to_auto_is_one_more_probe_and_not_the_winners_unless_it_w
     tiny_dataset: Path, tmp_path: Path
 ) -> None:
     # The trainable candidates once inherited --layer (refused for them: the whole search failed), and a
-    # winner without a layer of its own kept the one given.
-    result = train(tiny_dataset, strategy="auto", layer="layer2", budget="60s", models=["resnet18"],
+    # winner without a layer of its own kept the one given. A --layer and an --unfreeze given were ignored.
+    result = train(tiny_dataset, strategy="auto", layer="layer1", unfreeze=1, budget="60s", models=["resnet18"],
                    out=str(tmp_path / "run"), **TINY)  # fmt: skip
     board = result.metrics["selection"]["leaderboard"]
     assert {t["strategy"] for t in board if t["status"] == "done"} >= {"linear-probe", "fine-tune", "full"}
+    probed = {t["layer"] for t in board if t["strategy"] == "linear-probe"}
+    assert probed == {"head-input", "layer2", "layer1"}  # the last layer, an earlier one, and the one given
+    assert {t["unfreeze"] for t in board if t["strategy"] == "fine-tune"} == {1}
     assert [t["status"] for t in board] == ["done"] * len(board)
     config = json.loads((result.run_dir / "config.json").read_text())
     winner = board[0]

@@ -189,7 +189,8 @@ class Search:
         body = [g.name for g in model.groups if g.name != "head"]
         earlier = body[max(0, round(len(body) * 0.6) - 1)] if body else None
         per_pass = images / speed + 1  # one pass over the images; the probe's own fit is measured as it goes
-        for layer, passes in ((None, 1.0), (earlier, 0.6)):
+        given = [(self.config.layer, 1.0)] if self.config.layer not in (None, earlier, "head", "head-input") else []
+        for layer, passes in ((None, 1.0), (earlier, 0.6), *given):  # a --layer given is one probe more
             self._probe(model, name, layer, estimate=passes * per_pass + self.fit_seconds)
         self._head_on_features(model, name)
 
@@ -259,7 +260,9 @@ class Search:
         # Keep enough for the winner's final training: one epoch on every training image.
         reserve = len(self.splits.train) * TRAIN_PASSES / speed + 5
         self.selection.epoch_seconds[name] = round(reserve, 1)
-        alive = [dict(c) for c in TRAINABLE]
+        unfreeze = self.config.unfreeze  # given to auto: the fine-tune candidate's, instead of 2
+        unfreeze = ",".join(unfreeze) if isinstance(unfreeze, (list, tuple)) else unfreeze
+        alive = [{**c, "unfreeze": unfreeze} if unfreeze and "unfreeze" in c else dict(c) for c in TRAINABLE]
         for rung, epochs in enumerate(RUNGS):
             results: list[tuple[float, dict[str, Any]]] = []
             for options in alive:

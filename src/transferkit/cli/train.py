@@ -109,8 +109,8 @@ READ_ONLY_WITH = {
     **{flag: ("--strategy", GRADIENT_TRAINED) for flag in ("--epochs", "--lr", "--optimizer", "--weight-decay",
                                                             "--scheduler", "--patience", "--augment", "--compile")},
     "--unfreeze": ("--strategy", ("fine-tune", "gradual", "auto")),
-    "--unfreeze-every": ("--strategy", ("gradual", "auto")),
-    "--unfreeze-at": ("--strategy", ("gradual", "auto")),
+    "--unfreeze-every": ("--strategy", ("gradual",)),  # gradual is no candidate of auto's
+    "--unfreeze-at": ("--strategy", ("gradual",)),
     "--classifier": ("--strategy", ("linear-probe", "auto")),
     "--views": ("--strategy", ("feature-extract", "auto")),
     "--head": ("--strategy", GRADIENT_TRAINED),
