@@ -36,7 +36,8 @@ def _pack(args: argparse.Namespace) -> int:
 
 
 COMMANDS = (
-    Command("pack", "Write images and labels as litdata shards (a few large files) for train, features, evaluate.", """
+    Command("pack", "Write images and labels as litdata shards (a few large files) for train, features, evaluate, "
+                    "predict, inspect.", """
 transferkit pack data/hymenoptera --out shards/hymenoptera
 transferkit train shards/hymenoptera --out runs/from-shards
 aws s3 sync shards/hymenoptera s3://bucket/hymenoptera && transferkit train s3://bucket/hymenoptera

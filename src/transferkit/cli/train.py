@@ -86,7 +86,8 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--views", type=int, default=1, help="feature-extract: augmented views cached per training image "
                    "(1 = the plain evaluation view, no augmentation)")  # fmt: skip
     p.add_argument("--out", help="run directory (default runs/<model>-<strategy>-<time>); never overwritten")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or messages (leaderboard, notices, "
+                   "result line): the run directory alone is printed")  # fmt: skip
     p.add_argument("--logger", dest="loggers", action="append", metavar="NAME",
                    help="tensorboard, csv, mlflow or wandb; repeat or comma-separate for several, none for none "
                    "(default: none; mlflow: RUNS/mlflow.db; wandb: offline without a key)")
