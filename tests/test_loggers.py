@@ -33,7 +33,7 @@ def test_logger_names_are_checked_before_training(monkeypatch: pytest.MonkeyPatc
 def test_an_mlflow_file_store_is_refused_before_training(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """MLflow 3 refuses a file: store (a plain path is one) with its traceback once the run has begun."""
     pytest.importorskip("mlflow", reason='--logger mlflow needs MLflow: pip install -e ".[loggers]"')
-    for uri in (str(tmp_path / "mlruns"), (tmp_path / "mlruns").as_uri(), "./mlruns"):
+    for uri in (str(tmp_path / "mlruns"), (tmp_path / "mlruns").as_uri(), "./mlruns", "mlruns"):
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         with pytest.raises(transferkit.TransferkitError, match=r"is a file store, which MLflow 3 refuses: give "
                                                                  r"sqlite:///PATH/mlflow.db"):

@@ -249,3 +249,30 @@ def test_a_run_killed_after_its_search_trains_the_winner_on_resume(auto_run: Pat
     winner = json.loads((auto_run / "metrics.json").read_text())
     assert result.metrics["selection"] == winner["selection"] and (run / "model.pt").is_file()
     assert result.metrics["strategy"] == winner["strategy"] and result.metrics["val_accuracy"] == winner["val_accuracy"]
+
+
+@pytest.mark.parametrize(
+    ("given", "winner"),
+    [({"train_bn": True}, {"strategy": "full"}),  # full trains BatchNorm anyway: --train-bn is refused with it
+     ({"augment": "strong"}, {"strategy": "feature-extract"}),  # one cached view: the run trained unaugmented
+     ({"head_dropout": 0.3}, {"strategy": "fine-tune", "unfreeze": 2})],  # a linear head has nothing to drop
+)
+def test_the_printed_command_holds_only_options_train_accepts_with_the_winner(
+    tmp_path: Path, given: dict[str, object], winner: dict[str, object]
+) -> None:
+    import shlex
+    from dataclasses import fields
+
+    from transferkit.cli import build_parser
+    from transferkit.cli.train import _check_options_are_read
+    from transferkit.leaderboard import reproducing_flags
+    from transferkit.training import TrainConfig
+
+    config = TrainConfig(data=str(tmp_path), strategy="auto", **{**TINY, **given})
+    for name, value in winner.items():  # as _measured_choice resolves it
+        setattr(config, name, value)
+    command = f"train {tmp_path} --strategy {config.strategy}{reproducing_flags(config)}"
+    args = build_parser().parse_args(shlex.split(command))
+    _check_options_are_read(args)
+    options = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "data" and hasattr(args, f.name)}
+    TrainConfig(data=args.data, **{**options, "cache": not args.no_cache, "feature_views": args.views})

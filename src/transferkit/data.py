@@ -83,14 +83,30 @@ def load_image(path: str) -> torch.Tensor:
 
 
 def _check_jpeg_header(data: torch.Tensor) -> None:
-    """Refuse a JPEG by the size its header gives, before libjpeg allocates it (a 700-byte file can
-    claim 20000 x 20000 pixels: 1.2 GB decoded). PIL reads the header alone, in 3 % of a decode's time."""
-    try:
-        with Image.open(io.BytesIO(memoryview(data.numpy())), formats=("JPEG",)) as header:
-            size = header.size
-    except (OSError, SyntaxError):  # a header PIL cannot read: libjpeg says what is wrong, or PIL below
-        return
-    _checked_size(*size)
+    """Refuse a JPEG by the size its frame header gives, before libjpeg allocates it (a 700-byte file can
+    claim 20000 x 20000 pixels: 1.2 GB decoded). The markers are walked here: a few microseconds, where
+    PIL's header read would nearly double a small image's decode."""
+    size = _jpeg_frame_size(memoryview(data.numpy()))
+    if size is not None:
+        _checked_size(*size)
+
+
+# Start-of-frame markers (baseline, progressive, lossless ...); C4, C8 and CC are other segments.
+_JPEG_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def _jpeg_frame_size(data: memoryview) -> tuple[int, int] | None:
+    """(width, height) of a JPEG's frame header; None where none is found (libjpeg then says why)."""
+    at = 2  # after the start-of-image marker
+    while at + 9 <= len(data) and data[at] == 0xFF:
+        marker = data[at + 1]
+        if marker in _JPEG_FRAMES:
+            return (data[at + 7] << 8) | data[at + 8], (data[at + 5] << 8) | data[at + 6]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        at += 2 + ((data[at + 2] << 8) | data[at + 3])
+    return None
 
 
 def decode_failure(exc: Exception) -> str:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from .backbones.weights import NO_WEIGHTS
 from .discovery import DATA_OPTIONS, command_flags, data_flags
+from .heads import HeadSpec
 
 if TYPE_CHECKING:
     from .training import TrainConfig
@@ -133,11 +134,13 @@ def reproducing_flags(config: TrainConfig) -> str:
     if config.strategy == "linear-probe":
         read.append("classifier")
     else:
-        read += ["epochs", "lr", "optimizer", "weight_decay", "scheduler", "patience", "augment", "head",
-                 "head_dropout"]  # fmt: skip
+        read += ["epochs", "lr", "optimizer", "weight_decay", "scheduler", "patience", "head"]
+        read += ["head_dropout"] * bool(HeadSpec.parse(config.head).hidden)
         read += ["momentum"] * (config.optimizer == "sgd") + ["step_size", "gamma"] * (config.scheduler == "step")
-        read += ["lr_decay", "train_bn"] * (config.strategy in ("fine-tune", "full", "gradual"))
-        read += ["feature_views"] * (config.strategy == "feature-extract")
+        read += ["lr_decay"] * (config.strategy in ("fine-tune", "full", "gradual"))
+        read += ["train_bn"] * (config.strategy in ("fine-tune", "gradual"))
+        one_cached_view = config.strategy == "feature-extract" and config.feature_views == 1 and config.cache
+        read += ["augment"] * (not one_cached_view) + ["feature_views"] * (config.strategy == "feature-extract")
     defaults = TrainConfig(data=config.data)
     given = {name: getattr(config, name) for name in read if getattr(config, name) != getattr(defaults, name)}
     switches = "".join(f" --{flag}" for flag, on in (("train-bn", given.pop("train_bn", False)),

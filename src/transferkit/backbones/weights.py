@@ -154,7 +154,7 @@ def load_weights_file(model: nn.Module, path: Path, name: str, head_paths: tuple
             for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
             if keys
         )
-        if any("pos_embed" in key for key in wrong_shape):  # torchvision's ViT, which cannot resample them
+        if not missing and not unexpected and all("pos_embed" in key for key in wrong_shape):  # torchvision's ViT
             raise TransferkitError(f"weights file {path} has position embeddings for another image size than "
                                    f"{name} here ({detail}); give the --image-size it was saved at")  # fmt: skip
         raise TransferkitError(f"weights file {path} does not fit {name} ({detail}); pass the --model it was saved from")

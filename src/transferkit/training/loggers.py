@@ -26,6 +26,7 @@ import io
 import json
 import logging
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -66,13 +67,25 @@ def check_loggers(names: str | Sequence[str] | None) -> tuple[str, ...]:
 def _check_mlflow_store(uri: str | None) -> None:
     """MLflow 3 refuses a ``file:`` store (a plain path is one) unless ``MLFLOW_ALLOW_FILE_STORE`` is set:
     said before the run, not as MLflow's traceback once it has begun."""
-    if not uri or os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("1", "true", "yes"):
+    if not uri or os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("1", "true") or _mlflow_major() < 3:
         return
-    is_path = "://" not in uri and not uri.lower().startswith("file:") and ("/" in uri or uri.startswith((".", "~")))
-    if uri.lower().startswith("file:") or is_path:  # not "databricks", which names a workspace
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]+):", uri)  # two letters or more: C:\mlruns is a path
+    is_path = scheme is None and uri not in ("databricks", "databricks-uc")  # those name a workspace
+    if is_path or (scheme is not None and scheme.group(1).lower() == "file"):
         raise TransferkitError(f"MLFLOW_TRACKING_URI={uri} is a file store, which MLflow 3 refuses: give "
                                f"sqlite:///PATH/mlflow.db (or a server's http:// address), or set "
                                f"MLFLOW_ALLOW_FILE_STORE=true")  # fmt: skip
+
+
+def _mlflow_major() -> int:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for package in ("mlflow", "mlflow-skinny"):
+        try:
+            return int(version(package).split(".")[0])
+        except (PackageNotFoundError, ValueError):
+            continue
+    return 0
 
 
 def build_loggers(names: Sequence[str], run_dir: Path, config: dict[str, Any], global_zero: bool = True) -> list[Any]:
