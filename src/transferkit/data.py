@@ -73,7 +73,7 @@ def load_image(path: str) -> torch.Tensor:
             # libjpeg-turbo straight to a tensor: ~2x PIL on typical photos, no PIL→numpy copy.
             data = read_file(path) if packed is None else torch.frombuffer(bytearray(packed), dtype=torch.uint8)
             _check_jpeg_header(data)
-            return decode_jpeg(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+            return _checked(decode_jpeg(data, mode=ImageReadMode.RGB, apply_exif_orientation=True))
         except RuntimeError:
             pass  # CMYK, progressive oddities, mislabelled files: PIL below knows them all
     with Image.open(path if packed is None else io.BytesIO(packed), formats=IMAGE_FORMATS) as im:

@@ -38,7 +38,7 @@ def _pool(t: torch.Tensor) -> torch.Tensor:
 
 
 # A group's output is taken after the activations that follow its last module in the same parent
-# (ResNet's stem is conv1, bn1 then relu): features of a group are what the next group reads.
+# (ResNet's stem is conv1, bn1 then relu): its features, not its last normalisation's before them.
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SiLU, nn.GELU, nn.Hardswish, nn.Mish)
 
 
