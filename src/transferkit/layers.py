@@ -24,6 +24,9 @@ class HasLayers(Protocol):
     @property
     def head_module(self) -> nn.Module: ...
 
+    @property
+    def head_path(self) -> str: ...
+
 
 class StopForward(Exception):
     """Raised by a hook once the wanted layer has run: the rest of the network is skipped."""
@@ -49,7 +52,7 @@ def resolve_layer(model: HasLayers, layer: str | None, legacy: bool = False) -> 
     group name means the output of that group (see :func:`layer_path`); anything else is a module path.
     """
     name, path, want_input = layer_path(model, layer, legacy)
-    return name, get_module(model.net, path) if path else model.net, want_input
+    return name, get_module(model.net, path), want_input
 
 
 def layer_path(model: HasLayers, layer: str | None, legacy: bool = False) -> tuple[str, str, bool]:
@@ -59,8 +62,7 @@ def layer_path(model: HasLayers, layer: str | None, legacy: bool = False) -> tup
     (its last module before any activation, and bare parameters counted as modules).
     """
     if layer in (None, "", "head", "head-input"):
-        head = model.head_module
-        return "head-input", next(p for p, m in model.net.named_modules() if m is head), True
+        return "head-input", model.head_path, True
     for group in model.groups:
         if group.name == layer and group.name != "head":
             return layer, _module_of_group(model, group.prefixes, legacy), False

@@ -192,7 +192,11 @@ class TransferModel(nn.Module):
 
     @property
     def head_module(self) -> nn.Module:
-        return get_module(self.net, self.record.classifier_path)
+        return get_module(self.net, self.head_path)
+
+    @property
+    def head_path(self) -> str:
+        return self.record.classifier_path
 
     @property
     def multi_label(self) -> bool:
