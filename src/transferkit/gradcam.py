@@ -36,7 +36,7 @@ from .errors import TransferkitError
 from .files import atomic_write, new_or_empty_folder
 from .layers import resolve_layer
 from .model import TransferModel
-from .performance import autocast, batch_to, to_fast_layout, uses_convolutions
+from .performance import autocast, batch_to, pick_device, to_fast_layout, uses_convolutions
 from .prediction import inference_precision
 
 OVERLAY_SUFFIX = "_gradcam.png"
@@ -73,8 +73,9 @@ def explain(
 
     ``model`` is a :class:`TransferModel` or a run directory (not an ONNX export: Grad-CAM needs the
     network's gradients). ``images`` are files (or one; evaluation view, as ``predict`` sees them) or a batch
-    already preprocessed ``N × 3 × H × W``. Runs in eval mode; no parameter gets a gradient; a CNN
-    is left in channels_last memory layout, as ``predict`` leaves it (the same weights, faster).
+    already preprocessed ``N × 3 × H × W``. Runs on the device ``predict`` uses (the model moves there), in
+    eval mode; no parameter gets a gradient; a CNN is left in channels_last memory layout, as ``predict``
+    leaves it (the same weights, faster).
     ``precision`` as ``predict``'s: by default the run's own, so the class explained is the one
     ``predict`` answers (bf16 on a CPU with native bf16 for ``auto``; the heatmaps then differ from
     fp32's by a few hundredths of their 0-1 range, and the forward pass is faster).
@@ -97,7 +98,8 @@ def _explanations(
     targets = _targets(model, target, len(paths))
     prep = model.preprocessing
     height, width = tuple(images.shape[-2:]) if given else (prep.image_size, prep.image_size)
-    device = next(model.parameters()).device
+    device = pick_device()  # where predict runs it, so that the class explained is the one predict answers
+    model.to(device)
     context = autocast(device, inference_precision(model, device, precision))
     channels_last = uses_convolutions(model)
     with _activation_gradients_only(model):

@@ -91,7 +91,9 @@ def head_probabilities(
     """
     device = device or pick_device()
     precision = inference_precision(model, device, precision)
-    head = model.head_module.to(device)
+    # The whole model moves, as every runner moves it: a head alone on a GPU left the backbone behind on the
+    # CPU, and the next whole forward (the report's Grad-CAM) mixed the two devices.
+    head = model.to(device).head_module
     with inference_mode(model), autocast(device, precision):
         logits = [head(batch.to(device)).float().cpu() for batch in features.split(batch_size)]
     return model.probabilities(torch.cat(logits), calibrated) if logits else torch.empty(0, len(model.class_names))
