@@ -367,7 +367,8 @@ def _train_head(model: TransferModel, learn: Any, holdout: Any, config: TrainCon
     from .training.learner import make_optimizer, make_scheduler, without_decay_on_norms_and_biases
 
     generator = torch.Generator().manual_seed(config.seed)
-    head = copy.deepcopy(model.head_module).train()
+    # On the CPU, with the cached features: measuring its speed may have moved the model to a GPU.
+    head = copy.deepcopy(model.head_module).cpu().train()
     groups = without_decay_on_norms_and_biases([{"name": "head", "params": list(head.parameters())}],
                                                config.weight_decay)  # fmt: skip
     optimizer = make_optimizer(groups, config, float(config.lr) if config.lr != "auto" else 1e-3)
