@@ -171,6 +171,13 @@ def to_fast_layout(model: nn.Module) -> nn.Module:
     return model
 
 
+def trains_channels_last(device: torch.device, compiled: bool) -> bool:
+    """Whether training lays a CNN out channels_last (as :func:`to_fast_layout`): yes, except compiled for a
+    GPU. There inductor's stride check of a convolution's backward failed on channels_last weights (an
+    H200, torch 2.11; pytorch/pytorch#171622), and inductor chooses convolutions' layout itself."""
+    return not (compiled and device.type == "cuda")
+
+
 def batch_to(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
     x = x.to(device, non_blocking=True)
     return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x

@@ -32,7 +32,7 @@ from ..errors import TransferkitError
 from ..features import cache_supported, extract_features
 from ..heads import HeadSpec
 from ..model import TransferModel
-from ..performance import compile_in_place, pick_device, resolve_precision, to_fast_layout
+from ..performance import compile_in_place, pick_device, resolve_precision, to_fast_layout, trains_channels_last
 from ..runs import write_history
 from ..strategies import StrategySpec, apply_strategy, param_groups
 from .callbacks import (
@@ -255,7 +255,8 @@ def fit(
         say(f"{config.model} ({model.record.weights}) · {spec.name} · {len(splits.class_names)} classes · "
             f"{len(splits.train)} train / {len(splits.val)} val images · trainable {trainable:,} of {total:,} "
             f"parameters · precision {precision}" + (f" · resuming from {ckpt_path}" if ckpt_path else ""))  # fmt: skip
-    to_fast_layout(model)
+    if trains_channels_last(device, config.compile):
+        to_fast_layout(model)
     with _interrupts_as_keyboard_interrupt(trainer):
         trainer.fit(learner, **loaders, ckpt_path=str(ckpt_path) if ckpt_path else None)
     add_skipped(splits, learner.skipped_files | set(data.skipped if data else []))

@@ -22,7 +22,7 @@ from torchmetrics.classification import (
 from ..balance import Balance, balanced_accuracy
 from ..errors import TransferkitError
 from ..model import TransferModel
-from ..performance import batch_to, uses_convolutions
+from ..performance import batch_to, trains_channels_last, uses_convolutions
 from ..strategies import StrategySpec, param_groups
 from .config import TrainConfig
 
@@ -66,7 +66,7 @@ class TransferLearner(L.LightningModule):
         balance = config.resolved_from.get("balance")
         weights = Balance.from_dict(balance).class_weights() if balance else None
         self.register_buffer("class_weights", weights, persistent=False)
-        self.channels_last = uses_convolutions(model) and not head_only
+        self.convolutional = uses_convolutions(model) and not head_only
         self.skipped_files: set[tuple[str, str]] = set()
         self._frozen_digest: str | None = None
         # Set by the LR finder: each group's LR as a multiple of --lr (or fixed by --group-lr), which
@@ -84,7 +84,8 @@ class TransferLearner(L.LightningModule):
             self.skipped_files.update((b.path, b.reason) for b in batch[2])
         if len(x) == 0:
             return None  # every image of the batch failed to decode
-        out = self(batch_to(x, self.device, self.channels_last))
+        channels_last = self.convolutional and trains_channels_last(self.device, self.config.compile)
+        out = self(batch_to(x, self.device, channels_last))
         if isinstance(out, tuple):  # Inception v3 in training: (logits, aux_logits)
             logits, aux = out
             loss = self._loss(logits, y, stage) + self.spec.aux_weight * self._loss(aux, y, stage)
