@@ -20,7 +20,8 @@ imported; it imports nothing itself) lets each package's first import see stand-
 modules (:data:`DEFERRED`): their names, which fetch the real ones when called (or, for a class
 only tested against, match its instances once it exists; any other name of a stand-in kept by its
 importer fetches the real module's). The stand-ins are
-removed once the package is imported, so the real modules import as usual when something uses them.
+removed once the package is imported, so the real modules import as usual when something uses them,
+and what the package set on a stand-in (torchmetrics' ``hamming``) is set on the real module then.
 
 Where a stand-in does not suffice (a version that needs more), the package is imported the
 ordinary way.
@@ -73,7 +74,9 @@ class LazyContext(str):
 # TypeCheckedOnly name is a class that no object is an instance of until the real module is
 # imported (none can be before), and then exactly the real class's instances.
 DEFERRED = {
-    "torchmetrics": {"scipy.signal": ("hamming",),  # 0.8 s: a patch for an audio metric's dependency
+    # 0.8 s: torchmetrics gives scipy.signal back the ``hamming`` of windows for an audio metric's dependency;
+    # what it sets on the stand-in is set on the real module once that is imported (_SetOnImport).
+    "torchmetrics": {"scipy.signal": ("windows.hamming",),
                      # 0.3 s: the types and style of metrics' .plot()
                      "matplotlib.axes": (TypeCheckedOnly("Axes"),),
                      "matplotlib.pyplot": (TypeCheckedOnly("Figure"), LazyContext("style.context"))},
@@ -126,12 +129,15 @@ def _stand_ins(deferred: dict[str, tuple[str, ...]]) -> dict[str, types.ModuleTy
     for module, names in deferred.items():
         stand_in = _StandInModule(module)
         for name in names:
+            owner, _, last = name.rpartition(".")
             if isinstance(name, LazyContext):
-                owner, _, last = name.rpartition(".")
                 setattr(stand_in, owner, types.SimpleNamespace(**{last: _lazy_context(module, name)}))
-                continue
-            make = stand_in_class if isinstance(name, TypeCheckedOnly) else _forwarder
-            setattr(stand_in, name, make(module, name))
+            elif owner:  # a submodule's name ("windows.hamming")
+                setattr(stand_in, owner, types.SimpleNamespace(**{last: _forwarder(f"{module}.{owner}", last)}))
+            else:
+                make = stand_in_class if isinstance(name, TypeCheckedOnly) else _forwarder
+                setattr(stand_in, name, make(module, name))
+        stand_in.__given__ = frozenset(vars(stand_in))
         modules[module] = stand_in
     return modules
 
@@ -164,11 +170,47 @@ class _StandInWhileImporting(importlib.abc.Loader):
     @staticmethod
     def _remove(added: dict[str, types.ModuleType]) -> None:
         for name, stand_in in added.items():
+            set_by_importer = {k: v for k, v in vars(stand_in).items()
+                               if k not in stand_in.__given__ and not k.startswith("__")}  # fmt: skip
+            if set_by_importer:
+                sys.meta_path.insert(0, _SetOnImport(name, set_by_importer))
             if sys.modules.get(name) is stand_in:
                 del sys.modules[name]
             parent, _, child = name.rpartition(".")
             if vars(sys.modules.get(parent, types)).get(child) is stand_in:  # not getattr: scipy's
                 delattr(sys.modules[parent], child)  # __getattr__ would import the real one now
+
+
+class _SetOnImport(importlib.abc.MetaPathFinder):
+    """Sets on module ``name``, once it is imported, what a package's import set on its stand-in (if the
+    real module lacks it): the package patched the module it imported, and the real one must be patched too."""
+
+    def __init__(self, name: str, attributes: dict[str, Any]) -> None:
+        self.name, self.attributes = name, attributes
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None, target: Any = None) -> Any:
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _ThenSet(spec.loader, self.attributes)
+        return spec
+
+
+class _ThenSet(importlib.abc.Loader):
+    def __init__(self, loader: importlib.abc.Loader, attributes: dict[str, Any]) -> None:
+        self.loader, self.attributes = loader, attributes
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        self.loader.exec_module(module)
+        module.__loader__ = module.__spec__.loader = self.loader  # its resources are found by its own loader
+        for name, value in self.attributes.items():
+            if not hasattr(module, name):
+                setattr(module, name, value)
 
 
 def _forget_submodules(package: str) -> None:
