@@ -140,6 +140,7 @@ def check_launch(config: TrainConfig) -> None:
         # Lightning's CPU accelerator takes a count of processes, not -1 or GPU indices.
         raise TransferkitError(f"--devices {config.devices}: on a CPU give a count of processes (--devices 2) or "
                                f"auto")  # fmt: skip
+    resolve_precision(config.precision, training_device(config), training=True)  # refuses fp16 training on a CPU
     known = ("auto", *StrategyRegistry.available_strategies())
     if config.dist not in known:
         raise TransferkitError(f"unknown --dist {config.dist!r}; choose one of: {', '.join(known)}")
