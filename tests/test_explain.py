@@ -124,6 +124,23 @@ def test_heatmaps_are_grad_cams_own_and_the_backward_pass_stops_at_the_layer(nam
         assert np.allclose(np.clip(expected, 0, 1), e.heatmap, atol=1e-5)
 
 
+def test_torchvisions_swin_is_explained_on_its_channels_last_maps_as_grad_cam_would() -> None:
+    """Its maps are (N, H, W, C) and it does not say so (timm's Swin does): read channels-first, the heatmap
+    was drawn over columns x channels."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    torch.manual_seed(0)
+    model = TransferModel(load_backbone("swin_t", "none", preprocessing=SMALL), ["a", "b"]).eval()
+    x, targets = torch.randn(2, 3, 64, 64), [0, 1]
+    ours = explain(model, x, target=targets, precision="32")
+    layer = model.net.get_submodule(ours[0].layer)
+    with GradCAM(model=model, target_layers=[layer], reshape_transform=lambda t: t.permute(0, 3, 1, 2)) as cam:
+        plain = cam(x.clone(), targets=[ClassifierOutputTarget(t) for t in targets])
+    for e, expected in zip(ours, plain):
+        assert np.allclose(np.clip(expected, 0, 1), e.heatmap, atol=1e-5)
+
+
 def test_the_layer_moves_back_where_the_input_is_too_small_for_a_map() -> None:
     model = _resnet()
     # 32 px: layer4 is 1 x 1 (one number per channel: nothing to locate), layer3 still 2 x 2.

@@ -315,7 +315,7 @@ def _target_layer(model: TransferModel, height: int, width: int | None = None) -
     finally:
         for r in recorders:
             r.release()
-    channels_last = getattr(model.net, "output_fmt", "NCHW") == "NHWC"  # timm's Swin: (N, H, W, C) maps
+    channels_last = _maps_channels_last(model.net)
     for (path, module), shape in reversed(list(zip(candidates, shapes))):
         if shape is not None and len(shape) == 4 and channels_last and shape[1] * shape[2] > 1:
             return path, module, _channels_first
@@ -326,6 +326,14 @@ def _target_layer(model: TransferModel, height: int, width: int | None = None) -
     names = ", ".join(path for path, _ in candidates)
     raise TransferkitError(f"Grad-CAM found no layer with a spatial map before {model.record.backbone}'s output "
                            f"(looked at {names}); it explains CNNs and vision transformers")  # fmt: skip
+
+
+def _maps_channels_last(net: nn.Module) -> bool:
+    """Whether ``net``'s feature maps are (N, H, W, C): timm's Swin says so (``output_fmt``); torchvision's
+    keeps them so up to the permute before its pooling, and says nothing."""
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    return getattr(net, "output_fmt", "NCHW") == "NHWC" or isinstance(net, SwinTransformer)
 
 
 def _channels_first(t: torch.Tensor) -> torch.Tensor:
