@@ -205,6 +205,30 @@ def test_predict_explain_writes_one_overlay_per_image_at_the_input_size(
     assert np.array_equal(np.asarray(Image.open(written[0])), overlay(first.image, first.heatmap))
 
 
+def test_predict_explain_explains_the_class_it_prints_also_where_tta_changed_it(
+    run: Path, tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    files = _images(tiny_dataset)  # with --tta the answer is six views' average: not always one view's top class
+    out = tmp_path / "overlays"
+    assert cli_main(["predict", str(run), *files, "--tta", "--top-k", "1", "--json", "--explain", str(out)]) == 0
+    printed = [r["predictions"][0]["label"] for r in json.loads(capsys.readouterr().out)]
+    expected = transferkit.explain(run, files, target=printed)
+    for f, e in zip(files, expected, strict=True):
+        written = out / Path(f).relative_to(tiny_dataset).with_name(f"{Path(f).stem}_gradcam.png")
+        assert np.array_equal(np.asarray(Image.open(written)), overlay(e.image, e.heatmap)), written
+
+
+def test_overlays_explain_the_class_given_for_each_file(run: Path, tiny_dataset: Path, tmp_path: Path) -> None:
+    files = _images(tiny_dataset / "val")
+    top = [e.label for e in transferkit.explain(run, files)]
+    other = [{"blue": "red", "red": "blue"}[label] for label in top]
+    default = write_overlays(run, files, tmp_path / "top")
+    given = write_overlays(run, files, tmp_path / "other", targets=other)
+    for path, top_path, e in zip(given, default, transferkit.explain(run, files, target=other), strict=True):
+        assert np.array_equal(np.asarray(Image.open(path)), overlay(e.image, e.heatmap))
+        assert not np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(top_path)))
+
+
 def test_predict_explain_refuses_a_used_folder_and_an_onnx_file_before_predicting(
     run: Path, tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -127,8 +127,12 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, image_weight: float = IMAGE_
 
 
 def write_overlays(model: TransferModel | str | Path, files: Sequence[str], out: str | Path,
-                   batch_size: int = 16, precision: str | None = None) -> list[Path]:  # fmt: skip
+                   batch_size: int = 16, precision: str | None = None,
+                   targets: Sequence[int | str] | None = None) -> list[Path]:  # fmt: skip
     """``OUT/<image stem>_gradcam.png`` for each file (at the model's input size), all or nothing.
+
+    ``targets``: the class to explain for each file (``predict``'s answers: with ``--tta`` or another
+    runtime they need not be the top class of one plain forward); by default each file's top class.
 
     ``out`` must be new or empty. Images from several folders keep their sub-folders beneath the
     folder common to all (``OUT/blue/0_gradcam.png``); files that do not decode are skipped with a
@@ -136,13 +140,18 @@ def write_overlays(model: TransferModel | str | Path, files: Sequence[str], out:
     """
     target = check_explain_target(model, out)
     model = _eager_model(model)
-    readable = [f for f in files if _decodes(f)]
+    given = [None] * len(files) if targets is None else list(targets)
+    if len(given) != len(files):
+        raise TransferkitError(f"write_overlays: {len(given)} targets for {len(files)} files; give one per file")
+    kept = [(f, t) for f, t in zip(files, given) if _decodes(f)]
+    readable, wanted = [f for f, _ in kept], [t for _, t in kept]
     staging = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
     target.parent.mkdir(parents=True, exist_ok=True)
     staging.mkdir()  # beside the target: one rename publishes it whole
     written: list[Path] = []
     try:
-        for e, name in zip(_explanations(model, readable, None, batch_size, precision), _overlay_names(readable)):
+        explained = _explanations(model, readable, wanted, batch_size, precision)
+        for e, name in zip(explained, _overlay_names(readable)):
             picture = Image.fromarray(e.overlay())
             (staging / name).parent.mkdir(parents=True, exist_ok=True)
             atomic_write(staging / name, lambda tmp: picture.save(tmp, format="PNG"))

@@ -86,8 +86,9 @@ def _predict(args: argparse.Namespace) -> int:
     else:
         print(json.dumps(results, indent=2) if args.json else format_predictions(results))
     if args.explain:
-        written = write_overlays(args.run, [r["path"] for r in results if not r.get("error")], args.explain,
-                                 precision=args.precision)  # fmt: skip
+        answered = [r for r in results if not r.get("error")]  # each explained for the class printed
+        written = write_overlays(args.run, [r["path"] for r in answered], args.explain, precision=args.precision,
+                                 targets=[r["predictions"][0]["label"] for r in answered])  # fmt: skip
         print(f"wrote {len(written)} Grad-CAM overlays to {args.explain}", file=sys.stderr)
     return 0 if all(not r.get("error") for r in results) else 1
 
