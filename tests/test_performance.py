@@ -23,6 +23,7 @@ from transferkit.performance import (
     resolve_precision,
     same_cpu_kind,
 )
+from transferkit.training.fit import training_precision
 
 MAPS = "print('mimalloc' in open('/proc/self/maps').read())"
 
@@ -112,6 +113,12 @@ def test_precision_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_precision("auto", cpu, mobilenet, training=True) == "32"  # bf16 depthwise backward is slow
     apply_strategy(mobilenet, StrategySpec("feature-extract"))
     assert resolve_precision("auto", cpu, mobilenet, training=True) == "bf16"
+    # Gradual unfreezing trains at the precision of every group its schedule unfreezes, not its first epoch's.
+    gradual = StrategySpec("gradual", unfreeze=3)
+    apply_strategy(mobilenet, gradual)
+    assert training_precision("auto", cpu, mobilenet, gradual, epochs=1) == "bf16"  # the head alone
+    assert training_precision("auto", cpu, mobilenet, gradual, epochs=4) == "32"
+    assert [p.requires_grad for p in mobilenet.parameters()].count(True) == 2  # left at epoch 0: the head's
     with pytest.raises(TransferkitError, match="unknown --precision 'fp8'"):
         resolve_precision("fp8", cpu)
     monkeypatch.setenv(NATIVE_BF16_ENV, "yes")

@@ -163,6 +163,19 @@ def check_sharding(config: TrainConfig) -> None:
                                f"{config.strategy} trains only a head: use --dist ddp")  # fmt: skip
 
 
+def training_precision(requested: str, device: torch.device, model: TransferModel, spec: StrategySpec,
+                       epochs: int) -> str:  # fmt: skip
+    """The precision the run trains at, judged on every group that trains in it: gradual unfreezing's
+    whole schedule, not its first epoch's head alone (a depthwise group unfrozen later trains fp32)."""
+    if spec.name != "gradual":
+        return resolve_precision(requested, device, model, training=True)
+    apply_strategy(model, spec, epoch=max(epochs - 1, 0))
+    try:
+        return resolve_precision(requested, device, model, training=True)
+    finally:
+        apply_strategy(model, spec, epoch=0)
+
+
 def wait_for_file(path: Path, timeout: float = 3600.0) -> None:
     deadline = time.time() + timeout
     while not path.exists():
@@ -201,7 +214,7 @@ def fit(
     started = time.time()
     trainable, total = model.parameter_counts()
     device = training_device(config)
-    precision = resolve_precision(config.precision, device, model, training=True)
+    precision = training_precision(config.precision, device, model, spec, config.epochs)
     extra = {
         "strategy": spec.to_dict(),
         # Resolved where the checkpoint runs: bf16 is fast only on CPUs with native bf16.
