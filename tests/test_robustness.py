@@ -137,6 +137,19 @@ def test_training_survives_bad_images_and_counts_them(messy_dataset: Path, tmp_p
     assert (result.run_dir / "model.pt").is_file()
 
 
+@pytest.mark.parametrize("strategy", ["fine-tune", "feature-extract"])
+def test_a_training_none_of_whose_images_decode_is_an_error_and_leaves_no_run(
+    tiny_dataset: Path, tmp_path: Path, strategy: str
+) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    for image in (data / "train").rglob("*.*"):  # PNGs cut off in their pixels: they fail only when decoded
+        image.unlink() if image.suffix == ".jpg" else image.write_bytes(image.read_bytes()[:100])
+    with pytest.raises(TransferkitError, match=r"no (training )?image could be decoded"):
+        train(data, strategy=strategy, epochs=1, cache=False, out=str(tmp_path / "run"), **TINY)
+    assert not (tmp_path / "run").exists()
+
+
 def test_checkpoint_with_pickled_code_is_refused_and_never_runs(tmp_path: Path) -> None:
     marker = tmp_path / "code-ran"
 

@@ -68,6 +68,7 @@ class TransferLearner(L.LightningModule):
         self.register_buffer("class_weights", weights, persistent=False)
         self.convolutional = uses_convolutions(model) and not head_only
         self.skipped_files: set[tuple[str, str]] = set()
+        self._trained_images = 0  # this epoch's, on this rank
         self._frozen_digest: str | None = None
         # Set by the LR finder: each group's LR as a multiple of --lr (or fixed by --group-lr), which
         # Lightning's range test would otherwise sweep at one LR for all (layer3 at the head's, not a
@@ -84,6 +85,8 @@ class TransferLearner(L.LightningModule):
             self.skipped_files.update((b.path, b.reason) for b in batch[2])
         if len(x) == 0:
             return None  # every image of the batch failed to decode
+        if stage == "train":
+            self._trained_images += len(x)
         channels_last = self.convolutional and trains_channels_last(self.device, self.config.compile)
         out = self(batch_to(x, self.device, channels_last))
         if isinstance(out, tuple):  # Inception v3 in training: (logits, aux_logits)
@@ -151,6 +154,22 @@ class TransferLearner(L.LightningModule):
         finally:
             for m in training:
                 m.train()
+
+    def on_train_epoch_start(self) -> None:
+        self._trained_images = 0
+
+    def on_validation_epoch_start(self) -> None:
+        """Stop a training none of whose images decoded this epoch (on any rank), before its checkpoints say
+        it trained: every batch would have been skipped."""
+        if self.trainer.state.fn != "fit" or self.trainer.sanity_checking:
+            return
+        trained = self.trainer.strategy.reduce(torch.tensor(float(self._trained_images), device=self.device), None,
+                                               reduce_op="sum")  # fmt: skip
+        if float(trained) == 0:
+            path, reason = min(self.skipped_files) if self.skipped_files else ("", "")
+            example = f", e.g. {path}: {reason}" if path else ""
+            raise TransferkitError(f"no training image could be decoded in epoch {self.current_epoch} "
+                                   f"({len(self.skipped_files)} files skipped{example}); fix or replace them")  # fmt: skip
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._step(batch, "val")
