@@ -323,6 +323,9 @@ def test_bad_requests_get_a_4xx_with_a_reason_and_the_service_goes_on(
     deep = b"[" * 100_000  # deeper than Python's stack: json.loads raises RecursionError, not ValueError
     _refusal(requests.post(url, data=deep, headers={"Content-Type": "application/json"}, timeout=30), 400, "nested")
     _refusal(requests.post(url, files={"files": ("big.jpg", big)}, timeout=30), 413, "over the limit")
+    for count in (257, 300):  # one past the limit, and more than the form parser counts
+        many = [("files", (f"{i}.jpg", b"x")) for i in range(count)]  # counted before they are read
+        _refusal(requests.post(url, files=many, timeout=30), 413, "images in one request; send at most 256")
     _refusal(requests.get(service + "nowhere", timeout=30), 404, "Not Found")
     assert requests.get(service + "health", timeout=10).ok
     assert post_files(service, images[:1]).status_code == 200

@@ -143,6 +143,9 @@ async def _form_images(request: Request) -> tuple[list[tuple[str, bytes]], Any]:
     try:
         form = await request.form(max_files=MAX_IMAGES_PER_REQUEST + 1, max_fields=16)
     except HTTPException as exc:  # Starlette's word for a malformed or oversized form
+        if "Too many files" in str(exc.detail):  # past max_files it stops counting: the limit's own answer
+            raise RequestProblem(413, f"more than {MAX_IMAGES_PER_REQUEST} images in one request; send at most "
+                                      f"{MAX_IMAGES_PER_REQUEST}") from None  # fmt: skip
         raise RequestProblem(400, f"unreadable multipart form ({exc.detail})") from None
     images, top_k = [], None
     for field, value in form.multi_items():
