@@ -35,6 +35,9 @@ def test_pack_writes_a_few_files_and_refuses_an_existing_folder(shards: Path, ti
                      "val/chunk-0-0.bin", "val/index.json"]  # fmt: skip
     with pytest.raises(TransferkitError, match="already exists"):
         pack(discover(tiny_dataset), shards)
+    with pytest.raises(TransferkitError, match="shards is already packed; give the image folder"):
+        pack(discover(shards), shards.parent / "again")
+    assert not (shards.parent / "again").exists()
 
 
 def test_a_failed_pack_leaves_nothing(tiny_dataset: Path, tmp_path: Path) -> None:

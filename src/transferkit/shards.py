@@ -272,6 +272,9 @@ def pack(splits: Any, out: str | Path, chunk_bytes: str | int = DEFAULT_CHUNK_BY
         raise TransferkitError(f"--out {out}: pack writes a local folder; copy it to the object store afterwards "
                                f"(e.g. aws s3 sync) and give the URL to train")  # fmt: skip
     new_files("--out", target)
+    if is_packed_image(splits.train[0][0] if splits.train else ""):
+        raise TransferkitError(f"{splits.root} is already packed; give the image folder (or label file) it was "
+                               f"packed from")  # fmt: skip
     work = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
     names = splits.class_names
     manifest: dict[str, Any] = {"format": FORMAT, "class_names": names, "multi_label": splits.multi_label,
