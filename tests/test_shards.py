@@ -68,6 +68,20 @@ def test_images_of_a_label_file_keep_their_folders_in_their_packed_names(tiny_da
         assert sorted(names) == sorted(prefix + r for r in rows)
 
 
+def test_grad_cam_overlays_of_packed_images_are_named_as_the_folders_images(shards: Path, tmp_path: Path) -> None:
+    from transferkit.backbones import Preprocessing, load_backbone
+    from transferkit.gradcam import write_overlays
+    from transferkit.model import TransferModel
+    from transferkit.shards import packed_images
+
+    small = Preprocessing(image_size=32, resize_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+    model = TransferModel(load_backbone("resnet18", "none", preprocessing=small), ["blue", "red"]).eval()
+    images = [p for p in packed_images(shards) if p.endswith(("/blue/0.png", "/red/1.jpg"))]
+    written = write_overlays(model, images, tmp_path / "overlays")
+    assert sorted(p.relative_to(tmp_path / "overlays").as_posix() for p in written) == [
+        "train/blue/0_gradcam.png", "train/red/1_gradcam.png", "val/blue/0_gradcam.png", "val/red/1_gradcam.png"]
+
+
 def test_packed_data_is_discovered_as_the_folder_was(shards: Path, tiny_dataset: Path) -> None:
     folder, packed = discover(tiny_dataset), discover(shards)
     assert packed.class_names == folder.class_names and packed.layout == "packed shards (litdata)"

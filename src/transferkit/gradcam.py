@@ -414,7 +414,11 @@ def _token_grid(prefix: int, tokens: int, height: int, width: int) -> Callable[[
 
 def _overlay_names(files: Sequence[str]) -> list[str]:
     """Each overlay's path in OUT: the image's own beneath the folder common to all, so that
-    ``blue/0.png`` and ``red/0.png`` read as such; a stem repeated in one folder gets ``_2``, ``_3`` …"""
+    ``blue/0.png`` and ``red/0.png`` read as such (a packed image's as its split's folder would:
+    ``val/blue/0.png``); a stem repeated in one folder gets ``_2``, ``_3`` …"""
+    from .shards import as_file_path
+
+    files = [as_file_path(f) for f in files]
     parents = [Path(os.path.abspath(f)).parent for f in files]
     root = Path(os.path.commonpath(parents)) if parents else Path()
     names, used = [], set()

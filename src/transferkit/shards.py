@@ -145,6 +145,13 @@ def image_bytes(path: str) -> bytes:
     return Path(path).read_bytes() if packed is None else packed
 
 
+def as_file_path(path: str) -> str:
+    """A packed image's path as a file's would read (``SHARDS/split/name``: no separator, no index); a file's
+    path as it is."""
+    parsed = _parse(path)
+    return path if parsed is None else f"{parsed[0]}/{parsed[1]}/{parsed[3]}"
+
+
 def is_packed_image(path: str) -> bool:
     """Whether ``path`` names an image in shards (``SHARDS::split/index/name``) rather than a file."""
     return _parse(path) is not None
