@@ -82,6 +82,30 @@ def test_grad_cam_overlays_of_packed_images_are_named_as_the_folders_images(shar
         "train/blue/0_gradcam.png", "train/red/1_gradcam.png", "val/blue/0_gradcam.png", "val/red/1_gradcam.png"]
 
 
+def test_a_damaged_chunk_is_one_error_naming_it_not_a_missing_file_per_image(shards: Path, tmp_path: Path) -> None:
+    damaged = tmp_path / "damaged"
+    shutil.copytree(shards, damaged)
+    chunk = damaged / "train" / "chunk-0-0.bin"
+    chunk.write_bytes(chunk.read_bytes()[:500])  # litdata waited 2 s per image for the rest, then said "no such file"
+    message = r"train/chunk-0-0.bin is damaged \(500 of its [\d,]+ bytes\); pack the data again"
+    with pytest.raises(TransferkitError, match=message):
+        discover(damaged)
+    # Raised in a DataLoader worker (damaged after it was found), it comes back behind the worker's
+    # traceback; the command prints its own line alone.
+    from torch._utils import ExceptionWrapper
+
+    from transferkit.cli import _own_message
+
+    try:
+        raise TransferkitError(f"{chunk} is damaged (500 of its 1,000 bytes); pack the data again")
+    except TransferkitError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(TransferkitError) as raised:
+        wrapped.reraise()
+    assert "Traceback" in str(raised.value)
+    assert _own_message(raised.value) == f"{chunk} is damaged (500 of its 1,000 bytes); pack the data again"
+
+
 def test_packed_data_is_discovered_as_the_folder_was(shards: Path, tiny_dataset: Path) -> None:
     folder, packed = discover(tiny_dataset), discover(shards)
     assert packed.class_names == folder.class_names and packed.layout == "packed shards (litdata)"

@@ -252,6 +252,8 @@ class ImageDataset(Dataset):
             return load_image(path)
         except FileNotFoundError:  # listed in a label file, or removed since it was found
             return BadImage(path, "no such file")
+        except TransferkitError:  # of the data as a whole (damaged or changed shards): said once, not per image
+            raise
         except Exception as exc:  # one bad file must never end an epoch
             return BadImage(path, decode_failure(exc))
 

@@ -77,6 +77,9 @@ def packed_samples(source: str | Path) -> tuple[dict[str, Any], dict[str, list[t
     """The manifest of a packed folder or URL, and each split's samples (name, label) as named here."""
     root = _source(source)
     manifest = _manifest(root)
+    if not is_url(root):  # before any image is read (in loader workers too)
+        for split in manifest["splits"]:
+            _check_chunks(Path(root) / split)
     samples = {split: [(f"{root}{SEPARATOR}{split}/{i}/{name}", _label(label)) for i, (name, label, _) in enumerate(rows)]
                for split, rows in manifest["splits"].items()}  # fmt: skip
     return manifest, samples
@@ -249,9 +252,25 @@ def _dataset(root: str, split: str, pid: int, url_cache: Path | None) -> tuple[A
     from litdata import StreamingDataset
 
     if url_cache is None:
+        _check_chunks(Path(root) / split)
         return StreamingDataset(f"{root}/{split}"), threading.Lock()
     _fetched(root, f"{split}/index.json")  # which the local dataset reads
     return StreamingDataset(str(url_cache / split)), threading.Lock()
+
+
+def _check_chunks(folder: Path) -> None:
+    """Each chunk file of a local split at the size its index gives: litdata waits for a short or missing
+    one as for a download (seconds per image), then calls each of its images a missing file."""
+    try:
+        chunks = json.loads((folder / "index.json").read_text())["chunks"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise TransferkitError(f"{folder / 'index.json'} cannot be read ({exc}); pack the data again") from None
+    for chunk in chunks:
+        path = folder / chunk["filename"]
+        size = path.stat().st_size if path.is_file() else None
+        if size != chunk["chunk_bytes"]:
+            found = "missing" if size is None else f"{size:,} of its {chunk['chunk_bytes']:,} bytes"
+            raise TransferkitError(f"{path} is damaged ({found}); pack the data again (transferkit pack)")
 
 
 def chunk_size(text: str | int) -> int:

@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TransferkitError as exc:
         if debug:
             raise
-        print(f"transferkit: error: {exc}", file=sys.stderr)
+        print(f"transferkit: error: {_own_message(exc)}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:
         if debug or exc.filename is None:  # not about a file the user named: a fault to report, with its traceback
@@ -95,6 +95,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         warnings.showwarning = shown
+
+
+def _own_message(exc: TransferkitError) -> str:
+    """The error's one line: raised in a DataLoader worker, it comes back behind the worker's traceback."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return text
+    return text.rstrip().splitlines()[-1].removeprefix(f"{type(exc).__module__}.{type(exc).__name__}: ")
 
 
 # What to do about the file errors a user can fix, by errno.
