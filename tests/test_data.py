@@ -258,6 +258,13 @@ def test_the_demo_checks_its_options_before_writing_the_digits(tmp_path: Path) -
     with pytest.raises(TransferkitError, match="bad --budget 'soon'"):
         run_demo(tmp_path / "b", budget="soon")
     assert list(tmp_path.iterdir()) == []
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(TransferkitError, match="--workdir .*file is a file; give a folder"):
+        run_demo(tmp_path / "file")
+    (tmp_path / "used" / "digits" / "notes").mkdir(parents=True)  # not the demo's: left as it is
+    with pytest.raises(TransferkitError, match="digits exists but holds no demo digits .no train/.; remove it"):
+        run_demo(tmp_path / "used")
+    assert [p.name for p in (tmp_path / "used").rglob("*")] == ["digits", "notes"]
 
 
 @pytest.mark.parametrize(

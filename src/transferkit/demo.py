@@ -48,6 +48,11 @@ def run_demo(workdir: str | Path = "demo", epochs: int = 10, budget: str = "100s
     if epochs < 1:  # before the digits are written (train checks the rest of its options at once)
         raise TransferkitError(f"--epochs must be at least 1, got {epochs}")
     parse_budget(budget, train_images=1)
+    if workdir.exists() and not workdir.is_dir():
+        raise TransferkitError(f"--workdir {workdir} is a file; give a folder (a new one, or an earlier demo's)")
+    if data.exists() and not (data / "train").is_dir():
+        raise TransferkitError(f"{data} exists but holds no demo digits (no train/); remove it, or give another "
+                               f"--workdir")  # fmt: skip
     if not (data / "train").is_dir():
         write_digits_folder(data)
         print(f"wrote scikit-learn digits as images to {data}", file=sys.stderr)
