@@ -1,8 +1,8 @@
 """The `transferkit features` command end to end against its forward limit and the seeds' way (not a test).
 
 On N generated 500x375 JPEGs (default 3,000) and resnet18 (random weights: the speed is the same):
-- the limit: resnet18's pure forward throughput on decoded batches, at the precision `features`
-  chooses on this machine (bf16 on a CPU with native bf16, else fp32), channels_last;
+- the limit: resnet18's pure forward throughput on random batches (decoding left out), at the
+  precision `features` chooses on this machine (bf16 on a CPU with native bf16, else fp32), channels_last;
 - transferkit: `transferkit features DATA --out F.npz` as a user runs it, whole process (start-up,
   decoding, forward, writing the cache and the file), cold cache;
 - the seeds' way: a whole process with PIL ImageFolder, one DataLoader worker, fp32, a plain loop.
@@ -105,7 +105,7 @@ def main() -> None:
     ratios = ", ".join(f"{o / s:.2f}x" for _, o, s in rounds)
     print(f"`transferkit features`, {args.images} generated 500x375 JPEGs, {MODEL}; {cpu_model()}: {cpu_kind()}"
           f"{'' if args.rounds == 1 else f'; medians of {args.rounds} rounds taking turns'}")
-    print(f"  forward limit ({precision}, channels_last, decoded batches of 32): {limit:7.1f} images/s")
+    print(f"  forward limit ({precision}, channels_last, random batches of 32): {limit:7.1f} images/s")
     print(f"  transferkit features, whole process:   {ours:7.1f} images/s  ({args.images / ours:6.1f} s), "
           f"{ours / limit:.0%} of the limit (each round: {of_limit})")
     print(f"  the seeds' way, whole process:         {seeds:7.1f} images/s  ({args.images / seeds:6.1f} s)")

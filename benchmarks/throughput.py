@@ -104,16 +104,19 @@ def _fine_tune_epoch(model, samples, names, device) -> float:
     import lightning as L
 
     from transferkit import apply_strategy
-    from transferkit.training import TrainConfig
-    from transferkit.training.fit import learner_and_loaders
+    from transferkit.training import LIGHTNING_PRECISION, TrainConfig
+    from transferkit.training.fit import learner_and_loaders, training_precision
 
     config = TrainConfig(data="-", strategy="fine-tune", unfreeze=2, epochs=1, quiet=True)
     spec = config.strategy_spec()
     apply_strategy(model, spec)
     splits = type("Splits", (), {"train": samples, "val": samples[:1], "skipped": []})()
     learner, train_loader, _, _ = learner_and_loaders(model, spec, splits, config, device)
+    # At the precision `transferkit train` picks here (bf16 where the CPU has it, unless depthwise layers train).
+    precision = LIGHTNING_PRECISION[training_precision(config.precision, device, model, spec, config.epochs)]
     trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, accelerator=device.type)  # fmt: skip
+                        enable_model_summary=False, limit_val_batches=0, accelerator=device.type,
+                        precision=precision)  # fmt: skip
     start = time.perf_counter()
     trainer.fit(learner, train_loader)
     return len(samples) / (time.perf_counter() - start)
