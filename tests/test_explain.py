@@ -218,6 +218,18 @@ def test_predict_explain_explains_the_class_it_prints_also_where_tta_changed_it(
         assert np.array_equal(np.asarray(Image.open(written)), overlay(e.image, e.heatmap)), written
 
 
+def test_predict_explain_on_a_multi_label_image_with_no_class_over_its_threshold_explains_its_top_class(
+    tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = _resnet()
+    model.record = model.record.with_extra(multi_label=True, thresholds=[1.0, 1.0])  # no class is ever over
+    transferkit.save_checkpoint(model, tmp_path / "run" / "model.pt")
+    image = _images(tiny_dataset / "val")[0]
+    assert cli_main(["predict", str(tmp_path / "run"), image, "--json", "--explain", str(tmp_path / "out")]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["predictions"] == []
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [f"{Path(image).stem}_gradcam.png"]
+
+
 def test_overlays_explain_the_class_given_for_each_file(run: Path, tiny_dataset: Path, tmp_path: Path) -> None:
     files = _images(tiny_dataset / "val")
     top = [e.label for e in transferkit.explain(run, files)]

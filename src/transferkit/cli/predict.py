@@ -88,9 +88,15 @@ def _predict(args: argparse.Namespace) -> int:
     if args.explain:
         answered = [r for r in results if not r.get("error")]  # each explained for the class printed
         written = write_overlays(args.run, [r["path"] for r in answered], args.explain, precision=args.precision,
-                                 targets=[r["predictions"][0]["label"] for r in answered])  # fmt: skip
+                                 targets=[_printed_class(r) for r in answered])  # fmt: skip
         print(f"wrote {len(written)} Grad-CAM overlays to {args.explain}", file=sys.stderr)
     return 0 if all(not r.get("error") for r in results) else 1
+
+
+def _printed_class(result: dict[str, Any]) -> str | None:
+    """The class an image's overlay explains: the first printed; none for a multi-label image with no class
+    over its threshold (its top class, then)."""
+    return result["predictions"][0]["label"] if result["predictions"] else None
 
 
 def _write_csv(results: list[dict[str, Any]], out: TextIO) -> None:
