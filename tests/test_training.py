@@ -212,7 +212,7 @@ def test_a_frozen_backbone_run_writes_the_best_head_into_model_pt_without_rewrit
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
         ({"devices": 0}, "--devices must be auto, a count of at least 1"),
         # Lightning would train bf16 instead, and the run would say fp16.
-        ({"precision": "16", "accelerator": "cpu"}, "--precision 16: fp16 training needs a GPU; on a CPU use"),
+        ({"precision": "16", "accelerator": "cpu", "strategy": "fine-tune"}, "--precision 16: fp16 training needs a GPU"),
         ({"dist": "foo"}, "unknown --dist 'foo'; choose one of: auto, ddp"),
         ({"optimizer": "sgd", "momentum": -1.0}, "--momentum must be between 0 and 1, got -1.0"),
         ({"weight_decay": -1.0}, "--weight-decay must not be negative"),
@@ -247,6 +247,15 @@ def test_options_torch_or_lightning_would_refuse_are_errors_before_the_run_direc
     with pytest.raises(TransferkitError, match=re.escape(message)):
         train(tiny_dataset, epochs=1, out=str(tmp_path / "run"), **options)
     assert not (tmp_path / "run").exists()
+
+
+def test_fp16_on_a_cpu_is_refused_only_where_a_network_trains_at_it(tiny_dataset: Path, tmp_path: Path) -> None:
+    cpu16 = {**TINY, "precision": "16", "accelerator": "cpu"}
+    with pytest.raises(TransferkitError, match="--precision 16: fp16 training needs a GPU"):
+        find_lr(TrainConfig(data=str(tiny_dataset), strategy="gradual", **cpu16))
+    # The head trains at fp32 on features extracted, and evaluated, at fp16.
+    result = train(tiny_dataset, strategy="feature-extract", epochs=1, out=str(tmp_path / "run"), **cpu16)
+    assert (result.metrics["precision"], result.metrics["evaluation_precision"]) == ("32", "16")
 
 
 class _FailAtEpoch(Callback):

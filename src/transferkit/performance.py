@@ -142,8 +142,6 @@ def resolve_precision(requested: str, device: torch.device, model: nn.Module | N
     """
     if requested not in PRECISIONS:
         raise TransferkitError(f"unknown --precision {requested!r}; choose one of: {', '.join(PRECISIONS)}")
-    if training and requested == "16" and device.type == "cpu":  # Lightning would train bf16 and say so in a warning
-        raise TransferkitError("--precision 16: fp16 training needs a GPU; on a CPU use --precision bf16 or 32")
     if requested != "auto":
         return requested
     if device.type == "cuda":

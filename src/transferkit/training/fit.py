@@ -140,7 +140,8 @@ def check_launch(config: TrainConfig) -> None:
         # Lightning's CPU accelerator takes a count of processes, not -1 or GPU indices.
         raise TransferkitError(f"--devices {config.devices}: on a CPU give a count of processes (--devices 2) or "
                                f"auto")  # fmt: skip
-    resolve_precision(config.precision, training_device(config), training=True)  # refuses fp16 training on a CPU
+    if config.strategy != "linear-probe" and not (config.strategy == "feature-extract" and config.cache):
+        lightning_precision(config.precision, training_device(config))  # a network trains at it
     known = ("auto", *StrategyRegistry.available_strategies())
     if config.dist not in known:
         raise TransferkitError(f"unknown --dist {config.dist!r}; choose one of: {', '.join(known)}")
@@ -161,6 +162,14 @@ def check_sharding(config: TrainConfig) -> None:
     if config.strategy in ("feature-extract", "linear-probe"):
         raise TransferkitError(f"--dist {config.dist} shards the weights being trained, and --strategy "
                                f"{config.strategy} trains only a head: use --dist ddp")  # fmt: skip
+
+
+def lightning_precision(precision: str, device: torch.device) -> str:
+    """Lightning's name for the precision a network trains at. fp16 training on a CPU is refused: Lightning
+    trains bf16 there instead (saying so in a warning), while the run would record fp16."""
+    if precision == "16" and device.type == "cpu":
+        raise TransferkitError("--precision 16: fp16 training needs a GPU; on a CPU use --precision bf16 or 32")
+    return LIGHTNING_PRECISION.get(precision, precision)
 
 
 def training_precision(requested: str, device: torch.device, model: TransferModel, spec: StrategySpec,
@@ -255,7 +264,7 @@ def fit(
         devices=config.devices,
         num_nodes=config.num_nodes,
         strategy=config.dist,
-        precision=LIGHTNING_PRECISION[precision],
+        precision=lightning_precision(precision, device),
         callbacks=[*own, *callbacks],
         plugins=[AtomicCheckpointIO()],
         logger=loggers or False,

@@ -14,10 +14,17 @@ import lightning as L
 from ..data import check_whole_number, discover_for
 from ..errors import TransferkitError
 from ..files import atomic_write
-from ..performance import resolve_precision, to_fast_layout
+from ..performance import to_fast_layout, trains_channels_last
 from ..strategies import apply_strategy
-from .config import LIGHTNING_PRECISION, TrainConfig
-from .fit import build_model, learner_and_loaders, quiet_lightning, training_device
+from .config import TrainConfig
+from .fit import (
+    build_model,
+    learner_and_loaders,
+    lightning_precision,
+    quiet_lightning,
+    training_device,
+    training_precision,
+)
 
 
 @dataclass
@@ -77,11 +84,14 @@ def find_lr(config: TrainConfig, splits: Any = None, num_training: int = 100) ->
     device = training_device(config)
     learner, train_loader, _, _ = learner_and_loaders(model, spec, splits, probe, device)
     learner.lr_range_test = True  # each group swept at its own multiple of the head's LR, as it trains
-    to_fast_layout(model)
+    if trains_channels_last(device, probe.compile):  # as fit lays it out
+        to_fast_layout(model)
+    # As fit trains: the head alone on cached features at fp32, a network at its schedule's precision.
+    precision = "32" if learner.head_only else training_precision(config.precision, device, model, spec, config.epochs)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = L.Trainer(accelerator=device.type, devices=1, logger=False, enable_checkpointing=False, max_epochs=-1,
                             enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp,
-                            precision=LIGHTNING_PRECISION[resolve_precision(config.precision, device, model, True)])  # fmt: skip
+                            precision=lightning_precision(precision, device))  # fmt: skip
         # Lightning's LR finder always draws its own tqdm bar (on stderr): --quiet silences it here.
         silent = contextlib.redirect_stderr(io.StringIO()) if config.quiet else contextlib.nullcontext()
         with silent, warnings.catch_warnings():
