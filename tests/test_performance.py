@@ -245,6 +245,8 @@ for unused in ("scipy.signal", "sklearn", "scipy.ndimage", "scipy.sparse", "trit
                "matplotlib.axes", "matplotlib.figure", "mpl_toolkits"):
     assert unused not in sys.modules, f"{unused} was imported"
 assert not any(type(f).__name__ == "_FirstImportOf" for f in sys.meta_path), "the finder outlived its use"
+# What torchmetrics set on a stand-in waits for the real module; nothing else does (grad-cam set nothing).
+assert [f.name for f in sys.meta_path if type(f).__name__ == "_SetOnImport"] == ["scipy.signal"]
 from torchmetrics.functional.classification import multiclass_accuracy
 assert multiclass_accuracy(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0]), num_classes=2, average="micro") == 2 / 3
 # grad-cam's uses of the deferred names reach the real ones.
@@ -282,6 +284,8 @@ assert isinstance(ax, matplotlib.axes.Axes) and isinstance(ax, metric_plots._AX_
 assert isinstance(fig, matplotlib.pyplot.Figure) and ax.get_ylabel() == "MulticlassAccuracy"
 from pytorch_grad_cam.utils import image as cam_images
 assert cam_images.plt.get_cmap("jet").name == "jet"
+import importlib.util
+assert importlib.util.find_spec("scipy.signal") is not None  # a probe before the import: the patch still waits
 import scipy, scipy.signal, sklearn.decomposition
 assert scipy.signal is sys.modules["scipy.signal"] and scipy.signal.__file__.endswith("__init__.py")
 assert scipy.signal.windows.hamming(5).tolist()[2] == 1.0 and sklearn.decomposition.PCA.__module__.startswith("sklearn")
@@ -296,7 +300,8 @@ assert not any(type(f).__module__ == "transferkit.lean_imports" for f in sys.met
 
 def test_a_package_that_needs_more_than_its_stand_ins_is_imported_the_ordinary_way(tmp_path: Path) -> None:
     (tmp_path / "needs_more").mkdir()
-    (tmp_path / "needs_more" / "__init__.py").write_text("import scipy.signal\nWINDOW = scipy.signal.windows.hann(3)\n")
+    (tmp_path / "needs_more" / "__init__.py").write_text(
+        "import scipy.signal\nscipy.signal.patched = 1\nWINDOW = scipy.signal.windows.hann(3)\n")
     script = f"""
 import sys
 sys.path.insert(0, {str(tmp_path)!r})
@@ -305,6 +310,8 @@ lean_imports.DEFERRED["needs_more"] = {{"scipy.signal": ("hamming",)}}
 sys.meta_path.insert(0, lean_imports._FirstImportOf())
 import needs_more
 assert needs_more.WINDOW.tolist() == [0.0, 1.0, 0.0] and sys.modules["scipy.signal"].__file__.endswith("__init__.py")
+assert sys.modules["scipy.signal"].patched == 1  # as its ordinary import set it
+assert not [f for f in sys.meta_path if type(f).__name__ == "_SetOnImport"], "a finder outlived its use"
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

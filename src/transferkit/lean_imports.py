@@ -170,11 +170,12 @@ class _StandInWhileImporting(importlib.abc.Loader):
     @staticmethod
     def _remove(added: dict[str, types.ModuleType]) -> None:
         for name, stand_in in added.items():
-            set_by_importer = {k: v for k, v in vars(stand_in).items()
-                               if k not in stand_in.__given__ and not k.startswith("__")}  # fmt: skip
-            if set_by_importer:
-                sys.meta_path.insert(0, _SetOnImport(name, set_by_importer))
-            if sys.modules.get(name) is stand_in:
+            if sys.modules.get(name) is stand_in:  # once: the fallback's import runs between two calls
+                # What the package set on it (not another stand-in, which exec_module hangs on its parent).
+                set_by_importer = {k: v for k, v in vars(stand_in).items() if k not in stand_in.__given__
+                                   and not k.startswith("__") and not isinstance(v, _StandInModule)}  # fmt: skip
+                if set_by_importer:
+                    sys.meta_path.insert(0, _SetOnImport(name, set_by_importer))
                 del sys.modules[name]
             parent, _, child = name.rpartition(".")
             if vars(sys.modules.get(parent, types)).get(child) is stand_in:  # not getattr: scipy's
@@ -186,21 +187,31 @@ class _SetOnImport(importlib.abc.MetaPathFinder):
     real module lacks it): the package patched the module it imported, and the real one must be patched too."""
 
     def __init__(self, name: str, attributes: dict[str, Any]) -> None:
-        self.name, self.attributes = name, attributes
+        self.name, self.attributes, self.searching = name, attributes, False
 
     def find_spec(self, fullname: str, path: Sequence[str] | None, target: Any = None) -> Any:
-        if fullname != self.name:
+        if fullname != self.name or self.searching:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
+        self.searching = True  # the search below passes this finder by
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self.searching = False
         if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
-            spec.loader = _ThenSet(spec.loader, self.attributes)
+            spec.loader = _ThenSet(spec.loader, self)  # a find_spec alone (a probe) leaves this finder waiting
         return spec
+
+    def set_on(self, module: types.ModuleType) -> None:
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        for name, value in self.attributes.items():
+            if not hasattr(module, name):
+                setattr(module, name, value)
 
 
 class _ThenSet(importlib.abc.Loader):
-    def __init__(self, loader: importlib.abc.Loader, attributes: dict[str, Any]) -> None:
-        self.loader, self.attributes = loader, attributes
+    def __init__(self, loader: importlib.abc.Loader, finder: _SetOnImport) -> None:
+        self.loader, self.finder = loader, finder
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
         return self.loader.create_module(spec)
@@ -208,9 +219,7 @@ class _ThenSet(importlib.abc.Loader):
     def exec_module(self, module: types.ModuleType) -> None:
         self.loader.exec_module(module)
         module.__loader__ = module.__spec__.loader = self.loader  # its resources are found by its own loader
-        for name, value in self.attributes.items():
-            if not hasattr(module, name):
-                setattr(module, name, value)
+        self.finder.set_on(module)
 
 
 def _forget_submodules(package: str) -> None:
