@@ -69,6 +69,7 @@ class TransferLearner(L.LightningModule):
         self.convolutional = uses_convolutions(model) and not head_only
         self.skipped_files: set[tuple[str, str]] = set()
         self._trained_images = 0  # this epoch's, on this rank
+        self._untrained: set[tuple[str, str]] = set()  # this epoch's training files that did not decode
         self._frozen_digest: str | None = None
         # Set by the LR finder: each group's LR as a multiple of --lr (or fixed by --group-lr), which
         # Lightning's range test would otherwise sweep at one LR for all (layer3 at the head's, not a
@@ -83,6 +84,8 @@ class TransferLearner(L.LightningModule):
         x, y = batch[0], batch[1]
         if len(batch) > 2:  # images that failed to decode, by name
             self.skipped_files.update((b.path, b.reason) for b in batch[2])
+            if stage == "train":
+                self._untrained.update((b.path, b.reason) for b in batch[2])
         if len(x) == 0:
             return None  # every image of the batch failed to decode
         if stage == "train":
@@ -156,7 +159,7 @@ class TransferLearner(L.LightningModule):
                 m.train()
 
     def on_train_epoch_start(self) -> None:
-        self._trained_images = 0
+        self._trained_images, self._untrained = 0, set()
 
     def on_validation_epoch_start(self) -> None:
         """Stop a training none of whose images decoded this epoch (on any rank), before its checkpoints say
@@ -166,10 +169,10 @@ class TransferLearner(L.LightningModule):
         trained = self.trainer.strategy.reduce(torch.tensor(float(self._trained_images), device=self.device), None,
                                                reduce_op="sum")  # fmt: skip
         if float(trained) == 0:
-            path, reason = min(self.skipped_files) if self.skipped_files else ("", "")
+            path, reason = min(self._untrained) if self._untrained else ("", "")
             example = f", e.g. {path}: {reason}" if path else ""
             raise TransferkitError(f"no training image could be decoded in epoch {self.current_epoch} "
-                                   f"({len(self.skipped_files)} files skipped{example}); fix or replace them")  # fmt: skip
+                                   f"({len(self._untrained)} skipped{example}); fix or replace them")  # fmt: skip
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._step(batch, "val")
