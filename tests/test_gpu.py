@@ -55,12 +55,10 @@ def test_a_fine_tuned_run_trains_in_mixed_precision_on_the_gpu(
 ) -> None:
     result = train(tiny_dataset, strategy=strategy, unfreeze_every=1, epochs=2, lr=0.01, out=str(tmp_path / "run"),
                    **TINY)  # fmt: skip
-    assert len(result.history) == 2
+    assert result.metrics["precision"] == GPU_PRECISION and len(result.history) == 2
     assert all(torch.isfinite(torch.tensor(float(row["train_loss"]))) for row in result.history)
     evaluation = evaluate(result.run_dir, tiny_dataset / "val", batch_size=8)
     assert evaluation.accuracy == result.metrics["val_accuracy"] and evaluation.loss == result.metrics["val_loss"]
-    # What the run saved is on no device: a process without a GPU loads it.
-    assert all(t.device.type == "cpu" for t in load_checkpoint(result.run_dir).state_dict().values())
 
 
 def test_a_run_trained_on_the_gpu_predicts_and_evaluates_on_a_machine_without_one(
@@ -94,17 +92,21 @@ def test_features_written_on_the_gpu_load_where_there_is_none(tiny_dataset: Path
     code = "import sys, torch; print(*[tuple(v.shape) for v in torch.load(sys.argv[1]).values() if torch.is_tensor(v)])"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     loaded = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, env=env)
-    assert loaded.returncode == 0, loaded.stderr  # a tensor saved on the GPU would not load here
+    assert loaded.returncode == 0, loaded.stderr
     assert "(20, 512)" in loaded.stdout
 
 
-def test_grad_cam_on_the_gpu_explains_and_leaves_the_model_as_it_was(tiny_dataset: Path, tmp_path: Path) -> None:
+def test_grad_cam_runs_on_the_gpu_with_the_whole_model_and_leaves_it_as_it_was(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
     result = train(tiny_dataset, strategy="fine-tune", epochs=1, lr=0.01, out=str(tmp_path / "run"), **TINY)
-    model = load_checkpoint(result.run_dir).cuda().eval()
+    model = load_checkpoint(result.run_dir).eval()
+    model.head_module.cuda()  # as a head evaluated alone on the GPU left it: the backbone on the CPU
     trainable = [p.requires_grad for p in model.parameters()]
     images = sorted((tiny_dataset / "val").rglob("*.png"))[:3]
     explanations = explain(model, images)
     assert len(explanations) == 3 and all(e.heatmap.min() >= 0 and e.heatmap.max() <= 1 for e in explanations)
+    assert {p.device.type for p in model.parameters()} == {"cuda"}  # where predict runs it
     assert [p.requires_grad for p in model.parameters()] == trainable and not model.training
 
 
@@ -130,5 +132,8 @@ def test_measured_selection_scores_every_cached_candidate_on_the_gpu(tiny_datase
 def test_ddp_on_one_gpu_and_compile_train(tiny_dataset: Path, tmp_path: Path) -> None:
     ddp = train(tiny_dataset, strategy="fine-tune", epochs=1, dist="ddp", devices=1, out=str(tmp_path / "ddp"), **TINY)
     assert ddp.metrics["epochs_run"] == 1
-    compiled = train(tiny_dataset, strategy="fine-tune", epochs=1, compile=True, out=str(tmp_path / "c"), **TINY)
+    # Compiled, after an LR range test on the same compiled network: channels_last weights failed inductor's
+    # stride check of convolution backward on a GPU (pytorch#171622).
+    compiled = train(tiny_dataset, strategy="fine-tune", epochs=1, compile=True, lr="auto", out=str(tmp_path / "c"),
+                     **TINY)  # fmt: skip
     assert compiled.metrics["epochs_run"] == 1

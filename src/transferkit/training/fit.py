@@ -129,8 +129,9 @@ def training_device(config: TrainConfig) -> torch.device:
 
 
 def check_launch(config: TrainConfig) -> None:
-    """Refuse, before a run directory exists, an accelerator this machine lacks or a distributed strategy
-    Lightning does not know (Lightning would raise its traceback once training starts)."""
+    """Refuse, before a run directory exists, an accelerator this machine lacks, a distributed strategy
+    Lightning does not know (Lightning would raise its traceback once training starts), or fp16 training
+    on a CPU."""
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(),
                  "gpu": pick_device("auto").type != "cpu"}  # fmt: skip
     if not available.get(config.accelerator, True):
