@@ -178,6 +178,15 @@ def trains_channels_last(device: torch.device, compiled: bool) -> bool:
     return not (compiled and device.type == "cuda")
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device``: a GPU runs kernels after the call that queues them returns,
+    so a clock read without this times the queueing."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 def batch_to(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
     x = x.to(device, non_blocking=True)
     return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x

@@ -347,15 +347,17 @@ def select(
 
 def _inference_speed(model: TransferModel, device: torch.device, precision: str) -> float:
     """Images/s of one forward pass at the model's own input size (a warm-up batch, then a timed one)."""
-    from .performance import autocast, batch_to, inference_mode, to_fast_layout
+    from .performance import autocast, batch_to, inference_mode, synchronize, to_fast_layout
 
     size = model.preprocessing.image_size
     x = torch.randn(8, 3, size, size)
     to_fast_layout(model.to(device))
     with inference_mode(model), autocast(device, precision):
         model(batch_to(x[:2], device, channels_last=True))
+        synchronize(device)
         t0 = time.perf_counter()
         model(batch_to(x, device, channels_last=True))
+        synchronize(device)
     return 8 / max(time.perf_counter() - t0, 1e-6)
 
 
