@@ -145,12 +145,20 @@ def resolve_precision(requested: str, device: torch.device, model: nn.Module | N
     if requested != "auto":
         return requested
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "16"
+        return "bf16" if _cuda_has_native_bf16() else "16"
     if device.type != "cpu" or not cpu_has_native_bf16():
         return "32"
     if training and model is not None and has_depthwise_conv(model, trainable_only=True):
         return "32"
     return "bf16"
+
+
+def _cuda_has_native_bf16() -> bool:
+    """Ampere or later. ``is_bf16_supported()`` alone also says yes on a T4 or V100, which emulate it slowly."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch before 2.3 counted no emulation
+        return torch.cuda.is_bf16_supported()
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
