@@ -19,7 +19,8 @@ from transferkit.performance import resolve_precision
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI machines have none)")
 
 TINY = {"model": "resnet18", "weights": "none", "image_size": 32, "quiet": True, "batch_size": 8}
-GPU_PRECISION = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "16"
+# Ampere or later computes bf16 natively (a T4 or V100 would emulate it): there auto is bf16, else fp16.
+GPU_PRECISION = "bf16" if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0) else "16"
 
 
 def _on_cpu_only(*args: str) -> subprocess.CompletedProcess:
@@ -118,6 +119,17 @@ def test_an_onnx_export_of_a_gpu_trained_run_matches_it(tiny_dataset: Path, tmp_
     result = train(tiny_dataset, strategy="fine-tune", epochs=1, lr=0.01, out=str(tmp_path / "run"), **TINY)
     exported = export(result.run_dir, "onnx", out=tmp_path / "model.onnx")
     assert exported.path.is_file() and exported.max_abs_diff <= exported.tolerance
+
+
+def test_augmenting_an_image_leaves_the_gpus_random_stream_alone(tiny_dataset: Path) -> None:
+    from transferkit.backbones import Preprocessing
+    from transferkit.data import ImageDataset, build_transform, discover
+
+    transform = build_transform(Preprocessing(image_size=32, resize_size=32, mean=(0.5,) * 3, std=(0.5,) * 3), "light")
+    dataset = ImageDataset(discover(tiny_dataset).train, transform)
+    before = torch.cuda.get_rng_state()
+    dataset[(0, 123)]  # seeded for this image alone: dropout on the GPU must not see the seed
+    assert torch.equal(torch.cuda.get_rng_state(), before)
 
 
 def test_measured_selection_scores_every_cached_candidate_on_the_gpu(tiny_dataset: Path) -> None:

@@ -268,7 +268,7 @@ class ImageDataset(Dataset):
         # v2 transforms draw from torch's global RNG and take no generator: seed it for this image
         # only, and give it back, so dropout (which draws from it too) never sees these seeds.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(aug_seed)
+            torch.random.default_generator.manual_seed(aug_seed)  # the CPU's: torch.manual_seed reseeds GPUs too
             return self.transform(image), self.samples[index][1]
 
 

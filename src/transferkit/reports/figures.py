@@ -287,7 +287,7 @@ def training_tiles(
     tiles = []
     # A private RNG stream: the same run shows the same crops, and the caller's torch RNG is untouched.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.random.default_generator.manual_seed(seed)  # the CPU's alone, which fork_rng gives back
         for path, label in _spread(samples, first_label, count, seed):
             image = _view(path, transform, prep)
             if image is not None:

@@ -199,16 +199,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class ResumableState(Callback):
-    """What a resumed run needs beyond Lightning's own state: torch's global RNG (dropout draws
-    from it) and how many passes the training sampler has made (it sets the data order)."""
+    """What a resumed run needs beyond Lightning's own state: torch's global RNGs (dropout draws
+    from the CPU's, or on a GPU from the GPU's) and how many passes the training sampler has made
+    (it sets the data order)."""
 
     def __init__(self, sampler: Any) -> None:
         self.sampler = sampler
 
     def state_dict(self) -> dict[str, Any]:
-        return {"torch_rng": torch.get_rng_state(), "sampler_epoch": getattr(self.sampler, "epoch", 0)}
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+        epoch = getattr(self.sampler, "epoch", 0)
+        return {"torch_rng": torch.get_rng_state(), "cuda_rng": cuda, "sampler_epoch": epoch}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         torch.set_rng_state(state_dict["torch_rng"])
+        cuda = state_dict.get("cuda_rng") or []
+        if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
         if self.sampler is not None:
             self.sampler.epoch = state_dict["sampler_epoch"]
