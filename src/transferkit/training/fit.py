@@ -142,7 +142,8 @@ def check_launch(config: TrainConfig) -> None:
         raise TransferkitError(f"--devices {config.devices}: on a CPU give a count of processes (--devices 2) or "
                                f"auto")  # fmt: skip
     if config.strategy != "linear-probe" and not (config.strategy == "feature-extract" and config.cache):
-        lightning_precision(config.precision, training_device(config))  # a network trains at it
+        device = training_device(config)
+        lightning_precision(resolve_precision(config.precision, device), device)  # a network trains at it
     known = ("auto", *StrategyRegistry.available_strategies())
     if config.dist not in known:
         raise TransferkitError(f"unknown --dist {config.dist!r}; choose one of: {', '.join(known)}")
@@ -170,7 +171,7 @@ def lightning_precision(precision: str, device: torch.device) -> str:
     trains bf16 there instead (saying so in a warning), while the run would record fp16."""
     if precision == "16" and device.type == "cpu":
         raise TransferkitError("--precision 16: fp16 training needs a GPU; on a CPU use --precision bf16 or 32")
-    return LIGHTNING_PRECISION.get(precision, precision)
+    return LIGHTNING_PRECISION[precision]
 
 
 def training_precision(requested: str, device: torch.device, model: TransferModel, spec: StrategySpec,
