@@ -37,6 +37,13 @@ class StderrProgressBar(TQDMProgressBar):
         with contextlib.redirect_stdout(sys.stderr):
             return super().init_validation_tqdm()
 
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # A failed run's bars are closed as it fails: left to the garbage collector, one was drawn later,
+        # over whatever the process showed next (a resumed run's --quiet output).
+        for bar in (self._train_progress_bar, self._val_progress_bar):
+            if bar is not None:
+                bar.close()
+
 
 class GradualUnfreezing(Callback):
     """Unfreezes one more layer group at each scheduled epoch; its state survives a resume.
